@@ -1,0 +1,429 @@
+"""Recipes: every choice a build makes, read from TOML into frozen dataclasses.
+
+A recipe file has the sections below; every key is optional and falls back to the default shown by
+``kneeprep recipe show``. Unknown sections or keys and bad values raise :class:`~kneeprep.errors.RecipeError`
+naming the key (``geometry.spacing: expected 3 positive numbers, got [0.7, 0]``).
+
+Each stage depends on some sections only; :meth:`Recipe.stage_hash` hashes exactly those, so changing a
+shard setting does not re-convert volumes. ``Recipe.hash`` covers everything and goes into provenance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .anatomy import DEFAULT_QUESTION_REGIONS, SAMPLE_LABELS, SAMPLE_REGION_GROUPS
+from .errors import InputNotFoundError, RecipeError
+
+_ORIENT_RE = re.compile(r"^(?=.*[LR])(?=.*[AP])(?=.*[SI])[LRAPSI]{3}$")
+
+
+@dataclass(frozen=True)
+class Select:
+    """Which series to convert."""
+
+    #: regex matched (``re.search``) against SeriesDescription (0008,103E).
+    series_description: str = r"^SAG_3D_DESS_(RIGHT|LEFT)$"
+    #: "ok": only series whose QC verdict is ok; "warn": also those with warnings. Failed never convert.
+    min_qc: str = "warn"
+
+
+@dataclass(frozen=True)
+class QC:
+    """Tolerances of the series checklist (scan)."""
+
+    #: max |slice gap - median gap| / median gap before a series counts as irregular.
+    slice_spacing_rtol: float = 0.01
+    #: max deviation (dot-product units) between slices' orientation vectors.
+    orientation_atol: float = 1e-4
+    #: max relative difference between slices' PixelSpacing.
+    pixel_spacing_rtol: float = 1e-4
+    #: fewest slices a series needs to be a volume.
+    min_slices: int = 8
+
+
+@dataclass(frozen=True)
+class GeometrySpec:
+    """Orientation, grid and mirroring of the stored volumes."""
+
+    #: "native" (as acquired) or an ITK code such as "LPS", "PIR" (see kneeprep.geometry).
+    orientation: str = "native"
+    #: target spacing in mm, array order (z, y, x); empty = keep.
+    spacing: tuple[float, ...] = ()
+    #: target shape, array order; empty = keep. With spacing empty, the field of view is kept.
+    shape: tuple[int, ...] = ()
+    #: mirror left knees (side 2) across the sagittal plane so they look like right knees.
+    mirror_left: bool = False
+    #: image interpolator when resampling: "linear", "bspline" or "nearest". Masks are always nearest.
+    interpolator: str = "linear"
+
+
+@dataclass(frozen=True)
+class Intensity:
+    """Intensity normalization.
+
+    * ``none``: DICOM values after RescaleSlope/Intercept, unchanged, stored as ``dtype`` if given, else as
+      the smallest integer type that holds them (float32 if not integral).
+    * ``percentile``: clip at the ``lower``/``upper`` percentiles, scale linearly to the full range of
+      ``dtype`` (``[0, 1]`` for float dtypes).
+    * ``zscore``: subtract the mean, divide by the standard deviation (float32).
+    * ``window``: clip to ``[lower, upper]`` in DICOM units, scale like ``percentile``.
+    """
+
+    method: str = "none"
+    lower: float = 0.5
+    upper: float = 99.5
+    dtype: str = ""
+
+
+@dataclass(frozen=True)
+class Masks:
+    """Where segmentation masks come from."""
+
+    #: a path pattern with ``{volume_id}``, ``{patient_id}``, ``{time}``, ``{knee_side}`` ... relative to
+    #: the masks directory; empty = use the split CSVs' ``label_filepath`` column.
+    pattern: str = ""
+    #: the label layer's name: stored as ``labels/<name>`` in the volume group.
+    name: str = "anatomy"
+
+
+@dataclass(frozen=True)
+class Labels:
+    """The label map (id -> name) and named regions (name -> label names)."""
+
+    map: dict[int, str] = field(default_factory=lambda: dict(SAMPLE_LABELS))
+    regions: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(SAMPLE_REGION_GROUPS))
+
+    def region_labels(self) -> dict[str, tuple[int, ...]]:
+        """Every region with its label ids: each label is a region of its own name, plus the groups."""
+        by_name = {name: lid for lid, name in self.map.items()}
+        out = {name: (lid,) for lid, name in sorted(self.map.items())}
+        for region, members in self.regions.items():
+            out[region] = tuple(sorted(by_name[m] for m in members))
+        return out
+
+
+@dataclass(frozen=True)
+class Boxes:
+    #: margin added on every side, in mm, clipped to the volume.
+    margin_mm: float = 0.0
+
+
+@dataclass(frozen=True)
+class Shards:
+    #: target bytes per shard file (a shard holds whole volumes with all their quintuples).
+    target_bytes: int = 512 * 1024 * 1024
+    #: Parquet compression codec for the voxel column: "zstd", "lz4", "none".
+    codec: str = "zstd"
+    #: zstd level when codec is zstd.
+    level: int = 3
+
+
+@dataclass(frozen=True)
+class Splits:
+    #: "csv": splits from the published split CSVs; "generated": by patient from seed and ratios.
+    source: str = "csv"
+    seed: int = 0
+    ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
+
+
+@dataclass(frozen=True)
+class Privacy:
+    #: replace patient ids in every output by a keyed hash (HMAC-SHA256, key from env var ``key_env``).
+    pseudonymize_ids: bool = False
+    key_env: str = "KNEEPREP_ID_KEY"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = "default"
+    description: str = ""
+    select: Select = field(default_factory=Select)
+    qc: QC = field(default_factory=QC)
+    geometry: GeometrySpec = field(default_factory=GeometrySpec)
+    intensity: Intensity = field(default_factory=Intensity)
+    masks: Masks = field(default_factory=Masks)
+    labels: Labels = field(default_factory=Labels)
+    boxes: Boxes = field(default_factory=Boxes)
+    #: question id -> region name (None / "" = no box for this question).
+    questions: dict[str, str | None] = field(default_factory=lambda: dict(DEFAULT_QUESTION_REGIONS))
+    shards: Shards = field(default_factory=Shards)
+    splits: Splits = field(default_factory=Splits)
+    privacy: Privacy = field(default_factory=Privacy)
+    source_path: str | None = field(default=None, compare=False)
+
+    # -- hashing --------------------------------------------------------------------------------------
+    STAGES = {
+        "convert": ("select", "qc", "geometry", "intensity", "masks", "labels", "privacy"),
+        "boxes": ("labels", "boxes"),
+        "shards": ("questions", "shards", "splits", "privacy"),
+    }
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("source_path")
+        d["labels"]["map"] = {str(k): v for k, v in sorted(self.labels.map.items())}
+        d["labels"]["regions"] = {k: list(v) for k, v in sorted(self.labels.regions.items())}
+        return json.loads(json.dumps(d))  # tuples -> lists
+
+    @property
+    def hash(self) -> str:
+        return _hash(self.to_json())
+
+    def stage_hash(self, stage: str) -> str:
+        """Hash of the sections ``stage`` ("convert", "boxes", "shards") depends on."""
+        d = self.to_json()
+        return _hash({k: d[k] for k in self.STAGES[stage]})
+
+    def to_toml(self) -> str:
+        """The resolved recipe as TOML (all defaults filled in)."""
+        return _to_toml(self.to_json())
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# parsing
+
+
+def load_recipe(path: str | Path | None) -> Recipe:
+    """Read a recipe file; ``None`` gives the defaults."""
+    if path is None:
+        return Recipe()
+    p = Path(path)
+    if not p.is_file():
+        raise InputNotFoundError(f"{p}: recipe file not found")
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{p}: not valid TOML: {e}") from e
+    try:
+        r = parse_recipe(data)
+    except RecipeError as e:
+        raise RecipeError(f"{p}: {e}") from None
+    return _with(r, source_path=str(p))
+
+
+def parse_recipe(data: dict[str, Any]) -> Recipe:
+    """Build a :class:`Recipe` from a parsed TOML mapping, checking every key."""
+    data = dict(data)
+    top = data.pop("recipe", {})
+    _check_keys("recipe", top, {"name", "description"})
+    kw: dict[str, Any] = {
+        "name": _str("recipe.name", top.get("name", "default")),
+        "description": _str("recipe.description", top.get("description", "")),
+    }
+    simple = {
+        "select": Select,
+        "qc": QC,
+        "geometry": GeometrySpec,
+        "intensity": Intensity,
+        "masks": Masks,
+        "boxes": Boxes,
+        "shards": Shards,
+        "splits": Splits,
+        "privacy": Privacy,
+    }
+    for section, value in data.items():
+        if section in simple:
+            kw[section] = _parse_section(section, simple[section], value)
+        elif section == "labels":
+            kw["labels"] = _parse_labels(value)
+        elif section == "questions":
+            kw["questions"] = _parse_questions(value)
+        else:
+            raise RecipeError(f"unknown section [{section}] (known: recipe, {', '.join([*simple, 'labels', 'questions'])})")
+    r = Recipe(**kw)
+    _validate(r)
+    return r
+
+
+def _check_keys(section: str, value: Any, allowed: set[str]) -> None:
+    if not isinstance(value, dict):
+        raise RecipeError(f"[{section}] must be a table, got {type(value).__name__}")
+    for k in value:
+        if k not in allowed:
+            raise RecipeError(f"{section}.{k}: unknown key (known: {', '.join(sorted(allowed))})")
+
+
+def _parse_section(section: str, cls, value: dict) -> Any:
+    names = {f.name: f for f in fields(cls)}
+    _check_keys(section, value, set(names))
+    kw = {}
+    defaults = cls()
+    for k, v in value.items():
+        default = getattr(defaults, k)
+        key = f"{section}.{k}"
+        if isinstance(default, bool):
+            if not isinstance(v, bool):
+                raise RecipeError(f"{key}: expected true or false, got {v!r}")
+        elif isinstance(default, int):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise RecipeError(f"{key}: expected an integer, got {v!r}")
+        elif isinstance(default, float):
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise RecipeError(f"{key}: expected a number, got {v!r}")
+            v = float(v)
+        elif isinstance(default, str):
+            v = _str(key, v)
+        elif isinstance(default, tuple):
+            if not isinstance(v, list):
+                raise RecipeError(f"{key}: expected a list, got {v!r}")
+            v = tuple(v)
+        kw[k] = v
+    return cls(**kw)
+
+
+def _str(key: str, v: Any) -> str:
+    if not isinstance(v, str):
+        raise RecipeError(f"{key}: expected a string, got {v!r}")
+    return v
+
+
+def _parse_labels(value: Any) -> Labels:
+    _check_keys("labels", value, {"map", "regions"})
+    kw = {}
+    if "map" in value:
+        m = {}
+        _check_keys("labels.map", value["map"], set(value["map"]) if isinstance(value["map"], dict) else set())
+        for k, name in value["map"].items():
+            try:
+                lid = int(k)
+            except ValueError:
+                raise RecipeError(f"labels.map.{k}: label ids must be integers, got {k!r}") from None
+            if not 0 < lid < 65536:
+                raise RecipeError(f"labels.map.{k}: label id must be in 1..65535 (0 is background)")
+            m[lid] = _str(f"labels.map.{k}", name)
+        kw["map"] = m
+    if "regions" in value:
+        regs = value["regions"]
+        _check_keys("labels.regions", regs, set(regs) if isinstance(regs, dict) else set())
+        out = {}
+        for name, members in regs.items():
+            if not isinstance(members, list) or not all(isinstance(x, str) for x in members) or not members:
+                raise RecipeError(f"labels.regions.{name}: expected a non-empty list of label names, got {members!r}")
+            out[name] = tuple(members)
+        kw["regions"] = out
+    return Labels(**kw)
+
+
+def _parse_questions(value: Any) -> dict[str, str | None]:
+    _check_keys("questions", value, set(value) if isinstance(value, dict) else set())
+    out = dict(DEFAULT_QUESTION_REGIONS)
+    for qid, region in value.items():
+        out[str(qid)] = _str(f"questions.{qid}", region) or None
+    return out
+
+
+_CHOICES = {
+    "select.min_qc": ("ok", "warn"),
+    "geometry.interpolator": ("linear", "bspline", "nearest"),
+    "intensity.method": ("none", "percentile", "zscore", "window"),
+    "intensity.dtype": ("", "uint8", "uint16", "int16", "float32"),
+    "shards.codec": ("zstd", "lz4", "none"),
+    "splits.source": ("csv", "generated"),
+}
+
+
+def _validate(r: Recipe) -> None:
+    d = r.to_json()
+    for key, choices in _CHOICES.items():
+        section, name = key.split(".")
+        if d[section][name] not in choices:
+            raise RecipeError(f"{key}: expected one of {', '.join(map(repr, choices))}, got {d[section][name]!r}")
+    try:
+        re.compile(r.select.series_description)
+    except re.error as e:
+        raise RecipeError(f"select.series_description: not a valid regex: {e}") from None
+    g = r.geometry
+    if g.orientation != "native" and not _ORIENT_RE.match(g.orientation):
+        raise RecipeError(
+            f"geometry.orientation: expected 'native' or an ITK code of three letters from L/R, A/P, S/I "
+            f"(e.g. 'LPS'), got {g.orientation!r}"
+        )
+    if g.spacing and (len(g.spacing) != 3 or not all(isinstance(v, int | float) and v > 0 for v in g.spacing)):
+        raise RecipeError(f"geometry.spacing: expected [] or 3 positive numbers (z, y, x) in mm, got {list(g.spacing)}")
+    if g.shape and (len(g.shape) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in g.shape)):
+        raise RecipeError(f"geometry.shape: expected [] or 3 positive integers (z, y, x), got {list(g.shape)}")
+    i = r.intensity
+    if i.method == "percentile" and not 0 <= i.lower < i.upper <= 100:
+        raise RecipeError(f"intensity.lower/upper: percentiles need 0 <= lower < upper <= 100, got {i.lower}, {i.upper}")
+    if i.method == "window" and not i.lower < i.upper:
+        raise RecipeError(f"intensity.lower/upper: window needs lower < upper, got {i.lower}, {i.upper}")
+    if i.method == "zscore" and i.dtype not in ("", "float32"):
+        raise RecipeError(f"intensity.dtype: zscore gives float32, got {i.dtype!r}")
+    if r.boxes.margin_mm < 0:
+        raise RecipeError(f"boxes.margin_mm: must be >= 0, got {r.boxes.margin_mm}")
+    if r.shards.target_bytes < 1:
+        raise RecipeError(f"shards.target_bytes: must be positive, got {r.shards.target_bytes}")
+    s = r.splits
+    if len(s.ratios) != 3 or any(x < 0 for x in s.ratios) or abs(sum(s.ratios) - 1) > 1e-6:
+        raise RecipeError(f"splits.ratios: expected 3 non-negative numbers summing to 1 (train, val, test), got {list(s.ratios)}")
+    names = set(r.labels.map.values())
+    if len(names) != len(r.labels.map):
+        raise RecipeError("labels.map: label names must be unique")
+    for region, members in r.labels.regions.items():
+        for m in members:
+            if m not in names:
+                raise RecipeError(f"labels.regions.{region}: {m!r} is not a label name in labels.map")
+    regions = set(r.labels.region_labels())
+    for qid, region in r.questions.items():
+        if region is not None and region not in regions:
+            raise RecipeError(f"questions.{qid}: region {region!r} is neither a label nor a region in [labels]")
+
+
+def _with(r: Recipe, **changes) -> Recipe:
+    from dataclasses import replace
+
+    return replace(r, **changes)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# TOML output (for `recipe show`)
+
+
+def _toml_value(v: Any) -> str:
+    if v is None:
+        return '""'
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(type(v))
+
+
+def _toml_key(k: str) -> str:
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)
+
+
+def _to_toml(d: dict[str, Any]) -> str:
+    lines = ["[recipe]", f"name = {_toml_value(d['name'])}", f"description = {_toml_value(d['description'])}", ""]
+
+    def table(name: str, t: dict[str, Any]) -> None:
+        lines.append(f"[{name}]")
+        subs = []
+        for k, v in t.items():
+            if isinstance(v, dict):
+                subs.append((k, v))
+            else:
+                lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
+        lines.append("")
+        for k, v in subs:
+            table(f"{name}.{k}", v)
+
+    for k, v in d.items():
+        if isinstance(v, dict):
+            table(k, v)
+    return "\n".join(lines)

@@ -1,0 +1,141 @@
+"""Foundation: recipes, geometry helpers, split CSVs, the CLI shell."""
+
+from __future__ import annotations
+
+import doctest
+import tomllib
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import kneeprep
+from kneeprep import anatomy, geometry, splits
+from kneeprep.cli import COMMANDS, cli
+from kneeprep.errors import AnnotationError, KneeprepError, RecipeError
+from kneeprep.recipe import Recipe, load_recipe, parse_recipe
+
+
+@pytest.mark.parametrize("module", [geometry, splits])
+def test_doctests(module):
+    result = doctest.testmod(module)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_question_bank_matches_published_structure():
+    qs = anatomy.QUESTIONS
+    assert list(qs) == [str(i) for i in range(1, 70)]
+    assert [qs[str(i)].finding for i in (1, 15, 16, 29, 30, 41, 42, 43, 44, 48, 54, 60, 63, 69)] == [
+        "bml", "bml", "cartilage", "cartilage", "osteophyte", "osteophyte", "hoffa_synovitis",
+        "effusion_synovitis", "meniscal_extrusion", "meniscal_morphology", "meniscal_cyst", "ligament",
+        "periarticular", "periarticular",
+    ]
+    assert qs["15"].region == "tibia subspinous"
+    assert {qs[i].wrapper for i in ("45", "51", "52")} == {"MOAKS_grade"}
+    assert {qs[i].wrapper for i in ("33", "35", "37")} == {None}
+    assert anatomy.find_question("Femur_Medial_Central BML").id == "5"
+
+
+def test_default_recipe_round_trips_through_toml():
+    r = Recipe()
+    again = parse_recipe(tomllib.loads(r.to_toml()))
+    assert again == r and again.hash == r.hash
+
+
+def test_stage_hashes_depend_only_on_their_sections():
+    a = parse_recipe({})
+    b = parse_recipe({"shards": {"target_bytes": 1000}})
+    assert a.stage_hash("convert") == b.stage_hash("convert")
+    assert a.stage_hash("shards") != b.stage_hash("shards")
+    c = parse_recipe({"geometry": {"orientation": "LPS"}})
+    assert a.stage_hash("convert") != c.stage_hash("convert")
+    assert a.stage_hash("boxes") == c.stage_hash("boxes")
+
+
+@pytest.mark.parametrize(
+    "data, key",
+    [
+        ({"geometry": {"orientaton": "LPS"}}, "geometry.orientaton"),
+        ({"geometry": {"orientation": "LLS"}}, "geometry.orientation"),
+        ({"geometry": {"spacing": [0.7, 0]}}, "geometry.spacing"),
+        ({"geometry": {"shape": [32, 256]}}, "geometry.shape"),
+        ({"intensity": {"method": "minmax"}}, "intensity.method"),
+        ({"intensity": {"method": "percentile", "lower": 90, "upper": 10}}, "intensity.lower"),
+        ({"select": {"series_description": "(["}}, "select.series_description"),
+        ({"geometry": {"mirror_left": "yes"}}, "geometry.mirror_left"),
+        ({"splits": {"ratios": [0.5, 0.5, 0.5]}}, "splits.ratios"),
+        ({"labels": {"map": {"x": "femur"}}}, "labels.map.x"),
+        ({"labels": {"map": {"1": "femur"}, "regions": {"bone": ["tibia"]}}}, "labels.regions.bone"),
+        ({"questions": {"1": "nowhere"}}, "questions.1"),
+        ({"bogus": {}}, "[bogus]"),
+    ],
+)
+def test_bad_recipe_values_name_the_key(data, key):
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(data)
+    assert key in str(e.value)
+    assert isinstance(e.value, KneeprepError) and isinstance(e.value, ValueError)
+
+
+def test_load_recipe_reports_file(tmp_path):
+    p = tmp_path / "r.toml"
+    p.write_text("[geometry]\nspacing = 3\n")
+    with pytest.raises(RecipeError, match=r"r\.toml: geometry\.spacing"):
+        load_recipe(p)
+    with pytest.raises(FileNotFoundError):
+        load_recipe(tmp_path / "missing.toml")
+
+
+def test_region_labels_groups_and_singletons():
+    regions = Recipe().labels.region_labels()
+    assert regions["femur medial central"] == (5,)
+    assert regions["patella"] == (1, 2)
+    assert len(regions["tibia"]) == 7
+
+
+def test_geometry_sitk_round_trip():
+    sitk = pytest.importorskip("SimpleITK")
+    img = sitk.Image(5, 6, 7, sitk.sitkUInt16)
+    img.SetSpacing((0.36, 0.37, 0.7))
+    img.SetOrigin((10.0, -20.0, 30.0))
+    d = np.array([[0, 0, -1], [1, 0, 0], [0, -1, 0]], dtype=float)  # oblique-free sagittal-like
+    img.SetDirection(d.ravel().tolist())
+    g = geometry.Geometry.from_sitk(img)
+    assert g.shape == (7, 6, 5) and g.spacing == pytest.approx((0.7, 0.37, 0.36))
+    # every array index maps to the same world point as ITK's own transform
+    for idx in [(0, 0, 0), (6, 5, 4), (3, 1, 2)]:
+        itk = img.TransformIndexToPhysicalPoint((idx[2], idx[1], idx[0]))
+        assert g.index_to_world(idx) == pytest.approx(itk)
+    copy = sitk.Image(5, 6, 7, sitk.sitkUInt16)
+    g.apply_to_sitk(copy)
+    assert copy.GetDirection() == pytest.approx(img.GetDirection())
+    assert g.orientation == sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(img.GetDirection())
+
+
+def test_split_csv_round_trip_and_errors(tmp_path):
+    row = dict(zip(splits.SPLIT_COLUMNS, ["9027422", "00M", "20041222", "10312706", "2", "p", "i", "m"]))
+    splits.write_split_csv(tmp_path / "split_files" / "train_split.csv", [row])
+    (r,) = splits.read_split_csvs(tmp_path)
+    assert r.volume_id == "9027422_00M_20041222_10312706_2" and r.split == "train"
+    bad = tmp_path / "bad"
+    splits.write_split_csv(bad / "test_split.csv", [row | {"knee_side": "3"}])
+    with pytest.raises(AnnotationError, match=r"test_split\.csv:2: knee_side"):
+        splits.read_split_csvs(bad)
+
+
+def test_cli_help_and_version():
+    runner = CliRunner()
+    res = runner.invoke(cli, ["--help"])
+    assert res.exit_code == 0
+    for name in COMMANDS:
+        assert name in res.output
+    res = runner.invoke(cli, ["--version"])
+    assert kneeprep.__version__ in res.output
+
+
+def test_every_command_has_help():
+    runner = CliRunner()
+    for name in COMMANDS:
+        res = runner.invoke(cli, [name, "--help"])
+        assert res.exit_code == 0, (name, res.output)
+        assert "Usage:" in res.output
