@@ -105,6 +105,9 @@ COMPONENTS: dict[str, tuple[str, int]] = {
     "complete_tear": ("Complete Tear", 1),
     "partial_tear": ("Partial Tear", 1),
     "signal_abnormality": ("Signal Abnormality", 1),
+    # ACL/PCL fields of the published question bank (ids 60, 61) besides "Complete Tear".
+    "insertion_bml_cyst": ("Associated with BML/cyst at site of insertion or origin", 1),
+    "acl_repair": ("ACL Repair", 1),
 }
 
 
