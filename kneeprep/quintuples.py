@@ -1,0 +1,286 @@
+"""The join: annotations x volumes x boxes -> :class:`Quintuple` records (one per training sample).
+
+A quintuple is (volume, question, box, reasoning, severity). :func:`build_quintuples` joins the annotation
+records with the volume store's attributes (geometry, boxes, patient) and assigns splits by patient. It returns
+the quintuples *and* a :class:`Rejected` record for every annotation that cannot become a row -- nothing is
+dropped silently. Rejection kinds (``Rejected.reason_kind``):
+
+==================  =========================================================================================
+``volume_missing``  the annotation names a volume the store does not hold (not converted, or failed)
+``volume_failed``   the volume is in the store but its QC verdict is ``fail``
+``annotation``      the annotation record is malformed (reported by the annotation reader, or empty fields)
+``unknown_question`` the question id is not in the recipe's ``[questions]`` table
+``no_split``        ``splits.source = "csv"`` and the volume is in none of the split CSVs
+``no_box``          the recipe gives the question a box region, but this volume has no voxels of that region
+                    (empty or absent in its mask): a fact of the data, not an error (see :data:`BENIGN_KINDS`)
+==================  =========================================================================================
+
+Questions the recipe maps to *no* region (periarticular findings: nothing in the masks to box) are **not**
+rejected: they become rows with a null box, ``box_empty = True`` and ``box_reason`` saying why.
+
+Splits are by patient, never by knee: from the published split CSVs (``splits.source = "csv"``) or generated
+from ``splits.seed`` and ``splits.ratios`` over the sorted patient ids. A patient found in two splits raises
+:class:`~kneeprep.errors.ValidationError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import RecipeError, ValidationError
+from .severity import Grade
+from .splits import SPLITS, parse_volume_id
+
+#: Rejection kinds that are facts of the data rather than errors: ``kneeprep shards`` still exits 0.
+BENIGN_KINDS = frozenset({"no_box"})
+REJECTION_KINDS = ("volume_missing", "volume_failed", "annotation", "unknown_question", "no_split", "no_box")
+
+
+@dataclass(frozen=True)
+class QBox:
+    """The box a quintuple's question gets, in every form (conventions in ``docs/DESIGN.md``).
+
+    ``voxels`` is half-open ``(z0, y0, x0, z1, y1, x1)`` in the stored volume's array order; ``list_form`` the
+    inclusive 3DReasonKnee ``(start_slice, end_slice, x_min, x_max, y_min, y_max)``; ``normalized`` is
+    ``(z0/nz, y0/ny, x0/nx, z1/nz, y1/ny, x1/nx)``; ``size_mm`` in array order; ``center_lps`` in LPS mm.
+    """
+
+    region: str
+    voxels: tuple[int, int, int, int, int, int]
+    list_form: tuple[int, int, int, int, int, int]
+    normalized: tuple[float, float, float, float, float, float]
+    size_mm: tuple[float, float, float]
+    center_lps: tuple[float, float, float]
+
+    @classmethod
+    def from_box(cls, b) -> QBox:
+        """From a non-empty :class:`kneeprep.boxes.Box` (made with a geometry)."""
+        return cls(
+            region=b.region,
+            voxels=tuple(int(v) for v in b.voxels),
+            list_form=tuple(int(v) for v in b.list_form),
+            normalized=tuple(float(v) for v in b.normalized),
+            size_mm=tuple(float(v) for v in b.size_mm),
+            center_lps=tuple(float(v) for v in b.center_lps),
+        )
+
+
+@dataclass(frozen=True)
+class Quintuple:
+    """One training sample: which volume, which question, its box, the reasoning and the graded answer."""
+
+    sample_id: str
+    volume_id: str
+    patient_id: str
+    split: str
+    question_id: str
+    #: the finding type of the question (``kneeprep.anatomy.FINDINGS`` key, e.g. ``"bml"``).
+    question_type: str
+    #: the MOAKS region the question asks about (``""`` for whole-knee findings).
+    question_region: str
+    question: str
+    box: QBox | None
+    #: true when the quintuple has no box; ``box_reason`` says why.
+    box_empty: bool
+    box_reason: str | None
+    reasoning: tuple[str, ...]
+    severity: tuple[Grade, ...]
+    answer_json: str
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """An annotation that did not become a quintuple, and why."""
+
+    sample_id: str
+    reason_kind: str
+    message: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"sample_id": self.sample_id, "reason_kind": self.reason_kind, "message": self.message}
+
+
+def build_quintuples(annotations, volumes_attrs: Mapping[str, Mapping[str, Any]], recipe) -> tuple[list[Quintuple], list[Rejected]]:
+    """Join annotation records with volume attributes into quintuples.
+
+    ``annotations`` is a ``kneeprep.annotations.AnnotationSet`` (``records``, split rows, question bank,
+    per-record ``errors``); ``volumes_attrs`` maps volume id -> the volume group's ``kneeprep`` attrs (as
+    ``kneeprep.store.read_attrs`` returns them). Returns quintuples sorted by (split, volume id, question id)
+    and rejections sorted by sample id. Raises :class:`ValidationError` if a patient falls in two splits.
+    """
+    records = list(annotations.records)
+    rejected: list[Rejected] = [_rejected_from_error(e) for e in annotations.errors]
+    bank = dict(annotations.questions)
+
+    candidates: list[tuple[Any, Mapping[str, Any], str]] = []
+    for rec in records:
+        vid = rec.volume_id
+        attrs = volumes_attrs.get(vid)
+        if attrs is None:
+            rejected.append(Rejected(rec.sample_id, "volume_missing", f"volume {vid} is not in the volume store"))
+            continue
+        qc = (attrs.get("qc") or {}).get("status", "ok")
+        if qc == "fail":
+            reasons = "; ".join((attrs.get("qc") or {}).get("reasons", [])) or "no reason recorded"
+            rejected.append(Rejected(rec.sample_id, "volume_failed", f"volume {vid} failed QC: {reasons}"))
+            continue
+        if not rec.sample_id or not rec.question_id:
+            rejected.append(Rejected(rec.sample_id or f"{vid}_?", "annotation", "empty sample_id or question_id"))
+            continue
+        if rec.question_id not in recipe.questions:
+            rejected.append(
+                Rejected(rec.sample_id, "unknown_question", f"question {rec.question_id!r} is not in the question bank")
+            )
+            continue
+        candidates.append((rec, attrs, _patient_of(vid, attrs)))
+
+    split_of = _assign_splits(annotations, {(r.volume_id, p) for r, _, p in candidates}, recipe)
+
+    pseudo = _pseudonymizer(recipe)
+    out: list[Quintuple] = []
+    for rec, attrs, patient in candidates:
+        split = split_of.get(rec.volume_id)
+        if split is None:
+            rejected.append(Rejected(rec.sample_id, "no_split", f"volume {rec.volume_id} is in none of the split CSVs"))
+            continue
+        box, reason, kind = question_box_json(attrs.get("boxes") or [], recipe, rec.question_id)
+        if kind is not None:
+            rejected.append(Rejected(rec.sample_id, kind, f"volume {rec.volume_id}, question {rec.question_id}: {reason}"))
+            continue
+        from .anatomy import QUESTIONS
+
+        q = QUESTIONS.get(rec.question_id)
+        out.append(
+            Quintuple(
+                sample_id=pseudo(rec.sample_id, patient),
+                volume_id=pseudo(rec.volume_id, patient),
+                patient_id=pseudo(patient, patient),
+                split=split,
+                question_id=rec.question_id,
+                question_type=q.finding if q else "",
+                question_region=q.region if q else "",
+                question=rec.question or bank.get(rec.question_id, ""),
+                box=box,
+                box_empty=box is None,
+                box_reason=reason,
+                reasoning=tuple(rec.reasoning),
+                severity=tuple(rec.severity),
+                answer_json=rec.answer_json,
+            )
+        )
+    out.sort(key=quintuple_order)
+    rejected.sort(key=lambda r: (r.sample_id, r.reason_kind))
+    return out, rejected
+
+
+def quintuple_order(q: Quintuple) -> tuple:
+    """The row order of the shards: split, volume, question id (numeric), sample id."""
+    return (SPLITS.index(q.split) if q.split in SPLITS else len(SPLITS), q.split, q.volume_id, _qkey(q.question_id), q.sample_id)
+
+
+def _qkey(qid: str) -> tuple[int, str]:
+    return (int(qid), "") if qid.isdigit() else (1 << 30, qid)
+
+
+def question_box_json(boxes: Iterable[Mapping[str, Any]], recipe, question_id: str) -> tuple[QBox | None, str | None, str | None]:
+    """The box of ``question_id`` from a volume's ``boxes`` attribute (``Box.to_json()`` dicts), through
+    :func:`kneeprep.boxes.question_box`: ``(box, reason, rejection kind)``.
+
+    * the recipe gives the question no region -> ``(None, reason, None)``: a row with no box;
+    * the region has no box, or an empty one, in this volume -> ``(None, reason, "no_box")``: rejected;
+    * else ``(QBox, None, None)``.
+    """
+    from .boxes import Box, question_box
+
+    box, reason = question_box([Box.from_json(b) for b in boxes], recipe, question_id)
+    if box is not None:
+        return QBox.from_box(box), None, None
+    return None, reason, (None if not recipe.questions.get(question_id) else "no_box")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# splits
+
+
+def _assign_splits(annotations, volumes: set[tuple[str, str]], recipe) -> dict[str, str]:
+    """volume id -> split, by patient. Raises ValidationError if a patient lands in two splits."""
+    s = recipe.splits
+    if s.source == "csv":
+        rows = list(annotations.splits)
+        split_of = {r.volume_id: r.split for r in rows}
+        by_patient: dict[str, set[tuple[str, str]]] = {}
+        for r in rows:
+            by_patient.setdefault(r.patient_id, set()).add((r.split, r.source))
+        for vid, patient in volumes:
+            if vid in split_of:
+                by_patient.setdefault(patient, set()).add((split_of[vid], vid))
+        for patient, where in sorted(by_patient.items()):
+            splits = sorted({w[0] for w in where})
+            if len(splits) > 1:
+                raise ValidationError(
+                    f"patient {patient} is in several splits ({', '.join(splits)}): "
+                    f"{', '.join(sorted(w[1] for w in where))}; splits must be by patient"
+                )
+        return split_of
+    if s.source == "generated":
+        patient_split = generate_patient_splits(sorted({p for _, p in volumes}), s.seed, s.ratios)
+        return {vid: patient_split[p] for vid, p in volumes}
+    raise RecipeError(f"splits.source: expected 'csv' or 'generated', got {s.source!r}")
+
+
+def generate_patient_splits(patients: list[str], seed: int, ratios) -> dict[str, str]:
+    """Assign sorted patients to train/val/test: permute with ``numpy.random.default_rng(seed)``, then cut at
+    the cumulative ratios (rounded). Same patients, seed and ratios -> same assignment.
+
+    >>> generate_patient_splits(["a", "b", "c", "d"], 0, (0.5, 0.25, 0.25))["a"] in ("train", "val", "test")
+    True
+    """
+    ps = sorted(set(patients))
+    order = np.random.default_rng(seed).permutation(len(ps))
+    cuts = np.round(np.cumsum(ratios) * len(ps)).astype(int)
+    out = {}
+    for rank, idx in enumerate(order):
+        k = int(np.searchsorted(cuts, rank, side="right"))
+        out[ps[idx]] = SPLITS[min(k, len(SPLITS) - 1)]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _patient_of(volume_id: str, attrs: Mapping[str, Any]) -> str:
+    p = attrs.get("patient_id")
+    return str(p) if p else str(parse_volume_id(volume_id)["patient_id"])
+
+
+def _pseudonymizer(recipe):
+    """``f(text, patient) -> text`` with the patient id replaced by its keyed hash when the recipe asks."""
+    if not recipe.privacy.pseudonymize_ids:
+        return lambda text, patient: text
+    key = os.environ.get(recipe.privacy.key_env)
+    if not key:
+        raise RecipeError(f"privacy.pseudonymize_ids is on but the key variable {recipe.privacy.key_env} is not set")
+    cache: dict[str, str] = {}
+
+    def f(text: str, patient: str) -> str:
+        if patient not in cache:
+            cache[patient] = hmac.new(key.encode(), patient.encode(), hashlib.sha256).hexdigest()[:16]
+        return cache[patient] + text[len(patient) :] if text.startswith(patient) else text
+
+    return f
+
+
+def _rejected_from_error(e) -> Rejected:
+    """A per-record error of the annotation reader (``RecordError(source, kind, message)``) as a rejection of
+    kind ``annotation``; its sample id is the record's ``file:line`` since the record could not be read."""
+    if isinstance(e, Rejected):
+        return e
+    return Rejected(str(e.source), "annotation", f"{e.kind}: {e.message}")

@@ -1,0 +1,550 @@
+"""Parquet shards of quintuples: the Arrow schema, writing, the manifest, reading and validation.
+
+Layout (``docs/SHARDS.md`` is the user-facing description)::
+
+    SHARDS/
+      train/part-00000.parquet ...     rows = quintuples of one split, sorted by (volume id, question id)
+      val/…  test/…
+      manifest.json                    written last: schema version, recipe hash, per shard path/rows/sha256
+      report.json                      the last `kneeprep shards` run's summary and rejections
+
+**Each volume's voxels are stored once per shard.** Rows are sorted by volume; the volume's bytes sit in the
+``image`` column of its *first* row only (null on its other rows, which Parquet stores in a few bits), and a
+row group holds whole volumes only -- so reading one row group decodes each of its volumes exactly once, and a
+shard is self-contained. Decode a volume with nothing but pyarrow and numpy::
+
+    np.frombuffer(row["image"], dtype=row["image_dtype"]).reshape(row["image_shape"])   # C order, (z, y, x)
+
+Determinism: same quintuples, volumes and recipe give byte-identical files (stable sort orders, no
+timestamps, fixed writer options). Writes are atomic (``.partial`` then rename); the manifest comes last, so
+a directory without ``manifest.json`` is not a complete set of shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import groupby
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import InputNotFoundError, StoreError, ValidationError
+from .quintuples import QBox, Quintuple
+from .severity import Grade
+from .splits import SPLITS
+
+#: Version of the shard schema and layout; bump on any change a reader could notice.
+SCHEMA_VERSION = 1
+#: Row groups are cut after this many uncompressed image bytes (whole volumes only, at least one per group).
+#: One full DESS volume (160x384x384 uint16, 47 MB) per row group measured as fast as larger groups
+#: (bench/bench_loader.py) while keeping the loader's unit of shuffling and memory small.
+ROW_GROUP_IMAGE_BYTES = 64 * 1024 * 1024
+MANIFEST = "manifest.json"
+REPORT = "report.json"
+
+_GRADE = pa.struct(
+    [
+        pa.field("finding", pa.string()),
+        pa.field("region", pa.string()),
+        pa.field("component", pa.string()),
+        pa.field("grade", pa.int16()),
+    ]
+)
+
+#: The Arrow schema of every shard. Every batch is cast to it before writing.
+SCHEMA = pa.schema(
+    [
+        # ids
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("volume_id", pa.string(), nullable=False),
+        pa.field("patient_id", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        # question
+        pa.field("question_id", pa.string(), nullable=False),
+        pa.field("question_type", pa.string(), nullable=False),
+        pa.field("question_region", pa.string(), nullable=False),
+        pa.field("question", pa.string(), nullable=False),
+        # box (null when box_empty; box_reason says why)
+        pa.field("box_region", pa.string()),
+        pa.field("box_voxels", pa.list_(pa.int32(), 6)),
+        pa.field("box_list_form", pa.list_(pa.int32(), 6)),
+        pa.field("box_normalized", pa.list_(pa.float64(), 6)),
+        pa.field("box_size_mm", pa.list_(pa.float64(), 3)),
+        pa.field("box_center_lps", pa.list_(pa.float64(), 3)),
+        pa.field("box_empty", pa.bool_(), nullable=False),
+        pa.field("box_reason", pa.string()),
+        # reasoning and severity
+        pa.field("reasoning", pa.list_(pa.string()), nullable=False),
+        pa.field("severity", pa.list_(_GRADE), nullable=False),
+        pa.field("answer_json", pa.string(), nullable=False),
+        # the volume: bytes on the volume's first row in the shard only
+        pa.field("image", pa.large_binary()),
+        pa.field("image_shape", pa.list_(pa.int32(), 3), nullable=False),
+        pa.field("image_dtype", pa.string(), nullable=False),
+        pa.field("image_spacing", pa.list_(pa.float64(), 3), nullable=False),
+        pa.field("image_affine_lps", pa.list_(pa.float64(), 16), nullable=False),
+    ],
+    metadata={
+        "kneeprep.schema_version": str(SCHEMA_VERSION),
+        "kneeprep.layout": "rows sorted by volume; image bytes on each volume's first row; whole volumes per row group",
+        "kneeprep.image_decoding": "np.frombuffer(image, image_dtype).reshape(image_shape), C order (z, y, x)",
+    },
+)
+IMAGE_COLUMNS = ("image", "image_shape", "image_dtype", "image_spacing", "image_affine_lps")
+QUINTUPLE_COLUMNS = tuple(n for n in SCHEMA.names if n not in IMAGE_COLUMNS)
+_CODECS = {"none": "NONE", "lz4": "LZ4", "zstd": "ZSTD"}
+
+#: ``read_volume(volume_id) -> (image, geometry)``; ``geometry`` a ``Geometry`` or its ``to_json()`` dict.
+VolumeReader = Callable[[str], tuple[np.ndarray, Any]]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# writing
+
+
+def write_shards(
+    quintuples: Iterable[Quintuple],
+    read_volume: VolumeReader,
+    out_dir: str | os.PathLike,
+    recipe,
+    *,
+    inputs_hash: str = "",
+    row_group_bytes: int = ROW_GROUP_IMAGE_BYTES,
+) -> dict[str, Any]:
+    """Write quintuples (with their volumes) as Parquet shards under ``out_dir`` and return the manifest.
+
+    Quintuples are grouped by split and volume in a stable order (split, volume id, question id, sample id);
+    each volume is read once with ``read_volume``. Shards are cut once a file reaches
+    ``recipe.shards.target_bytes`` (always after a whole row group); row groups after
+    ``min(row_group_bytes, target_bytes)`` uncompressed image bytes (whole volumes, at least one). Old shards not in the new manifest are
+    removed after the manifest is written.
+    """
+    from . import __version__
+    from .quintuples import quintuple_order
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # the directory is incomplete until the new manifest lands
+    qs = sorted(quintuples, key=quintuple_order)
+    entries: list[dict[str, Any]] = []
+    for split, split_rows in groupby(qs, key=lambda q: q.split):
+        if split not in SPLITS:
+            raise ValidationError(f"quintuple split {split!r} is not one of {', '.join(SPLITS)}")
+        rg_bytes = min(row_group_bytes, recipe.shards.target_bytes)
+        entries += _write_split(out, split, list(split_rows), read_volume, recipe.shards, rg_bytes)
+    manifest = {
+        "format": "kneeprep-shards",
+        "schema_version": SCHEMA_VERSION,
+        "kneeprep_version": __version__,
+        "recipe_name": recipe.name,
+        "recipe_hash": recipe.stage_hash("shards"),
+        "inputs_hash": inputs_hash,
+        "codec": recipe.shards.codec,
+        "level": recipe.shards.level,
+        "splits": {
+            s: {
+                "rows": sum(e["rows"] for e in entries if e["split"] == s),
+                "volumes": sum(e["volumes"] for e in entries if e["split"] == s),
+                "shards": sum(1 for e in entries if e["split"] == s),
+            }
+            for s in SPLITS
+        },
+        "shards": entries,
+    }
+    _write_json_atomic(out / MANIFEST, manifest)
+    keep = {e["path"] for e in entries}
+    for p in sorted(out.glob("*/part-*.parquet")):
+        if p.relative_to(out).as_posix() not in keep:
+            p.unlink()
+    return manifest
+
+
+def _write_split(
+    out: Path, split: str, rows: list[Quintuple], read_volume: VolumeReader, spec, row_group_bytes: int
+) -> list[dict]:
+    (out / split).mkdir(exist_ok=True)
+    volumes = [(vid, list(g)) for vid, g in groupby(rows, key=lambda q: q.volume_id)]
+    entries: list[dict] = []
+    writer: _ShardWriter | None = None
+    group: list[tuple[list[Quintuple], np.ndarray, dict]] = []
+    group_bytes = 0
+
+    def flush():
+        nonlocal writer, group, group_bytes
+        if not group:
+            return
+        if writer is None:
+            writer = _ShardWriter(out, f"{split}/part-{len(entries):05d}.parquet", split, spec)
+        writer.write_group(group)
+        group, group_bytes = [], 0
+        if writer.tell() >= spec.target_bytes:
+            entries.append(writer.close())
+            writer = None
+
+    for vid, qs in volumes:
+        image, geometry = read_volume(vid)
+        geom = geometry.to_json() if hasattr(geometry, "to_json") else dict(geometry)
+        if tuple(geom["shape"]) != image.shape:
+            raise StoreError(f"volume {vid}: image shape {image.shape} differs from its geometry {geom['shape']}")
+        group.append((qs, image, geom))
+        group_bytes += image.nbytes
+        if group_bytes >= row_group_bytes:
+            flush()
+    flush()
+    if writer is not None:
+        entries.append(writer.close())
+    return entries
+
+
+class _ShardWriter:
+    """One shard file being written under ``<name>.partial``; ``close`` renames it and returns its entry."""
+
+    def __init__(self, out: Path, rel: str, split: str, spec):
+        self.out, self.rel, self.split = out, rel, split
+        self.final = out / rel
+        self.tmp = self.final.with_name(self.final.name + ".partial")
+        self.sink = pa.OSFile(str(self.tmp), "wb")
+        codec = _CODECS[spec.codec]
+        compression = {n: "ZSTD" for n in SCHEMA.names} | {"image": codec}
+        levels = {n: 3 for n in SCHEMA.names}
+        if codec == "ZSTD":
+            levels["image"] = spec.level
+        self.writer = pq.ParquetWriter(
+            self.sink,
+            SCHEMA,
+            compression=compression,
+            compression_level={n: levels[n] for n in SCHEMA.names if compression[n] == "ZSTD"},
+            use_dictionary=[n for n in QUINTUPLE_COLUMNS if n not in ("reasoning", "answer_json", "severity")]
+            + ["image_dtype"],
+            write_statistics=[n for n in ("sample_id", "volume_id", "patient_id", "split", "question_id")],
+            write_page_checksum=True,
+            store_schema=True,
+        )
+        self.rows = self.volumes = 0
+        self.row_group_rows: list[int] = []
+
+    def write_group(self, group: list[tuple[list[Quintuple], np.ndarray, dict]]) -> None:
+        table = rows_to_table(group)
+        self.writer.write_table(table, row_group_size=table.num_rows)
+        self.rows += table.num_rows
+        self.volumes += len(group)
+        self.row_group_rows.append(table.num_rows)
+
+    def tell(self) -> int:
+        return self.sink.tell()
+
+    def close(self) -> dict[str, Any]:
+        self.writer.close()
+        self.sink.close()
+        os.replace(self.tmp, self.final)
+        return {
+            "path": self.rel,
+            "split": self.split,
+            "rows": self.rows,
+            "volumes": self.volumes,
+            "row_group_rows": self.row_group_rows,
+            "bytes": self.final.stat().st_size,
+            "sha256": sha256_file(self.final),
+        }
+
+
+def rows_to_table(group: list[tuple[list[Quintuple], np.ndarray, dict]]) -> pa.Table:
+    """A row group: each volume's quintuples, with the volume's bytes on its first row, cast to :data:`SCHEMA`."""
+    cols: dict[str, list] = {n: [] for n in SCHEMA.names}
+    for qs, image, geom in group:
+        img = np.ascontiguousarray(image)
+        if img.dtype.byteorder == ">" or (img.dtype.byteorder == "=" and not np.little_endian):
+            img = img.astype(img.dtype.newbyteorder("<"))
+        dtype = img.dtype.newbyteorder("<").str if img.dtype.itemsize > 1 else img.dtype.str
+        for i, q in enumerate(qs):
+            row = quintuple_to_row(q)
+            for k, v in row.items():
+                cols[k].append(v)
+            cols["image"].append(img.tobytes() if i == 0 else None)
+            cols["image_shape"].append(list(img.shape))
+            cols["image_dtype"].append(dtype)
+            cols["image_spacing"].append([float(v) for v in geom["spacing"]])
+            cols["image_affine_lps"].append([float(v) for row_ in geom["affine_lps"] for v in row_])
+    return pa.Table.from_pydict(cols, schema=SCHEMA).cast(SCHEMA)
+
+
+def quintuple_to_row(q: Quintuple) -> dict[str, Any]:
+    """The quintuple columns of a row (everything but the ``image_*`` columns)."""
+    b = q.box
+    return {
+        "sample_id": q.sample_id,
+        "volume_id": q.volume_id,
+        "patient_id": q.patient_id,
+        "split": q.split,
+        "question_id": q.question_id,
+        "question_type": q.question_type,
+        "question_region": q.question_region,
+        "question": q.question,
+        "box_region": b.region if b else None,
+        "box_voxels": list(b.voxels) if b else None,
+        "box_list_form": list(b.list_form) if b else None,
+        "box_normalized": list(b.normalized) if b else None,
+        "box_size_mm": list(b.size_mm) if b else None,
+        "box_center_lps": list(b.center_lps) if b else None,
+        "box_empty": q.box_empty,
+        "box_reason": q.box_reason,
+        "reasoning": list(q.reasoning),
+        "severity": [g.to_json() for g in q.severity],
+        "answer_json": q.answer_json,
+    }
+
+
+def quintuple_from_row(row: dict[str, Any]) -> Quintuple:
+    """Inverse of :func:`quintuple_to_row` (extra keys such as ``image`` are ignored)."""
+    box = None
+    if row["box_voxels"] is not None:
+        box = QBox(
+            region=row["box_region"],
+            voxels=tuple(row["box_voxels"]),
+            list_form=tuple(row["box_list_form"]),
+            normalized=tuple(row["box_normalized"]),
+            size_mm=tuple(row["box_size_mm"]),
+            center_lps=tuple(row["box_center_lps"]),
+        )
+    return Quintuple(
+        sample_id=row["sample_id"],
+        volume_id=row["volume_id"],
+        patient_id=row["patient_id"],
+        split=row["split"],
+        question_id=row["question_id"],
+        question_type=row["question_type"],
+        question_region=row["question_region"],
+        question=row["question"],
+        box=box,
+        box_empty=row["box_empty"],
+        box_reason=row["box_reason"],
+        reasoning=tuple(row["reasoning"]),
+        severity=tuple(Grade(**g) for g in row["severity"]),
+        answer_json=row["answer_json"],
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reading
+
+
+def read_manifest(shards_dir: str | os.PathLike) -> dict[str, Any]:
+    p = Path(shards_dir) / MANIFEST
+    if not p.is_file():
+        raise InputNotFoundError(f"{p}: no manifest (not a shards directory, or its writing did not finish)")
+    try:
+        m = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValidationError(f"{p}: not valid JSON: {e}") from e
+    if m.get("schema_version") != SCHEMA_VERSION:
+        raise ValidationError(f"{p}: schema version {m.get('schema_version')!r}, this kneeprep reads {SCHEMA_VERSION}")
+    return m
+
+
+def decode_image(image: bytes | pa.Buffer | pa.Scalar, dtype: str, shape) -> np.ndarray:
+    """A volume from its ``image`` bytes (read-only view, no copy)."""
+    if isinstance(image, pa.Scalar):
+        image = image.as_buffer()
+    return np.frombuffer(image, dtype=np.dtype(dtype)).reshape(tuple(shape))
+
+
+def read_row_group(path: str | os.PathLike | pq.ParquetFile, index: int, columns=None) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Rows of one row group as dicts (without ``image``) and its volumes decoded once: ``{volume_id: array}``.
+
+    ``columns`` limits the row columns (``volume_id`` is always read); images are read only when ``columns``
+    is None or names ``image``.
+    """
+    pf = path if isinstance(path, pq.ParquetFile) else pq.ParquetFile(path)
+    want_image = columns is None or "image" in columns
+    row_cols = list(dict.fromkeys(["volume_id", *[c for c in (SCHEMA.names if columns is None else columns) if c != "image"]]))
+    extra = ["image", "image_dtype", "image_shape"] if want_image else []
+    t = pf.read_row_group(index, columns=list(dict.fromkeys(row_cols + extra)))
+    volumes: dict[str, np.ndarray] = {}
+    if want_image:
+        img = t.column("image")
+        vids = t.column("volume_id").to_pylist()
+        dts = t.column("image_dtype").to_pylist()
+        shapes = t.column("image_shape").to_pylist()
+        for i, ok in enumerate(img.is_valid().to_pylist()):
+            if ok:
+                volumes[vids[i]] = decode_image(img[i], dts[i], shapes[i])
+    rows = t.select(row_cols).to_pylist()
+    return rows, volumes
+
+
+def iter_quintuples(shards_dir: str | os.PathLike, split: str | None = None, columns=None) -> Iterator[dict[str, Any]]:
+    """Every row of the shards as a dict, in manifest order (split, then shard, then row).
+
+    ``columns`` defaults to the quintuple columns (no volume); include ``"image"`` to get the decoded volume
+    (a read-only numpy array shared by the rows of the same volume) under ``image``.
+    """
+    m = read_manifest(shards_dir)
+    cols = list(columns) if columns is not None else list(QUINTUPLE_COLUMNS)
+    for e in m["shards"]:
+        if split is not None and e["split"] != split:
+            continue
+        pf = pq.ParquetFile(Path(shards_dir) / e["path"])
+        for g in range(pf.num_row_groups):
+            rows, volumes = read_row_group(pf, g, columns=cols)
+            for r in rows:
+                if "image" in cols:
+                    r["image"] = volumes[r["volume_id"]]
+                yield {k: r[k] for k in cols}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# validation
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a shards directory: where, what kind, and the details."""
+
+    path: str
+    kind: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: [{self.kind}] {self.message}"
+
+
+def validate_shards(shards_dir: str | os.PathLike, *, decode: bool = True) -> list[Problem]:
+    """Check a shards directory against its manifest and schema; an empty list means all is well.
+
+    Checks: manifest and schema version; missing and extra shard files; bytes and sha256; row and volume
+    counts; the Arrow schema; rows sorted by volume with the image on each volume's first row in the same
+    row group; every volume decodes to its declared shape and dtype (``decode``); every box inside its
+    volume and consistent with its list form; each row's split matches its directory; no patient in two splits.
+    """
+    d = Path(shards_dir)
+    try:
+        m = read_manifest(d)
+    except (InputNotFoundError, ValidationError) as e:
+        return [Problem(str(d / MANIFEST), "manifest", str(e))]
+    problems: list[Problem] = []
+    listed = {e["path"] for e in m.get("shards", [])}
+    for p in sorted(d.glob("*/part-*.parquet")):
+        rel = p.relative_to(d).as_posix()
+        if rel not in listed:
+            problems.append(Problem(rel, "extra", "shard file not listed in the manifest"))
+    patients: dict[str, set[str]] = {}
+    for e in m.get("shards", []):
+        rel = e["path"]
+        p = d / rel
+        if not p.is_file():
+            problems.append(Problem(rel, "missing", "listed in the manifest but not on disk"))
+            continue
+        size = p.stat().st_size
+        if size != e["bytes"]:
+            problems.append(Problem(rel, "bytes", f"expected {e['bytes']} bytes, found {size}"))
+        digest = sha256_file(p)
+        if digest != e["sha256"]:
+            problems.append(Problem(rel, "checksum", f"sha256 {digest} differs from the manifest's {e['sha256']}"))
+            continue  # the content is not what was written: do not trust it further
+        problems += _validate_file(p, rel, e, patients, decode)
+    for patient, splits in sorted(patients.items()):
+        if len(splits) > 1:
+            problems.append(Problem(MANIFEST, "split_leak", f"patient {patient} is in several splits: {', '.join(sorted(splits))}"))
+    return problems
+
+
+def _validate_file(p: Path, rel: str, e: dict, patients: dict[str, set[str]], decode: bool) -> list[Problem]:
+    out: list[Problem] = []
+    try:
+        pf = pq.ParquetFile(p, page_checksum_verification=True)
+    except (OSError, pa.ArrowException) as exc:
+        return [Problem(rel, "unreadable", str(exc))]
+    schema = pf.schema_arrow
+    if schema.metadata is None or schema.metadata.get(b"kneeprep.schema_version") != str(SCHEMA_VERSION).encode():
+        out.append(Problem(rel, "schema", f"schema version {(schema.metadata or {}).get(b'kneeprep.schema_version')!r}, expected {SCHEMA_VERSION}"))
+    if not schema.remove_metadata().equals(SCHEMA.remove_metadata()):
+        out.append(Problem(rel, "schema", "Arrow schema differs from kneeprep.shards.SCHEMA"))
+        return out
+    rows = volumes = 0
+    seen: set[str] = set()
+    for g in range(pf.num_row_groups):
+        try:
+            t = pf.read_row_group(g, columns=None if decode else [n for n in SCHEMA.names if n != "image"])
+        except (OSError, pa.ArrowException) as exc:
+            out.append(Problem(rel, "unreadable", f"row group {g}: {exc}"))
+            continue
+        rows += t.num_rows
+        cols = {n: t.column(n).to_pylist() for n in t.column_names if n != "image"}
+        valid = t.column("image").is_valid().to_pylist() if decode else None
+        current = None
+        for i in range(t.num_rows):
+            vid, sid = cols["volume_id"][i], cols["sample_id"][i]
+            where = f"row group {g}, sample {sid}"
+            if cols["split"][i] != e["split"]:
+                out.append(Problem(rel, "split", f"{where}: split {cols['split'][i]!r} in a {e['split']} shard"))
+            patients.setdefault(cols["patient_id"][i], set()).add(cols["split"][i])
+            shape = cols["image_shape"][i]
+            if vid != current:
+                if vid in seen:
+                    out.append(Problem(rel, "order", f"{where}: rows of volume {vid} are not contiguous"))
+                seen.add(vid)
+                current = vid
+                volumes += 1
+                if decode and not valid[i]:
+                    out.append(Problem(rel, "image", f"{where}: first row of volume {vid} has no image bytes"))
+                elif decode:
+                    out += _check_image(rel, where, t.column("image")[i], cols["image_dtype"][i], shape)
+            elif decode and valid[i]:
+                out.append(Problem(rel, "image", f"{where}: volume {vid} stored twice"))
+            out += _check_box(rel, where, cols, i, shape)
+    if rows != e["rows"]:
+        out.append(Problem(rel, "rows", f"manifest says {e['rows']} rows, file has {rows}"))
+    if volumes != e["volumes"]:
+        out.append(Problem(rel, "volumes", f"manifest says {e['volumes']} volumes, file has {volumes}"))
+    return out
+
+
+def _check_image(rel: str, where: str, image, dtype: str, shape) -> list[Problem]:
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        return [Problem(rel, "image", f"{where}: image_dtype {dtype!r} is not a numpy dtype")]
+    n = len(image.as_buffer())
+    expected = int(np.prod(shape)) * dt.itemsize
+    if n != expected:
+        return [Problem(rel, "image", f"{where}: {n} image bytes, shape {shape} x {dtype} needs {expected}")]
+    return []
+
+
+def _check_box(rel: str, where: str, cols: dict, i: int, shape) -> list[Problem]:
+    v = cols["box_voxels"][i]
+    if v is None:
+        if not cols["box_empty"][i]:
+            return [Problem(rel, "box", f"{where}: no box but box_empty is false")]
+        return []
+    z0, y0, x0, z1, y1, x1 = v
+    if not (0 <= z0 < z1 <= shape[0] and 0 <= y0 < y1 <= shape[1] and 0 <= x0 < x1 <= shape[2]):
+        return [Problem(rel, "box", f"{where}: box {v} outside volume of shape {shape} (or empty)")]
+    if list(cols["box_list_form"][i]) != [z0, z1 - 1, x0, x1 - 1, y0, y1 - 1]:
+        return [Problem(rel, "box", f"{where}: list form {cols['box_list_form'][i]} does not match voxels {v}")]
+    return []
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
