@@ -415,3 +415,18 @@ def test_question_box_and_its_reasons():
     assert box is None and "has no box" in why
     with pytest.raises(AnnotationError, match="'70'"):
         question_box(by, r, "70")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI (the store side is tested once kneeprep.store exists)
+
+
+def test_cli_boxes_help_and_misuse(tmp_path):
+    from click.testing import CliRunner
+
+    from kneeprep.cli import cli
+
+    r = CliRunner().invoke(cli, ["boxes", "--help"])
+    assert r.exit_code == 0 and "boxes.parquet" in r.output and "--recipe" in r.output
+    r = CliRunner().invoke(cli, ["boxes", str(tmp_path / "missing.zarr")])
+    assert r.exit_code == 2 and "does not exist" in r.output

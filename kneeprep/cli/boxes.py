@@ -1,0 +1,39 @@
+"""``kneeprep boxes STORE``: recompute the 3D boxes of a volume store from its stored labels."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--recipe",
+    "recipe_file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Recipe TOML whose [labels] regions and [boxes] margin to use (default: the built-in defaults).",
+)
+def boxes(store, recipe_file):
+    """Recompute every volume's boxes in STORE (a volumes.zarr) from its labels.
+
+    Updates each volume's `boxes` attrs and `provenance.boxes_hash`, rewrites STORE/boxes.parquet and
+    prints a summary. Exit code 1 when some volume could not be processed (listed in the summary).
+    """
+    from ..boxes import recompute_store_boxes
+    from ..recipe import load_recipe
+
+    recipe = load_recipe(recipe_file)
+    s = recompute_store_boxes(store, recipe)
+    click.echo(
+        f"{s.volumes} volumes: {s.boxes} boxes, {s.empty} empty regions "
+        f"(recipe {recipe.name!r}, boxes hash {s.boxes_hash})"
+    )
+    for vid, u in sorted(s.unknown_labels.items()):
+        ids = ", ".join(f"{i} ({c} voxels)" for i, c in sorted(u.items()))
+        click.echo(f"  {vid}: unknown labels {ids}")
+    for vid, kind, msg in s.failures:
+        click.secho(f"  FAIL {vid} [{kind}]: {msg}", fg="red")
+    click.echo(f"wrote {s.table}")
+    if s.failures:
+        raise SystemExit(1)
