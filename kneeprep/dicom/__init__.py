@@ -1,0 +1,24 @@
+"""DICOM in: ``scan`` (headers -> :class:`SeriesInfo` records with a QC verdict) and ``read_series``
+(pixels -> array + :class:`~kneeprep.geometry.Geometry`). Technical header fields leave DICOM only through
+the whitelist in :func:`technical_fields`."""
+
+from .fields import TECHNICAL_KEYWORDS, knee_side, technical_fields
+from .qc import QCVerdict
+from .read import apply_rescale, read_series, read_slices, rescale_dtype, stored_values
+from .scan import ScanResult, SeriesInfo, parse_oai_path, scan_tree
+
+__all__ = [
+    "TECHNICAL_KEYWORDS",
+    "QCVerdict",
+    "ScanResult",
+    "SeriesInfo",
+    "apply_rescale",
+    "knee_side",
+    "parse_oai_path",
+    "read_series",
+    "read_slices",
+    "rescale_dtype",
+    "scan_tree",
+    "stored_values",
+    "technical_fields",
+]

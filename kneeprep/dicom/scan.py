@@ -1,0 +1,352 @@
+"""``scan``: walk a raw tree, read DICOM headers only, and describe each series with a QC verdict.
+
+Grouping: files are grouped by SeriesInstanceUID (0020,000E); a UID whose files have different matrix sizes
+(Rows x Columns) or clearly different orientations (ImageOrientationPatient components differing by more
+than ``split_orientation_atol``, e.g. a three-plane localizer) is split into parts, each its own
+:class:`SeriesInfo` (the largest part keeps the plain volume id, the others get ``.2``, ``.3``, ... on the
+series folder). Small orientation differences within a part are a QC failure, not a split.
+
+Volume ids (``kneeprep.splits.make_volume_id``): from the OAI layout
+``<visit>/<release>/<patient>/<YYYYMMDD>/<8-digit series>/<file>`` when the series' first file sits in one
+(``id_source="path"``); otherwise from tags (``id_source="tags"``): PatientID (0010,0020), the visit from
+ClinicalTrialTimePointID (0012,0051) or the StudyDescription ``OAI^MR^<visit>^...``, StudyDate (0008,0020),
+SeriesNumber (0020,0011); a missing part becomes ``NA``, and ``_``, ``/`` or spaces inside a part become
+``-`` so the id still splits into five parts. Knee side 0 (unknown) stays 0 in the id. Ids are unique within
+one scan: a later series whose id collides gets a ``.2``, ``.3`` ... suffix on its series folder and a warning.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputNotFoundError
+from ..geometry import Geometry, orientation_code
+from ..recipe import QC
+from ..splits import make_volume_id, visit_to_time
+from .fields import knee_side, technical_fields, visit_from_text
+from .headers import DicomError, NotDicomError, SliceHeader, read_header
+from .qc import Finding, QCVerdict, check_series
+
+_VISIT_DIR = re.compile(r"^\d{1,3}m$", re.IGNORECASE)
+_RELEASE_DIR = re.compile(r"^\d+\.[A-Z]\.\d+$", re.IGNORECASE)
+_DATE_DIR = re.compile(r"^\d{8}$")
+_SERIES_DIR = re.compile(r"^\d{8}$")
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """One DICOM series as scan found it. JSON round-trips through :meth:`to_json` / :meth:`from_json`.
+
+    ``files`` are in position order along the slice normal (array axis 0), dropped files removed;
+    ``dropped`` pairs each removed file with the reason. ``spacing`` is in array order (slice, row, column),
+    mm; ``orientation`` is ImageOrientationPatient (0020,0037); ``affine_lps`` follows
+    :mod:`kneeprep.geometry` (``None`` when the files carry no usable geometry).
+    """
+
+    volume_id: str
+    patient_id: str
+    time: str
+    study_folder: str
+    series_folder: str
+    knee_side: int
+    description: str
+    study_description: str
+    series_uid: str
+    frame_of_reference_uid: str
+    files: tuple[Path, ...]
+    dropped: tuple[tuple[Path, str], ...]
+    rows: int
+    cols: int
+    n_slices: int
+    spacing: tuple[float, float, float] | None
+    orientation: tuple[float, ...] | None
+    affine_lps: tuple[tuple[float, ...], ...] | None
+    modality: str
+    transfer_syntax: str
+    qc: QCVerdict
+    id_source: str = "path"
+    technical: dict | None = None
+
+    @property
+    def geometry(self) -> Geometry | None:
+        if self.affine_lps is None or self.spacing is None:
+            return None
+        return Geometry((self.n_slices, self.rows, self.cols), self.spacing, np.array(self.affine_lps))
+
+    @property
+    def orientation_code(self) -> str:
+        return orientation_code(np.array(self.affine_lps)) if self.affine_lps is not None else ""
+
+    def to_json(self) -> dict:
+        d = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        d["files"] = [str(p) for p in self.files]
+        d["dropped"] = [[str(p), r] for p, r in self.dropped]
+        d["spacing"] = list(self.spacing) if self.spacing is not None else None
+        d["orientation"] = list(self.orientation) if self.orientation is not None else None
+        d["affine_lps"] = [list(r) for r in self.affine_lps] if self.affine_lps is not None else None
+        d["qc"] = self.qc.to_json()
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> SeriesInfo:
+        d = dict(d)
+        d["files"] = tuple(Path(p) for p in d["files"])
+        d["dropped"] = tuple((Path(p), r) for p, r in d["dropped"])
+        d["spacing"] = tuple(d["spacing"]) if d["spacing"] is not None else None
+        d["orientation"] = tuple(d["orientation"]) if d["orientation"] is not None else None
+        d["affine_lps"] = tuple(tuple(r) for r in d["affine_lps"]) if d["affine_lps"] is not None else None
+        d["qc"] = QCVerdict.from_json(d["qc"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """Every series under ``root``, plus the files that were not part of one."""
+
+    root: Path
+    series: tuple[SeriesInfo, ...]
+    non_dicom_skipped: int
+    unreadable: tuple[tuple[Path, str], ...]
+    n_files: int
+
+    def by_status(self) -> dict[str, int]:
+        out = {s: 0 for s in ("ok", "warn", "fail", "unsupported")}
+        for s in self.series:
+            out[s.qc.status] += 1
+        return out
+
+    def to_json(self) -> dict:
+        return {
+            "root": str(self.root),
+            "series": [s.to_json() for s in self.series],
+            "non_dicom_skipped": self.non_dicom_skipped,
+            "unreadable": [[str(p), r] for p, r in self.unreadable],
+            "n_files": self.n_files,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> ScanResult:
+        return cls(
+            Path(d["root"]),
+            tuple(SeriesInfo.from_json(s) for s in d["series"]),
+            d["non_dicom_skipped"],
+            tuple((Path(p), r) for p, r in d["unreadable"]),
+            d["n_files"],
+        )
+
+
+def _walk(root: Path) -> list[Path]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        out.extend(Path(dirpath) / f for f in sorted(filenames))
+    return out
+
+
+def scan_tree(
+    root: str | Path,
+    qc: QC = QC(),  # noqa: B008 - frozen dataclass, safe as a default
+    progress: Callable[[int, int], None] | None = None,
+    *,
+    split_orientation_atol: float = 0.05,
+) -> ScanResult:
+    """Scan every file under ``root`` (any layout, extensionless files included) and describe each series.
+
+    Reads headers only (PixelData deferred). ``progress(done, total)`` is called every 256 files and at the
+    end. A file that is not DICOM is counted in ``non_dicom_skipped`` -- unless its name ends in ``.dcm``, which
+    makes it unreadable. Unreadable files (empty, corrupt, not DICOM but named ``.dcm``) are listed in
+    ``unreadable``; when their folder holds exactly one series they are also that series' ``dropped`` files
+    and fail its QC. Raises :class:`~kneeprep.errors.InputNotFoundError` if ``root`` is not a directory.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise InputNotFoundError(f"{root}: raw DICOM folder not found (or not a directory)")
+    files = _walk(root)
+    headers: list[SliceHeader] = []
+    unreadable: list[tuple[Path, str]] = []
+    skipped = 0
+    for n, path in enumerate(files, start=1):
+        try:
+            headers.append(read_header(path))
+        except NotDicomError as e:
+            if path.suffix.lower() == ".dcm":
+                unreadable.append((path, f"named .dcm but {str(e).split(': ', 1)[-1]}"))
+            else:
+                skipped += 1
+        except DicomError as e:
+            unreadable.append((path, str(e).split(": ", 1)[-1] if str(e).startswith(str(path)) else str(e)))
+        if progress is not None and (n % 256 == 0 or n == len(files)):
+            progress(n, len(files))
+
+    groups: dict[str, list[SliceHeader]] = defaultdict(list)
+    for h in headers:
+        key = h.series_uid or f"no-uid:{h.path.parent}:{h.series_number}"
+        groups[key].append(h)
+    todo: list[tuple[list[SliceHeader], list[Finding], int]] = []
+    for _key, members in sorted(groups.items(), key=lambda kv: str(min(h.path for h in kv[1]))):
+        parts = split_series(members, split_orientation_atol)
+        for i, part in enumerate(parts):
+            extra: list[Finding] = []
+            if not part[0].series_uid:
+                extra.append(Finding("warn", "no SeriesInstanceUID (0020,000E): grouped by folder and SeriesNumber"))
+            if len(parts) > 1:
+                extra.append(
+                    Finding(
+                        "warn",
+                        f"SeriesInstanceUID shared with {len(members) - len(part)} other file(s) of another matrix size "
+                        f"or orientation: split into {len(parts)} series, this is part {i + 1} ({len(part)} files)",
+                    )
+                )
+            todo.append((part, extra, i + 1 if len(parts) > 1 else 0))
+
+    # Unreadable files whose folder holds exactly one series are that series' lost files.
+    owners: dict[Path, set[int]] = defaultdict(set)
+    for i, (part, _, _) in enumerate(todo):
+        for h in part:
+            owners[h.path.parent].add(i)
+    lost: dict[int, list[tuple[Path, str]]] = defaultdict(list)
+    for path, reason in unreadable:
+        if len(owners.get(path.parent, ())) == 1:
+            lost[next(iter(owners[path.parent]))].append((path, reason))
+    series: list[SeriesInfo] = []
+    for i, (part, extra, part_index) in enumerate(todo):
+        if lost[i]:
+            p, r = lost[i][0]
+            extra.append(Finding("fail", f"{len(lost[i])} unreadable file(s) in the series folder dropped: {p.name}: {r}"))
+        series.append(_series_info(part, qc, extra, part_index, tuple(lost[i])))
+    series = _unique_ids(series)
+    return ScanResult(root, tuple(series), skipped, tuple(unreadable), len(files))
+
+
+def split_series(headers: Sequence[SliceHeader], orientation_atol: float) -> list[list[SliceHeader]]:
+    """Split one UID's files into parts of one matrix size and one orientation (to ``orientation_atol``);
+    largest part first. Files without orientation stay with the first part of their size."""
+    parts: list[tuple[tuple, tuple | None, list[SliceHeader]]] = []
+    for h in sorted(headers, key=lambda h: str(h.path)):
+        size = (h.rows, h.cols)
+        for psize, piop, members in parts:
+            if psize != size:
+                continue
+            if h.iop is None or piop is None or max(abs(a - b) for a, b in zip(h.iop, piop, strict=True)) <= orientation_atol:
+                members.append(h)
+                break
+        else:
+            parts.append((size, h.iop, [h]))
+    return sorted((m for _, _, m in parts), key=lambda m: (-len(m), str(m[0].path)))
+
+
+def parse_oai_path(path: Path) -> dict[str, str] | None:
+    """The OAI parts of a file path ``…/<visit>/<release>/<patient>/<YYYYMMDD>/<series>/<file>``, or None.
+
+    >>> parse_oai_path(Path("raw/00m/0.C.2/9000296/20040909/10693717/001"))["time"]
+    '00M'
+    >>> parse_oai_path(Path("elsewhere/series/001")) is None
+    True
+    """
+    parts = path.parts
+    if len(parts) < 6:
+        return None
+    visit, release, pid, date, series = parts[-6:-1]
+    if not (_VISIT_DIR.match(visit) and _RELEASE_DIR.match(release) and _DATE_DIR.match(date) and _SERIES_DIR.match(series)):
+        return None
+    if not pid.isalnum():
+        return None
+    return {"patient_id": pid, "time": visit_to_time(visit), "study_folder": date, "series_folder": series}
+
+
+def _clean(part: str) -> str:
+    part = re.sub(r"[_/\\\s]+", "-", part.strip())
+    return part or "NA"
+
+
+def _ids(h: SliceHeader) -> tuple[dict[str, str], str]:
+    oai = parse_oai_path(h.path)
+    if oai is not None:
+        return oai, "path"
+    time = visit_from_text(h.time_point) or visit_from_text(h.study_description)
+    return {
+        "patient_id": _clean(h.patient_id),
+        "time": _clean(time),
+        "study_folder": _clean(h.study_date),
+        "series_folder": _clean(h.series_number),
+    }, "tags"
+
+
+def _series_info(
+    headers: list[SliceHeader], qc: QC, extra: list[Finding], part_index: int, lost: tuple[tuple[Path, str], ...]
+) -> SeriesInfo:
+    stack = check_series(headers, qc)
+    first = stack.slices[0] if stack.slices else sorted(headers, key=lambda h: str(h.path))[0]
+    ids, source = _ids(first)
+    if part_index > 1:
+        ids["series_folder"] = f"{ids['series_folder']}.{part_index}"
+    side = knee_side(first.description, first.laterality, first.image_laterality)
+    affine = spacing = None
+    if stack.slice_spacing and stack.slice_spacing > 0 and first.iop and first.pixel_spacing and first.ipp:
+        iop = np.array(first.iop)
+        a = np.eye(4)
+        a[:3, 0] = np.array(stack.normal) * stack.slice_spacing
+        a[:3, 1] = iop[3:] * first.pixel_spacing[0]  # down a column: PixelSpacing[0] = row spacing
+        a[:3, 2] = iop[:3] * first.pixel_spacing[1]  # along a row: PixelSpacing[1] = column spacing
+        a[:3, 3] = first.ipp
+        affine = tuple(tuple(float(v) for v in r) for r in a)
+        spacing = (float(stack.slice_spacing), float(first.pixel_spacing[0]), float(first.pixel_spacing[1]))
+    technical = None
+    try:
+        import pydicom
+
+        technical = technical_fields(pydicom.dcmread(first.path, stop_before_pixels=True))
+    except Exception:  # the header was read once already; a second failure only loses the technical fields
+        technical = None
+    return SeriesInfo(
+        volume_id=make_volume_id(ids["patient_id"], ids["time"], ids["study_folder"], ids["series_folder"], side),
+        patient_id=ids["patient_id"],
+        time=ids["time"],
+        study_folder=ids["study_folder"],
+        series_folder=ids["series_folder"],
+        knee_side=side,
+        description=first.description,
+        study_description=first.study_description,
+        series_uid=first.series_uid,
+        frame_of_reference_uid=first.frame_uid,
+        files=tuple(h.path for h in stack.slices),
+        dropped=stack.dropped + lost,
+        rows=first.rows,
+        cols=first.cols,
+        n_slices=len(stack.slices),
+        spacing=spacing,
+        orientation=tuple(first.iop) if first.iop else None,
+        affine_lps=affine,
+        modality=first.modality,
+        transfer_syntax=first.transfer_syntax,
+        qc=QCVerdict.from_findings([*extra, *stack.findings]),
+        id_source=source,
+        technical=technical,
+    )
+
+
+def _unique_ids(series: list[SeriesInfo]) -> list[SeriesInfo]:
+    seen: dict[str, int] = {}
+    out = []
+    for s in sorted(series, key=lambda s: (-s.n_slices, str(s.files[0] if s.files else ""))):
+        n = seen.get(s.volume_id, 0) + 1
+        seen[s.volume_id] = n
+        if n > 1:
+            folder = f"{s.series_folder}.{n}"
+            vid = make_volume_id(s.patient_id, s.time, s.study_folder, folder, s.knee_side)
+            reason = f"volume id {s.volume_id} is taken by another series (two series in one folder?); renamed {vid}"
+            s = replace(s, volume_id=vid, series_folder=folder, qc=QCVerdict(_worst(s.qc.status, "warn"), (*s.qc.reasons, reason)))
+        out.append(s)
+    return sorted(out, key=lambda s: s.volume_id)
+
+
+def _worst(a: str, b: str) -> str:
+    order = ("ok", "warn", "fail", "unsupported")
+    return a if order.index(a) >= order.index(b) else b
