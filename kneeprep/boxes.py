@@ -294,7 +294,7 @@ def _encoder(arr: np.ndarray) -> tuple[np.ndarray, Callable[[np.ndarray], np.nda
     if hi - lo < _LUT_MAX_RANGE:
         present = np.zeros(hi - lo + 1, dtype=bool)
         for sl in arr:
-            present[np.unique(sl.astype(np.int64) - lo)] = True
+            present |= np.bincount((sl.astype(np.int64) - lo).ravel(), minlength=present.size) > 0
         ids = np.flatnonzero(present).astype(np.int64) + lo
         lut = np.zeros(hi - lo + 1, dtype=np.intp)
         lut[ids - lo] = np.arange(ids.size)

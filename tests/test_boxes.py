@@ -430,3 +430,16 @@ def test_cli_boxes_help_and_misuse(tmp_path):
     assert r.exit_code == 0 and "boxes.parquet" in r.output and "--recipe" in r.output
     r = CliRunner().invoke(cli, ["boxes", str(tmp_path / "missing.zarr")])
     assert r.exit_code == 2 and "does not exist" in r.output
+
+
+@pytest.mark.slow
+def test_full_size_knee_mask_matches_naive():
+    from bench.bench_boxes import knee_mask, naive_boxes
+
+    mask = knee_mask()
+    regions = Recipe().labels.region_labels()
+    got = compute_boxes(mask, regions)
+    for name, ref in naive_boxes(mask, regions).items():
+        assert ref is not None, name  # every sample label is painted
+        assert (got[name].voxels, got[name].voxel_count) == ref[:2]
+        np.testing.assert_allclose(got[name].centroid, ref[2], atol=1e-9)
