@@ -33,6 +33,7 @@ are exact without touching the array again. Stats of blocks of one volume merge 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -494,16 +495,25 @@ class BoxesSummary:
         return json.loads(json.dumps(d))
 
 
-def recompute_store_boxes(store_path: str | os.PathLike, recipe) -> BoxesSummary:
+def recompute_store_boxes(store_path: str | os.PathLike, recipe, *, lock: bool = True) -> BoxesSummary:
     """Recompute every volume's boxes from its stored labels (layer ``recipe.masks.name``) with ``recipe``.
 
     Updates the volume attrs ``boxes`` and ``provenance.boxes_hash``, rewrites ``boxes.parquet`` and returns a
-    summary. A volume that fails (no labels, bad geometry) is recorded in ``failures``, never raised.
+    summary. A volume that fails (no labels, bad geometry) is recorded in ``failures``, never raised. Holds the
+    store's writer lock (:func:`kneeprep.store.store_lock`) unless ``lock=False`` (a caller already holding it).
     """
+    from . import store
+
+    store_path = Path(store_path)
+    store.list_volumes(store_path)  # a missing store is an error before anything is locked or written
+    with store.store_lock(store_path) if lock else contextlib.nullcontext():
+        return _recompute(store_path, recipe)
+
+
+def _recompute(store_path: Path, recipe) -> BoxesSummary:
     from . import store
     from .errors import KneeprepError
 
-    store_path = Path(store_path)
     regions = recipe.labels.region_labels()
     h = boxes_hash(recipe)
     n_vol = n_box = n_empty = 0
