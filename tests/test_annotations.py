@@ -10,7 +10,6 @@ import json
 import pytest
 
 from kneeprep import annotations
-from kneeprep.severity import resolve_question as find_question
 from kneeprep.annotations import (
     AnnotationRecord,
     read_annotations,
@@ -23,6 +22,7 @@ from kneeprep.annotations import (
 )
 from kneeprep.errors import AnnotationError
 from kneeprep.severity import Grade
+from kneeprep.severity import resolve_question as find_question
 from kneeprep.splits import write_split_csv
 
 VID = "9027422_00M_20041222_10312706_2"
@@ -217,6 +217,7 @@ def test_read_annotations_directory(tmp_path):
     row = dict(zip(
         ("patient_id", "time", "study_folder", "series_folder", "knee_side", "path", "image_filepath", "label_filepath"),
         ("9027422", "00M", "20041222", "10312706", "2", "raw/x", IMAGE, "masks/knee_003.nii.gz"),
+        strict=True,
     ))
     write_split_csv(tmp_path / "split_files" / "train_split.csv", [row])
     (tmp_path / "questions.json").write_text(json.dumps(BANK | {"77": "unknown"}))
@@ -236,6 +237,7 @@ def test_read_annotations_duplicate_sample_keeps_the_first(tmp_path):
     row = dict(zip(
         ("patient_id", "time", "study_folder", "series_folder", "knee_side", "path", "image_filepath", "label_filepath"),
         ("9027422", "00M", "20041222", "10312706", "2", "raw/x", IMAGE, "m.nii.gz"),
+        strict=True,
     ))
     write_split_csv(tmp_path / "split_files" / "test_split.csv", [row])
     (tmp_path / "quintuples.jsonl").write_text(_line() + "\n")
