@@ -163,7 +163,7 @@ def scan_tree(
     end. A file that is not DICOM is counted in ``non_dicom_skipped`` -- unless its name ends in ``.dcm``, which
     makes it unreadable. Unreadable files (empty, corrupt, not DICOM but named ``.dcm``) are listed in
     ``unreadable``; when their folder holds exactly one series they are also that series' ``dropped`` files
-    and fail its QC. Raises :class:`~kneeprep.errors.InputNotFoundError` if ``root`` is not a directory.
+    and fail its QC (a non-DICOM ``.dcm`` file is never taken for a lost slice). Raises :class:`~kneeprep.errors.InputNotFoundError` if ``root`` is not a directory.
     """
     root = Path(root)
     if not root.is_dir():
@@ -171,6 +171,7 @@ def scan_tree(
     files = _walk(root)
     headers: list[SliceHeader] = []
     unreadable: list[tuple[Path, str]] = []
+    not_slices: set[Path] = set()  # unreadable, but not DICOM at all: never counted as a lost slice
     skipped = 0
     for n, path in enumerate(files, start=1):
         try:
@@ -178,6 +179,7 @@ def scan_tree(
         except NotDicomError as e:
             if path.suffix.lower() == ".dcm":
                 unreadable.append((path, f"named .dcm but {str(e).split(': ', 1)[-1]}"))
+                not_slices.add(path)
             else:
                 skipped += 1
         except DicomError as e:
@@ -213,7 +215,7 @@ def scan_tree(
             owners[h.path.parent].add(i)
     lost: dict[int, list[tuple[Path, str]]] = defaultdict(list)
     for path, reason in unreadable:
-        if len(owners.get(path.parent, ())) == 1:
+        if path not in not_slices and len(owners.get(path.parent, ())) == 1:
             lost[next(iter(owners[path.parent]))].append((path, reason))
     series: list[SeriesInfo] = []
     for i, (part, extra, part_index) in enumerate(todo):

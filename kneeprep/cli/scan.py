@@ -1,0 +1,136 @@
+"""``kneeprep scan RAW``: inventory the DICOM series under a raw tree, with a QC verdict per series."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+#: Columns of the table file (one row per series); list values are joined with " | ".
+SCAN_COLUMNS = (
+    "volume_id", "patient_id", "time", "study_folder", "series_folder", "knee_side", "description",
+    "study_description", "series_uid", "n_files", "n_dropped", "rows", "cols", "n_slices", "spacing_mm",
+    "orientation", "orientation_code", "modality", "transfer_syntax", "qc_status", "qc_reasons", "first_file",
+    "id_source",
+)  # fmt: skip
+
+
+def series_row(s) -> dict:
+    """One table row for a :class:`~kneeprep.dicom.SeriesInfo` (strings and ints only)."""
+    fmt = lambda v: " ".join(f"{x:.6g}" for x in v) if v is not None else ""  # noqa: E731
+    return {
+        "volume_id": s.volume_id,
+        "patient_id": s.patient_id,
+        "time": s.time,
+        "study_folder": s.study_folder,
+        "series_folder": s.series_folder,
+        "knee_side": s.knee_side,
+        "description": s.description,
+        "study_description": s.study_description,
+        "series_uid": s.series_uid,
+        "n_files": len(s.files),
+        "n_dropped": len(s.dropped),
+        "rows": s.rows,
+        "cols": s.cols,
+        "n_slices": s.n_slices,
+        "spacing_mm": fmt(s.spacing),
+        "orientation": fmt(s.orientation),
+        "orientation_code": s.orientation_code,
+        "modality": s.modality,
+        "transfer_syntax": s.transfer_syntax,
+        "qc_status": s.qc.status,
+        "qc_reasons": " | ".join(s.qc.reasons),
+        "first_file": str(s.files[0]) if s.files else "",
+        "id_source": s.id_source,
+    }
+
+
+def write_table(rows: list[dict], out: Path) -> None:
+    """Write rows as Parquet (``.parquet``) or CSV (``.csv``), atomically (``.partial`` then rename)."""
+    from ..errors import StoreError
+
+    tmp = out.with_name(out.name + ".partial")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if out.suffix == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            schema = pa.schema(
+                [(c, pa.int64() if c in ("knee_side", "n_files", "n_dropped", "rows", "cols", "n_slices") else pa.string()) for c in SCAN_COLUMNS]
+            )
+            pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
+        else:
+            import csv
+
+            with tmp.open("w", newline="", encoding="utf-8") as fh:
+                w = csv.DictWriter(fh, fieldnames=SCAN_COLUMNS, lineterminator="\n")
+                w.writeheader()
+                w.writerows(rows)
+        tmp.replace(out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(f"{out}: cannot write the scan table: {e}") from None
+
+
+def _out_path(ctx, param, value):
+    if value is not None and Path(value).suffix not in (".parquet", ".csv"):
+        raise click.BadParameter(f"expected a .parquet or .csv file name, got {value!r}")
+    return Path(value) if value is not None else None
+
+
+@click.command("scan")
+@click.argument("raw", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "-o", callback=_out_path, metavar="FILE.parquet|FILE.csv", help="Also write one row per series here.")
+@click.option("--recipe", "recipe_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Recipe whose [qc] tolerances to use (default: built-in defaults).")  # fmt: skip
+@click.option("--quiet", "-q", is_flag=True, help="Print only the summary, not the per-series table.")
+def scan(raw: Path, out: Path | None, recipe_path: Path | None, quiet: bool) -> None:
+    """Inventory the DICOM series under RAW, reading headers only.
+
+    Any layout works (extensionless files included); the OAI layout
+    <visit>/<release>/<patient>/<YYYYMMDD>/<series>/<files> gives the volume ids, other trees get ids from
+    PatientID, the visit tag, StudyDate and SeriesNumber. Each series gets a QC verdict -- ok, warn, fail or
+    unsupported -- with reasons: missing or duplicate slices, irregular spacing, inconsistent orientation,
+    pixel spacing or size, truncated or unreadable files, too few slices; mosaics, enhanced multi-frame
+    objects, single images and non-image objects are "unsupported". Tolerances come from the recipe's [qc].
+
+    Prints a table and a summary. QC failures are information: the exit code is 0 whenever the scan ran,
+    1 on an error (unreadable RAW, unwritable --out).
+    """
+    from ..dicom import scan_tree
+    from ..recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    result = scan_tree(raw, recipe.qc)
+    rows = [series_row(s) for s in result.series]
+    if not quiet:
+        _print_table(rows)
+    counts = result.by_status()
+    click.echo(
+        f"{len(result.series)} series in {result.n_files} files: "
+        + ", ".join(f"{counts[k]} {k}" for k in ("ok", "warn", "fail", "unsupported"))
+        + f"; {result.non_dicom_skipped} non-DICOM file(s) skipped; {len(result.unreadable)} unreadable"
+    )
+    for path, reason in result.unreadable[:10]:
+        click.echo(f"  unreadable: {path}: {reason}")
+    if len(result.unreadable) > 10:
+        click.echo(f"  ... and {len(result.unreadable) - 10} more unreadable files")
+    if out is not None:
+        write_table(rows, out)
+        click.echo(f"wrote {out} ({len(rows)} rows)")
+
+
+def _print_table(rows: list[dict]) -> None:
+    head = ("volume id", "patient", "visit", "side", "description", "files", "size", "spacing mm", "orient", "qc")
+    lines = [
+        (
+            r["volume_id"], r["patient_id"], r["time"], str(r["knee_side"]), r["description"][:24], str(r["n_files"]),
+            f"{r['rows']}x{r['cols']}x{r['n_slices']}", r["spacing_mm"] or "-", r["orientation_code"] or "-",
+            r["qc_status"] + (": " + r["qc_reasons"].split(" | ")[0][:90] if r["qc_reasons"] else ""),
+        )
+        for r in rows
+    ]  # fmt: skip
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(head)]
+    for line in (head, *lines):
+        click.echo("  ".join(v.ljust(w) for v, w in zip(line[:-1], widths[:-1], strict=True)) + "  " + line[-1])
