@@ -352,7 +352,9 @@ def decode_image(image: bytes | pa.Buffer | pa.Scalar, dtype: str, shape) -> np.
     """A volume from its ``image`` bytes (read-only view, no copy)."""
     if isinstance(image, pa.Scalar):
         image = image.as_buffer()
-    return np.frombuffer(image, dtype=np.dtype(dtype)).reshape(tuple(shape))
+    a = np.frombuffer(image, dtype=np.dtype(dtype)).reshape(tuple(shape))
+    a.flags.writeable = False  # shared by the samples of one volume
+    return a
 
 
 def read_row_group(path: str | os.PathLike | pq.ParquetFile, index: int, columns=None) -> tuple[list[dict], dict[str, np.ndarray]]:

@@ -1,0 +1,185 @@
+"""ShardDataset: exact partitioning across ranks and workers, deterministic order, resume, a forked DataLoader."""
+
+from __future__ import annotations
+
+import pickle
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from kneeprep.loader import ShardDataset
+from kneeprep.quintuples import build_quintuples
+from kneeprep.recipe import Shards
+from kneeprep.shards import write_shards
+
+from test_shards import FakeData
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """12 train volumes x 3 quintuples (36 samples) in several shards, about one volume per row group."""
+    data = FakeData(n_patients=12)
+    recipe = data.recipe.__class__(splits=data.recipe.splits, shards=Shards(target_bytes=20000, codec="lz4"))
+    qs, _ = build_quintuples(data.annotations, data.attrs, recipe)
+    out = tmp_path_factory.mktemp("loader_shards")
+    m = write_shards(qs, data.read_volume, out, recipe, row_group_bytes=6000)
+    train = [q.sample_id for q in qs if q.split == "train"]
+    assert len([e for e in m["shards"] if e["split"] == "train"]) > 2
+    return out, train, data
+
+
+def ids(it):
+    return [s["sample_id"] for s in it]
+
+
+def merged(ds, num_workers, batch_size):
+    """What a DataLoader with in-order round-robin over workers would hand out, from per-worker streams."""
+    streams = [ids(ds.iter_worker(w, num_workers, batch_size)) for w in range(num_workers)]
+    batches = [[s[i : i + batch_size] for i in range(0, len(s), batch_size)] for s in streams]
+    out = []
+    for i in range(max(len(b) for b in batches)):
+        for b in batches:
+            if i < len(b):
+                out += b[i]
+    return out
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("world_size,num_workers,batch_size", [(1, 1, 1), (2, 2, 1), (3, 2, 4), (5, 3, 2), (4, 1, 3)])
+def test_exact_partitioning(shards, drop_last, world_size, num_workers, batch_size):
+    path, train, _ = shards
+    n = len(train)
+    per_rank = []
+    seen = Counter()
+    for rank in range(world_size):
+        ds = ShardDataset(path, seed=3, rank=rank, world_size=world_size, columns=["sample_id"], drop_last=drop_last)
+        got = [sid for w in range(num_workers) for sid in ids(ds.iter_worker(w, num_workers, batch_size))]
+        assert len(got) == len(ds)
+        per_rank.append(len(got))
+        seen.update(got)
+    assert len(set(per_rank)) == 1  # equal counts per rank
+    if drop_last:
+        assert per_rank[0] == n // world_size and set(seen.values()) <= {1} and len(seen) == per_rank[0] * world_size
+    else:
+        assert per_rank[0] == -(-n // world_size)
+        assert set(seen) == set(train) and sum(seen.values()) - n == per_rank[0] * world_size - n
+        assert max(seen.values()) <= 2
+
+
+def test_same_seed_same_order_other_epoch_or_seed_differs(shards):
+    path, train, _ = shards
+    a = ShardDataset(path, seed=1, columns=["sample_id"])
+    first = ids(a)
+    assert sorted(first) == sorted(train) and first != train
+    assert ids(ShardDataset(path, seed=1, columns=["sample_id"])) == first
+    a.set_epoch(1)
+    second = ids(a)
+    assert sorted(second) == sorted(first) and second != first
+    assert ids(ShardDataset(path, seed=2, columns=["sample_id"])) != first
+    assert ids(ShardDataset(path, shuffle=False, columns=["sample_id"])) == train  # manifest order
+
+
+def test_buffer_is_bounded(shards):
+    path, _, _ = shards
+    ds = ShardDataset(path, seed=0, buffer_size=4, columns=["sample_id"])
+    plan = ds.epoch_plan()
+    order = ds.rank_order()
+    for start in range(0, len(order), 4):  # each window is a permutation of the same window of the plan
+        assert sorted(map(tuple, order[start : start + 4])) == sorted(map(tuple, plan[start : start + 4]))
+
+
+def test_resume_in_process_continues_same_order(shards):
+    path, _, _ = shards
+    ds = ShardDataset(path, seed=5, world_size=2, rank=1)
+    ds.set_epoch(3)
+    full = ids(ds)
+    it = iter(ds)
+    head = [next(it)["sample_id"] for _ in range(7)]
+    state = pickle.loads(pickle.dumps(ds.state_dict()))
+    assert state["epoch"] == 3 and state["consumed"] == 7
+    fresh = ShardDataset(path, seed=5, world_size=2, rank=1)
+    fresh.load_state_dict(state)
+    assert head + ids(fresh) == full
+    assert ids(fresh) == full  # the resume point is used once; the next pass is the whole epoch again
+    with pytest.raises(ValueError, match="seed"):
+        ShardDataset(path, seed=6).load_state_dict(state)
+
+
+@pytest.mark.parametrize("num_workers,batch_size,consumed", [(2, 2, 4), (3, 2, 10), (2, 4, 0), (2, 3, 15)])
+def test_resume_with_workers_continues_same_order(shards, num_workers, batch_size, consumed):
+    path, _, _ = shards
+    ds = ShardDataset(path, seed=9, columns=["sample_id"])
+    full = merged(ds, num_workers, batch_size)
+    order = ds.rank_order()
+    expect_pos = ShardDataset.loader_order(len(order), num_workers, batch_size)
+    sid = {tuple(k): s for k, s in zip(order.tolist(), ids(ds._materialize(order)), strict=True)}
+    assert full == [sid[tuple(order[p])] for p in expect_pos]
+    ds.load_state_dict(ds.state_dict(consumed=consumed))
+    assert merged(ds, num_workers, batch_size) == full[consumed:]
+
+
+def test_samples_share_one_decoded_volume_per_row_group(shards):
+    path, _, data = shards
+    ds = ShardDataset(path, seed=0)
+    samples = list(ds)
+    by_volume = {}
+    for s in samples:
+        by_volume.setdefault(s["volume_id"], set()).add(id(s["image"]))
+        np.testing.assert_array_equal(s["image"], data.volumes[s["volume_id"]][0])
+        assert not s["image"].flags.writeable
+        assert s["box"] is None or s["box"]["voxels"][3] <= s["image"].shape[0]
+        assert {"sample_id", "question", "reasoning", "severity", "box"} <= set(s)
+    # one row group per volume here: one decoded array per volume for all its samples
+    assert all(len(v) == 1 for v in by_volume.values())
+
+
+def test_construction_opens_no_files_and_pickles(shards, monkeypatch):
+    import pyarrow.parquet as pq
+
+    path, _, _ = shards
+    opened = []
+    real = pq.ParquetFile.__init__
+    monkeypatch.setattr(pq.ParquetFile, "__init__", lambda self, *a, **k: (opened.append(a[0]), real(self, *a, **k))[1])
+    ds = ShardDataset(path)
+    assert opened == []
+    clone = pickle.loads(pickle.dumps(ds))
+    assert len(clone) == len(ds) == 36
+    next(iter(clone))
+    assert len(opened) == 1
+
+
+def test_bad_arguments(shards):
+    path, _, _ = shards
+    with pytest.raises(ValueError, match="rank"):
+        ShardDataset(path, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="unknown columns"):
+        ShardDataset(path, columns=["nope"])
+    with pytest.raises(FileNotFoundError, match="no shards of split"):
+        ShardDataset(path, split="nosuch")
+
+
+def test_forked_torch_dataloader_two_workers(shards):
+    torch = pytest.importorskip("torch")
+    import multiprocessing
+
+    from kneeprep.torchdata import TorchShardDataset, collate
+
+    path, train, _ = shards
+    ds = ShardDataset(path, seed=4, columns=["sample_id", "volume_id", "image", "box_voxels"])
+    tds = TorchShardDataset(ds, batch_size=4)
+    dl = torch.utils.data.DataLoader(
+        tds, batch_size=4, num_workers=2, collate_fn=collate, multiprocessing_context=multiprocessing.get_context("fork")
+    )
+    got, shapes = [], set()
+    for batch in dl:
+        got += batch["sample_id"]
+        shapes.add(tuple(batch["image"].shape[1:]))
+        assert batch["image"].dtype == torch.uint16
+    assert sorted(got) == sorted(train) and len(got) == len(tds)
+    assert got == merged(ShardDataset(path, seed=4, columns=["sample_id"]), 2, 4)
+    assert shapes == {(6, 20, 24)}
+    # resume mid-epoch under the same DataLoader setup continues the same order
+    tds.load_state_dict(tds.state_dict(consumed=8))
+    rest = [sid for batch in dl for sid in batch["sample_id"]]
+    assert rest == got[8:]
