@@ -1,0 +1,69 @@
+"""``kneeprep convert RAW OUT.zarr``: selected DICOM series -> normalized Zarr v3 volumes (+ masks, boxes)."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.argument("raw", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option(
+    "--recipe",
+    "recipe_file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Recipe TOML ([select], [geometry], [intensity], [masks], [labels] ...); default: built-in defaults.",
+)
+@click.option(
+    "--annotations",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Annotation directory with split_files/*.csv; their label_filepath names each volume's mask.",
+)
+@click.option(
+    "--masks",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Directory to look for masks in (label_filepath relative to it, or its base name), or the base "
+    "of the recipe's masks.pattern.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Local worker processes (default: one per core); 0 runs in this process without Dask.",
+)
+@click.option(
+    "--scheduler", default=None, metavar="ADDRESS", help="Use a running Dask scheduler, e.g. tcp://host:8786."
+)
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar on stderr.")
+@click.pass_context
+def convert(ctx, raw, out, recipe_file, annotations, masks, workers, scheduler, progress):
+    """Convert the DICOM series under RAW selected by the recipe into the volume store OUT (a .zarr folder).
+
+    \b
+    One task per series; a series that fails is recorded and the others go on. A re-run skips volumes
+    whose inputs and convert settings are unchanged and redoes the others; an interrupted run leaves no
+    half-written volume visible. The run report is written to OUT/report.json and summarized here.
+    Exit code 1 if any series failed.
+    """
+    from ..pipeline import run_convert
+    from ..recipe import load_recipe
+    from ..store import REPORT_FILE
+
+    recipe = load_recipe(recipe_file)
+    report = run_convert(
+        raw,
+        out,
+        recipe,
+        annotations=annotations,
+        masks=masks,
+        workers=workers,
+        scheduler=scheduler,
+        progress=progress,
+    )
+    click.echo(report.table())
+    click.echo(f"report: {click.format_filename(str(out))}/{REPORT_FILE}")
+    if report.failed:
+        ctx.exit(1)

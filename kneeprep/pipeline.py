@@ -1,0 +1,414 @@
+"""The convert stage: selected DICOM series -> normalized volumes (+ masks, boxes) in the Zarr store.
+
+``run_convert`` (the driver) scans the raw tree, selects series by the recipe, resolves each volume's mask,
+decides what is already done, and maps :func:`convert_series` over the rest -- one task per series, on local
+worker processes or a Dask cluster (:mod:`kneeprep.parallel`). Each task reads its series, transforms it,
+places its mask, computes boxes, writes its own volume atomically (:mod:`kneeprep.store`) and returns a small
+:class:`~kneeprep.report.ItemResult`; a task never raises: a :class:`~kneeprep.errors.KneeprepError` becomes a
+``failed`` record of its kind, anything else a ``failed`` record of kind ``unexpected``.
+
+Per series (``convert_series``)::
+
+    read_series -> orient -> mirror (left knees) -> resample -> normalize -> write
+                                         └─ mask (world space, nearest) onto the final grid -> boxes
+
+Resume. A volume is skipped as ``unchanged`` when its stored ``provenance.convert_hash``
+(``recipe.stage_hash("convert")``) equals the recipe's and either its ``source.fingerprint`` (file names,
+sizes, mtimes, series UID and the mask file's name, size and mtime -- stat only, decided in the driver without
+reading pixels) or, when the fingerprint changed, its ``source.content_hash`` (sha256 of the series' and mask's
+bytes, computed in the task) is unchanged; then only the fingerprint is refreshed. Otherwise the volume is
+(re)written and atomically replaces the old one. Stale work-area entries of an interrupted run are removed
+first (under the store lock).
+
+The run report goes to ``<store>/report.json`` (also written when interrupted, with ``interrupted: true``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import FORMAT_VERSION, __version__
+from .errors import InputNotFoundError, KneeprepError, RecipeError
+from .recipe import Recipe
+from .report import ItemResult, RunReport
+
+#: The record a convert task returns (status written/skipped/failed, kind, message, timings in ``details``).
+ConvertResult = ItemResult
+
+
+@dataclass(frozen=True)
+class ConvertTask:
+    """What the driver sends to a worker for one series: paths and small records only."""
+
+    info: object  # kneeprep.dicom.SeriesInfo
+    mask_path: str | None
+    fingerprint: str
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fingerprints
+
+
+def _stat_entry(path: Path) -> list:
+    st = path.stat()
+    return [path.name, st.st_size, st.st_mtime_ns]
+
+
+def input_fingerprint(info, mask_path: str | os.PathLike | None) -> str:
+    """Cheap identity of a series' inputs from ``stat`` alone (no pixel reads)."""
+    try:
+        entries = [_stat_entry(Path(f)) for f in info.files]
+        mask = _stat_entry(Path(mask_path)) if mask_path else None
+    except OSError as e:
+        raise InputNotFoundError(f"{e.filename}: input disappeared since the scan ({e.strerror})") from None
+    blob = json.dumps({"uid": info.series_uid, "files": entries, "mask": mask}, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def content_hash(files, mask_path: str | os.PathLike | None = None) -> str:
+    """sha256 over the series' file names and bytes (in slice order), then the mask file's."""
+    h = hashlib.sha256()
+    paths = [Path(f) for f in files] + ([Path(mask_path)] if mask_path else [])
+    for p in paths:
+        h.update(p.name.encode() + b"\0")
+        try:
+            with open(p, "rb") as fh:
+                while block := fh.read(1 << 20):
+                    h.update(block)
+        except OSError as e:
+            raise InputNotFoundError(f"{p}: cannot read input ({e.strerror})") from None
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one series
+
+
+def convert_series(
+    info,
+    recipe: Recipe,
+    store_path: str | os.PathLike,
+    mask_path: str | os.PathLike | None = None,
+    *,
+    fingerprint: str | None = None,
+) -> ItemResult:
+    """Convert one series into ``store_path`` and return its record; never raises for a bad series."""
+    t0 = time.perf_counter()
+    source = str(info.files[0].parent) if info.files else ""
+    try:
+        result = _convert(info, recipe, Path(store_path), mask_path, fingerprint, t0)
+    except KneeprepError as e:
+        return ItemResult(info.volume_id, "failed", e.kind, str(e), time.perf_counter() - t0, source)
+    except Exception as e:  # a bug or an environment problem: recorded, never raised out of the pool
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        return ItemResult(
+            info.volume_id,
+            "failed",
+            "unexpected",
+            f"series {source}: {type(e).__name__}: {e} (at {Path(where.filename).name}:{where.lineno})",
+            time.perf_counter() - t0,
+            source,
+        )
+    return result
+
+
+def _convert(info, recipe: Recipe, store: Path, mask_path, fingerprint, t0: float) -> ItemResult:
+    from . import store as vstore
+    from .dicom import read_series
+    from .transforms import (
+        apply_mirror,
+        apply_normalize,
+        apply_orient,
+        apply_resample,
+        plan_mirror,
+        plan_normalize,
+        plan_orient,
+        plan_resample,
+    )
+
+    vid = info.volume_id
+    source = str(info.files[0].parent) if info.files else ""
+    convert_hash = recipe.stage_hash("convert")
+    fingerprint = fingerprint or input_fingerprint(info, mask_path)
+    chash = content_hash(info.files, mask_path)
+    previous = _stored_attrs(store, vid)
+    if previous is not None and (previous.get("provenance") or {}).get("convert_hash") == convert_hash:
+        if (previous.get("source") or {}).get("content_hash") == chash:
+            vstore.update_attrs(store, vid, {"source": {**previous["source"], "fingerprint": fingerprint}})
+            return ItemResult(
+                vid, "skipped", "unchanged", "same input bytes and recipe (files touched or moved): fingerprint refreshed",
+                time.perf_counter() - t0, source,
+            )  # fmt: skip
+    timings = {}
+    t = time.perf_counter()
+    raw, acquired = read_series(info)
+    timings["read"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    g = recipe.geometry
+    orient = plan_orient(acquired, g.orientation)
+    array, geometry = apply_orient(raw, acquired, orient)
+    mirror = plan_mirror(geometry, info.knee_side, g.mirror_left)
+    array, geometry = apply_mirror(array, geometry, mirror)
+    resample = plan_resample(geometry, g.spacing, g.shape, g.interpolator)
+    array, geometry = apply_resample(array, geometry, resample)
+    i = recipe.intensity
+    normalization = plan_normalize(array, i.method, i.lower, i.upper, i.dtype)
+    image = apply_normalize(array, normalization)
+    del raw, array
+    timings["transform"] = time.perf_counter() - t
+
+    layers, label_attrs, boxes, warnings = {}, {}, [], []
+    if mask_path:
+        from .boxes import boxes_for_volume
+        from .masks import file_hash, load_mask_onto
+
+        t = time.perf_counter()
+        placed = load_mask_onto(mask_path, geometry, recipe.labels.map)
+        layers[recipe.masks.name] = (placed.labels, recipe.labels.map)
+        label_attrs[recipe.masks.name] = {
+            "label_map": {str(k): v for k, v in sorted(recipe.labels.map.items())},
+            "source": Path(mask_path).name,
+            "content_hash": file_hash(mask_path),
+            "present": list(placed.present),
+            "unknown_labels": list(placed.unknown_labels),
+            "grid_coverage": round(placed.grid_coverage, 6),
+            "label_coverage": round(placed.label_coverage, 6),
+            "acquired_geometry": placed.source_geometry.to_json(),
+        }
+        warnings += placed.warnings()
+        timings["mask"] = time.perf_counter() - t
+        t = time.perf_counter()
+        boxes = [b.to_json() for b in boxes_for_volume(placed.labels, geometry, recipe)]
+        timings["boxes"] = time.perf_counter() - t
+
+    attrs = {
+        "format_version": FORMAT_VERSION,
+        "kneeprep_version": __version__,
+        "volume_id": vid,
+        "patient_id": info.patient_id,
+        "time": info.time,
+        "study_folder": info.study_folder,
+        "series_folder": info.series_folder,
+        "knee_side": int(info.knee_side),
+        "acquired_geometry": acquired.to_json(),
+        "mirrored": mirror.mirrored,
+        "dtype": image.dtype.name,
+        "transforms": {
+            "orient": orient.to_json(),
+            "mirror": mirror.to_json(),
+            "resample": resample.to_json(),
+        },
+        "normalization": normalization.to_json(),
+        "source": {
+            "series_uid": info.series_uid,
+            "n_files": len(info.files),
+            "files": [Path(f).name for f in info.files],
+            "content_hash": chash,
+            "fingerprint": fingerprint,
+            "description": info.description,
+        },
+        "dicom": dict(info.technical or {}),
+        "qc": info.qc.to_json(),
+        "labels": label_attrs,
+        "boxes": boxes,
+        "provenance": {
+            "recipe_name": recipe.name,
+            "recipe_hash": recipe.hash,
+            "convert_hash": convert_hash,
+            "boxes_hash": recipe.stage_hash("boxes") if layers else None,
+        },
+    }
+    t = time.perf_counter()
+    path = vstore.write_volume(store, vid, image, geometry, attrs, layers)
+    timings["write"] = time.perf_counter() - t
+    details = {k: round(v, 4) for k, v in timings.items()}
+    details["stored_bytes"] = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    details["replaced"] = previous is not None
+    message = "replaced (inputs or recipe changed)" if previous is not None else ""
+    return ItemResult(vid, "written", "", message, time.perf_counter() - t0, source, tuple(warnings), details)
+
+
+def _stored_attrs(store: Path, volume_id: str) -> dict | None:
+    from . import store as vstore
+
+    try:
+        return vstore.read_attrs(store, volume_id)
+    except InputNotFoundError:
+        return None
+    except KneeprepError:
+        return {}  # unreadable metadata: treat as changed, the volume is rewritten
+
+
+def _run_task(task: ConvertTask, recipe: Recipe, store_path: str) -> ItemResult:
+    return convert_series(task.info, recipe, store_path, task.mask_path, fingerprint=task.fingerprint)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the driver
+
+
+def select(info, recipe: Recipe) -> ItemResult | None:
+    """``None`` if the series is to be converted, else its ``skipped`` record (not selected, or QC)."""
+    source = str(info.files[0].parent) if info.files else ""
+    if not re.search(recipe.select.series_description, info.description or ""):
+        return ItemResult(
+            info.volume_id, "skipped", "not_selected",
+            f"SeriesDescription {info.description!r} does not match select.series_description", 0.0, source,
+        )  # fmt: skip
+    status = info.qc.status
+    if status in ("fail", "unsupported") or (status == "warn" and recipe.select.min_qc == "ok"):
+        why = f"QC {status}: {info.qc.first_reason}" if info.qc.first_reason else f"QC {status}"
+        if status == "warn":
+            why += " (select.min_qc = 'ok')"
+        return ItemResult(info.volume_id, "skipped", "qc", why, 0.0, source)
+    return None
+
+
+def resolve_masks(series, recipe: Recipe, annotations=None, masks=None) -> dict[str, Path | KneeprepError]:
+    """Each volume's mask file (or the error that makes its volume fail), from ``masks.pattern`` or the split
+    CSVs' ``label_filepath``: tried relative to the annotations directory, then to ``masks``, then its base name
+    in ``masks``. Volumes without a mask are absent from the result."""
+    out: dict[str, Path | KneeprepError] = {}
+    if recipe.masks.pattern:
+        base = Path(masks or annotations or ".")
+        for info in series:
+            fields = {
+                "volume_id": info.volume_id, "patient_id": info.patient_id, "time": info.time,
+                "study_folder": info.study_folder, "series_folder": info.series_folder, "knee_side": info.knee_side,
+            }  # fmt: skip
+            try:
+                p = base / recipe.masks.pattern.format(**fields)
+            except (KeyError, IndexError, ValueError) as e:
+                raise RecipeError(f"masks.pattern {recipe.masks.pattern!r}: bad placeholder {e}") from None
+            if p.is_file():
+                out[info.volume_id] = p
+        return out
+    if annotations is None:
+        if masks is not None:
+            raise RecipeError(
+                "--masks needs --annotations (split CSVs with label_filepath) or a recipe masks.pattern"
+            )
+        return out
+    from .splits import read_split_csvs
+
+    wanted = {info.volume_id for info in series}
+    for row in read_split_csvs(annotations):
+        if row.volume_id not in wanted or not row.label_filepath:
+            continue
+        rel = Path(row.label_filepath)
+        candidates = [Path(annotations) / rel]
+        if masks is not None:
+            candidates += [Path(masks) / rel, Path(masks) / rel.name]
+        found = next((c for c in candidates if c.is_file()), None)
+        out[row.volume_id] = found or InputNotFoundError(
+            f"{row.source}: mask {row.label_filepath!r} not found (tried {', '.join(str(c) for c in candidates)})"
+        )
+    return out
+
+
+def run_convert(
+    raw: str | os.PathLike,
+    store: str | os.PathLike,
+    recipe: Recipe,
+    *,
+    annotations: str | os.PathLike | None = None,
+    masks: str | os.PathLike | None = None,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    progress: bool = True,
+) -> RunReport:
+    """Convert every selected series under ``raw`` into ``store``; returns the report (also written to
+    ``<store>/report.json``). ``workers=0`` runs in this process without Dask."""
+    from . import store as vstore
+    from .dicom import scan_tree
+    from .parallel import executor, progress_iter
+
+    raw, store = Path(raw), Path(store)
+    if not raw.is_dir():
+        raise InputNotFoundError(f"{raw}: raw DICOM folder not found (or not a directory)")
+    for name, p in (("annotations", annotations), ("masks", masks)):
+        if p is not None and not Path(p).is_dir():
+            raise InputNotFoundError(f"{p}: {name} directory not found")
+    convert_hash = recipe.stage_hash("convert")
+    report = RunReport(
+        "convert",
+        {
+            "raw": str(raw), "store": str(store), "annotations": str(annotations) if annotations else None,
+            "masks": str(masks) if masks else None, "recipe_name": recipe.name, "recipe_hash": recipe.hash,
+            "convert_hash": convert_hash, "recipe_file": recipe.source_path, "workers": workers,
+            "scheduler": scheduler, "kneeprep_version": __version__,
+        },
+    )  # fmt: skip
+    vstore.init_store(store)
+    with vstore.store_lock(store):
+        report.context["cleaned_work_area"] = vstore.clean_work_area(store)
+        t = time.perf_counter()
+        scan = scan_tree(raw, recipe.qc)
+        report.context["scan_seconds"] = round(time.perf_counter() - t, 3)
+        report.context["unreadable_files"] = [[str(p), r] for p, r in scan.unreadable]
+        chosen = []
+        for info in scan.series:
+            skipped = select(info, recipe)
+            if skipped is None:
+                chosen.append(info)
+            else:
+                report.add(skipped)
+        mask_for = resolve_masks(chosen, recipe, annotations, masks)
+        tasks = []
+        for info in chosen:
+            mask = mask_for.get(info.volume_id)
+            source = str(info.files[0].parent) if info.files else ""
+            if isinstance(mask, KneeprepError):
+                report.add(ItemResult(info.volume_id, "failed", mask.kind, str(mask), 0.0, source))
+                continue
+            try:
+                fp = input_fingerprint(info, mask)
+            except KneeprepError as e:
+                report.add(ItemResult(info.volume_id, "failed", e.kind, str(e), 0.0, source))
+                continue
+            previous = _stored_attrs(store, info.volume_id) or {}
+            if (previous.get("provenance") or {}).get("convert_hash") == convert_hash and (
+                previous.get("source") or {}
+            ).get("fingerprint") == fp:
+                report.add(
+                    ItemResult(
+                        info.volume_id, "skipped", "unchanged", "inputs and recipe unchanged", 0.0, source
+                    )
+                )
+                continue
+            tasks.append(ConvertTask(info, str(mask) if mask else None, fp))
+        try:
+            with executor(workers, scheduler) as ex:
+                results = ex.map_unordered(_run_task, tasks, recipe=recipe, store_path=str(store))
+                for r in progress_iter(results, len(tasks), "convert", progress, item_name=lambda r: r.item):
+                    report.add(r)
+        except KeyboardInterrupt:
+            report.context["interrupted"] = True
+            report.finish().write(store / vstore.REPORT_FILE)
+            raise
+        if any(r.status == "written" for r in report.items):
+            from .boxes import write_boxes_table
+
+            report.context["boxes_table"] = str(write_boxes_table(store))
+        report.finish().write(store / vstore.REPORT_FILE)
+    return report
+
+
+__all__ = [
+    "ConvertResult",
+    "ConvertTask",
+    "content_hash",
+    "convert_series",
+    "input_fingerprint",
+    "resolve_masks",
+    "run_convert",
+    "select",
+]
