@@ -443,3 +443,108 @@ def test_full_size_knee_mask_matches_naive():
         assert ref is not None, name  # every sample label is painted
         assert (got[name].voxels, got[name].voxel_count) == ref[:2]
         np.testing.assert_allclose(got[name].centroid, ref[2], atol=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the store side: boxes.parquet and `kneeprep boxes`
+
+
+def _store_with_volumes(tmp_path, recipe):
+    from kneeprep import store
+
+    root = store.init_store(tmp_path / "volumes.zarr")
+    regions = recipe.labels.region_labels()
+    lid = {name: ids[0] for name, ids in regions.items() if len(ids) == 1}
+    g = Geometry((6, 8, 10), (0.7, 0.5, 0.5), oblique_affine((0.7, 0.5, 0.5)))
+    a = np.zeros(g.shape, np.uint8)
+    a[1:3, 2:5, 3:9] = lid["tibia medial central"]
+    a[4, 0, 0] = 200  # not in the label map
+    b = np.zeros(g.shape, np.uint8)
+    b[0:6, 7:8, 9:10] = lid["acl"]
+    for vid, lab in (("9000001_00M_20040101_10000001_1", a), ("9000002_00M_20040101_10000002_2", b)):
+        attrs = {"volume_id": vid, "boxes": [], "provenance": {"recipe_name": "x", "convert_hash": "c0ffee"}}
+        store.write_volume(
+            root, vid, np.zeros(g.shape, np.uint16), g, attrs, {"anatomy": (lab, recipe.labels.map)}
+        )
+    return root, g, {"9000001_00M_20040101_10000001_1": a, "9000002_00M_20040101_10000002_2": b}
+
+
+def test_recompute_store_boxes_updates_attrs_and_table(tmp_path):
+    import pyarrow.parquet as pq
+
+    from kneeprep import store
+    from kneeprep.boxes import recompute_store_boxes
+    from kneeprep.recipe import Boxes
+
+    recipe = Recipe(boxes=Boxes(margin_mm=0.5))
+    root, g, arrays = _store_with_volumes(tmp_path, recipe)
+    summary = recompute_store_boxes(root, recipe)
+    n_regions = len(recipe.labels.region_labels())
+    assert summary.volumes == 2 and summary.failures == ()
+    # vol a: the label + tibia, tibia medial; vol b: acl alone
+    assert summary.boxes == 3 + 1 and summary.empty == 2 * n_regions - 4
+    assert summary.unknown_labels == {"9000001_00M_20040101_10000001_1": {200: 1}}
+    assert summary.boxes_hash == recipe.stage_hash("boxes") != Recipe().stage_hash("boxes")
+    for vid, lab in arrays.items():
+        attrs = store.read_attrs(root, vid)
+        assert attrs["provenance"] == {
+            "recipe_name": "x",
+            "convert_hash": "c0ffee",
+            "boxes_hash": summary.boxes_hash,
+        }
+        want = [b.to_json() for b in boxes_for_volume(lab, g, recipe)]
+        assert attrs["boxes"] == want
+    table = pq.read_table(summary.table)
+    assert table.schema.equals(kb.boxes_schema())
+    assert table.num_rows == 2 * n_regions
+    rows = table.to_pylist()
+    tmc = next(
+        r for r in rows if r["region"] == "tibia medial central" and r["volume_id"].startswith("9000001")
+    )
+    # margin 0.5 mm = 1 voxel on every side, clipped at 0 on nothing here
+    assert tmc["voxels"] == [0, 1, 2, 4, 6, 10] and tmc["voxel_count"] == 2 * 3 * 6 and not tmc["empty"]
+    assert tmc["list_form"] == [0, 3, 2, 9, 1, 5]
+    acl = next(r for r in rows if r["region"] == "acl" and r["volume_id"].startswith("9000001"))
+    assert acl["empty"] and acl["voxels"] is None and acl["list_form"] is None
+    assert not list(root.glob("*.partial"))
+
+
+def test_recompute_records_a_volume_without_labels(tmp_path):
+    from kneeprep import store
+    from kneeprep.boxes import recompute_store_boxes, write_boxes_table
+
+    recipe = Recipe()
+    root, g, _ = _store_with_volumes(tmp_path, recipe)
+    store.write_volume(
+        root,
+        "9000003_00M_20040101_10000003_1",
+        np.zeros(g.shape, np.uint16),
+        g,
+        {"volume_id": "9000003_00M_20040101_10000003_1"},
+    )
+    s = recompute_store_boxes(root, recipe)
+    assert s.volumes == 2
+    assert [(v, k) for v, k, _ in s.failures] == [("9000003_00M_20040101_10000003_1", "not_found")]
+    assert "no label layers" in s.failures[0][2]
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(write_boxes_table(root)).num_rows == 2 * len(recipe.labels.region_labels())
+
+
+def test_cli_boxes_on_a_store(tmp_path):
+    from click.testing import CliRunner
+
+    from kneeprep.cli import cli
+
+    recipe = Recipe()
+    root, _, _ = _store_with_volumes(tmp_path, recipe)
+    toml = tmp_path / "r.toml"
+    toml.write_text('[recipe]\nname = "m"\n[boxes]\nmargin_mm = 1.0\n')
+    r = CliRunner().invoke(cli, ["boxes", str(root), "--recipe", str(toml)])
+    assert r.exit_code == 0, r.output
+    assert "2 volumes: 4 boxes" in r.output and "unknown labels 200 (1 voxels)" in r.output
+    assert (root / "boxes.parquet").is_file()
+    from kneeprep import store
+
+    vid = store.list_volumes(root)[0]
+    assert {b["margin_mm"] for b in store.read_attrs(root, vid)["boxes"]} == {1.0}
