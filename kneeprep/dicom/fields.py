@@ -66,7 +66,7 @@ TRANSFER_SYNTAX_KEY = "TransferSyntaxUID"
 def _plain(value: Any) -> Any:
     """A JSON-friendly copy of a pydicom element value (DS/IS to numbers, multi-values to lists)."""
     from pydicom.multival import MultiValue
-    from pydicom.valuerep import DSfloat, IS, PersonName
+    from pydicom.valuerep import IS, DSfloat, PersonName
 
     if isinstance(value, (list, tuple, MultiValue)):
         return [_plain(v) for v in value]

@@ -132,7 +132,7 @@ def kind_findings(headers: Sequence[SliceHeader]) -> list[Finding]:
             )
         )
     if sop not in ENHANCED_SOP_CLASSES and any(x.n_frames > 1 for x in headers):
-        out.append(Finding("unsupported", f"multi-frame image (NumberOfFrames (0028,0008) {h.n_frames}) in a classic SOP class"))
+        out.append(Finding("unsupported", f"multi-frame image (NumberOfFrames (0028,0008) {h.n_frames}): kneeprep stacks single-frame files"))
     if any(x.samples_per_pixel != 1 for x in headers):
         out.append(Finding("unsupported", f"colour image (SamplesPerPixel (0028,0002) {h.samples_per_pixel})"))
     if not out:
