@@ -64,9 +64,8 @@ def rescale_dtype(
     With RescaleSlope (0028,1053) 1 and RescaleIntercept (0028,1052) 0 everywhere, the stored dtype is kept.
     When every slope and intercept is an integer, the result is integral: the stored dtype is kept if the
     rescaled range of *every possible stored value* (from BitsStored, so the choice does not depend on the
-    data) fits it, else the first of int16, uint16, int32, int64 that holds it. Otherwise float32 (float64
-    when a slope or intercept needs more than float32's precision to be exact is not attempted: MR/CT values
-    are far below 2**24).
+    data) fits it, else the first of int16, uint16, int32, int64 that holds it. Otherwise float32 (exact for MR/CT magnitudes, far below 2**24; values
+    with a fractional slope are rounded to float32 precision).
 
     >>> rescale_dtype(np.dtype(np.uint16), 12, False, [1.0], [-1024.0])
     dtype('int16')
