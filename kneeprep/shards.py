@@ -550,3 +550,84 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the stage: store + annotation directory -> shards (what `kneeprep shards` and `rebuild` run)
+
+
+def inputs_hash(store: str | os.PathLike, annotations_dir: str | os.PathLike, volume_ids: Iterable[str], attrs) -> str:
+    """Fingerprint of the shards stage's inputs: every annotation file's bytes and every volume's attrs (which
+    carry the content hash of its sources and the convert/boxes recipe hashes)."""
+    h = hashlib.sha256()
+    d = Path(annotations_dir)
+    files = sorted(
+        [*d.glob("split_files/*.csv"), *d.glob("*_split.csv"), *d.glob("*.json"), *d.glob("*.jsonl")]
+    )
+    for f in files:
+        h.update(f"{f.relative_to(d).as_posix()}\0{sha256_file(f)}\n".encode())
+    for vid in sorted(volume_ids):
+        h.update(f"{vid}\0".encode() + json.dumps(attrs[vid], sort_keys=True, default=str).encode() + b"\n")
+    return h.hexdigest()[:16]
+
+
+def up_to_date(out_dir: str | os.PathLike, recipe_hash: str, in_hash: str) -> bool:
+    """True when ``out_dir`` holds complete shards made from the same inputs with the same shards-stage recipe
+    (manifest hashes equal and every listed file present with its size; ``kneeprep validate`` checks more)."""
+    try:
+        m = read_manifest(out_dir)
+    except (InputNotFoundError, ValidationError):
+        return False
+    if m.get("recipe_hash") != recipe_hash or m.get("inputs_hash") != in_hash:
+        return False
+    d = Path(out_dir)
+    return all((d / e["path"]).is_file() and (d / e["path"]).stat().st_size == e["bytes"] for e in m["shards"])
+
+
+def build_shards(store, annotations_dir, out_dir, recipe, *, force: bool = False) -> dict[str, Any]:
+    """Run the shards stage and return its report (also written to ``out_dir/report.json``).
+
+    Reads the annotation directory and every complete volume's attrs, joins them
+    (:func:`kneeprep.quintuples.build_quintuples`), writes the shards and the manifest. Does nothing when the
+    inputs and the shards-stage recipe hash match the existing manifest (``report["up_to_date"]``), unless
+    ``force``. ``report["errors"]`` counts rejections other than :data:`~kneeprep.quintuples.BENIGN_KINDS`.
+    """
+    import time
+
+    from .annotations import read_annotations
+    from .quintuples import BENIGN_KINDS, build_quintuples
+    from .store import list_volumes, read_attrs, read_volume
+
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    annotations = read_annotations(annotations_dir)
+    vids = list_volumes(store)
+    attrs = {v: read_attrs(store, v) for v in vids}
+    rhash = recipe.stage_hash("shards")
+    ihash = inputs_hash(store, annotations_dir, vids, attrs)
+    if not force and up_to_date(out, rhash, ihash):
+        previous = json.loads((out / REPORT).read_text()) if (out / REPORT).is_file() else {}
+        return previous | {"up_to_date": True, "seconds": round(time.perf_counter() - t0, 3)}
+    quintuples, rejected = build_quintuples(annotations, attrs, recipe)
+    manifest = write_shards(quintuples, lambda v: read_volume(store, v), out, recipe, inputs_hash=ihash)
+    by_kind: dict[str, int] = {}
+    for r in rejected:
+        by_kind[r.reason_kind] = by_kind.get(r.reason_kind, 0) + 1
+    report = {
+        "up_to_date": False,
+        "recipe_name": recipe.name,
+        "recipe_hash": rhash,
+        "inputs_hash": ihash,
+        "annotations": len(annotations.records) + len(annotations.errors),
+        "quintuples": {s: manifest["splits"][s]["rows"] for s in SPLITS},
+        "volumes": {s: manifest["splits"][s]["volumes"] for s in SPLITS},
+        "rejected": dict(sorted(by_kind.items())),
+        "errors": sum(n for k, n in by_kind.items() if k not in BENIGN_KINDS),
+        "shards": len(manifest["shards"]),
+        "bytes": sum(e["bytes"] for e in manifest["shards"]),
+        "codec": recipe.shards.codec,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "rejected_items": [r.to_json() for r in rejected],
+    }
+    _write_json_atomic(out / REPORT, report)
+    return report

@@ -7,13 +7,12 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from test_shards import FakeData
 
 from kneeprep.loader import ShardDataset
 from kneeprep.quintuples import build_quintuples
 from kneeprep.recipe import Shards
 from kneeprep.shards import write_shards
-
-from test_shards import FakeData
 
 
 @pytest.fixture(scope="module")

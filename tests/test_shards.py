@@ -10,18 +10,17 @@ import json
 import subprocess
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from kneeprep.annotations import AnnotationRecord, AnnotationSet, RecordError
+from kneeprep.annotations import AnnotationRecord, AnnotationSet, RecordError, compact_json
 from kneeprep.boxes import compute_boxes
 from kneeprep.errors import ValidationError
 from kneeprep.geometry import Geometry
 from kneeprep.quintuples import BENIGN_KINDS, build_quintuples, generate_patient_splits
 from kneeprep.recipe import Recipe, Shards, Splits
-from kneeprep.severity import Grade
+from kneeprep.severity import allowed_components, make_severity, to_published
 from kneeprep.shards import (
     MANIFEST,
     QUINTUPLE_COLUMNS,
@@ -78,16 +77,16 @@ class FakeData:
                     SplitRow(split, pid, "00M", "20040101", f"{10000000 + 10 * p + side}", side, "", "", "", f"csv:{p}")
                 )
                 for qid in QIDS:
-                    g = (Grade("bml", "femur medial trochlea", "bml_size", int(rng.integers(0, 4))),)
+                    sev = make_severity(qid, {c: int(rng.integers(0, 2)) for c in allowed_components(qid)})
                     records.append(
                         AnnotationRecord(
                             sample_id=f"{vid}_{qid}",
                             volume_id=vid,
                             question_id=qid,
                             question=f"question {qid}?",
-                            reasoning=(f"step one of {vid}", "step two", "Ünïcode ✓"),
-                            answer_json=json.dumps({"MOAKS_scores": {"q": qid, "g": g[0].grade}}),
-                            severity=g,
+                            reasoning=(f"Step one of {vid}.", "Step two.", "Ünïcode ✓."),
+                            answer_json=compact_json(to_published(sev, qid)),
+                            severity=sev,
                         )
                     )
         self.annotations = AnnotationSet(records=records, splits=splits, questions={}, errors=[])
@@ -350,3 +349,73 @@ def test_validate_without_manifest(tmp_path):
     (tmp_path / "train").mkdir()
     probs = validate_shards(tmp_path)
     assert len(probs) == 1 and probs[0].kind == "manifest" and "no manifest" in probs[0].message
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the commands
+
+
+@pytest.fixture(scope="module")
+def on_disk(data, tmp_path_factory):
+    """The fake data as a real volume store and annotation directory."""
+    from kneeprep.annotations import write_quintuples_jsonl
+    from kneeprep.splits import write_split_csv
+    from kneeprep.store import init_store, write_volume
+
+    root = tmp_path_factory.mktemp("cli")
+    store = init_store(root / "volumes.zarr")
+    for vid, (img, geom) in data.volumes.items():
+        write_volume(store, vid, img, geom, {k: v for k, v in data.attrs[vid].items() if k != "geometry"})
+    ann = root / "annotations"
+    for split in ("train", "val", "test"):
+        rows = [s for s in data.annotations.splits if s.split == split]
+        write_split_csv(ann / "split_files" / f"{split}_split.csv", [r.__dict__ for r in rows])
+    write_quintuples_jsonl(ann / "quintuples.jsonl", data.annotations.records)
+    return store, ann, root
+
+
+def run_cli(*args):
+    from click.testing import CliRunner
+
+    from kneeprep.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_cli_shards_then_validate_then_rerun(data, built, on_disk):
+    store, ann, root = on_disk
+    out = root / "shards"
+    r = run_cli("shards", store, ann, out)
+    assert r.exit_code == 0, r.output
+    assert "quintuples: train 24, val 6, test 6 (total 36)" in r.output
+    assert "rejected: 12 (no_box 12)" in r.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["rejected"] == {"no_box": 12} and report["errors"] == 0 and len(report["rejected_items"]) == 12
+    # the same quintuples as the in-memory join (the JSONL round trip loses nothing)
+    assert [quintuple_from_row(x) for x in iter_quintuples(out)] == built[0]
+    v = run_cli("validate", out)
+    assert v.exit_code == 0 and "OK (" in v.output, v.output
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
+    again = run_cli("shards", store, ann, out)
+    assert again.exit_code == 0 and "up to date" in again.output
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")} == before
+    changed = root / "recipe.toml"
+    changed.write_text("[shards]\ncodec = \"lz4\"\n")
+    r3 = run_cli("shards", store, ann, out, "--recipe", changed)
+    assert r3.exit_code == 0 and "up to date" not in r3.output and "(lz4)" in r3.output
+
+
+def test_cli_exit_1_on_error_rejections_and_validate_problems(on_disk, tmp_path):
+    import shutil
+
+    store, ann, root = on_disk
+    ann2 = tmp_path / "ann"
+    shutil.copytree(ann, ann2)
+    with (ann2 / "quintuples.jsonl").open("a") as fh:
+        fh.write('{"sample_id": "x", "volume_id": "9999999_00M_20040101_10000001_1", "question_id": "3"\n')
+    r = run_cli("shards", store, ann2, tmp_path / "shards")
+    assert r.exit_code == 1 and "[annotation]" in r.output and "annotation 1" in r.output
+    p = next((tmp_path / "shards").rglob("*.parquet"))
+    p.write_bytes(p.read_bytes()[:-20])
+    v = run_cli("validate", tmp_path / "shards")
+    assert v.exit_code == 1 and "[bytes]" in v.output and "[checksum]" in v.output and "problem(s)" in v.output

@@ -1,0 +1,83 @@
+"""``kneeprep shards STORE ANNOTATIONS SHARDS`` and ``kneeprep validate SHARDS``."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.argument("annotations", type=click.Path(exists=True, file_okay=False))
+@click.argument("shards_dir", metavar="SHARDS", type=click.Path(file_okay=False))
+@click.option(
+    "--recipe",
+    "recipe_file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Recipe TOML ([questions], [shards], [splits], [privacy] are used; default: built-in defaults).",
+)
+@click.option("--force", is_flag=True, help="Rewrite the shards even when inputs and recipe are unchanged.")
+def shards(store, annotations, shards_dir, recipe_file, force):
+    """Join the volumes of STORE (a volumes.zarr) with the annotations in ANNOTATIONS into Parquet shards
+    under SHARDS (SHARDS/<split>/part-NNNNN.parquet + manifest.json; format in docs/SHARDS.md).
+
+    Prints quintuples per split, rejections by reason, shards and bytes; the full list of rejected
+    quintuples is in SHARDS/report.json. A re-run with the same inputs and shards-stage recipe does nothing.
+
+    Exit code 1 when a quintuple was rejected for an error (volume missing or failed, bad annotation,
+    unknown question, volume in no split); rejections of kind `no_box` (the question's region has no voxels
+    in that volume's mask) are facts of the data and keep exit code 0.
+    """
+    from ..recipe import load_recipe
+    from ..shards import REPORT, build_shards
+
+    recipe = load_recipe(recipe_file)
+    r = build_shards(store, annotations, shards_dir, recipe, force=force)
+    if r.get("up_to_date"):
+        click.echo(
+            f"shards in {shards_dir} are up to date (same inputs, shards recipe hash {r.get('recipe_hash', '?')}): "
+            "nothing to do (--force rewrites them)"
+        )
+    q = r.get("quintuples", {})
+    click.echo(
+        "quintuples: " + ", ".join(f"{s} {n}" for s, n in q.items()) + f" (total {sum(q.values())})"
+        f"; volumes: " + ", ".join(f"{s} {n}" for s, n in r.get("volumes", {}).items())
+    )
+    rej = r.get("rejected", {})
+    if rej:
+        click.echo(f"rejected: {sum(rej.values())} (" + ", ".join(f"{k} {n}" for k, n in rej.items()) + ")")
+        errors = [x for x in r.get("rejected_items", []) if x["reason_kind"] != "no_box"]
+        for x in errors[:10]:
+            click.secho(f"  {x['sample_id']} [{x['reason_kind']}]: {x['message']}", fg="red")
+        if len(errors) > 10:
+            click.echo(f"  ... {len(errors) - 10} more in {shards_dir}/{REPORT}")
+    else:
+        click.echo("rejected: 0")
+    click.echo(
+        f"shards: {r.get('shards', 0)} files, {r.get('bytes', 0) / 2**20:.1f} MiB ({r.get('codec', '?')}); "
+        f"report {shards_dir}/{REPORT}"
+    )
+    if r.get("errors", 0):
+        raise SystemExit(1)
+
+
+@click.command()
+@click.argument("shards_dir", metavar="SHARDS", type=click.Path(exists=True, file_okay=False))
+@click.option("--no-decode", is_flag=True, help="Skip reading the voxel bytes (checksums still read every byte).")
+def validate(shards_dir, no_decode):
+    """Check SHARDS against its manifest: schema version, checksums, row counts, missing or extra shards,
+    every box inside its volume, every volume decodable to its shape and dtype, no patient in two splits.
+
+    Prints every problem found; exit code 1 if there is any.
+    """
+    from ..shards import read_manifest, validate_shards
+
+    problems = validate_shards(shards_dir, decode=not no_decode)
+    for p in problems:
+        click.secho(str(p), fg="red")
+    if problems:
+        click.echo(f"{len(problems)} problem(s) in {shards_dir}")
+        raise SystemExit(1)
+    m = read_manifest(shards_dir)
+    rows = sum(e["rows"] for e in m["shards"])
+    click.echo(f"{shards_dir}: OK ({len(m['shards'])} shards, {rows} quintuples, schema v{m['schema_version']})")
