@@ -400,18 +400,24 @@ def kb_boxes(margin):
 
 
 def test_question_box_and_its_reasons():
+    from kneeprep.anatomy import QUESTIONS
+
     r = Recipe()
     labels = np.zeros((6, 6, 6), np.uint8)
     regions = r.labels.region_labels()
     labels[1:3, 1:3, 1:3] = regions["femur medial central"][0]
     by = compute_boxes(labels, regions)
-    box, why = question_box(by, r, "5")  # BML femur medial central
+    # question ids looked up by region, so the test does not depend on the bank's order
+    boxed = next(q for q, reg in r.questions.items() if reg == "femur medial central")
+    other = next(q for q, reg in r.questions.items() if reg == "femur lateral central")
+    unboxed = next(q for q, reg in r.questions.items() if reg is None)
+    box, why = question_box(by, r, boxed)
     assert why is None and box.region == "femur medial central" and box.voxels == (1, 1, 1, 3, 3, 3)
-    box, why = question_box(list(by.values()), r, 6)
+    box, why = question_box(list(by.values()), r, int(other))
     assert box is None and why == "region femur lateral central is empty in this mask"
-    box, why = question_box(by, r, "63")  # pes anserine bursitis: no structure to box
-    assert box is None and why == "no mask region for periarticular"
-    box, why = question_box({}, r, "5")
+    box, why = question_box(by, r, unboxed)
+    assert box is None and why == f"no mask region for {QUESTIONS[unboxed].finding}"
+    box, why = question_box({}, r, boxed)
     assert box is None and "has no box" in why
     with pytest.raises(AnnotationError, match="'70'"):
         question_box(by, r, "70")
