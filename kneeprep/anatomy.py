@@ -19,10 +19,10 @@ from dataclasses import dataclass
 PATELLA = ("patella medial", "patella lateral")
 FEMUR = (
     "femur medial trochlea",
-    "femur lateral trochlea",
     "femur medial central",
-    "femur lateral central",
     "femur medial posterior",
+    "femur lateral trochlea",
+    "femur lateral central",
     "femur lateral posterior",
 )
 TIBIA = (
@@ -45,10 +45,10 @@ OSTEOPHYTE_LOCATIONS = (
     "patella medial",
     "patella lateral",
     "femur medial anterior",
-    "femur lateral anterior",
     "femur medial central",
-    "femur lateral central",
     "femur medial posterior",
+    "femur lateral anterior",
+    "femur lateral central",
     "femur lateral posterior",
     "tibia medial",
     "tibia lateral",
@@ -103,11 +103,9 @@ COMPONENTS: dict[str, tuple[str, int]] = {
     "presence": ("presence", 1),
     "tear_location": ("tear_location", 3),
     "complete_tear": ("Complete Tear", 1),
-    "partial_tear": ("Partial Tear", 1),
-    "signal_abnormality": ("Signal Abnormality", 1),
-    # ACL/PCL fields of the published question bank (ids 60, 61) besides "Complete Tear".
     "insertion_bml_cyst": ("Associated with BML/cyst at site of insertion or origin", 1),
     "acl_repair": ("ACL Repair", 1),
+    "signal_abnormality": ("Signal Abnormality", 1),
 }
 
 
@@ -115,7 +113,8 @@ COMPONENTS: dict[str, tuple[str, int]] = {
 class Question:
     """One question of the bank.
 
-    ``answer_key`` is the key inside the answer JSON (``"femur medial central BML"``); ``components`` the
+    ``answer_key`` is the key inside the answer JSON as the published bank spells it (``"femur medial
+    central BML"``, ``"medial meniscus anterior extrusion"``); ``components`` the
     canonical component names the answer grades; ``wrapper`` the top-level key the published answers use
     for this question (``"MOAKS_scores"``, ``"MOAKS_grade"`` or ``None`` when absent); ``bare_grade`` is
     true when the published answer gives the grade as a bare integer rather than ``{"grade": n}``.
@@ -151,18 +150,25 @@ def _build_bank() -> dict[str, Question]:
         )
     for r in OSTEOPHYTE_LOCATIONS:
         add(finding="osteophyte", region=r, answer_key=f"{r} osteophyte", components=("grade",))
-    add(finding="hoffa_synovitis", region="", answer_key="Hoffa-synovitis", components=("grade",))
+    add(finding="hoffa_synovitis", region="", answer_key="Hoffa-Synovitis", components=("grade",))
     add(finding="effusion_synovitis", region="", answer_key="effusion-synovitis", components=("grade",))
     for r in EXTRUSION_LOCATIONS:
+        side, loc = r.split()
         add(
             finding="meniscal_extrusion",
             region=r,
-            answer_key=f"{r} meniscal extrusion",
+            answer_key=f"{side} meniscus {loc} extrusion",
             components=("grade",),
             bare_grade=True,
         )
     for r in MENISCUS_PARTS:
-        add(finding="meniscal_morphology", region=r, answer_key=f"{r} meniscus", components=("morphology",))
+        side, part = r.split()[:2]
+        add(
+            finding="meniscal_morphology",
+            region=r,
+            answer_key=f"{side} meniscus {part} morphology",
+            components=("morphology",),
+        )
     for side in ("medial", "lateral"):
         add(
             finding="meniscal_cyst",
@@ -184,18 +190,27 @@ def _build_bank() -> dict[str, Question]:
             answer_key=f"{side}_meniscal_root_tear",
             components=("presence",),
         )
-    add(finding="ligament", region="acl", answer_key="ACL", components=("complete_tear", "partial_tear"))
-    add(finding="ligament", region="pcl", answer_key="PCL", components=("complete_tear", "partial_tear"))
-    add(finding="ligament", region="patellar tendon", answer_key="patellar_tendon", components=("signal_abnormality",))
+    add(
+        finding="ligament",
+        region="acl",
+        answer_key="ACL",
+        components=("complete_tear", "insertion_bml_cyst", "acl_repair"),
+    )
+    add(finding="ligament", region="pcl", answer_key="PCL", components=("complete_tear", "insertion_bml_cyst"))
+    add(finding="ligament", region="patellar tendon", answer_key="Patellar_Tendon", components=("signal_abnormality",))
     for r in PERIARTICULAR:
-        add(finding="periarticular", region=r, answer_key=r.replace(" ", "_"), components=("presence",))
+        add(finding="periarticular", region=r, answer_key=r.replace(" ", "_") + "_presence", components=("presence",))
 
     bank = {q.id: q for q in qs}
-    # Quirks of the published answer JSON (DOMAIN.md): other wrappers on a few ids.
+    # Quirks of the published answer JSON (DOMAIN.md, and the published question bank
+    # rajpurkarlab/3DReasonKnee data/question_files): other wrappers on a few ids, none from 54 on,
+    # and a bare extrusion grade only on 44 and 45 (46 and 47 use {"grade": n}).
     for qid in ("45", "51", "52"):
         bank[qid] = _replace(bank[qid], wrapper="MOAKS_grade")
-    for qid in ("33", "35", "37"):
+    for qid in ("33", "35", "37", *map(str, range(54, 70))):
         bank[qid] = _replace(bank[qid], wrapper=None)
+    for qid in ("46", "47"):
+        bank[qid] = _replace(bank[qid], bare_grade=False)
     return bank
 
 

@@ -71,18 +71,9 @@ def severity_from_json(items: Iterable[Mapping[str, Any]]) -> Severity:
     return tuple(out)
 
 
-#: components a question may grade besides its own list: the published ACL/PCL answers carry more fields
-#: than anatomy lists ("Associated with BML/cyst ...", "ACL Repair").
-_EXTRA_COMPONENTS = {
-    "ligament": ("complete_tear", "partial_tear", "signal_abnormality", "insertion_bml_cyst", "acl_repair"),
-}
-
-
 def allowed_components(question: Question | str) -> tuple[str, ...]:
     """The components an answer to ``question`` may grade, in canonical order."""
-    q = _question(question)
-    extra = _EXTRA_COMPONENTS.get(q.finding, ())
-    return tuple(q.components) + tuple(c for c in COMPONENTS if c in extra and c not in q.components)
+    return tuple(_question(question).components)
 
 
 def make_severity(question: Question | str, grades: Mapping[str, int]) -> Severity:
@@ -108,22 +99,8 @@ def _norm(s: str) -> str:
     return " ".join(s.replace("_", " ").replace("-", " ").lower().split())
 
 
-def _published_key(q: Question) -> str:
-    """The answer key as the published question bank spells it (it differs from anatomy's for a few)."""
-    if q.finding == "meniscal_extrusion":  # "medial anterior" -> "medial meniscus anterior extrusion"
-        side, loc = q.region.split()
-        return f"{side} meniscus {loc} extrusion"
-    if q.finding == "meniscal_morphology":  # "medial anterior horn" -> "medial meniscus anterior morphology"
-        side, part = q.region.split()[0], q.region.split()[1]
-        return f"{side} meniscus {part} morphology"
-    if q.finding == "periarticular":
-        return f"{q.answer_key}_presence"
-    return q.answer_key
-
-
 #: question id -> the answer key :func:`to_published` writes (the published bank's spelling).
-PUBLISHED_KEYS: dict[str, str] = {qid: _published_key(q) for qid, q in QUESTIONS.items()}
-_BY_PUBLISHED = {_norm(k): QUESTIONS[qid] for qid, k in PUBLISHED_KEYS.items()}
+PUBLISHED_KEYS: dict[str, str] = {qid: q.answer_key for qid, q in QUESTIONS.items()}
 _COMPONENT_BY_KEY: dict[str, str] = {}
 for _c, (_spelling, _max) in COMPONENTS.items():
     _COMPONENT_BY_KEY[_norm(_c)] = _c
@@ -132,9 +109,9 @@ _WRAPPERS = {"moaks scores", "moaks grade", "moaks grades", "moaks score"}
 
 
 def resolve_question(answer_key: str) -> Question | None:
-    """The question an answer key belongs to: anatomy's spelling or the published one, case and
-    spaces/underscores/hyphens ignored; ``None`` if it names no question."""
-    return find_question(answer_key) or _BY_PUBLISHED.get(_norm(answer_key))
+    """The question an answer key belongs to (the published spelling; case and spaces/underscores/hyphens
+    ignored); ``None`` if it names no question."""
+    return find_question(answer_key)
 
 
 def _question(question: Question | str) -> Question:

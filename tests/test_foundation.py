@@ -33,7 +33,14 @@ def test_question_bank_matches_published_structure():
     assert qs["15"].region == "tibia subspinous"
     assert {qs[i].wrapper for i in ("45", "51", "52")} == {"MOAKS_grade"}
     assert {qs[i].wrapper for i in ("33", "35", "37")} == {None}
-    assert anatomy.find_question("Femur_Medial_Central BML").id == "5"
+    # ids and answer keys as in the published question bank (rajpurkarlab/3DReasonKnee data/question_files)
+    assert anatomy.find_question("Femur_Medial_Central BML").id == "4"
+    assert [qs[i].answer_key for i in ("6", "37", "44", "48", "62", "63")] == [
+        "femur lateral trochlea BML", "femur lateral anterior osteophyte", "medial meniscus anterior extrusion",
+        "medial meniscus anterior morphology", "Patellar_Tendon", "pes_anserine_bursitis_presence",
+    ]
+    assert [qs[i].bare_grade for i in ("44", "45", "46", "47")] == [True, True, False, False]
+    assert all(qs[str(i)].wrapper is None for i in range(54, 70))
 
 
 def test_default_recipe_round_trips_through_toml():
@@ -88,7 +95,7 @@ def test_load_recipe_reports_file(tmp_path):
 
 def test_region_labels_groups_and_singletons():
     regions = Recipe().labels.region_labels()
-    assert regions["femur medial central"] == (5,)
+    assert regions["femur medial central"] == (4,)
     assert regions["patella"] == (1, 2)
     assert len(regions["tibia"]) == 7
 

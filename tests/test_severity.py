@@ -118,8 +118,8 @@ def test_extra_top_level_keys_like_a_box_are_ignored():
     "answer, reason",
     [
         ({"tibia lateral osteophyte": {"grade": 4}}, "out of range 0..3"),
-        ({"medial body meniscus": {"morphology": 9}}, "out of range 0..8"),
-        ({"popliteal_cyst": {"presence": 2}}, "out of range 0..1"),
+        ({"medial meniscus body morphology": {"morphology": 9}}, "out of range 0..8"),
+        ({"popliteal_cyst_presence": {"presence": 2}}, "out of range 0..1"),
         ({"tibia lateral osteophyte": {"grade": -1}}, "out of range"),
         ({"tibia lateral osteophyte": {"grade": 1.5}}, "must be an integer"),
         ({"tibia lateral osteophyte": {"grade": True}}, "must be an integer"),
