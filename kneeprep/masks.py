@@ -24,7 +24,6 @@ from .geometry import Geometry
 from .transforms.resample import resample_onto
 
 
-
 @dataclass(frozen=True)
 class PlacedMask:
     """A mask resampled onto a volume grid, with what was found on the way."""
@@ -45,7 +44,9 @@ class PlacedMask:
         if self.unknown_labels:
             out.append(f"{self.source}: label ids {list(self.unknown_labels)} are not in the label map")
         if self.label_coverage < 0.99:
-            out.append(f"{self.source}: only {self.label_coverage:.1%} of the labelled voxels lie inside the volume")
+            out.append(
+                f"{self.source}: only {self.label_coverage:.1%} of the labelled voxels lie inside the volume"
+            )
         return out
 
 
@@ -74,11 +75,18 @@ def read_mask(path: str | Path) -> tuple[np.ndarray, Geometry]:
     if array.size and array.min() < 0:
         raise MaskError(f"{p}: label values must be >= 0, found {int(array.min())}")
     top = int(array.max()) if array.size else 0
-    return array.astype(np.uint8 if top < 256 else np.uint16 if top < 65536 else np.uint32, copy=False), geometry
+    return array.astype(
+        np.uint8 if top < 256 else np.uint16 if top < 65536 else np.uint32, copy=False
+    ), geometry
 
 
 def place_mask(
-    labels: np.ndarray, geometry: Geometry, target: Geometry, label_map: dict[int, str] | None = None, *, source: str = "mask"
+    labels: np.ndarray,
+    geometry: Geometry,
+    target: Geometry,
+    label_map: dict[int, str] | None = None,
+    *,
+    source: str = "mask",
 ) -> PlacedMask:
     """Resample ``labels`` (on ``geometry``) onto ``target`` by nearest neighbour in world space."""
     if labels.shape != geometry.shape:
@@ -86,7 +94,9 @@ def place_mask(
     n_labelled = int(np.count_nonzero(labels))
     if n_labelled == 0:
         raise MaskError(f"{source}: the mask holds no labels (all voxels are 0)")
-    if labels.shape == target.shape and np.allclose(geometry.affine_lps, target.affine_lps, rtol=0, atol=1e-4):
+    if labels.shape == target.shape and np.allclose(
+        geometry.affine_lps, target.affine_lps, rtol=0, atol=1e-4
+    ):
         out = labels.copy()
         grid_coverage = 1.0
     else:

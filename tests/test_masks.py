@@ -19,7 +19,9 @@ def target_grid(shape=(20, 24, 28)) -> Geometry:
     """A tilted sagittal grid like the DESS (PIR), small."""
     c, s = np.cos(0.2), np.sin(0.2)
     direction = np.array([[c, 0, -s], [s, 0, c], [0, -1, 0]])  # ITK columns: ~P, I, ~R ... tilted about z
-    return Geometry(shape, (0.7, 0.4, 0.36), affine_from_itk((-20.0, 10.0, 35.0), (0.36, 0.4, 0.7), direction.ravel()))
+    return Geometry(
+        shape, (0.7, 0.4, 0.36), affine_from_itk((-20.0, 10.0, 35.0), (0.36, 0.4, 0.7), direction.ravel())
+    )
 
 
 def blob_labels(shape) -> np.ndarray:
@@ -85,7 +87,11 @@ def test_mask_on_a_coarser_grid_is_resampled_by_nearest_neighbour_in_world_space
 
 def test_mask_that_does_not_overlap_is_an_error_naming_the_file(tmp_path):
     g = target_grid()
-    far = Geometry(g.shape, g.spacing, g.affine_lps + np.array([[0, 0, 0, 500.0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]))
+    far = Geometry(
+        g.shape,
+        g.spacing,
+        g.affine_lps + np.array([[0, 0, 0, 500.0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]),
+    )
     write_sitk(tmp_path / "far.nii.gz", blob_labels(g.shape), far)
     with pytest.raises(MaskError, match=r"far\.nii\.gz.*does not overlap"):
         load_mask_onto(tmp_path / "far.nii.gz", g)

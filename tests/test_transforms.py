@@ -22,14 +22,19 @@ from kneeprep.transforms import (
     apply_normalize,
     apply_orient,
     apply_resample,
+    mirror,
+    normalize,
+    orient,
     plan_mirror,
     plan_normalize,
     plan_orient,
     plan_resample,
+    resample,
 )
-from kneeprep.transforms import mirror, normalize, orient, resample
 
-ALL_CODES = ["".join(p) for axes in itertools.permutations(["LR", "PA", "SI"]) for p in itertools.product(*axes)]
+ALL_CODES = [
+    "".join(p) for axes in itertools.permutations(["LR", "PA", "SI"]) for p in itertools.product(*axes)
+]
 
 
 def rotation(ax: float, ay: float, az: float) -> np.ndarray:
@@ -131,7 +136,9 @@ def test_mirror_flips_exactly_the_left_right_axis_and_keeps_world_positions():
     assert np.array_equal(out, arr[::-1])
     assert np.array_equal(out[:, ::-1, ::-1][::-1], arr[:, ::-1, ::-1])
     assert g2.shape == g.shape and g2.spacing == g.spacing
-    assert np.allclose(g2.affine_lps[:3, 0], -g.affine_lps[:3, 0]) and np.allclose(g2.affine_lps[:3, 1:3], g.affine_lps[:3, 1:3])
+    assert np.allclose(g2.affine_lps[:3, 0], -g.affine_lps[:3, 0]) and np.allclose(
+        g2.affine_lps[:3, 1:3], g.affine_lps[:3, 1:3]
+    )
     assert world_to_value(out, g2) == world_to_value(arr, g)
     assert orient.axis_code(g2.affine_lps) == "PIL"
     assert MirrorParams.from_json(p.to_json()) == p and p.to_json()["mirrored"] is True
@@ -235,7 +242,12 @@ def test_integer_percentiles_equal_numpy(values, lo, hi):
 
 @pytest.mark.parametrize(
     "method,kw",
-    [("percentile", {"lower": 1, "upper": 99, "dtype": "uint8"}), ("percentile", {}), ("window", {"lower": 100, "upper": 400, "dtype": "uint16"}), ("zscore", {})],
+    [
+        ("percentile", {"lower": 1, "upper": 99, "dtype": "uint8"}),
+        ("percentile", {}),
+        ("window", {"lower": 100, "upper": 400, "dtype": "uint16"}),
+        ("zscore", {}),
+    ],
 )
 def test_params_saved_as_json_reproduce_the_output(method, kw):
     rng = np.random.default_rng(1)

@@ -101,7 +101,9 @@ def _range_max(dtype: str) -> float:
     return 1.0 if dtype == "float32" else float(np.iinfo(dtype).max)
 
 
-def plan_normalize(array: np.ndarray, method: str = "none", lower: float = 0.5, upper: float = 99.5, dtype: str = "") -> NormalizeParams:
+def plan_normalize(
+    array: np.ndarray, method: str = "none", lower: float = 0.5, upper: float = 99.5, dtype: str = ""
+) -> NormalizeParams:
     """Measure what ``method`` needs from ``array`` (the recipe's ``[intensity]`` keys as arguments)."""
     lo, hi = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
     stats = {"source_min": lo, "source_max": hi}
@@ -118,15 +120,29 @@ def plan_normalize(array: np.ndarray, method: str = "none", lower: float = 0.5, 
         return NormalizeParams("none", chosen, **stats)
     if method == "zscore":
         mean, std = _moments(array)
-        return NormalizeParams("zscore", "float32", offset=mean, factor=1.0 / (std or 1.0), mean=mean, std=std, **stats)
+        return NormalizeParams(
+            "zscore", "float32", offset=mean, factor=1.0 / (std or 1.0), mean=mean, std=std, **stats
+        )
     if method in ("percentile", "window"):
         chosen = dtype or "float32"
-        cmin, cmax = percentiles(array, [lower, upper]) if method == "percentile" else (float(lower), float(upper))
+        cmin, cmax = (
+            percentiles(array, [lower, upper]) if method == "percentile" else (float(lower), float(upper))
+        )
         factor = _range_max(chosen) / (cmax - cmin) if cmax > cmin else 0.0
         return NormalizeParams(
-            method, chosen, offset=cmin, factor=factor, clip_min=cmin, clip_max=cmax, lower=float(lower), upper=float(upper), **stats
+            method,
+            chosen,
+            offset=cmin,
+            factor=factor,
+            clip_min=cmin,
+            clip_max=cmax,
+            lower=float(lower),
+            upper=float(upper),
+            **stats,
         )
-    raise RecipeError(f"intensity.method: expected one of 'none', 'percentile', 'zscore', 'window', got {method!r}")
+    raise RecipeError(
+        f"intensity.method: expected one of 'none', 'percentile', 'zscore', 'window', got {method!r}"
+    )
 
 
 def apply_normalize(array: np.ndarray, params: NormalizeParams) -> np.ndarray:

@@ -55,7 +55,13 @@ class OrientParams:
 
     @classmethod
     def from_json(cls, d: dict) -> OrientParams:
-        return cls(d["requested"], d["source"], d["target"], tuple(d["permutation"]), tuple(bool(f) for f in d["flips"]))
+        return cls(
+            d["requested"],
+            d["source"],
+            d["target"],
+            tuple(d["permutation"]),
+            tuple(bool(f) for f in d["flips"]),
+        )
 
 
 def axis_code(affine) -> str:
@@ -87,7 +93,9 @@ def plan_orient(geometry: Geometry, code: str) -> OrientParams:
     code = code.upper()
     letters = [LETTER_AXIS.get(c) for c in code]
     if len(code) != 3 or None in letters or len({w for w, _ in letters}) != 3:
-        raise GeometryError(f"orientation {code!r}: expected three letters naming distinct axes from L/R, A/P, S/I")
+        raise GeometryError(
+            f"orientation {code!r}: expected three letters naming distinct axes from L/R, A/P, S/I"
+        )
     src = [LETTER_AXIS[source[2 - b]] for b in range(3)]  # per source array axis: (world axis, sign)
     perm, flips = [], []
     for a in range(3):

@@ -32,7 +32,10 @@ class ResampleParams:
     interpolator: str = "linear"
 
     def to_json(self) -> dict:
-        return {"target": None if self.target is None else self.target.to_json(), "interpolator": self.interpolator}
+        return {
+            "target": None if self.target is None else self.target.to_json(),
+            "interpolator": self.interpolator,
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> ResampleParams:
@@ -66,7 +69,9 @@ def plan_resample(geometry: Geometry, spacing=(), shape=(), interpolator: str = 
     if not spacing and not shape:
         return ResampleParams(None, interpolator)
     if spacing and len(spacing) != 3 or shape and len(shape) != 3:
-        raise GeometryError(f"target spacing {list(spacing)} / shape {list(shape)}: expected 3 values in array order")
+        raise GeometryError(
+            f"target spacing {list(spacing)} / shape {list(shape)}: expected 3 values in array order"
+        )
     if shape and not spacing:
         new_shape = tuple(int(s) for s in shape)
         new_spacing = tuple(float(v) for v in old_shape * old_spacing / np.asarray(new_shape))
@@ -114,7 +119,9 @@ def resample_onto(array: np.ndarray, geometry: Geometry, target: Geometry, inter
     return result
 
 
-def apply_resample(array: np.ndarray, geometry: Geometry, params: ResampleParams) -> tuple[np.ndarray, Geometry]:
+def apply_resample(
+    array: np.ndarray, geometry: Geometry, params: ResampleParams
+) -> tuple[np.ndarray, Geometry]:
     """Resample onto ``params.target`` (no-op when ``None``)."""
     if params.target is None:
         return array, geometry
