@@ -223,7 +223,7 @@ class ShardDataset:
                 if u not in cache:
                     rel, g, _ = self.units[u]
                     if rel not in files:
-                        files[rel] = pq.ParquetFile(self.path / rel)
+                        files[rel] = pq.ParquetFile(self.path / rel, memory_map=True)
                     cache[u] = read_row_group(files[rel], g, columns=self.columns)
                 rows, volumes = cache[u]
                 yield _sample(rows[r], volumes)
