@@ -78,6 +78,9 @@ class AnnotationSet:
     splits: list[SplitRow]
     questions: dict[str, str]
     errors: list[RecordError]
+    #: top-level ``.json`` files that hold no list (so no training items) and were not read, e.g. the sample's
+    #: ``truth.json``: listed so nothing is passed over unseen, but not errors.
+    ignored: list[str] = field(default_factory=list)
 
 
 def compact_json(obj: Any) -> str:
@@ -412,8 +415,8 @@ QUINTUPLES_FILE = "quintuples.jsonl"
 def read_annotations(directory: str | Path) -> AnnotationSet:
     """Read an annotation directory (``docs/DESIGN.md``, "Annotation directory"): ``split_files/`` (required),
     ``questions.json`` (optional), ``quintuples.jsonl`` and/or training-item ``*.json`` files (every other
-    top-level ``.json`` file holding a list). A sample id given twice keeps its first record and reports the
-    others as ``duplicate``."""
+    top-level ``.json`` file holding a list; other ``.json`` files are listed in ``ignored``). A sample id
+    given twice keeps its first record and reports the others as ``duplicate``."""
     d = Path(directory)
     if not d.is_dir():
         raise InputNotFoundError(f"{d}: annotation directory not found")
@@ -424,6 +427,7 @@ def read_annotations(directory: str | Path) -> AnnotationSet:
         questions, errs = read_question_bank(d / QUESTIONS_FILE)
         errors += errs
     records: list[AnnotationRecord] = []
+    ignored: list[str] = []
     if (d / QUINTUPLES_FILE).is_file():
         recs, errs = read_quintuples_jsonl(d / QUINTUPLES_FILE)
         records += recs
@@ -433,7 +437,7 @@ def read_annotations(directory: str | Path) -> AnnotationSet:
             continue
         head = f.read_text(encoding="utf-8")[:4096].lstrip()
         if not head.startswith("["):
-            errors.append(RecordError(str(f), "schema", "not a list of training items; file skipped"))
+            ignored.append(str(f))
             continue
         recs, errs = read_training_items(f, questions)
         records += recs
@@ -446,4 +450,4 @@ def read_annotations(directory: str | Path) -> AnnotationSet:
             continue
         seen[r.sample_id] = r.source
         unique.append(r)
-    return AnnotationSet(records=unique, splits=splits, questions=questions, errors=errors)
+    return AnnotationSet(records=unique, splits=splits, questions=questions, errors=errors, ignored=ignored)

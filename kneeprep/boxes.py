@@ -487,16 +487,24 @@ class BoxesSummary:
     failures: tuple[tuple[str, str, str], ...]
     table: str
     boxes_hash: str
+    #: volumes left as they were (``stale_only``: boxes already made with this recipe, or no labels).
+    unchanged: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in ("volumes", "boxes", "empty", "table", "boxes_hash")}
+        d = {k: getattr(self, k) for k in ("volumes", "boxes", "empty", "table", "boxes_hash", "unchanged")}
         d["unknown_labels"] = {v: {str(i): c for i, c in u.items()} for v, u in self.unknown_labels.items()}
         d["failures"] = [list(f) for f in self.failures]
         return json.loads(json.dumps(d))
 
 
-def recompute_store_boxes(store_path: str | os.PathLike, recipe, *, lock: bool = True) -> BoxesSummary:
+def recompute_store_boxes(
+    store_path: str | os.PathLike, recipe, *, lock: bool = True, stale_only: bool = False
+) -> BoxesSummary:
     """Recompute every volume's boxes from its stored labels (layer ``recipe.masks.name``) with ``recipe``.
+
+    With ``stale_only``, volumes whose ``provenance.boxes_hash`` already equals this recipe's boxes-stage hash,
+    and volumes without that label layer, are left alone (counted in ``unchanged``); ``boxes.parquet`` is
+    rewritten only if some volume changed or it is missing.
 
     Updates the volume attrs ``boxes`` and ``provenance.boxes_hash``, rewrites ``boxes.parquet`` and returns a
     summary. A volume that fails (no labels, bad geometry) is recorded in ``failures``, never raised. Holds the
@@ -507,21 +515,27 @@ def recompute_store_boxes(store_path: str | os.PathLike, recipe, *, lock: bool =
     store_path = Path(store_path)
     store.list_volumes(store_path)  # a missing store is an error before anything is locked or written
     with store.store_lock(store_path) if lock else contextlib.nullcontext():
-        return _recompute(store_path, recipe)
+        return _recompute(store_path, recipe, stale_only)
 
 
-def _recompute(store_path: Path, recipe) -> BoxesSummary:
+def _recompute(store_path: Path, recipe, stale_only: bool = False) -> BoxesSummary:
     from . import store
     from .errors import KneeprepError
 
     regions = recipe.labels.region_labels()
     h = boxes_hash(recipe)
-    n_vol = n_box = n_empty = 0
+    n_vol = n_box = n_empty = n_same = 0
     unknown: dict[str, dict[int, int]] = {}
     failures = []
     for vid in sorted(store.list_volumes(store_path)):
         try:
             attrs = store.read_attrs(store_path, vid)
+            if stale_only and (
+                (attrs.get("provenance") or {}).get("boxes_hash") == h
+                or recipe.masks.name not in store.label_names(store_path, vid)
+            ):
+                n_same += 1
+                continue
             geometry = Geometry.from_json(attrs["geometry"])
             labels = np.asarray(store.read_labels(store_path, vid, recipe.masks.name))
             stats = label_stats(labels)
@@ -543,5 +557,7 @@ def _recompute(store_path: Path, recipe) -> BoxesSummary:
         u = stats.unknown_labels(regions)
         if u:
             unknown[vid] = u
-    table = write_boxes_table(store_path)
-    return BoxesSummary(n_vol, n_box, n_empty, unknown, tuple(failures), str(table), h)
+    table = store_path / BOXES_TABLE
+    if n_vol or failures or not table.is_file():
+        table = write_boxes_table(store_path)
+    return BoxesSummary(n_vol, n_box, n_empty, unknown, tuple(failures), str(table), h, n_same)

@@ -230,7 +230,9 @@ def test_read_annotations_directory(tmp_path):
     # JSONL first (Q_OST), then the training items (Q_BML, Q_EXT); no duplicates between them.
     assert [r.question_id for r in s.records] == [Q_OST, Q_BML, Q_EXT]
     kinds = sorted(e.kind for e in s.errors)
-    assert kinds == ["json", "schema", "unknown_question"]
+    assert kinds == ["json", "unknown_question"]
+    # a JSON object that is not a list of training items is listed as ignored, not an error
+    assert s.ignored == [str(tmp_path / "notes.json")]
 
 
 def test_read_annotations_duplicate_sample_keeps_the_first(tmp_path):

@@ -1,0 +1,139 @@
+"""The dataset card: ``SHARDS/README.md``, written beside the shards and their manifest.
+
+It says what the shards hold (counts per split and per finding), how to read them (the schema, and how a
+volume decodes without kneeprep), how they were made (recipe, versions, hashes) and under which terms
+(annotations CC-BY-4.0; images under the OAI data use agreement, not redistributable).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+from pathlib import Path
+
+from . import __version__
+from .anatomy import FINDINGS
+
+CARD = "README.md"
+
+LICENCE = """\
+- **Annotations** (questions, reasoning, MOAKS grades, boxes derived from masks): 3DReasonKnee, CC-BY-4.0.
+- **Images**: derived from Osteoarthritis Initiative (OAI) MRI, available only under the OAI
+  data use agreement. These shards contain image voxels: **do not redistribute them**; share the recipe and let others
+  rebuild with kneeprep from their own OAI download.
+- Patient identifiers are OAI participant ids (already de-identified by OAI){pseudo}. No other DICOM patient
+  field (name, birth date, address, accession number, institution) is stored."""
+
+
+def write_card(shards_dir: str | os.PathLike, recipe, *, extra: dict | None = None) -> Path:
+    """Write ``shards_dir/README.md`` from the manifest, the shards' question columns and the recipe."""
+    import pyarrow.parquet as pq
+
+    from .shards import SCHEMA, read_manifest
+
+    d = Path(shards_dir)
+    manifest = read_manifest(d)
+    per_split: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    patients: dict[str, set] = collections.defaultdict(set)
+    boxed: collections.Counter = collections.Counter()
+    for e in manifest["shards"]:
+        t = pq.read_table(d / e["path"], columns=["split", "question_type", "patient_id", "box_empty"])
+        for split, qtype, pid, empty in zip(*(t.column(c).to_pylist() for c in t.column_names), strict=True):
+            per_split[split][qtype] += 1
+            patients[split].add(pid)
+            boxed[split] += not empty
+    splits = [s for s in ("train", "val", "test") if s in manifest["splits"]]
+    lines = [
+        f"# Dataset card: {recipe.name}",
+        "",
+        "3DReasonKnee-style quintuples — (3D volume, question about a MOAKS subregion, 3D box of that region, "
+        "reasoning steps, MOAKS grades) — rebuilt from OAI knee MRI with "
+        f"[kneeprep](https://github.com/) {__version__}.",
+        "",
+        "## Counts",
+        "",
+        "| split | quintuples | with a box | volumes | patients | shards | MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in splits:
+        m = manifest["splits"][s]
+        files = [e for e in manifest["shards"] if e["split"] == s]
+        mib = sum(e["bytes"] for e in files) / 2**20
+        lines.append(
+            f"| {s} | {m['rows']} | {boxed[s]} | {m['volumes']} | {len(patients[s])} | {len(files)} | {mib:.1f} |"
+        )
+    lines += ["", "Quintuples per finding:", "", "| finding | " + " | ".join(splits) + " |", "|---|" + "---:|" * len(splits)]
+    for f in FINDINGS:
+        if any(per_split[s][f] for s in splits):
+            lines.append(f"| {f} | " + " | ".join(str(per_split[s][f]) for s in splits) + " |")
+    lines += [
+        "",
+        "Splits are by patient: no patient appears in two splits (`kneeprep validate` checks it).",
+        "",
+        "## Reading the shards",
+        "",
+        "Files: `<split>/part-NNNNN.parquet`, listed with row counts and SHA-256 checksums in `manifest.json`. "
+        "One row per quintuple. Each volume's voxels are stored once per shard, on the first row of that volume "
+        "(`image` is null on its other rows); a row group holds whole volumes. Without kneeprep:",
+        "",
+        "```python",
+        "import numpy as np, pyarrow.parquet as pq",
+        'rows = pq.read_table("train/part-00000.parquet").to_pylist()',
+        'first = next(r for r in rows if r["image"] is not None)',
+        'volume = np.frombuffer(first["image"], first["image_dtype"]).reshape(first["image_shape"])',
+        "```",
+        "",
+        "With kneeprep: `kneeprep.loader.ShardDataset(path, split=\"train\")` (shuffling, exact partitioning over "
+        "ranks and workers, resumable). Boxes: `box_voxels` is half-open `[z0, y0, x0, z1, y1, x1]` in array "
+        "order; `box_list_form` the 3DReasonKnee `[start_slice, end_slice, x_min, x_max, y_min, y_max]` "
+        "(inclusive). World coordinates: `image_affine_lps` (row-major 4×4, LPS mm).",
+        "",
+        f"Schema (version {manifest.get('schema_version')}):",
+        "",
+        "| column | type |",
+        "|---|---|",
+    ]
+    lines += [f"| `{f.name}` | `{f.type}`{'' if f.nullable else ' (not null)'} |" for f in SCHEMA]
+    prov = {
+        "kneeprep_version": __version__,
+        "recipe_name": recipe.name,
+        "recipe_hash": recipe.hash,
+        "shards_stage_hash": recipe.stage_hash("shards"),
+        "convert_stage_hash": recipe.stage_hash("convert"),
+        "boxes_stage_hash": recipe.stage_hash("boxes"),
+        "inputs_hash": manifest.get("inputs_hash"),
+        "manifest_sha256": _sha256(d / "manifest.json"),
+        **(extra or {}),
+    }
+    pseudo = " — here further replaced by keyed hashes (recipe `privacy.pseudonymize_ids`)" if recipe.privacy.pseudonymize_ids else ""
+    lines += [
+        "",
+        "## Provenance",
+        "",
+        "```json",
+        json.dumps(prov, indent=1),
+        "```",
+        "",
+        "## Licence and terms",
+        "",
+        LICENCE.format(pseudo=pseudo),
+        "",
+        "## Recipe",
+        "",
+        "```toml",
+        recipe.to_toml().rstrip(),
+        "```",
+        "",
+    ]
+    out = d / CARD
+    tmp = out.with_name(out.name + ".partial")
+    tmp.write_text("\n".join(lines), encoding="utf-8")
+    tmp.replace(out)
+    return out
+
+
+def _sha256(path: Path) -> str:
+    from .shards import sha256_file
+
+    return sha256_file(path)

@@ -1,0 +1,65 @@
+"""``kneeprep rebuild``: scan → convert → boxes → shards → validate in one command."""
+
+from __future__ import annotations
+
+import click
+
+_DIR = click.Path(exists=True, file_okay=False)
+
+
+@click.command()
+@click.option("--recipe", "recipe_file", type=click.Path(exists=True, dir_okay=False), required=True,
+              help="Recipe TOML, e.g. recipes/3dreasonknee.toml.")
+@click.option("--raw", type=_DIR, required=True, help="Raw DICOM tree (OAI layout or any folder of DICOM files).")
+@click.option("--annotations", type=_DIR, required=True,
+              help="Annotation directory: split_files/*.csv, questions.json, quintuples.jsonl or training items.")
+@click.option("--masks", type=_DIR, default=None,
+              help="Directory the split CSVs' label_filepath is resolved against when not under --annotations.")
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="Output directory: volumes.zarr, shards/, report.json.")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Local Dask worker processes (default: number of cores; 0 = in this process, no Dask).")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Run on an existing Dask cluster (tcp://host:8786) instead of local processes.")
+@click.option("--no-progress", is_flag=True, help="No progress bar (logs and CI).")
+def rebuild(recipe_file, raw, annotations, masks, out, workers, scheduler, no_progress):
+    """Rebuild the whole dataset from RAW with one recipe: scan, convert, boxes, shards, validate, card.
+
+    \b
+    Writes OUT/volumes.zarr (Zarr v3 volumes + labels + boxes), OUT/shards (Parquet shards, manifest.json,
+    README.md dataset card) and OUT/report.json (every stage's summary and wall time).
+
+    Resumable: a re-run skips volumes whose inputs and convert recipe are unchanged, recomputes boxes only
+    when [labels]/[boxes] changed, and rewrites shards only when annotations, volumes or the shard
+    settings changed. Interrupt it at any time: nothing half-written is left visible.
+
+    Exit code 0 when every stage succeeded; 1 when some series failed, a quintuple was rejected for an
+    error, or validation found a problem (all listed in the reports).
+    """
+    if workers is not None and scheduler:
+        raise click.UsageError("--workers and --scheduler exclude each other")
+    from ..rebuild import REPORT, rebuild as run
+    from ..recipe import load_recipe
+
+    recipe = load_recipe(recipe_file)
+    click.echo(f"recipe {recipe.name!r} ({recipe.hash}) from {recipe_file}")
+    rep = run(recipe, raw, annotations, out, masks=masks, workers=workers, scheduler=scheduler,
+              progress=not no_progress, echo=click.echo)
+    c = rep.stages["convert"]["counts"]
+    sh = rep.stages["shards"]
+    click.echo("")
+    click.echo("── summary")
+    click.echo(f"  volumes     {c.get('written', 0)} written, {c.get('skipped', 0)} skipped, {c.get('failed', 0)} failed")
+    reasons = {k: n for k, n in rep.stages["convert"]["by_kind"].items() if not k.startswith("written")}
+    if reasons:
+        click.echo("              by reason: " + ", ".join(f"{k} {n}" for k, n in reasons.items()))
+    q = sh.get("quintuples", {})
+    click.echo("  quintuples  " + ", ".join(f"{s} {n}" for s, n in q.items()) + f" (total {sum(q.values())})")
+    click.echo(f"  shards      {sh.get('shards', 0)} files, {sh.get('bytes', 0) / 2**20:.1f} MiB")
+    click.echo("  seconds     " + ", ".join(f"{k} {v:.1f}" for k, v in rep.seconds.items()))
+    if rep.did_nothing:
+        click.echo("  nothing to do: every output was up to date")
+    click.echo(f"  report      {out}/{REPORT}")
+    click.secho("  status      " + ("ok" if rep.ok else "FAILED (see the reports)"), fg="green" if rep.ok else "red")
+    if not rep.ok:
+        raise SystemExit(1)

@@ -1,0 +1,192 @@
+"""``kneeprep rebuild``: the whole recipe, raw tree to validated shards, resumable.
+
+Stages and what each re-run skips:
+
+======== ======================================= ===========================================================
+stage    does                                    skips when
+======== ======================================= ===========================================================
+scan     headers of every file → series + QC     never (headers only, fast)
+convert  one Dask task per selected series       inputs (file list, sizes, mtimes, mask) and the recipe's
+                                                 convert sections are unchanged for that volume
+boxes    boxes from the stored labels            the recipe's [labels]/[boxes] hash equals the volume's
+shards   join + Parquet shards + manifest        inputs hash (annotations, volume attrs) and the recipe's
+                                                 shards sections are unchanged
+validate checksums, schema, boxes, decodes       the shards were unchanged and validated by the last run
+card     ``shards/README.md``                    never (cheap)
+======== ======================================= ===========================================================
+
+Outputs under ``OUT``: ``volumes.zarr`` (with its own ``report.json`` of the convert stage), ``shards/``
+(with ``report.json``, ``manifest.json``, ``README.md``) and ``report.json`` — the rebuild report with every
+stage's summary and wall time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import InputNotFoundError
+from .recipe import Recipe
+
+REPORT = "report.json"
+
+
+@dataclass
+class RebuildReport:
+    out: str
+    recipe_name: str
+    recipe_hash: str
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        c = self.stages.get("convert", {}).get("counts", {})
+        return (
+            not c.get("failed", 0)
+            and not self.stages.get("boxes", {}).get("failures")
+            and not self.stages.get("shards", {}).get("errors", 0)
+            and not self.stages.get("validate", {}).get("problems")
+        )
+
+    @property
+    def did_nothing(self) -> bool:
+        c = self.stages.get("convert", {}).get("counts", {})
+        return (
+            not c.get("written", 0)
+            and not self.stages.get("boxes", {}).get("volumes", 0)
+            and bool(self.stages.get("shards", {}).get("up_to_date"))
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "command": "rebuild",
+            "kneeprep_version": __version__,
+            "out": self.out,
+            "recipe_name": self.recipe_name,
+            "recipe_hash": self.recipe_hash,
+            "ok": self.ok,
+            "did_nothing": self.did_nothing,
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+            "stages": self.stages,
+        }
+
+
+def rebuild(
+    recipe: Recipe,
+    raw: str | os.PathLike,
+    annotations: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    masks: str | os.PathLike | None = None,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    progress: bool = True,
+    echo=print,
+) -> RebuildReport:
+    """Run scan → convert → boxes → shards → validate → card; returns (and writes) the rebuild report."""
+    from .boxes import recompute_store_boxes
+    from .card import write_card
+    from .pipeline import run_convert
+    from .shards import build_shards, read_manifest, validate_shards
+
+    out = Path(out)
+    for name, p in (("raw", raw), ("annotations", annotations), ("masks", masks)):
+        if p is not None and not Path(p).is_dir():
+            raise InputNotFoundError(f"{p}: {name} directory not found")
+    out.mkdir(parents=True, exist_ok=True)
+    store, shards_dir = out / "volumes.zarr", out / "shards"
+    previous = _read_json(out / REPORT)
+    rep = RebuildReport(str(out), recipe.name, recipe.hash)
+
+    def stage(name: str):
+        echo(f"── {name}")
+        return time.perf_counter()
+
+    t = stage("scan + convert")
+    conv = run_convert(
+        raw, store, recipe, annotations=annotations, masks=masks, workers=workers, scheduler=scheduler,
+        progress=progress,
+    )  # fmt: skip
+    cj = conv.to_json()
+    rep.seconds["scan"] = cj["context"].get("scan_seconds", 0.0)
+    rep.seconds["convert"] = time.perf_counter() - t - rep.seconds["scan"]
+    rep.stages["convert"] = {k: cj[k] for k in ("counts", "by_kind", "item_seconds")} | {
+        "failed": [[r.item, r.kind, r.message] for r in conv.failed],
+        "report": str(store / "report.json"),
+    }
+    echo(conv.table())
+
+    t = stage("boxes")
+    bs = recompute_store_boxes(store, recipe, stale_only=True)
+    rep.seconds["boxes"] = time.perf_counter() - t
+    rep.stages["boxes"] = bs.to_json()
+    echo(
+        f"boxes: {bs.volumes} volumes recomputed ({bs.boxes} boxes, {bs.empty} empty regions), "
+        f"{bs.unchanged} unchanged, {len(bs.failures)} failed"
+    )
+    for vid, kind, msg in bs.failures:
+        echo(f"  {vid} [{kind}]: {msg}")
+
+    t = stage("shards")
+    sh = build_shards(store, annotations, shards_dir, recipe)
+    rep.seconds["shards"] = time.perf_counter() - t
+    rep.stages["shards"] = {k: v for k, v in sh.items() if k != "rejected_items"} | {
+        "report": str(shards_dir / "report.json")
+    }
+    q = sh.get("quintuples", {})
+    echo(
+        ("shards up to date (inputs and recipe unchanged); " if sh.get("up_to_date") else "")
+        + "quintuples: "
+        + ", ".join(f"{s} {n}" for s, n in q.items())
+        + f"; rejected: {sum(sh.get('rejected', {}).values())} "
+        + (f"({', '.join(f'{k} {n}' for k, n in sh['rejected'].items())})" if sh.get("rejected") else "")
+        + f"; {sh.get('shards', 0)} shard files, {sh.get('bytes', 0) / 2**20:.1f} MiB"
+    )
+
+    t = stage("validate")
+    manifest_sha = _file_sha(shards_dir / "manifest.json")
+    last = (previous or {}).get("stages", {}).get("validate", {})
+    if sh.get("up_to_date") and last.get("manifest_sha256") == manifest_sha and not last.get("problems"):
+        rep.stages["validate"] = last | {"skipped": True}
+        echo("validate: skipped (shards unchanged since they were last validated)")
+    else:
+        problems = validate_shards(shards_dir)
+        rep.stages["validate"] = {
+            "problems": [str(p) for p in problems],
+            "manifest_sha256": manifest_sha,
+            "shards": len(read_manifest(shards_dir)["shards"]),
+        }
+        echo(f"validate: {len(problems)} problem(s)" + "".join(f"\n  {p}" for p in problems[:20]))
+    rep.seconds["validate"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    card = write_card(shards_dir, recipe, extra={"rebuild_report": str(out / REPORT)})
+    rep.stages["card"] = {"path": str(card)}
+    rep.seconds["card"] = time.perf_counter() - t
+    _write_json(out / REPORT, rep.to_json())
+    return rep
+
+
+def _read_json(p: Path) -> dict | None:
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(p: Path, obj: Any) -> None:
+    tmp = p.with_name(p.name + ".partial")
+    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n", encoding="utf-8")
+    tmp.replace(p)
+
+
+def _file_sha(p: Path) -> str | None:
+    from .shards import sha256_file
+
+    return sha256_file(p) if p.is_file() else None

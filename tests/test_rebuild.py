@@ -1,0 +1,150 @@
+"""`kneeprep rebuild` end to end on the small sample; resumability; the dataset card; `kneeprep preview`."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from kneeprep.cli import cli
+from kneeprep.recipe import load_recipe
+
+ROOT = Path(__file__).parent.parent
+RECIPE = ROOT / "recipes" / "3dreasonknee.toml"
+
+
+def _rebuild(sample: Path, out: Path, recipe: Path = RECIPE):
+    args = [
+        "rebuild", "--recipe", str(recipe), "--raw", str(sample / "raw"), "--annotations", str(sample),
+        "--masks", str(sample), "--out", str(out), "--workers", "0", "--no-progress",
+    ]  # fmt: skip
+    return CliRunner().invoke(cli, args, catch_exceptions=False)
+
+
+def _mtimes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def built(small_sample, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rebuild")
+    res = _rebuild(small_sample, out)
+    return small_sample, out, res
+
+
+def test_rebuild_end_to_end(built):
+    sample, out, res = built
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["ok"] and not report["did_nothing"]
+    truth = json.loads((sample / "truth.json").read_text())
+    written = report["stages"]["convert"]["counts"]["written"]
+    assert written == len(truth["volumes"] if "volumes" in truth else truth)
+    n_lines = sum(1 for _ in (sample / "quintuples.jsonl").open())
+    q = report["stages"]["shards"]["quintuples"]
+    rejected = sum(report["stages"]["shards"]["rejected"].values())
+    assert sum(q.values()) + rejected == n_lines  # nothing dropped silently
+    assert report["stages"]["validate"]["problems"] == []
+    for stage in ("scan", "convert", "boxes", "shards", "validate"):
+        assert stage in report["seconds"] and stage in res.output
+    assert "summary" in res.output and "status      ok" in res.output
+
+
+def test_rerun_does_no_work_and_says_so(built, tmp_path):
+    sample, out, _ = built
+    before = _mtimes(out / "volumes.zarr") | {f"s/{k}": v for k, v in _mtimes(out / "shards").items()}
+    res = _rebuild(sample, out)
+    assert res.exit_code == 0, res.output
+    assert "nothing to do" in res.output
+    after = _mtimes(out / "volumes.zarr") | {f"s/{k}": v for k, v in _mtimes(out / "shards").items()}
+    changed = {k for k in before if after.get(k) != before[k]}
+    # only the run reports and the card are rewritten; no volume, box or shard is touched
+    assert changed <= {"report.json", "s/README.md"}, changed
+    assert json.loads((out / "report.json").read_text())["did_nothing"]
+
+
+def test_changing_a_recipe_value_rebuilds_only_what_depends_on_it(small_sample, tmp_path):
+    out = tmp_path / "out"
+    assert _rebuild(small_sample, out).exit_code == 0
+    zarr_before = {k: v for k, v in _mtimes(out / "volumes.zarr").items() if "/image/" in k}
+    manifest_before = json.loads((out / "shards" / "manifest.json").read_text())
+
+    # [boxes] margin: boxes and shards change, images are not re-converted
+    text = RECIPE.read_text().replace("margin_mm = 0.0", "margin_mm = 3.0")
+    r2 = tmp_path / "margin.toml"
+    r2.write_text(text)
+    res = _rebuild(small_sample, out, r2)
+    assert res.exit_code == 0, res.output
+    rep = json.loads((out / "report.json").read_text())["stages"]
+    assert rep["convert"]["counts"]["written"] == 0
+    assert rep["boxes"]["volumes"] == len({k.split("/")[0] for k in zarr_before})
+    assert {k: v for k, v in _mtimes(out / "volumes.zarr").items() if "/image/" in k} == zarr_before
+    manifest_after = json.loads((out / "shards" / "manifest.json").read_text())
+    assert [s["sha256"] for s in manifest_after["shards"]] != [s["sha256"] for s in manifest_before["shards"]]
+
+    # [shards] target size only: nothing upstream is redone
+    r3 = tmp_path / "shards.toml"
+    r3.write_text(text.replace("target_bytes = 536870912", "target_bytes = 400000"))
+    res = _rebuild(small_sample, out, r3)
+    assert res.exit_code == 0, res.output
+    rep = json.loads((out / "report.json").read_text())["stages"]
+    assert rep["convert"]["counts"]["written"] == 0 and rep["boxes"]["volumes"] == 0
+    assert rep["shards"]["up_to_date"] is False
+    assert len(json.loads((out / "shards" / "manifest.json").read_text())["shards"]) > len(manifest_before["shards"])
+
+
+def test_dataset_card(built):
+    _, out, _ = built
+    card = (out / "shards" / "README.md").read_text()
+    manifest = json.loads((out / "shards" / "manifest.json").read_text())
+    for split, m in manifest["splits"].items():
+        if m["rows"]:
+            assert f"| {split} | {m['rows']} |" in card
+    recipe = load_recipe(RECIPE)
+    assert recipe.hash in card and "CC-BY-4.0" in card and "data use agreement" in card
+    assert "| bml |" in card and "`image`" in card
+
+
+def _read_png(path: Path) -> np.ndarray:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, w, h = 8, b"", None, None
+    while pos < len(data):
+        (n,) = struct.unpack(">I", data[pos : pos + 4])
+        tag, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + n]
+        assert zlib.crc32(tag + body) & 0xFFFFFFFF == struct.unpack(">I", data[pos + 8 + n : pos + 12 + n])[0]
+        if tag == b"IHDR":
+            w, h = struct.unpack(">II", body[:8])
+        elif tag == b"IDAT":
+            idat += body
+        pos += 12 + n
+    raw = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(h, 1 + 3 * w)
+    assert (raw[:, 0] == 0).all()
+    return raw[:, 1:].reshape(h, w, 3)
+
+
+def test_preview_draws_the_region_box(built, tmp_path):
+    _, out, _ = built
+    png = tmp_path / "p.png"
+    res = CliRunner().invoke(
+        cli, ["preview", str(out / "volumes.zarr"), "--first", "--region", "femur medial central", "-o", str(png)]
+    )
+    assert res.exit_code == 0, res.output
+    rgb = _read_png(png)[30 + 24 :]  # below the title bar and the panel captions
+    red = (rgb[..., 0] == 255) & (rgb[..., 1] == 40) & (rgb[..., 2] == 40)
+    yellow = (rgb[..., 0] == 255) & (rgb[..., 1] == 220) & (rgb[..., 2] == 0)
+    assert red.sum() > 50 and yellow.sum() > 20
+    # the region's outline lies inside the box's rectangle in every panel where both are drawn
+    third = rgb.shape[1] // 3
+    for panel in range(3):
+        cols = slice(panel * third, (panel + 1) * third)
+        r, y = np.argwhere(red[:, cols]), np.argwhere(yellow[:, cols])
+        if len(r) and len(y):
+            assert (y.min(0) >= r.min(0)).all() and (y.max(0) <= r.max(0)).all()
+    bad = CliRunner().invoke(cli, ["preview", str(out / "volumes.zarr"), "--first", "--region", "nope", "-o", str(png)])
+    assert bad.exit_code == 2 and "not a region" in bad.output
