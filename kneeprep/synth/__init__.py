@@ -1,11 +1,39 @@
 """The OAI-like sample generator behind ``kneeprep synth``.
 
-``dicom_writer.write_series`` writes any ``(z, y, x)`` array as a classic MR Image Storage series; test
-fixtures build their defective series on it.
+``generate(out, patients=2, size="full", seed=0)`` writes a raw OAI-style DICOM tree, NIfTI label maps,
+the annotation directory (split CSVs, question bank, quintuples JSONL) and ``truth.json`` (grids, label
+centroids, lesions and grades as placed); see :mod:`kneeprep.synth.sample` for the layout.
+
+Modules: ``dicom_writer`` (any ``(z, y, x)`` array -> classic MR Image Storage series; test fixtures build
+their defective series on it), ``phantom`` (knee anatomy painted on a grid, DESS-like image), ``findings``
+(lesions placed and graded from what was painted), ``answers`` (prompts, answer JSON, reasoning; not named ``annotations``, which
+``from __future__ import annotations`` would shadow in this package),
+``sample`` (planning and writing).
 """
 
 from __future__ import annotations
 
-from .dicom_writer import make_uid, write_series
+from pathlib import Path
 
-__all__ = ["make_uid", "write_series"]
+from .dicom_writer import make_uid, write_series
+from .sample import GRIDS, PHI_MARKERS, SamplePlan, SampleSummary, plan_sample, write_sample
+
+__all__ = [
+    "GRIDS",
+    "PHI_MARKERS",
+    "SamplePlan",
+    "SampleSummary",
+    "generate",
+    "make_uid",
+    "plan_sample",
+    "write_sample",
+    "write_series",
+]
+
+
+def generate(
+    out: str | Path, patients: int = 2, size: str = "full", seed: int = 0, *, progress=None
+) -> SampleSummary:
+    """Write an OAI-like sample of ``patients`` patients under ``out`` (``size`` "full" = the OAI DESS
+    protocol, 160 x 384 x 384; "small" = 40 x 96 x 96 over the same field of view). Deterministic in ``seed``."""
+    return write_sample(plan_sample(patients, size, seed), out, progress=progress)
