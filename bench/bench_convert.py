@@ -18,7 +18,6 @@ normalization to uint16 (measuring percentiles included); both write Blosc-zstd 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -28,20 +27,22 @@ PATIENTS = 2
 ROOT = Path(__file__).resolve().parents[1]
 
 _MEMORY_CHILD = r"""
-import json, resource, sys
+import json, sys
 from pathlib import Path
 from kneeprep.dicom import scan_tree
 from kneeprep.pipeline import convert_series
 from kneeprep.recipe import load_recipe
 from kneeprep import store
 import kneeprep.masks, kneeprep.boxes, kneeprep.transforms, zarr, SimpleITK  # imports before the baseline
+def hwm():  # VmHWM belongs to this process's own address space (ru_maxrss would include the parent's at fork)
+    return int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1])
 folder, out, recipe_file, mask = sys.argv[1:5]
 recipe = load_recipe(recipe_file)
 (info,) = [s for s in scan_tree(folder, recipe.qc).series]
 store.init_store(out)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = hwm()
 r = convert_series(info, recipe, out, mask or None)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = hwm()
 print(json.dumps({"status": r.status, "message": r.message, "base_kib": base, "peak_kib": peak, "seconds": r.seconds}))
 """
 
@@ -53,14 +54,22 @@ def _run(cmd: list[str], **kw) -> tuple[float, subprocess.CompletedProcess]:
     return time.perf_counter() - t, res
 
 
+_RSS_WRAPPER = r"""
+import json, os, subprocess, sys, time
+t = time.perf_counter()
+p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+_, status, usage = os.wait4(p.pid, 0)
+print(json.dumps([time.perf_counter() - t, usage.ru_maxrss, os.waitstatus_to_exitcode(status)]))
+"""
+
+
 def _run_rss(cmd: list[str]) -> tuple[float, float, int]:
-    """Wall seconds, peak RSS (MiB) and exit code of one child process (``os.wait4``)."""
-    t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return wall, usage.ru_maxrss / 1024, proc.returncode
+    """Wall seconds, peak RSS (MiB) and exit code of one child process. It is started from a small wrapper
+    interpreter: Linux's ru_maxrss keeps the high-water mark of the address space forked from, so forking
+    from this (large) process would report its size instead of the child's."""
+    res = subprocess.run([sys.executable, "-c", _RSS_WRAPPER, *cmd], capture_output=True, check=True)
+    wall, kib, code = json.loads(res.stdout)
+    return wall, kib / 1024, code
 
 
 def _dcm2niix() -> str:
@@ -137,6 +146,8 @@ def run(workdir: Path) -> str:
         ]
         res = subprocess.run(cmd, capture_output=True, cwd=ROOT)
         d = json.loads(res.stdout.decode().strip().splitlines()[-1])
+        if d["status"] != "written":
+            raise RuntimeError(f"memory run of {v}: {d['status']}: {d['message']}")
         mem[v] = (d["peak_kib"] - d["base_kib"]) / 1024, d["peak_kib"] / 1024
         subprocess.run(["rm", "-rf", str(out)])
 
