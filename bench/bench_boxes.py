@@ -70,6 +70,8 @@ def knee_mask(shape=SHAPE, seed: int = 0) -> np.ndarray:
         ("acl", (0.55, 0.52, 0.50), (0.03, 0.06, 0.02)),
         ("pcl", (0.45, 0.52, 0.62), (0.03, 0.06, 0.02)),
         ("patellar tendon", (0.5, 0.50, 0.07), (0.08, 0.12, 0.015)),
+        ("femur shaft", (0.5, 0.06, 0.45), (0.12, 0.06, 0.10)),
+        ("tibia shaft", (0.5, 0.94, 0.50), (0.12, 0.06, 0.10)),
     ]:
         jitter = rng.normal(0, 0.005, size=3)
         blob(name, np.add((z, y, x), jitter), (rz, ry, rx))

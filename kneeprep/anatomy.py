@@ -254,14 +254,16 @@ SAMPLE_LABELS: dict[int, str] = {
         )
         + tuple(f"{p.split()[0]} meniscus {' '.join(p.split()[1:])}" for p in MENISCUS_PARTS)
         + ("joint effusion", "hoffa fat pad", "acl", "pcl", "patellar tendon")
+        # MOAKS subregions cover the epiphyses; the rest of each bone in the field of view is its shaft.
+        + ("femur shaft", "tibia shaft")
     )
 }
 
 #: region name -> label names; every label is also a region of its own name.
 SAMPLE_REGION_GROUPS: dict[str, tuple[str, ...]] = {
     "patella": PATELLA,
-    "femur": FEMUR,
-    "tibia": TIBIA + (SUBSPINOUS,),
+    "femur": FEMUR + ("femur shaft",),
+    "tibia": TIBIA + (SUBSPINOUS, "tibia shaft"),
     "tibia medial": ("tibia medial anterior", "tibia medial central", "tibia medial posterior"),
     "tibia lateral": ("tibia lateral anterior", "tibia lateral central", "tibia lateral posterior"),
     "medial meniscus": ("medial meniscus anterior horn", "medial meniscus body", "medial meniscus posterior horn"),

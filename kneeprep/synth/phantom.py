@@ -232,6 +232,9 @@ class Anatomy:
     subspinous_half_width: float = 5.0
     subspinous_floor_s: float = -20.0
     tibia_plateau_s: float = -3.0
+    # MOAKS subregions end here (knee frame, mm): femur above, tibia below is shaft
+    femur_shaft_s: float = 45.0
+    tibia_shaft_s: float = -30.0
     cartilage_thickness: float = 2.5
     cortex: float = 1.0
 
@@ -329,7 +332,8 @@ def bone_subregion(bone: str, m, p, s, anatomy: Anatomy) -> np.ndarray:
             ],
             [LABEL["femur medial trochlea"], LABEL["femur medial central"], LABEL["femur medial posterior"]],
         ]
-        return np.asarray(names, dtype=np.uint8)[medial.astype(int), zone]
+        out = np.asarray(names, dtype=np.uint8)[medial.astype(int), zone]
+        return np.where(s > anatomy.femur_shaft_s * sc, LABEL["femur shaft"], out).astype(np.uint8)
     if bone == "tibia":
         zone = np.where(
             p < anatomy.tibia_anterior_p * sc, 0, np.where(p > anatomy.tibia_posterior_p * sc, 2, 1)
@@ -344,7 +348,8 @@ def bone_subregion(bone: str, m, p, s, anatomy: Anatomy) -> np.ndarray:
         ]
         out = np.asarray(names, dtype=np.uint8)[medial.astype(int), zone]
         spine = (np.abs(m) <= anatomy.subspinous_half_width * sc) & (s > anatomy.subspinous_floor_s * sc)
-        return np.where(spine, LABEL["tibia subspinous"], out).astype(np.uint8)
+        out = np.where(spine, LABEL["tibia subspinous"], out)
+        return np.where(s < anatomy.tibia_shaft_s * sc, LABEL["tibia shaft"], out).astype(np.uint8)
     raise ValueError(f"unknown bone {bone!r}")
 
 
