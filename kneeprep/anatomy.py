@@ -240,18 +240,21 @@ _BY_KEY = {_norm_key(q.answer_key): q for q in QUESTIONS.values()}
 # The sample's label map (what ``kneeprep synth`` writes) and its region groups.
 # Real masks may use other maps: the recipe's [labels] table is what the pipeline reads.
 
+#: The sample's cartilage plates.
+CARTILAGE_PLATES = (
+    "patellar cartilage",
+    "femoral cartilage medial",
+    "femoral cartilage lateral",
+    "femoral cartilage trochlear",
+    "tibial cartilage medial",
+    "tibial cartilage lateral",
+)
+
 SAMPLE_LABELS: dict[int, str] = {
     i + 1: name
     for i, name in enumerate(
         BML_REGIONS
-        + (
-            "patellar cartilage",
-            "femoral cartilage medial",
-            "femoral cartilage lateral",
-            "femoral cartilage trochlear",
-            "tibial cartilage medial",
-            "tibial cartilage lateral",
-        )
+        + CARTILAGE_PLATES
         + tuple(f"{p.split()[0]} meniscus {' '.join(p.split()[1:])}" for p in MENISCUS_PARTS)
         + ("joint effusion", "hoffa fat pad", "acl", "pcl", "patellar tendon")
         # MOAKS subregions cover the epiphyses; the rest of each bone in the field of view is its shaft.

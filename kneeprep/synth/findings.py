@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..anatomy import BML_REGIONS, CARTILAGE_REGIONS, MENISCUS_PARTS, OSTEOPHYTE_LOCATIONS, QUESTIONS
+from ..anatomy import BML_REGIONS, CARTILAGE_PLATES, CARTILAGE_REGIONS, MENISCUS_PARTS, OSTEOPHYTE_LOCATIONS, QUESTIONS
 from .phantom import (
     LABEL,
     Anatomy,
@@ -402,17 +402,7 @@ def place_and_grade(canvas: Canvas, anatomy: Anatomy, targets: KneeTargets, rng:
         )
 
     # Cartilage defects: full-thickness core (fluid) inside a partial-thickness rim (intermediate signal).
-    cart_labels = [
-        LABEL[n]
-        for n in (
-            "patellar cartilage",
-            "femoral cartilage medial",
-            "femoral cartilage lateral",
-            "femoral cartilage trochlear",
-            "tibial cartilage medial",
-            "tibial cartilage lateral",
-        )
-    ]
+    cart_labels = [LABEL[n] for n in CARTILAGE_PLATES]
     cart_idx = np.argwhere(np.isin(canvas.labels, cart_labels))
     cart_pts = canvas.local_of_indices(cart_idx)
     cart_sub = cartilage_subregion(canvas.labels[tuple(cart_idx.T)], cart_pts, anatomy)
