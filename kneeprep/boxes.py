@@ -257,15 +257,38 @@ def label_stats(
     per_x = np.zeros((shape[2], k), dtype=np.int64)
     bz, by, bx = arr.shape
     oz, oy, ox = offset
+    # When the codes are the raw ids (ids == 0..k-1), label 0 is not histogrammed: a slice that is mostly
+    # background (masks usually are) is counted from its labelled voxels only, and the background's
+    # marginals are what the other labels leave of each slice, row and column.
+    skip_zero = k > 1 and ids[0] == 0 and ids[-1] == k - 1
     if arr.size:
         row_keys = (np.arange(by, dtype=np.intp) * k)[:, None]
         col_keys = np.arange(bx, dtype=np.intp) * k
         for i in range(bz):
+            if skip_zero:
+                flat = arr[i].reshape(-1)
+                where = np.flatnonzero(flat)
+                if where.size * 4 < flat.size:
+                    codes = flat[where].astype(np.intp)
+                    rows, cols = np.divmod(where, bx)
+                    t = np.bincount(rows * k + codes, minlength=by * k).reshape(by, k)
+                    per_y[oy : oy + by] += t
+                    per_z[oz + i] += t.sum(axis=0)
+                    per_x[ox : ox + bx] += np.bincount(cols * k + codes, minlength=bx * k).reshape(bx, k)
+                    continue
             codes = encode(arr[i])
             t = np.bincount((codes + row_keys).ravel(), minlength=by * k).reshape(by, k)
+            tx = np.bincount((codes + col_keys).ravel(), minlength=bx * k).reshape(bx, k)
+            if skip_zero:
+                t[:, 0] = 0
+                tx[:, 0] = 0
             per_y[oy : oy + by] += t
             per_z[oz + i] += t.sum(axis=0)
-            per_x[ox : ox + bx] += np.bincount((codes + col_keys).ravel(), minlength=bx * k).reshape(bx, k)
+            per_x[ox : ox + bx] += tx
+        if skip_zero:
+            per_z[oz : oz + bz, 0] = by * bx - per_z[oz : oz + bz, 1:].sum(axis=1)
+            per_y[oy : oy + by, 0] = bz * bx - per_y[oy : oy + by, 1:].sum(axis=1)
+            per_x[ox : ox + bx, 0] = bz * by - per_x[ox : ox + bx, 1:].sum(axis=1)
     keep = per_z.sum(axis=0) > 0
     return LabelStats(shape, ids[keep], per_z[:, keep], per_y[:, keep], per_x[:, keep])
 

@@ -110,7 +110,7 @@ def place_mask(
     landed = int(np.count_nonzero(out))
     if landed == 0:
         raise MaskError(f"{source}: none of the mask's {n_labelled} labelled voxels lies inside the volume")
-    present = tuple(int(v) for v in np.unique(out) if v)
+    present = tuple(int(v) for v in np.unique(out[out != 0]))  # labels are sparse: skip the background first
     unknown = tuple(v for v in present if label_map is not None and v not in label_map)
     volume_ratio = np.prod(target.spacing) / np.prod(geometry.spacing)
     label_coverage = min(1.0, landed * volume_ratio / n_labelled)

@@ -9,6 +9,15 @@
 
 Only small records cross the wire: tasks get paths and recipes, write their outputs themselves, and return a
 few hundred bytes.
+
+**Lost workers.** A worker process that dies (OOM killer, SIGKILL, a crash in native code) takes its running
+task with it; the scheduler re-runs that task elsewhere and gives up on it after ``allowed-failures`` deaths
+(``KilledWorker``). :meth:`DaskExecutor.map_unordered` then resubmits the item once on its own (it may only
+have been a bystander on the dying worker) and, if it is lost again or fails in another way, yields
+``on_error(item, exception)`` -- a failure record -- instead of raising: one poisonous series never aborts a
+run, and the run always ends. The local cluster uses ``allowed-failures = 1`` and ``worker-saturation = 1.0``
+(a worker holds one task at a time, so a dying worker takes no innocent queued task with it); on an existing
+cluster these are the scheduler's settings.
 """
 
 from __future__ import annotations
@@ -25,30 +34,74 @@ import click
 class SerialExecutor:
     """Runs ``map_unordered`` calls in this process, in order (``workers=0``)."""
 
-    def map_unordered(self, fn: Callable, items: Sequence, **kwargs) -> Iterator[Any]:
+    def map_unordered(
+        self, fn: Callable, items: Sequence, on_error: Callable[[Any, BaseException], Any] | None = None, **kwargs
+    ) -> Iterator[Any]:
         for item in items:
-            yield fn(item, **kwargs)
+            try:
+                result = fn(item, **kwargs)
+            except Exception as e:
+                if on_error is None:
+                    raise
+                result = on_error(item, e)
+            yield result
 
 
 class DaskExecutor:
     """Submits one task per item to a ``distributed.Client`` and yields results as they complete."""
 
+    #: times an item whose worker died (``KilledWorker``) is resubmitted on its own before it counts as failed.
+    LOST_WORKER_RETRIES = 1
+
     def __init__(self, client):
         self.client = client
 
-    def map_unordered(self, fn: Callable, items: Sequence, **kwargs) -> Iterator[Any]:
-        from distributed import as_completed
+    def map_unordered(
+        self, fn: Callable, items: Sequence, on_error: Callable[[Any, BaseException], Any] | None = None, **kwargs
+    ) -> Iterator[Any]:
+        """Yield ``fn(item, **kwargs)`` for every item, in completion order.
 
+        A task that raises, or whose worker died, yields ``on_error(item, exception)`` when ``on_error`` is
+        given (after :data:`LOST_WORKER_RETRIES` resubmissions for a lost worker), else the exception is raised.
+        """
+        from distributed import as_completed
+        from distributed.scheduler import KilledWorker
+
+        items = list(items)
         if not items:
             return
-        futures = self.client.map(fn, list(items), pure=False, **kwargs)
+        futures = self.client.map(fn, items, pure=False, **kwargs)
+        item_of = {f.key: i for i, f in enumerate(futures)}
+        tries = dict.fromkeys(range(len(items)), 0)
+        live = set(futures)
+        pending = as_completed(futures)
         try:
-            for future in as_completed(futures):
-                yield future.result()
+            for future in pending:
+                live.discard(future)
+                i = item_of.pop(future.key)
+                if future.status == "finished":
+                    result = future.result()
+                    future.release()
+                    yield result
+                    continue
+                try:
+                    exc = future.exception()
+                except BaseException as e:  # cancelled (scheduler gone): report, do not hang
+                    exc = e
                 future.release()
+                if isinstance(exc, KilledWorker) and tries[i] < self.LOST_WORKER_RETRIES:
+                    tries[i] += 1
+                    (retry,) = self.client.map(fn, [items[i]], pure=False, **kwargs)
+                    item_of[retry.key] = i
+                    live.add(retry)
+                    pending.add(retry)
+                    continue
+                if on_error is None:
+                    raise exc
+                yield on_error(items[i], exc)
         finally:
             # on an error or Ctrl-C in the caller: stop what has not run yet
-            self.client.cancel([f for f in futures if not f.done()])
+            self.client.cancel([f for f in live if not f.done()])
 
 
 def default_workers() -> int:
@@ -83,8 +136,11 @@ def dask_client(n_workers: int | None = None, scheduler: str | None = None) -> I
         with Client(scheduler, timeout="30s") as client:
             yield client
         return
+    import dask
+
     n = n_workers or default_workers()
     with (
+        dask.config.set({"distributed.scheduler.allowed-failures": 1, "distributed.scheduler.worker-saturation": 1.0}),
         LocalCluster(
             n_workers=n,
             threads_per_worker=1,

@@ -161,7 +161,10 @@ def _convert(info, recipe: Recipe, store: Path, mask_path, fingerprint, t0: floa
     array, geometry = apply_resample(array, geometry, resample)
     i = recipe.intensity
     normalization = plan_normalize(array, i.method, i.lower, i.upper, i.dtype)
-    image = apply_normalize(array, normalization)
+    if normalization.method == "none" and array.dtype == normalization.dtype:
+        image = array  # exact values already in the stored dtype: no copy (one volume less in memory)
+    else:
+        image = apply_normalize(array, normalization)
     del raw, array
     timings["transform"] = time.perf_counter() - t
 

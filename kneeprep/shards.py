@@ -135,11 +135,15 @@ def write_shards(
     (out / MANIFEST).unlink(missing_ok=True)  # the directory is incomplete until the new manifest lands
     qs = sorted(quintuples, key=quintuple_order)
     entries: list[dict[str, Any]] = []
-    for split, split_rows in groupby(qs, key=lambda q: q.split):
-        if split not in SPLITS:
-            raise ValidationError(f"quintuple split {split!r} is not one of {', '.join(SPLITS)}")
-        rg_bytes = min(row_group_bytes, recipe.shards.target_bytes)
-        entries += _write_split(out, split, list(split_rows), read_volume, recipe.shards, rg_bytes)
+    try:
+        for split, split_rows in groupby(qs, key=lambda q: q.split):
+            if split not in SPLITS:
+                raise ValidationError(f"quintuple split {split!r} is not one of {', '.join(SPLITS)}")
+            rg_bytes = min(row_group_bytes, recipe.shards.target_bytes)
+            entries += _write_split(out, split, list(split_rows), read_volume, recipe.shards, rg_bytes)
+    except BaseException:
+        _remove_partials(out)  # a failed or interrupted run leaves no half-written shard (and no manifest)
+        raise
     manifest = {
         "format": "kneeprep-shards",
         "schema_version": SCHEMA_VERSION,
@@ -164,7 +168,13 @@ def write_shards(
     for p in sorted(out.glob("*/part-*.parquet")):
         if p.relative_to(out).as_posix() not in keep:
             p.unlink()
+    _remove_partials(out)  # left by a run that was killed (SIGKILL, power loss) before it could clean up
     return manifest
+
+
+def _remove_partials(out: Path) -> None:
+    for p in out.glob("*/part-*.parquet.partial"):
+        p.unlink(missing_ok=True)
 
 
 def _write_split(
@@ -233,7 +243,10 @@ class _ShardWriter:
 
     def write_group(self, group: list[tuple[list[Quintuple], np.ndarray, dict]]) -> None:
         table = rows_to_table(group)
-        self.writer.write_table(table, row_group_size=table.num_rows)
+        try:
+            self.writer.write_table(table, row_group_size=table.num_rows)
+        except (OSError, pa.ArrowException) as e:  # ENOSPC, EFBIG, EIO ...: name the file
+            raise StoreError(f"{self.final}: could not write the shard: {e}") from e
         self.rows += table.num_rows
         self.volumes += len(group)
         self.row_group_rows.append(table.num_rows)
@@ -242,9 +255,12 @@ class _ShardWriter:
         return self.sink.tell()
 
     def close(self) -> dict[str, Any]:
-        self.writer.close()
-        self.sink.close()
-        os.replace(self.tmp, self.final)
+        try:
+            self.writer.close()
+            self.sink.close()
+            os.replace(self.tmp, self.final)
+        except (OSError, pa.ArrowException) as e:
+            raise StoreError(f"{self.final}: could not finish the shard: {e}") from e
         return {
             "path": self.rel,
             "split": self.split,

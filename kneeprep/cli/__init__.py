@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     from ..errors import KneeprepError
 
     try:
-        cli.main(args=argv, prog_name="kneeprep", standalone_mode=False)
+        # without standalone mode click *returns* the code of ctx.exit(n) / raise Exit(n) instead of raising
+        code = cli.main(args=argv, prog_name="kneeprep", standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:
@@ -89,4 +90,4 @@ def main(argv: list[str] | None = None) -> None:
     except KneeprepError as e:
         click.secho(f"error: {e}", fg="red", err=True)
         sys.exit(1)
-    sys.exit(0)
+    sys.exit(code if isinstance(code, int) and not isinstance(code, bool) else 0)

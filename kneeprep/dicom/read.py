@@ -207,27 +207,38 @@ def read_slices(paths: Sequence[str | Path]) -> np.ndarray:
 def _read_stack(paths: Sequence[str | Path]) -> tuple[np.ndarray, list[_Slice]]:
     if not paths:
         raise DicomError("read_slices: no files given")
-    slices = [_read_slice(Path(p)) for p in paths]
-    ref = slices[0].header
-    for p, s in zip(paths, slices, strict=True):
-        if s.header != ref:
+    # Stored values go into one preallocated array as each file is read, so its PixelData is released at
+    # once: reading holds one volume, not two. With no rescale (the usual case) that array is the result.
+    slices: list[_Slice] = []
+    stack = None
+    for k, p in enumerate(paths):
+        s = _read_slice(Path(p))
+        if slices and s.header != slices[0].header:
             raise DicomError(
-                f"{p}: (Rows, Columns, BitsAllocated, BitsStored, signed) {s.header} differ from {ref} in {paths[0]}"
+                f"{p}: (Rows, Columns, BitsAllocated, BitsStored, signed) {s.header} differ from "
+                f"{slices[0].header} in {paths[0]}"
             )
-    rows, cols, _, bits_stored, signed = ref
-    native = [s for s in slices if not s.rescaled]
-    bits_alloc = ref[2]
-    stored_dtype = native[0].values.dtype if native else np.dtype(f"{'i' if signed else 'u'}{max(1, bits_alloc // 8)}")
+        if not s.rescaled:
+            if stack is None:
+                stack = np.empty((len(paths), *s.header[:2]), dtype=s.values.dtype)
+            if s.values.dtype == stack.dtype:
+                stack[k] = s.values
+                s.values = None
+        slices.append(s)
+    rows, cols, bits_alloc, bits_stored, signed = slices[0].header
+    stored_dtype = stack.dtype if stack is not None else np.dtype(f"{'i' if signed else 'u'}{max(1, bits_alloc // 8)}")
     dtype = rescale_dtype(stored_dtype, bits_stored, signed, [s.slope for s in slices], [s.intercept for s in slices])
-    out = np.empty((len(slices), rows, cols), dtype=dtype)
+    if stack is not None and dtype == stack.dtype and all(s.values is None and s.slope == 1 and s.intercept == 0 for s in slices):
+        return stack, slices
+    out = stack if stack is not None and dtype == stack.dtype else np.empty((len(slices), rows, cols), dtype=dtype)
     for k, (p, s) in enumerate(zip(paths, slices, strict=True)):
+        vals = stack[k] if s.values is None else s.values
         if s.rescaled:
-            vals = s.values
             if dtype.kind in "iu" and not np.array_equal(vals, np.rint(vals)):
                 raise DicomError(f"{p}: decoded values are not integral but RescaleSlope/Intercept are integers")
             out[k] = vals.astype(dtype) if dtype.kind in "iu" else vals
         else:
-            out[k] = apply_rescale(s.values, s.slope, s.intercept, dtype)
+            out[k] = apply_rescale(vals, s.slope, s.intercept, dtype)
     return out, slices
 
 

@@ -26,7 +26,8 @@ import numpy as np
 from ..errors import RecipeError
 
 _AUTO_INT = ("uint8", "int8", "uint16", "int16", "uint32", "int32")
-_SLAB = 16  # slices per pass when accumulating statistics, to bound float64 temporaries
+_SLAB = 16  # slices per pass when accumulating statistics or scaling, to bound float temporaries
+_HIST_STEP = 1 << 21  # values per np.bincount call in percentiles (its intp copy: 16 MiB)
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,11 @@ def percentiles(array: np.ndarray, qs) -> list[float]:
         lo = int(array.min())
         hi = int(array.max())
         if hi - lo < 1 << 22:
-            counts = np.bincount((array.ravel() - lo) if lo else array.ravel(), minlength=hi - lo + 1)
+            counts = np.zeros(hi - lo + 1, dtype=np.int64)
+            flat = array.reshape(-1)
+            for i in range(0, flat.size, _HIST_STEP):  # bincount copies to intp: bound that copy
+                part = flat[i : i + _HIST_STEP]
+                counts += np.bincount((part - lo) if lo else part, minlength=hi - lo + 1)
             cum = np.cumsum(counts)
             rank = qs / 100.0 * (array.size - 1)
             below = np.floor(rank).astype(np.int64)
@@ -149,6 +154,16 @@ def apply_normalize(array: np.ndarray, params: NormalizeParams) -> np.ndarray:
     """``cast((clip(x, clip_min, clip_max) - offset) * factor)`` to ``params.dtype``; a new array."""
     if params.method == "none":
         return array.astype(params.dtype, copy=True)
+    if array.ndim < 1 or array.shape[0] <= _SLAB:
+        return _normalize_block(array, params)
+    # a slab at a time: the float32 working copy stays a few MB instead of twice the volume
+    out = np.empty(array.shape, dtype=params.dtype)
+    for i in range(0, array.shape[0], _SLAB):
+        out[i : i + _SLAB] = _normalize_block(array[i : i + _SLAB], params)
+    return out
+
+
+def _normalize_block(array: np.ndarray, params: NormalizeParams) -> np.ndarray:
     x = array.astype(np.float32)
     if params.clip_min is not None:
         np.clip(x, np.float32(params.clip_min), np.float32(params.clip_max), out=x)
