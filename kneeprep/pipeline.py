@@ -254,6 +254,24 @@ def _run_task(task: ConvertTask, recipe: Recipe, store_path: str) -> ItemResult:
     return convert_series(task.info, recipe, store_path, task.mask_path, fingerprint=task.fingerprint)
 
 
+def _task_lost(task: ConvertTask, exc: BaseException) -> ItemResult:
+    """The ``failed`` record of a task that never returned: its worker died (every retry) or the cluster
+    failed it. ``kind`` is ``worker_lost`` for a dead worker, else ``unexpected``."""
+    info = task.info
+    source = str(info.files[0].parent) if info.files else ""
+    lost = type(exc).__name__ == "KilledWorker"
+    why = (
+        "the worker process converting it died on every attempt (killed by the OS or out of memory, or a crash "
+        "in native code); nothing of it was written"
+        if lost
+        else "the task did not return a result"
+    )
+    return ItemResult(
+        info.volume_id, "failed", "worker_lost" if lost else "unexpected",
+        f"series {source}: {why} ({type(exc).__name__}: {str(exc)[:300]})", 0.0, source,
+    )  # fmt: skip
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the driver
 
@@ -390,7 +408,9 @@ def run_convert(
             tasks.append(ConvertTask(info, str(mask) if mask else None, fp))
         try:
             with executor(workers, scheduler) as ex:
-                results = ex.map_unordered(_run_task, tasks, recipe=recipe, store_path=str(store))
+                results = ex.map_unordered(
+                    _run_task, tasks, on_error=_task_lost, recipe=recipe, store_path=str(store)
+                )
                 for r in progress_iter(results, len(tasks), "convert", progress, item_name=lambda r: r.item):
                     report.add(r)
         except KeyboardInterrupt:

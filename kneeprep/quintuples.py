@@ -21,13 +21,14 @@ rejected: they become rows with a null box, ``box_empty = True`` and ``box_reaso
 Splits are by patient, never by knee: from the published split CSVs (``splits.source = "csv"``) or generated
 from ``splits.seed`` and ``splits.ratios`` over the sorted patient ids. A patient found in two splits raises
 :class:`~kneeprep.errors.ValidationError`.
+
+Quintuples carry the real ids (they are joined with the store, which is keyed by them); the recipe's
+``privacy.pseudonymize_ids`` is applied where they are published (:mod:`kneeprep.privacy`, in
+:func:`kneeprep.shards.build_shards`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -143,7 +144,6 @@ def build_quintuples(annotations, volumes_attrs: Mapping[str, Mapping[str, Any]]
 
     split_of = _assign_splits(annotations, {(r.volume_id, p) for r, _, p in candidates}, recipe)
 
-    pseudo = _pseudonymizer(recipe)
     out: list[Quintuple] = []
     for rec, attrs, patient in candidates:
         split = split_of.get(rec.volume_id)
@@ -159,9 +159,9 @@ def build_quintuples(annotations, volumes_attrs: Mapping[str, Mapping[str, Any]]
         q = QUESTIONS.get(rec.question_id)
         out.append(
             Quintuple(
-                sample_id=pseudo(rec.sample_id, patient),
-                volume_id=pseudo(rec.volume_id, patient),
-                patient_id=pseudo(patient, patient),
+                sample_id=rec.sample_id,
+                volume_id=rec.volume_id,
+                patient_id=patient,
                 split=split,
                 question_id=rec.question_id,
                 question_type=q.finding if q else "",
@@ -259,23 +259,6 @@ def generate_patient_splits(patients: list[str], seed: int, ratios) -> dict[str,
 def _patient_of(volume_id: str, attrs: Mapping[str, Any]) -> str:
     p = attrs.get("patient_id")
     return str(p) if p else str(parse_volume_id(volume_id)["patient_id"])
-
-
-def _pseudonymizer(recipe):
-    """``f(text, patient) -> text`` with the patient id replaced by its keyed hash when the recipe asks."""
-    if not recipe.privacy.pseudonymize_ids:
-        return lambda text, patient: text
-    key = os.environ.get(recipe.privacy.key_env)
-    if not key:
-        raise RecipeError(f"privacy.pseudonymize_ids is on but the key variable {recipe.privacy.key_env} is not set")
-    cache: dict[str, str] = {}
-
-    def f(text: str, patient: str) -> str:
-        if patient not in cache:
-            cache[patient] = hmac.new(key.encode(), patient.encode(), hashlib.sha256).hexdigest()[:16]
-        return cache[patient] + text[len(patient) :] if text.startswith(patient) else text
-
-    return f
 
 
 def _rejected_from_error(e) -> Rejected:

@@ -95,10 +95,13 @@ def rebuild(
     from .pipeline import run_convert
     from .shards import build_shards, read_manifest, validate_shards
 
+    from .privacy import Pseudonymizer
+
     out = Path(out)
     for name, p in (("raw", raw), ("annotations", annotations), ("masks", masks)):
         if p is not None and not Path(p).is_dir():
             raise InputNotFoundError(f"{p}: {name} directory not found")
+    Pseudonymizer.from_recipe(recipe)  # a missing privacy key fails now, not after the convert stage
     out.mkdir(parents=True, exist_ok=True)
     store, shards_dir = out / "volumes.zarr", out / "shards"
     previous = _read_json(out / REPORT)

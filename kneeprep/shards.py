@@ -628,21 +628,32 @@ def build_shards(store, annotations_dir, out_dir, recipe, *, force: bool = False
     import time
 
     from .annotations import read_annotations
+    from .privacy import Pseudonymizer
     from .quintuples import BENIGN_KINDS, build_quintuples
     from .store import list_volumes, read_attrs, read_volume
 
     t0 = time.perf_counter()
+    pseudo = Pseudonymizer.from_recipe(recipe)  # a missing key fails before any work
     out = Path(out_dir)
     annotations = read_annotations(annotations_dir)
     vids = list_volumes(store)
     attrs = {v: read_attrs(store, v) for v in vids}
     rhash = recipe.stage_hash("shards")
     ihash = inputs_hash(store, annotations_dir, vids, attrs)
+    if pseudo.enabled:  # shards pseudonymized with another key are not up to date
+        ihash = hashlib.sha256(f"{ihash}\0{pseudo.fingerprint}".encode()).hexdigest()[:16]
     if not force and up_to_date(out, rhash, ihash):
         previous = json.loads((out / REPORT).read_text()) if (out / REPORT).is_file() else {}
         return previous | {"up_to_date": True, "seconds": round(time.perf_counter() - t0, 3)}
     quintuples, rejected = build_quintuples(annotations, attrs, recipe)
-    manifest = write_shards(quintuples, lambda v: read_volume(store, v), out, recipe, inputs_hash=ihash)
+    real_volume: dict[str, str] = {}  # published (pseudonymized) volume id -> store volume id
+    if pseudo.enabled:
+        real_volume = {pseudo.prefixed(q.volume_id, q.patient_id): q.volume_id for q in quintuples}
+        quintuples = [pseudo.quintuple(q) for q in quintuples]
+        rejected = _pseudonymize_rejections(rejected, pseudo, annotations, attrs)
+    manifest = write_shards(
+        quintuples, lambda v: read_volume(store, real_volume.get(v, v)), out, recipe, inputs_hash=ihash
+    )
     by_kind: dict[str, int] = {}
     for r in rejected:
         by_kind[r.reason_kind] = by_kind.get(r.reason_kind, 0) + 1
@@ -664,3 +675,16 @@ def build_shards(store, annotations_dir, out_dir, recipe, *, force: bool = False
     }
     _write_json_atomic(out / REPORT, report)
     return report
+
+
+def _pseudonymize_rejections(rejected, pseudo, annotations, attrs) -> list:
+    """Rejections with every known patient id (store, annotations, split CSVs) replaced in ids and messages."""
+    import dataclasses
+
+    patients = {str(a.get("patient_id") or "") for a in attrs.values()}
+    patients |= {r.volume_id.split("_", 1)[0] for r in annotations.records if r.volume_id}
+    patients |= {str(r.patient_id) for r in annotations.splits}
+    return [
+        dataclasses.replace(r, sample_id=pseudo.text(r.sample_id, patients), message=pseudo.text(r.message, patients))
+        for r in rejected
+    ]

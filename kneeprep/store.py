@@ -222,6 +222,16 @@ def write_volume(
                 layer = lg.create_group(name, attributes={"ome": _ome_label(name, geometry, label_map)})
                 _write_array(layer, "0", arr)
         _install(tmp, root / volume_id)
+    except StoreError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except OSError as e:  # ENOSPC, EDQUOT, EIO ... while writing the work copy: name the volume, leave nothing
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise StoreError(
+            f"{root / volume_id}: could not write the volume: {e.strerror or e}"
+            + (f" ({e.filename})" if e.filename else "")
+            + "; the partial copy was removed, no volume was written"
+        ) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
