@@ -75,13 +75,17 @@ def write_card(shards_dir: str | os.PathLike, recipe, *, extra: dict | None = No
         "",
         "Files: `<split>/part-NNNNN.parquet`, listed with row counts and SHA-256 checksums in `manifest.json`. "
         "One row per quintuple. Each volume's voxels are stored once per shard, on the first row of that volume "
-        "(`image` is null on its other rows); a row group holds whole volumes. Without kneeprep:",
+        "(`image` is null on its other rows); a row group holds whole volumes. `image_codec` says how `image` "
+        "decodes: `raw` = the voxel bytes (C order); `blosc` = one Blosc frame of them (compact layouts "
+        "`blosc-lz4`/`blosc-zstd`), decoded by `numcodecs.Blosc().decode` (`pip install numcodecs`; it comes with "
+        "zarr). Without kneeprep:",
         "",
         "```python",
-        "import numpy as np, pyarrow.parquet as pq",
+        "import numcodecs, numpy as np, pyarrow.parquet as pq",
         'rows = pq.read_table("train/part-00000.parquet").to_pylist()',
         'first = next(r for r in rows if r["image"] is not None)',
-        'volume = np.frombuffer(first["image"], first["image_dtype"]).reshape(first["image_shape"])',
+        'data = numcodecs.Blosc().decode(first["image"]) if first["image_codec"] == "blosc" else first["image"]',
+        'volume = np.frombuffer(data, first["image_dtype"]).reshape(first["image_shape"])',
         "```",
         "",
         "With kneeprep: `kneeprep.loader.ShardDataset(path, split=\"train\")` (shuffling, exact partitioning over "

@@ -119,9 +119,13 @@ class Boxes:
 class Shards:
     #: target bytes per shard file (a shard holds whole volumes with all their quintuples).
     target_bytes: int = 512 * 1024 * 1024
-    #: Parquet compression codec for the voxel column: "zstd", "lz4", "none".
+    #: how the voxel column is compressed (docs/SHARDS.md, "Compression"; measured in bench/bench_loader.py):
+    #: "none" (the fast layout: memory-mapped, zero-copy), "blosc-lz4" / "blosc-zstd" (compact layouts: kneeprep
+    #: compresses each volume as one bit-shuffled Blosc frame that decodes on several threads, ``image_codec`` =
+    #: "blosc", readable with ``numcodecs.Blosc().decode``), or the Parquet page codecs "zstd", "lz4" (one
+    #: thread per volume; kept for existing recipes).
     codec: str = "zstd"
-    #: zstd level when codec is zstd.
+    #: the level: zstd's (1-22) for "zstd", Blosc's clevel (1-9) for the Blosc codecs; ignored by "lz4", "none".
     level: int = 3
 
 
@@ -328,7 +332,7 @@ _CHOICES = {
     "geometry.interpolator": ("linear", "bspline", "nearest"),
     "intensity.method": ("none", "percentile", "zscore", "window"),
     "intensity.dtype": ("", "uint8", "uint16", "int16", "float32"),
-    "shards.codec": ("zstd", "lz4", "none"),
+    "shards.codec": ("zstd", "lz4", "none", "blosc-lz4", "blosc-zstd"),
     "splits.source": ("csv", "generated"),
 }
 
@@ -364,6 +368,8 @@ def _validate(r: Recipe) -> None:
         raise RecipeError(f"boxes.margin_mm: must be >= 0, got {r.boxes.margin_mm}")
     if r.shards.target_bytes < 1:
         raise RecipeError(f"shards.target_bytes: must be positive, got {r.shards.target_bytes}")
+    if r.shards.codec.startswith("blosc-") and not 1 <= r.shards.level <= 9:
+        raise RecipeError(f"shards.level: Blosc levels are 1-9, got {r.shards.level} for codec {r.shards.codec!r}")
     s = r.splits
     if len(s.ratios) != 3 or any(x < 0 for x in s.ratios) or abs(sum(s.ratios) - 1) > 1e-6:
         raise RecipeError(f"splits.ratios: expected 3 non-negative numbers summing to 1 (train, val, test), got {list(s.ratios)}")

@@ -11,9 +11,13 @@ Layout (``docs/SHARDS.md`` is the user-facing description)::
 **Each volume's voxels are stored once per shard.** Rows are sorted by volume; the volume's bytes sit in the
 ``image`` column of its *first* row only (null on its other rows, which Parquet stores in a few bits), and a
 row group holds whole volumes only -- so reading one row group decodes each of its volumes exactly once, and a
-shard is self-contained. Decode a volume with nothing but pyarrow and numpy::
+shard is self-contained. Decode a volume with nothing but pyarrow, numpy (and numcodecs for Blosc)::
 
-    np.frombuffer(row["image"], dtype=row["image_dtype"]).reshape(row["image_shape"])   # C order, (z, y, x)
+    if row["image_codec"] == "raw":      # codec "none", "lz4", "zstd": Parquet (de)compresses the page
+        buf = row["image"]
+    elif row["image_codec"] == "blosc":  # codec "blosc-lz4", "blosc-zstd": one Blosc frame, compressed by kneeprep
+        buf = numcodecs.Blosc().decode(row["image"])
+    np.frombuffer(buf, dtype=row["image_dtype"]).reshape(row["image_shape"])   # C order, (z, y, x)
 
 Determinism: same quintuples, volumes and recipe give byte-identical files (stable sort orders, no
 timestamps, fixed writer options). Writes are atomic (``.partial`` then rename); the manifest comes last, so
@@ -41,7 +45,7 @@ from .severity import Grade
 from .splits import SPLITS
 
 #: Version of the shard schema and layout; bump on any change a reader could notice.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the image_codec column (Blosc-compressed volumes)
 #: A row group holds whole volumes up to this many uncompressed image bytes (at least one volume). A full DESS
 #: volume (160x384x384 uint16, 45 MiB) gets a row group of its own: reading is as fast as with bigger groups
 #: (the cost is decoding the voxel bytes; bench/bench_loader.py), and the loader's unit of shuffling and of
@@ -89,18 +93,30 @@ SCHEMA = pa.schema(
         pa.field("image", pa.large_binary()),
         pa.field("image_shape", pa.list_(pa.int32(), 3), nullable=False),
         pa.field("image_dtype", pa.string(), nullable=False),
+        pa.field("image_codec", pa.string(), nullable=False),
         pa.field("image_spacing", pa.list_(pa.float64(), 3), nullable=False),
         pa.field("image_affine_lps", pa.list_(pa.float64(), 16), nullable=False),
     ],
     metadata={
         "kneeprep.schema_version": str(SCHEMA_VERSION),
         "kneeprep.layout": "rows sorted by volume; image bytes on each volume's first row; whole volumes per row group",
-        "kneeprep.image_decoding": "np.frombuffer(image, image_dtype).reshape(image_shape), C order (z, y, x)",
+        "kneeprep.image_decoding": (
+            "image_codec 'raw': np.frombuffer(image, image_dtype).reshape(image_shape), C order (z, y, x); "
+            "'blosc': the same on numcodecs.Blosc().decode(image)"
+        ),
     },
 )
-IMAGE_COLUMNS = ("image", "image_shape", "image_dtype", "image_spacing", "image_affine_lps")
+IMAGE_COLUMNS = ("image", "image_shape", "image_dtype", "image_codec", "image_spacing", "image_affine_lps")
 QUINTUPLE_COLUMNS = tuple(n for n in SCHEMA.names if n not in IMAGE_COLUMNS)
-_CODECS = {"none": "NONE", "lz4": "LZ4", "zstd": "ZSTD"}
+#: recipe ``shards.codec`` -> Parquet compression of the ``image`` column (Blosc codecs compress the bytes first).
+_CODECS = {"none": "NONE", "lz4": "LZ4", "zstd": "ZSTD", "blosc-lz4": "NONE", "blosc-zstd": "NONE"}
+#: ``image_codec`` values: "raw" = the C-order voxel bytes; "blosc" = one Blosc (c-blosc 1.x) frame of them.
+IMAGE_CODECS = ("raw", "blosc")
+#: recipe codec -> (Blosc compressor, block size in bytes). Always bit-shuffle with typesize = itemsize, level =
+#: recipe ``level``. zstd needs big blocks to decode fast (1 MiB: 4x faster than Blosc's automatic 64-256 KiB,
+#: and 5 % smaller); lz4 is fastest at 256 KiB (Blosc's own choice at level 5). Fixed here so the bytes do not
+#: depend on Blosc's heuristics (bench/bench_loader.py, docs/SHARDS.md "Compression").
+_BLOSC = {"blosc-lz4": ("lz4", 256 * 1024), "blosc-zstd": ("zstd", 1024 * 1024)}
 
 #: ``read_volume(volume_id) -> (image, geometry)``; ``geometry`` a ``Geometry`` or its ``to_json()`` dict.
 VolumeReader = Callable[[str], tuple[np.ndarray, Any]]
@@ -218,7 +234,7 @@ class _ShardWriter:
     """One shard file being written under ``<name>.partial``; ``close`` renames it and returns its entry."""
 
     def __init__(self, out: Path, rel: str, split: str, spec):
-        self.out, self.rel, self.split = out, rel, split
+        self.out, self.rel, self.split, self.spec = out, rel, split, spec
         self.final = out / rel
         self.tmp = self.final.with_name(self.final.name + ".partial")
         self.sink = pa.OSFile(str(self.tmp), "wb")
@@ -233,7 +249,7 @@ class _ShardWriter:
             compression=compression,
             compression_level={n: levels[n] for n in SCHEMA.names if compression[n] == "ZSTD"},
             use_dictionary=[n for n in QUINTUPLE_COLUMNS if n not in ("reasoning", "answer_json", "severity")]
-            + ["image_dtype"],
+            + ["image_dtype", "image_codec"],
             write_statistics=[n for n in ("sample_id", "volume_id", "patient_id", "split", "question_id")],
             write_page_checksum=True,
             store_schema=True,
@@ -242,7 +258,7 @@ class _ShardWriter:
         self.row_group_rows: list[int] = []
 
     def write_group(self, group: list[tuple[list[Quintuple], np.ndarray, dict]]) -> None:
-        table = rows_to_table(group)
+        table = rows_to_table(group, codec=self.spec.codec, level=self.spec.level)
         try:
             self.writer.write_table(table, row_group_size=table.num_rows)
         except (OSError, pa.ArrowException) as e:  # ENOSPC, EFBIG, EIO ...: name the file
@@ -272,8 +288,12 @@ class _ShardWriter:
         }
 
 
-def rows_to_table(group: list[tuple[list[Quintuple], np.ndarray, dict]]) -> pa.Table:
-    """A row group: each volume's quintuples, with the volume's bytes on its first row, cast to :data:`SCHEMA`."""
+def rows_to_table(group: list[tuple[list[Quintuple], np.ndarray, dict]], codec: str = "none", level: int = 3) -> pa.Table:
+    """A row group: each volume's quintuples, with the volume's bytes on its first row, cast to :data:`SCHEMA`.
+
+    ``codec`` is the recipe's ``shards.codec``: Blosc codecs compress the bytes here (:func:`encode_image`),
+    the others leave them raw for Parquet to compress.
+    """
     cols: dict[str, list] = {n: [] for n in SCHEMA.names}
     for qs, image, geom in group:
         img = np.ascontiguousarray(image)
@@ -284,12 +304,35 @@ def rows_to_table(group: list[tuple[list[Quintuple], np.ndarray, dict]]) -> pa.T
             row = quintuple_to_row(q)
             for k, v in row.items():
                 cols[k].append(v)
-            cols["image"].append(img.tobytes() if i == 0 else None)
+            if i == 0:
+                data, image_codec = encode_image(img, codec, level)
+            cols["image"].append(data if i == 0 else None)
             cols["image_shape"].append(list(img.shape))
             cols["image_dtype"].append(dtype)
+            cols["image_codec"].append(image_codec)
             cols["image_spacing"].append([float(v) for v in geom["spacing"]])
             cols["image_affine_lps"].append([float(v) for row_ in geom["affine_lps"] for v in row_])
     return pa.Table.from_pydict(cols, schema=SCHEMA).cast(SCHEMA)
+
+
+def encode_image(img: np.ndarray, codec: str, level: int = 3) -> tuple[bytes, str]:
+    """The ``image`` bytes and ``image_codec`` of a C-contiguous little-endian volume for recipe ``codec``.
+
+    Blosc codecs: one Blosc frame, bit-shuffled with typesize = itemsize, compressed on one thread (c-blosc's
+    threads write blocks in completion order, so multithreaded output is not byte-identical run to run).
+    """
+    if codec not in _BLOSC:
+        return img.tobytes(), "raw"
+    from numcodecs import Blosc, blosc
+
+    cname, blocksize = _BLOSC[codec]
+    if img.nbytes > 2**31 - 2**10:
+        raise ValidationError(f"a {img.nbytes}-byte volume is too big for one Blosc frame (2 GiB); use codec zstd")
+    previous, blosc.use_threads = blosc.use_threads, False
+    try:
+        return Blosc(cname, clevel=level, shuffle=Blosc.BITSHUFFLE, blocksize=blocksize).encode(img), "blosc"
+    finally:
+        blosc.use_threads = previous
 
 
 def quintuple_to_row(q: Quintuple) -> dict[str, Any]:
@@ -365,13 +408,44 @@ def read_manifest(shards_dir: str | os.PathLike) -> dict[str, Any]:
     return m
 
 
-def decode_image(image: bytes | pa.Buffer | pa.Scalar, dtype: str, shape) -> np.ndarray:
-    """A volume from its ``image`` bytes (read-only view, no copy)."""
+def decode_image(image: bytes | pa.Buffer | pa.Scalar, dtype: str, shape, codec: str = "raw") -> np.ndarray:
+    """A volume from its ``image`` bytes and ``image_codec``, read-only (shared by the samples of one volume).
+
+    ``"raw"``: a view of the bytes, no copy. ``"blosc"``: decompressed into a new array by numcodecs (its
+    threads: ``numcodecs.blosc.set_nthreads`` / ``use_threads``). Raises ``ValidationError`` when the bytes do
+    not hold ``shape`` x ``dtype``.
+    """
     if isinstance(image, pa.Scalar):
         image = image.as_buffer()
-    a = np.frombuffer(image, dtype=np.dtype(dtype)).reshape(tuple(shape))
+    dt, shape = np.dtype(dtype), tuple(shape)
+    if codec == "raw":
+        a = np.frombuffer(image, dtype=dt).reshape(shape)
+    elif codec == "blosc":
+        from numcodecs import blosc
+
+        a = np.empty(shape, dt)
+        nbytes, cbytes = _blosc_sizes(image)
+        if nbytes != a.nbytes or cbytes != memoryview(image).nbytes:
+            raise ValidationError(
+                f"Blosc frame of {memoryview(image).nbytes} bytes says {nbytes} bytes in {cbytes}; "
+                f"shape {list(shape)} x {dtype} needs {a.nbytes}"
+            )
+        try:
+            blosc.decompress(image, a)
+        except (RuntimeError, ValueError) as e:
+            raise ValidationError(f"Blosc frame does not decode: {e}") from e
+    else:
+        raise ValidationError(f"image_codec {codec!r} is not one of {', '.join(IMAGE_CODECS)}")
     a.flags.writeable = False  # shared by the samples of one volume
     return a
+
+
+def _blosc_sizes(frame) -> tuple[int, int]:
+    """(uncompressed, compressed) bytes from a Blosc 1 frame's 16-byte header (0, 0 when too short)."""
+    head = bytes(memoryview(frame)[:16])
+    if len(head) < 16:
+        return 0, 0
+    return int.from_bytes(head[4:8], "little"), int.from_bytes(head[12:16], "little")
 
 
 def read_row_group(path: str | os.PathLike | pq.ParquetFile, index: int, columns=None) -> tuple[list[dict], dict[str, np.ndarray]]:
@@ -383,16 +457,17 @@ def read_row_group(path: str | os.PathLike | pq.ParquetFile, index: int, columns
     pf = path if isinstance(path, pq.ParquetFile) else pq.ParquetFile(path)
     want_image = columns is None or "image" in columns
     row_cols = list(dict.fromkeys(["volume_id", *[c for c in (SCHEMA.names if columns is None else columns) if c != "image"]]))
-    extra = ["image", "image_dtype", "image_shape"] if want_image else []
+    extra = ["image", "image_dtype", "image_shape", "image_codec"] if want_image else []
     t = pf.read_row_group(index, columns=list(dict.fromkeys(row_cols + extra)))
     volumes: dict[str, np.ndarray] = {}
     if want_image:
         vids = t.column("volume_id").to_pylist()
         dts = t.column("image_dtype").to_pylist()
         shapes = t.column("image_shape").to_pylist()
+        codecs = t.column("image_codec").to_pylist()
         for i, buf in enumerate(_binary_values(t.column("image"))):
             if buf is not None:
-                volumes[vids[i]] = decode_image(buf, dts[i], shapes[i])
+                volumes[vids[i]] = decode_image(buf, dts[i], shapes[i], codecs[i])
     rows = t.select(row_cols).to_pylist()
     return rows, volumes
 
@@ -530,7 +605,7 @@ def _validate_file(p: Path, rel: str, e: dict, patients: dict[str, set[str]], de
                 if decode and bufs[i] is None:
                     out.append(Problem(rel, "image", f"{where}: first row of volume {vid} has no image bytes"))
                 elif decode:
-                    out += _check_image(rel, where, bufs[i], cols["image_dtype"][i], shape)
+                    out += _check_image(rel, where, bufs[i], cols["image_dtype"][i], shape, cols["image_codec"][i])
             elif decode and bufs[i] is not None:
                 out.append(Problem(rel, "image", f"{where}: volume {vid} stored twice"))
             out += _check_box(rel, where, cols, i, shape)
@@ -541,11 +616,17 @@ def _validate_file(p: Path, rel: str, e: dict, patients: dict[str, set[str]], de
     return out
 
 
-def _check_image(rel: str, where: str, image, dtype: str, shape) -> list[Problem]:
+def _check_image(rel: str, where: str, image, dtype: str, shape, codec: str = "raw") -> list[Problem]:
     try:
         dt = np.dtype(dtype)
     except TypeError:
         return [Problem(rel, "image", f"{where}: image_dtype {dtype!r} is not a numpy dtype")]
+    if codec != "raw":  # decode it: the frame's sizes, and that it decompresses
+        try:
+            decode_image(image, dtype, shape, codec)
+        except ValidationError as e:
+            return [Problem(rel, "image", f"{where}: {e}")]
+        return []
     n = image.size
     expected = int(np.prod(shape)) * dt.itemsize
     if n != expected:

@@ -18,6 +18,7 @@ so resuming knows which worker yielded what (``docs/SHARDS.md``, "Loading").
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 try:
@@ -47,6 +48,7 @@ class TorchShardDataset(IterableDataset):
         info = get_worker_info()
         if info is None:
             return self.dataset.iter_worker(0, 1, self.batch_size)
+        _share_blosc_threads(info.num_workers)
         return self.dataset.iter_worker(info.id, info.num_workers, self.batch_size)
 
     def __len__(self) -> int:
@@ -61,6 +63,17 @@ class TorchShardDataset(IterableDataset):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.dataset.load_state_dict(state)
+
+
+def _share_blosc_threads(num_workers: int) -> None:
+    """In a worker process: Blosc decodes (compact shards) on cores / workers threads, so K workers do not run
+    K x cores threads (torch likewise sets 1 intra-op thread per worker)."""
+    try:
+        from numcodecs import blosc
+    except ImportError:  # pragma: no cover - numcodecs comes with zarr
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    blosc.set_nthreads(max(1, cores // num_workers))
 
 
 def collate(samples: list[dict[str, Any]], pin_memory: bool = False) -> dict[str, Any]:

@@ -158,6 +158,34 @@ def test_bad_arguments(shards):
         ShardDataset(path, split="nosuch")
 
 
+def test_blosc_shards_through_a_forked_dataloader(shards, tmp_path):
+    """Blosc volumes (compressed in this process, so Blosc's state predates the fork) decode in the workers."""
+    torch = pytest.importorskip("torch")
+    import multiprocessing
+
+    from kneeprep.torchdata import TorchShardDataset
+
+    _, train, data = shards
+    recipe = data.recipe.__class__(splits=data.recipe.splits, shards=Shards(target_bytes=20000, codec="blosc-lz4", level=5))
+    qs, _ = build_quintuples(data.annotations, data.attrs, recipe)
+    write_shards(qs, data.read_volume, tmp_path, recipe, row_group_bytes=6000)
+    ds = ShardDataset(tmp_path, seed=2, columns=["sample_id", "volume_id", "image"])
+    images = {}
+    for s in ds:
+        images.setdefault(s["volume_id"], set()).add(id(s["image"]))
+        np.testing.assert_array_equal(s["image"], data.volumes[s["volume_id"]][0])
+        assert not s["image"].flags.writeable and "image_codec" not in s
+    assert all(len(v) == 1 for v in images.values())  # decoded once per volume
+    dl = torch.utils.data.DataLoader(
+        TorchShardDataset(ds), batch_size=None, num_workers=2, multiprocessing_context=multiprocessing.get_context("fork")
+    )
+    got = {}
+    for s in dl:
+        got[s["sample_id"]] = int(s["image"].to(torch.int64).sum())
+    assert sorted(got) == sorted(train)
+    assert all(v == int(data.volumes[k.rsplit("_", 1)[0]][0].astype(np.int64).sum()) for k, v in got.items())
+
+
 def test_forked_torch_dataloader_two_workers(shards):
     torch = pytest.importorskip("torch")
     import multiprocessing

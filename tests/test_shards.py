@@ -199,7 +199,7 @@ def test_volume_stored_once_per_shard_and_decodes(data, built):
 
     for e in manifest["shards"]:
         t = pq.read_table(out / e["path"])
-        assert t.schema.equals(SCHEMA) and t.schema.metadata[b"kneeprep.schema_version"] == b"1"
+        assert t.schema.equals(SCHEMA) and t.schema.metadata[b"kneeprep.schema_version"] == b"2"
         images = t.column("image").to_pylist()
         vids = t.column("volume_id").to_pylist()
         stored = [v for v, im in zip(vids, images, strict=True) if im is not None]
@@ -241,7 +241,7 @@ def test_shards_cut_at_target_bytes_and_row_groups_hold_whole_volumes(data, tmp_
     assert validate_shards(tmp_path) == []
 
 
-@pytest.mark.parametrize("codec", ["none", "lz4", "zstd"])
+@pytest.mark.parametrize("codec", ["none", "lz4", "zstd", "blosc-lz4", "blosc-zstd"])
 def test_codecs_round_trip(data, tmp_path, codec):
     import pyarrow.parquet as pq
 
@@ -250,19 +250,68 @@ def test_codecs_round_trip(data, tmp_path, codec):
     m = write_shards(qs[:6], data.read_volume, tmp_path, recipe)
     rg = pq.ParquetFile(tmp_path / m["shards"][0]["path"]).metadata.row_group(0)
     col = next(rg.column(i) for i in range(rg.num_columns) if rg.column(i).path_in_schema == "image")
-    assert col.compression in {"none": ("UNCOMPRESSED",), "lz4": ("LZ4", "LZ4_RAW"), "zstd": ("ZSTD",)}[codec]
+    assert col.compression in {"none": ("UNCOMPRESSED",), "lz4": ("LZ4", "LZ4_RAW"), "zstd": ("ZSTD",)}.get(
+        codec, ("UNCOMPRESSED",)  # Blosc: kneeprep compresses, Parquet stores
+    )
     assert validate_shards(tmp_path) == []
     assert m["codec"] == codec
+    t = pq.read_table(tmp_path / m["shards"][0]["path"], columns=["image", "image_codec"])
+    assert set(t.column("image_codec").to_pylist()) == {"blosc" if codec.startswith("blosc") else "raw"}
+    for r in iter_quintuples(tmp_path, columns=["volume_id", "image"]):
+        np.testing.assert_array_equal(r["image"], data.volumes[r["volume_id"]][0])
+        assert not r["image"].flags.writeable
 
 
-def test_decode_with_plain_pyarrow_in_subprocess(data, built):
+def test_blosc_shards_deterministic_whatever_the_thread_count(data, tmp_path):
+    from numcodecs import blosc
+
+    recipe = replace(data.recipe, shards=Shards(codec="blosc-zstd", level=3))
+    qs, _ = build_quintuples(data.annotations, data.attrs, recipe)
+    big = FakeData(n_patients=1, shape=(24, 256, 256)).volumes  # 3 MiB: three 1 MiB Blosc blocks per frame
+    vid = next(iter(big))
+    qs1 = [replace(q, volume_id=vid) for q in qs if q.volume_id == qs[0].volume_id]
+    before = blosc.get_nthreads()
+    try:
+        outs = []
+        for n in (1, 2, 4):
+            blosc.set_nthreads(n)
+            write_shards(qs1, lambda v: big[v], tmp_path / str(n), recipe)
+            outs.append((tmp_path / str(n) / MANIFEST).read_bytes())
+    finally:
+        blosc.set_nthreads(before)
+    assert outs[0] == outs[1] == outs[2]
+
+
+def test_validate_catches_blosc_frame_of_the_wrong_size(data, tmp_path):
+    from kneeprep.shards import _check_image, decode_image, encode_image
+
+    img = data.volumes[next(iter(data.volumes))][0]
+    frame, codec = encode_image(img, "blosc-lz4", 5)
+    assert codec == "blosc" and len(frame) < img.nbytes
+    np.testing.assert_array_equal(decode_image(frame, "<u2", img.shape, "blosc"), img)
+    assert _check_image("f", "row", frame, "<u2", img.shape, "blosc") == []
+    (p,) = _check_image("f", "row", frame, "<u2", (1, *img.shape[1:]), "blosc")
+    assert p.kind == "image" and "needs" in p.message
+    (p,) = _check_image("f", "row", frame[:-9], "<u2", img.shape, "blosc")
+    assert p.kind == "image"
+    (p,) = _check_image("f", "row", frame, "<u2", img.shape, "jpeg")
+    assert "image_codec 'jpeg'" in p.message
+
+
+@pytest.mark.parametrize("codec", ["zstd", "blosc-zstd"])
+def test_decode_with_plain_pyarrow_in_subprocess(data, built, tmp_path, codec):
     _, _, out, manifest = built
+    if codec != data.recipe.shards.codec:
+        recipe = replace(data.recipe, shards=Shards(codec=codec))
+        out, manifest = tmp_path, write_shards(built[0], data.read_volume, tmp_path, recipe)
     path = out / manifest["shards"][0]["path"]
     code = f"""
-import sys, numpy as np, pyarrow.parquet as pq
+import sys, numcodecs, numpy as np, pyarrow.parquet as pq
 t = pq.read_table({str(path)!r})
 row = next(r for r in t.to_pylist() if r["image"] is not None)
-v = np.frombuffer(row["image"], row["image_dtype"]).reshape(row["image_shape"])
+buf = {{"raw": lambda b: b, "blosc": lambda b: numcodecs.Blosc().decode(b)}}[row["image_codec"]](row["image"])
+v = np.frombuffer(buf, row["image_dtype"]).reshape(row["image_shape"])
+assert row["image_codec"] == {"blosc" if codec.startswith("blosc") else "raw"!r}
 z0, y0, x0, z1, y1, x1 = next(r["box_voxels"] for r in t.to_pylist() if r["box_voxels"] and r["volume_id"] == row["volume_id"])
 assert "kneeprep" not in sys.modules
 print(row["volume_id"], v.dtype, v.shape, int(v.astype(np.int64).sum()), v[z0:z1, y0:y1, x0:x1].size)
@@ -278,11 +327,12 @@ def test_manifest_contents(data, built):
     qs, _, out, manifest = built
     m = read_manifest(out)
     assert m == manifest
-    assert m["recipe_hash"] == data.recipe.stage_hash("shards") and m["schema_version"] == 1
+    assert m["recipe_hash"] == data.recipe.stage_hash("shards") and m["schema_version"] == 2
     assert {s: m["splits"][s]["rows"] for s in m["splits"]} == {
         s: sum(q.split == s for q in qs) for s in ("train", "val", "test")
     }
-    assert set(QUINTUPLE_COLUMNS) | {"image", "image_shape", "image_dtype", "image_spacing", "image_affine_lps"} == set(SCHEMA.names)
+    image_columns = {"image", "image_shape", "image_dtype", "image_codec", "image_spacing", "image_affine_lps"}
+    assert set(QUINTUPLE_COLUMNS) | image_columns == set(SCHEMA.names)
 
 
 # ----------------------------------------------------------------------------------------------------------
