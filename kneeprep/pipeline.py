@@ -169,6 +169,8 @@ def _convert(info, recipe: Recipe, store: Path, mask_path, fingerprint, t0: floa
     timings["transform"] = time.perf_counter() - t
 
     layers, label_attrs, boxes, warnings = {}, {}, [], []
+    # a series converted with QC warnings (a duplicate slice dropped, a renamed id ...) says so in the report
+    warnings += [f"QC warn: {r}" for r in info.qc.reasons] if info.qc.status == "warn" else []
     if mask_path:
         from .boxes import boxes_for_volume
         from .masks import file_hash, load_mask_onto
