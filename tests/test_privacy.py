@@ -9,6 +9,7 @@ them in the raw DICOM tree (positive control), so an empty result means somethin
 
 from __future__ import annotations
 
+import csv
 import gzip
 import hashlib
 import hmac
@@ -170,6 +171,16 @@ def test_pseudonymized_shards_hold_no_real_patient_id(small_sample, built, pseud
 
     card = (a / "README.md").read_text()
     assert "keyed hashes" in card and not any(p in card for p in patients)
+
+    # `kneeprep export` of the pseudonymized shards: NIfTI (gunzipped and searched), CSVs, items, reports
+    ex = tmp_path / "export"
+    res = CliRunner().invoke(cli, ["export", str(a), str(ex), "--workers", "0"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert len(list(ex.rglob("*.nii.gz"))) == 5 and (ex / "split_files" / "train_split.csv").is_file()
+    assert hits(ex, sorted(patients) + sorted(set(PHI_MARKERS.values()))) == {}
+    assert {r["patient_id"] for r in csv.DictReader((ex / "split_files" / "train_split.csv").open())} <= {
+        p for _, _, p in pseudo
+    }
 
 
 def test_rejections_in_the_shards_report_are_pseudonymized(small_sample, built, pseudo_recipe, tmp_path, monkeypatch):
