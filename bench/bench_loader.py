@@ -46,7 +46,9 @@ COMPACT = ("kneeprep blosc-lz4", "kneeprep blosc-zstd", "kneeprep zstd")
 def make_volume(seed: int) -> np.ndarray:
     """A knee-MR-like uint16 volume: smooth blocks of tissue intensities, edges, and noise."""
     rng = np.random.default_rng(seed)
-    coarse = rng.choice([0, 80, 220, 400, 650], size=(10, 24, 24), p=[0.35, 0.2, 0.2, 0.15, 0.1]).astype(np.float32)
+    coarse = rng.choice([0, 80, 220, 400, 650], size=(10, 24, 24), p=[0.35, 0.2, 0.2, 0.15, 0.1]).astype(
+        np.float32
+    )
     vol = np.kron(coarse, np.ones((16, 16, 16), np.float32))
     vol = (vol + np.roll(vol, 3, axis=1) + np.roll(vol, 3, axis=2)) / 3  # softer edges
     noise = np.hypot(rng.normal(0, 18, SHAPE).astype(np.float32), rng.normal(0, 18, SHAPE).astype(np.float32))
@@ -72,10 +74,20 @@ def write_kneeprep(root: Path, vols: dict[str, np.ndarray], codec: str, level: i
     geom = Geometry(SHAPE, (0.7, 0.3646, 0.3646), np.diag([0.7, 0.3646, 0.3646, 1.0]))
     qs = [
         Quintuple(
-            sample_id=f"{vid}_{q}", volume_id=vid, patient_id=vid.split("_")[0], split="train",
-            question_id=str(q), question_type="bml", question_region="femur medial central",
-            question=f"question {q}", box=None, box_empty=True, box_reason="bench",
-            reasoning=("step one", "step two"), severity=(), answer_json="{}",
+            sample_id=f"{vid}_{q}",
+            volume_id=vid,
+            patient_id=vid.split("_")[0],
+            split="train",
+            question_id=str(q),
+            question_type="bml",
+            question_region="femur medial central",
+            question=f"question {q}",
+            box=None,
+            box_empty=True,
+            box_reason="bench",
+            reasoning=("step one", "step two"),
+            severity=(),
+            answer_json="{}",
         )
         for vid in vols
         for q in range(1, QUESTIONS + 1)
@@ -98,7 +110,9 @@ def write_nifti(root: Path, vols) -> Path:
 def write_hf(root: Path, vols) -> tuple[Path, Path]:
     import datasets
 
-    feats = datasets.Features({"volume_id": datasets.Value("string"), "image": datasets.Array3D(SHAPE, "uint16")})
+    feats = datasets.Features(
+        {"volume_id": datasets.Value("string"), "image": datasets.Array3D(SHAPE, "uint16")}
+    )
 
     def gen():
         for vid, v in vols.items():
@@ -197,7 +211,9 @@ def _dataset(kind: str, path: Path, vids: list[str]):
                 import webdataset as wds
 
                 tar = str(path / "shard-000000.tar")
-                for j, sample in enumerate(wds.WebDataset(tar, shardshuffle=False, workersplitter=None, nodesplitter=None)):
+                for j, sample in enumerate(
+                    wds.WebDataset(tar, shardshuffle=False, workersplitter=None, nodesplitter=None)
+                ):
                     info = torch.utils.data.get_worker_info()
                     if info is not None and j % info.num_workers != info.id:
                         continue
@@ -256,7 +272,10 @@ def run(workdir: Path) -> str:
     vids = [f"{9000000 + i}_00M_20040101_{10000000 + i}_1" for i in range(N_VOLUMES)]
     vols = {vid: make_volume(i) for i, vid in enumerate(vids)}
     raw = sum(v.nbytes for v in vols.values())
-    print(f"generated {N_VOLUMES} volumes {SHAPE} uint16 ({raw / 2**20:.0f} MiB) in {time.perf_counter() - t0:.1f} s", flush=True)
+    print(
+        f"generated {N_VOLUMES} volumes {SHAPE} uint16 ({raw / 2**20:.0f} MiB) in {time.perf_counter() - t0:.1f} s",
+        flush=True,
+    )
 
     paths: dict[str, Path] = {}
     sizes: dict[str, int] = {}
@@ -304,7 +323,10 @@ def run(workdir: Path) -> str:
             per_volume = NIB_QUESTIONS if kind == "nibabel" else QUESTIONS
             decodes = n if kind == "nibabel" else n / per_volume
             rates[(label, w)] = (decodes / dt, n / dt)
-            print(f"{names[label]:45s} {w} worker(s): {decodes / dt:7.2f} volumes/s {n / dt:8.1f} samples/s", flush=True)
+            print(
+                f"{names[label]:45s} {w} worker(s): {decodes / dt:7.2f} volumes/s {n / dt:8.1f} samples/s",
+                flush=True,
+            )
 
     def sps(label, w):
         return rates[(label, w)][1]
@@ -329,7 +351,9 @@ def run(workdir: Path) -> str:
             f"| {name} | {sizes[label] / 2**20:.0f} | {write_s[label]:.1f} | {v1:.2f} | {s1:.1f} | {v2:.2f} | {s2:.1f} "
             f"| {s2 / sps('npy', 2):.2f}x |"
         )
-    lines.append(f"| (HF dataset exported to Parquet, size only) | {sizes['hf parquet'] / 2**20:.0f} | | | | | | |")
+    lines.append(
+        f"| (HF dataset exported to Parquet, size only) | {sizes['hf parquet'] / 2**20:.0f} | | | | | | |"
+    )
 
     def speed(label, other, need):
         r = [sps(label, w) / sps(other, w) for w in WORKERS]

@@ -140,7 +140,12 @@ def _build_bank() -> dict[str, Question]:
         qs.append(Question(id=str(len(qs) + 1), **kw))
 
     for r in BML_REGIONS:
-        add(finding="bml", region=r, answer_key=f"{r} BML", components=("bml_size", "bml_number", "bml_percent"))
+        add(
+            finding="bml",
+            region=r,
+            answer_key=f"{r} BML",
+            components=("bml_size", "bml_number", "bml_percent"),
+        )
     for r in CARTILAGE_REGIONS:
         add(
             finding="cartilage",
@@ -196,10 +201,22 @@ def _build_bank() -> dict[str, Question]:
         answer_key="ACL",
         components=("complete_tear", "insertion_bml_cyst", "acl_repair"),
     )
-    add(finding="ligament", region="pcl", answer_key="PCL", components=("complete_tear", "insertion_bml_cyst"))
-    add(finding="ligament", region="patellar tendon", answer_key="Patellar_Tendon", components=("signal_abnormality",))
+    add(
+        finding="ligament", region="pcl", answer_key="PCL", components=("complete_tear", "insertion_bml_cyst")
+    )
+    add(
+        finding="ligament",
+        region="patellar tendon",
+        answer_key="Patellar_Tendon",
+        components=("signal_abnormality",),
+    )
     for r in PERIARTICULAR:
-        add(finding="periarticular", region=r, answer_key=r.replace(" ", "_") + "_presence", components=("presence",))
+        add(
+            finding="periarticular",
+            region=r,
+            answer_key=r.replace(" ", "_") + "_presence",
+            components=("presence",),
+        )
 
     bank = {q.id: q for q in qs}
     # Quirks of the published answer JSON (DOMAIN.md, and the published question bank
@@ -269,13 +286,21 @@ SAMPLE_REGION_GROUPS: dict[str, tuple[str, ...]] = {
     "tibia": TIBIA + (SUBSPINOUS, "tibia shaft"),
     "tibia medial": ("tibia medial anterior", "tibia medial central", "tibia medial posterior"),
     "tibia lateral": ("tibia lateral anterior", "tibia lateral central", "tibia lateral posterior"),
-    "medial meniscus": ("medial meniscus anterior horn", "medial meniscus body", "medial meniscus posterior horn"),
+    "medial meniscus": (
+        "medial meniscus anterior horn",
+        "medial meniscus body",
+        "medial meniscus posterior horn",
+    ),
     "lateral meniscus": (
         "lateral meniscus anterior horn",
         "lateral meniscus body",
         "lateral meniscus posterior horn",
     ),
-    "femoral cartilage": ("femoral cartilage medial", "femoral cartilage lateral", "femoral cartilage trochlear"),
+    "femoral cartilage": (
+        "femoral cartilage medial",
+        "femoral cartilage lateral",
+        "femoral cartilage trochlear",
+    ),
     "tibial cartilage": ("tibial cartilage medial", "tibial cartilage lateral"),
 }
 

@@ -105,7 +105,10 @@ def split_reasoning(text: str) -> tuple[str, ...]:
     marks = list(_NUMBERED.finditer(text))
     if marks:
         pieces = [text[: marks[0].start()]]
-        pieces += [text[m.end() : (marks[i + 1].start() if i + 1 < len(marks) else len(text))] for i, m in enumerate(marks)]
+        pieces += [
+            text[m.end() : (marks[i + 1].start() if i + 1 < len(marks) else len(text))]
+            for i, m in enumerate(marks)
+        ]
     else:
         pieces = _SENTENCE_END.split(" ".join(text.split()))
     return tuple(s for s in (" ".join(p.split()) for p in pieces) if s)
@@ -170,10 +173,14 @@ def read_question_bank(path: str | Path) -> tuple[dict[str, str], list[RecordErr
     for qid, prompt in data.items():
         where = f"{p}:{_line_of(text, qid)}"
         if not isinstance(prompt, str) or not prompt.strip():
-            errors.append(RecordError(where, "schema", f"question {qid!r}: prompt must be a non-empty string"))
+            errors.append(
+                RecordError(where, "schema", f"question {qid!r}: prompt must be a non-empty string")
+            )
             continue
         if qid not in QUESTIONS:
-            errors.append(RecordError(where, "unknown_question", f"question id {qid!r} is not in the 69-question bank"))
+            errors.append(
+                RecordError(where, "unknown_question", f"question id {qid!r} is not in the 69-question bank")
+            )
         bank[qid] = prompt
     return bank, errors
 
@@ -291,7 +298,9 @@ def _training_item(item: Any, index: _PromptIndex, where: str) -> AnnotationReco
         try:
             qid = _question_of(parse_answer(answer_obj))
         except AnnotationError:
-            raise _fail("question", "prompt matches no question of the bank, and the answer names none") from None
+            raise _fail(
+                "question", "prompt matches no question of the bank, and the answer names none"
+            ) from None
     if qid not in QUESTIONS:
         raise _fail("question", f"question id {qid!r} is not in the 69-question bank")
     try:
@@ -375,7 +384,10 @@ def _jsonl_record(line: str, where: str) -> AnnotationRecord:
     if qid not in QUESTIONS:
         raise _fail("question", f"question id {qid!r} is not in the 69-question bank")
     if d["sample_id"] != f"{d['volume_id']}_{qid}":
-        raise _fail("schema", f"sample_id {d['sample_id']!r} is not <volume_id>_<question_id> = {d['volume_id']}_{qid}")
+        raise _fail(
+            "schema",
+            f"sample_id {d['sample_id']!r} is not <volume_id>_<question_id> = {d['volume_id']}_{qid}",
+        )
     answer = d["answer"]
     try:
         obj = find_answer_json(answer)[0] if isinstance(answer, str) else answer
@@ -446,7 +458,11 @@ def read_annotations(directory: str | Path) -> AnnotationSet:
     unique: list[AnnotationRecord] = []
     for r in records:
         if r.sample_id in seen:
-            errors.append(RecordError(r.source, "duplicate", f"sample {r.sample_id} already read from {seen[r.sample_id]}"))
+            errors.append(
+                RecordError(
+                    r.source, "duplicate", f"sample {r.sample_id} already read from {seen[r.sample_id]}"
+                )
+            )
             continue
         seen[r.sample_id] = r.source
         unique.append(r)

@@ -63,7 +63,13 @@ def write_card(shards_dir: str | os.PathLike, recipe, *, extra: dict | None = No
         lines.append(
             f"| {s} | {m['rows']} | {boxed[s]} | {m['volumes']} | {len(patients[s])} | {len(files)} | {mib:.1f} |"
         )
-    lines += ["", "Quintuples per finding:", "", "| finding | " + " | ".join(splits) + " |", "|---|" + "---:|" * len(splits)]
+    lines += [
+        "",
+        "Quintuples per finding:",
+        "",
+        "| finding | " + " | ".join(splits) + " |",
+        "|---|" + "---:|" * len(splits),
+    ]
     for f in FINDINGS:
         if any(per_split[s][f] for s in splits):
             lines.append(f"| {f} | " + " | ".join(str(per_split[s][f]) for s in splits) + " |")
@@ -88,7 +94,7 @@ def write_card(shards_dir: str | os.PathLike, recipe, *, extra: dict | None = No
         'volume = np.frombuffer(data, first["image_dtype"]).reshape(first["image_shape"])',
         "```",
         "",
-        "With kneeprep: `kneeprep.loader.ShardDataset(path, split=\"train\")` (shuffling, exact partitioning over "
+        'With kneeprep: `kneeprep.loader.ShardDataset(path, split="train")` (shuffling, exact partitioning over '
         "ranks and workers, resumable). Boxes: `box_voxels` is half-open `[z0, y0, x0, z1, y1, x1]` in array "
         "order; `box_list_form` the 3DReasonKnee `[start_slice, end_slice, x_min, x_max, y_min, y_max]` "
         "(inclusive). World coordinates: `image_affine_lps` (row-major 4×4, LPS mm).",
@@ -110,7 +116,11 @@ def write_card(shards_dir: str | os.PathLike, recipe, *, extra: dict | None = No
         "manifest_sha256": _sha256(d / "manifest.json"),
         **(extra or {}),
     }
-    pseudo = " — here further replaced by keyed hashes (recipe `privacy.pseudonymize_ids`)" if recipe.privacy.pseudonymize_ids else ""
+    pseudo = (
+        " — here further replaced by keyed hashes (recipe `privacy.pseudonymize_ids`)"
+        if recipe.privacy.pseudonymize_ids
+        else ""
+    )
     lines += [
         "",
         "## Provenance",

@@ -88,9 +88,7 @@ class ShardDataset:
         self.units: list[tuple[str, int, int]] = [
             (e["path"], g, n) for e in entries for g, n in enumerate(e["row_group_rows"])
         ]
-        self._shard_units = [
-            [i for i, u in enumerate(self.units) if u[0] == e["path"]] for e in entries
-        ]
+        self._shard_units = [[i for i, u in enumerate(self.units) if u[0] == e["path"]] for e in entries]
         self.num_samples = sum(u[2] for u in self.units)
         self.epoch = 0
         self._resume = 0
@@ -133,7 +131,9 @@ class ShardDataset:
         """Every sample of the split once, as an ``(N, 2)`` array of (unit index, row in unit), in epoch order."""
         epoch = self.epoch if epoch is None else epoch
         rng = np.random.default_rng([self.seed, epoch])
-        shard_order = rng.permutation(len(self._shard_units)) if self.shuffle else range(len(self._shard_units))
+        shard_order = (
+            rng.permutation(len(self._shard_units)) if self.shuffle else range(len(self._shard_units))
+        )
         parts = []
         for s in shard_order:
             units = self._shard_units[s]

@@ -108,7 +108,9 @@ class Rejected:
         return {"sample_id": self.sample_id, "reason_kind": self.reason_kind, "message": self.message}
 
 
-def build_quintuples(annotations, volumes_attrs: Mapping[str, Mapping[str, Any]], recipe) -> tuple[list[Quintuple], list[Rejected]]:
+def build_quintuples(
+    annotations, volumes_attrs: Mapping[str, Mapping[str, Any]], recipe
+) -> tuple[list[Quintuple], list[Rejected]]:
     """Join annotation records with volume attributes into quintuples.
 
     ``annotations`` is a ``kneeprep.annotations.AnnotationSet`` (``records``, split rows, question bank,
@@ -125,7 +127,9 @@ def build_quintuples(annotations, volumes_attrs: Mapping[str, Mapping[str, Any]]
         vid = rec.volume_id
         attrs = volumes_attrs.get(vid)
         if attrs is None:
-            rejected.append(Rejected(rec.sample_id, "volume_missing", f"volume {vid} is not in the volume store"))
+            rejected.append(
+                Rejected(rec.sample_id, "volume_missing", f"volume {vid} is not in the volume store")
+            )
             continue
         qc = (attrs.get("qc") or {}).get("status", "ok")
         if qc == "fail":
@@ -133,11 +137,17 @@ def build_quintuples(annotations, volumes_attrs: Mapping[str, Mapping[str, Any]]
             rejected.append(Rejected(rec.sample_id, "volume_failed", f"volume {vid} failed QC: {reasons}"))
             continue
         if not rec.sample_id or not rec.question_id:
-            rejected.append(Rejected(rec.sample_id or f"{vid}_?", "annotation", "empty sample_id or question_id"))
+            rejected.append(
+                Rejected(rec.sample_id or f"{vid}_?", "annotation", "empty sample_id or question_id")
+            )
             continue
         if rec.question_id not in recipe.questions:
             rejected.append(
-                Rejected(rec.sample_id, "unknown_question", f"question {rec.question_id!r} is not in the question bank")
+                Rejected(
+                    rec.sample_id,
+                    "unknown_question",
+                    f"question {rec.question_id!r} is not in the question bank",
+                )
             )
             continue
         candidates.append((rec, attrs, _patient_of(vid, attrs)))
@@ -148,11 +158,15 @@ def build_quintuples(annotations, volumes_attrs: Mapping[str, Mapping[str, Any]]
     for rec, attrs, patient in candidates:
         split = split_of.get(rec.volume_id)
         if split is None:
-            rejected.append(Rejected(rec.sample_id, "no_split", f"volume {rec.volume_id} is in none of the split CSVs"))
+            rejected.append(
+                Rejected(rec.sample_id, "no_split", f"volume {rec.volume_id} is in none of the split CSVs")
+            )
             continue
         box, reason, kind = question_box_json(attrs.get("boxes") or [], recipe, rec.question_id)
         if kind is not None:
-            rejected.append(Rejected(rec.sample_id, kind, f"volume {rec.volume_id}, question {rec.question_id}: {reason}"))
+            rejected.append(
+                Rejected(rec.sample_id, kind, f"volume {rec.volume_id}, question {rec.question_id}: {reason}")
+            )
             continue
         from .anatomy import QUESTIONS
 
@@ -182,14 +196,22 @@ def build_quintuples(annotations, volumes_attrs: Mapping[str, Mapping[str, Any]]
 
 def quintuple_order(q: Quintuple) -> tuple:
     """The row order of the shards: split, volume, question id (numeric), sample id."""
-    return (SPLITS.index(q.split) if q.split in SPLITS else len(SPLITS), q.split, q.volume_id, _qkey(q.question_id), q.sample_id)
+    return (
+        SPLITS.index(q.split) if q.split in SPLITS else len(SPLITS),
+        q.split,
+        q.volume_id,
+        _qkey(q.question_id),
+        q.sample_id,
+    )
 
 
 def _qkey(qid: str) -> tuple[int, str]:
     return (int(qid), "") if qid.isdigit() else (1 << 30, qid)
 
 
-def question_box_json(boxes: Iterable[Mapping[str, Any]], recipe, question_id: str) -> tuple[QBox | None, str | None, str | None]:
+def question_box_json(
+    boxes: Iterable[Mapping[str, Any]], recipe, question_id: str
+) -> tuple[QBox | None, str | None, str | None]:
     """The box of ``question_id`` from a volume's ``boxes`` attribute (``Box.to_json()`` dicts), through
     :func:`kneeprep.boxes.question_box`: ``(box, reason, rejection kind)``.
 

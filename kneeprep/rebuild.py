@@ -93,9 +93,8 @@ def rebuild(
     from .boxes import recompute_store_boxes
     from .card import write_card
     from .pipeline import run_convert
-    from .shards import build_shards, read_manifest, validate_shards
-
     from .privacy import Pseudonymizer
+    from .shards import build_shards, read_manifest, validate_shards
 
     out = Path(out)
     for name, p in (("raw", raw), ("annotations", annotations), ("masks", masks)):

@@ -52,7 +52,9 @@ def list_to_voxels(lst: Iterable[int]) -> Box:
     """
     s, e, x0, x1, y0, y1 = _six_ints(lst)
     if not (s <= e and x0 <= x1 and y0 <= y1) or min(s, x0, y0) < 0:
-        raise AnnotationError(f"list-form box {list(lst)}: needs 0 <= start <= end, x_min <= x_max, y_min <= y_max")
+        raise AnnotationError(
+            f"list-form box {list(lst)}: needs 0 <= start <= end, x_min <= x_max, y_min <= y_max"
+        )
     return (s, y0, x0, e + 1, y1 + 1, x1 + 1)
 
 
@@ -112,7 +114,9 @@ def parse_box(value: Any) -> Box:
             return _check_voxels(keys["voxels"])
         if "list" in keys:
             return list_to_voxels(keys["list"])
-        raise AnnotationError(f"box object needs 'voxels' (half-open) or 'list' (inclusive), got keys {list(value)}")
+        raise AnnotationError(
+            f"box object needs 'voxels' (half-open) or 'list' (inclusive), got keys {list(value)}"
+        )
     return list_to_voxels(value)
 
 
@@ -189,7 +193,9 @@ def read_predictions(path: str | Path) -> tuple[dict[str, Prediction], list[tupl
         if isinstance(data, dict) and "sample_id" not in data:
             return {str(k): parse_prediction(v) for k, v in data.items()}, errors
         if data is not None and not isinstance(data, dict):
-            raise AnnotationError(f"{p}: expected a JSON object {{sample_id: answer}} or JSONL, got {type(data).__name__}")
+            raise AnnotationError(
+                f"{p}: expected a JSON object {{sample_id: answer}} or JSONL, got {type(data).__name__}"
+            )
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -298,7 +304,10 @@ class ScoreReport:
                 "by_region": table(self.by_region),
                 "by_question": table(self.by_question),
             },
-            "localization": {"overall": self.localization.to_json(), "by_region": table(self.localization_by_region)},
+            "localization": {
+                "overall": self.localization.to_json(),
+                "by_region": table(self.localization_by_region),
+            },
             "unparseable_examples": self.unparseable_examples,
         }
 
@@ -328,7 +337,10 @@ class ScoreReport:
         for k in sorted(self.by_region):
             lines.append(row(f"  region {k}", self.by_region[k]))
         if self.localization.boxes:
-            lines += ["", f"{'localization':<32} {'boxes':>10} {'mean IoU':>8} {'>=0.25':>8} {'>=0.5':>7} {'no box':>8}"]
+            lines += [
+                "",
+                f"{'localization':<32} {'boxes':>10} {'mean IoU':>8} {'>=0.25':>8} {'>=0.5':>7} {'no box':>8}",
+            ]
 
             def lrow(name: str, loc: Localization) -> str:
                 j = loc.to_json()

@@ -43,7 +43,12 @@ class Grade:
     grade: int
 
     def to_json(self) -> dict[str, Any]:
-        return {"finding": self.finding, "region": self.region, "component": self.component, "grade": self.grade}
+        return {
+            "finding": self.finding,
+            "region": self.region,
+            "component": self.component,
+            "grade": self.grade,
+        }
 
 
 #: The canonical structure of a graded answer.
@@ -62,12 +67,16 @@ def severity_from_json(items: Iterable[Mapping[str, Any]]) -> Severity:
         try:
             finding, region, component, grade = d["finding"], d["region"], d["component"], d["grade"]
         except (KeyError, TypeError):
-            raise AnnotationError(f"severity item {i}: expected {{finding, region, component, grade}}, got {d!r}") from None
+            raise AnnotationError(
+                f"severity item {i}: expected {{finding, region, component, grade}}, got {d!r}"
+            ) from None
         if finding not in FINDINGS:
             raise AnnotationError(f"severity item {i}: unknown finding {finding!r}")
         if component not in COMPONENTS:
             raise AnnotationError(f"severity item {i}: unknown component {component!r}")
-        out.append(Grade(finding, region or "", component, _check_grade(component, grade, f"severity item {i}")))
+        out.append(
+            Grade(finding, region or "", component, _check_grade(component, grade, f"severity item {i}"))
+        )
     return tuple(out)
 
 
@@ -83,7 +92,9 @@ def make_severity(question: Question | str, grades: Mapping[str, int]) -> Severi
     allowed = allowed_components(q)
     for c in grades:
         if c not in allowed:
-            raise AnnotationError(f"question {q.id}: component {c!r} is not graded here (expected {', '.join(allowed)})")
+            raise AnnotationError(
+                f"question {q.id}: component {c!r} is not graded here (expected {', '.join(allowed)})"
+            )
     return tuple(
         Grade(q.finding, q.region, c, _check_grade(c, grades[c], f"question {q.id}"))
         for c in allowed
@@ -240,7 +251,9 @@ def parse_answer(obj_or_text: Any, question_id: str | None = None) -> Severity:
     elif len(q.components) == 1:
         grades[q.components[0]] = _check_grade(q.components[0], value, where)
     else:
-        raise AnnotationError(f"{where}: expected an object of {len(q.components)} component grades, got {value!r}")
+        raise AnnotationError(
+            f"{where}: expected an object of {len(q.components)} component grades, got {value!r}"
+        )
     if not grades:
         raise AnnotationError(f"{where}: no grades")
     return make_severity(q, grades)
@@ -254,7 +267,9 @@ def to_published(severity: Severity, question: Question | str) -> dict[str, Any]
         raise AnnotationError(f"question {q.id}: empty severity has no published form")
     other = [g for g in severity if (g.finding, g.region) != (q.finding, q.region)]
     if other:
-        raise AnnotationError(f"question {q.id} ({q.finding}, {q.region!r}): severity holds grades of {other[0]}")
+        raise AnnotationError(
+            f"question {q.id} ({q.finding}, {q.region!r}): severity holds grades of {other[0]}"
+        )
     comps = {g.component: g.grade for g in severity}
     if q.bare_grade and list(comps) == list(q.components):
         value: Any = comps[q.components[0]]

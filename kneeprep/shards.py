@@ -219,7 +219,9 @@ def _write_split(
         image, geometry = read_volume(vid)
         geom = geometry.to_json() if hasattr(geometry, "to_json") else dict(geometry)
         if tuple(geom["shape"]) != image.shape:
-            raise StoreError(f"volume {vid}: image shape {image.shape} differs from its geometry {geom['shape']}")
+            raise StoreError(
+                f"volume {vid}: image shape {image.shape} differs from its geometry {geom['shape']}"
+            )
         if group and group_bytes + image.nbytes > row_group_bytes:
             flush()  # a row group holds whole volumes up to row_group_bytes, at least one
         group.append((qs, image, geom))
@@ -288,7 +290,9 @@ class _ShardWriter:
         }
 
 
-def rows_to_table(group: list[tuple[list[Quintuple], np.ndarray, dict]], codec: str = "none", level: int = 3) -> pa.Table:
+def rows_to_table(
+    group: list[tuple[list[Quintuple], np.ndarray, dict]], codec: str = "none", level: int = 3
+) -> pa.Table:
     """A row group: each volume's quintuples, with the volume's bytes on its first row, cast to :data:`SCHEMA`.
 
     ``codec`` is the recipe's ``shards.codec``: Blosc codecs compress the bytes here (:func:`encode_image`),
@@ -327,7 +331,9 @@ def encode_image(img: np.ndarray, codec: str, level: int = 3) -> tuple[bytes, st
 
     cname, blocksize = _BLOSC[codec]
     if img.nbytes > 2**31 - 2**10:
-        raise ValidationError(f"a {img.nbytes}-byte volume is too big for one Blosc frame (2 GiB); use codec zstd")
+        raise ValidationError(
+            f"a {img.nbytes}-byte volume is too big for one Blosc frame (2 GiB); use codec zstd"
+        )
     previous, blosc.use_threads = blosc.use_threads, False
     try:
         return Blosc(cname, clevel=level, shuffle=Blosc.BITSHUFFLE, blocksize=blocksize).encode(img), "blosc"
@@ -404,7 +410,9 @@ def read_manifest(shards_dir: str | os.PathLike) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise ValidationError(f"{p}: not valid JSON: {e}") from e
     if m.get("schema_version") != SCHEMA_VERSION:
-        raise ValidationError(f"{p}: schema version {m.get('schema_version')!r}, this kneeprep reads {SCHEMA_VERSION}")
+        raise ValidationError(
+            f"{p}: schema version {m.get('schema_version')!r}, this kneeprep reads {SCHEMA_VERSION}"
+        )
     return m
 
 
@@ -448,7 +456,9 @@ def _blosc_sizes(frame) -> tuple[int, int]:
     return int.from_bytes(head[4:8], "little"), int.from_bytes(head[12:16], "little")
 
 
-def read_row_group(path: str | os.PathLike | pq.ParquetFile, index: int, columns=None) -> tuple[list[dict], dict[str, np.ndarray]]:
+def read_row_group(
+    path: str | os.PathLike | pq.ParquetFile, index: int, columns=None
+) -> tuple[list[dict], dict[str, np.ndarray]]:
     """Rows of one row group as dicts (without ``image``) and its volumes decoded once: ``{volume_id: array}``.
 
     ``columns`` limits the row columns (``volume_id`` is always read); images are read only when ``columns``
@@ -456,7 +466,11 @@ def read_row_group(path: str | os.PathLike | pq.ParquetFile, index: int, columns
     """
     pf = path if isinstance(path, pq.ParquetFile) else pq.ParquetFile(path)
     want_image = columns is None or "image" in columns
-    row_cols = list(dict.fromkeys(["volume_id", *[c for c in (SCHEMA.names if columns is None else columns) if c != "image"]]))
+    row_cols = list(
+        dict.fromkeys(
+            ["volume_id", *[c for c in (SCHEMA.names if columns is None else columns) if c != "image"]]
+        )
+    )
     extra = ["image", "image_dtype", "image_shape", "image_codec"] if want_image else []
     t = pf.read_row_group(index, columns=list(dict.fromkeys(row_cols + extra)))
     volumes: dict[str, np.ndarray] = {}
@@ -478,7 +492,9 @@ def _binary_values(col: pa.ChunkedArray) -> list[pa.Buffer | None]:
     for chunk in col.chunks:
         validity, offsets, data = chunk.buffers()
         n, o = len(chunk), chunk.offset
-        offs = np.frombuffer(offsets, np.int64 if pa.types.is_large_binary(chunk.type) else np.int32)[o : o + n + 1]
+        offs = np.frombuffer(offsets, np.int64 if pa.types.is_large_binary(chunk.type) else np.int32)[
+            o : o + n + 1
+        ]
         valid = (
             np.ones(n, bool)
             if validity is None or chunk.null_count == 0
@@ -489,7 +505,9 @@ def _binary_values(col: pa.ChunkedArray) -> list[pa.Buffer | None]:
     return out
 
 
-def iter_quintuples(shards_dir: str | os.PathLike, split: str | None = None, columns=None) -> Iterator[dict[str, Any]]:
+def iter_quintuples(
+    shards_dir: str | os.PathLike, split: str | None = None, columns=None
+) -> Iterator[dict[str, Any]]:
     """Every row of the shards as a dict, in manifest order (split, then shard, then row).
 
     ``columns`` defaults to the quintuple columns (no volume); include ``"image"`` to get the decoded volume
@@ -556,12 +574,20 @@ def validate_shards(shards_dir: str | os.PathLike, *, decode: bool = True) -> li
             problems.append(Problem(rel, "bytes", f"expected {e['bytes']} bytes, found {size}"))
         digest = sha256_file(p)
         if digest != e["sha256"]:
-            problems.append(Problem(rel, "checksum", f"sha256 {digest} differs from the manifest's {e['sha256']}"))
+            problems.append(
+                Problem(rel, "checksum", f"sha256 {digest} differs from the manifest's {e['sha256']}")
+            )
             continue  # the content is not what was written: do not trust it further
         problems += _validate_file(p, rel, e, patients, decode)
     for patient, splits in sorted(patients.items()):
         if len(splits) > 1:
-            problems.append(Problem(MANIFEST, "split_leak", f"patient {patient} is in several splits: {', '.join(sorted(splits))}"))
+            problems.append(
+                Problem(
+                    MANIFEST,
+                    "split_leak",
+                    f"patient {patient} is in several splits: {', '.join(sorted(splits))}",
+                )
+            )
     return problems
 
 
@@ -572,8 +598,17 @@ def _validate_file(p: Path, rel: str, e: dict, patients: dict[str, set[str]], de
     except (OSError, pa.ArrowException) as exc:
         return [Problem(rel, "unreadable", str(exc))]
     schema = pf.schema_arrow
-    if schema.metadata is None or schema.metadata.get(b"kneeprep.schema_version") != str(SCHEMA_VERSION).encode():
-        out.append(Problem(rel, "schema", f"schema version {(schema.metadata or {}).get(b'kneeprep.schema_version')!r}, expected {SCHEMA_VERSION}"))
+    if (
+        schema.metadata is None
+        or schema.metadata.get(b"kneeprep.schema_version") != str(SCHEMA_VERSION).encode()
+    ):
+        out.append(
+            Problem(
+                rel,
+                "schema",
+                f"schema version {(schema.metadata or {}).get(b'kneeprep.schema_version')!r}, expected {SCHEMA_VERSION}",
+            )
+        )
     if not schema.remove_metadata().equals(SCHEMA.remove_metadata()):
         out.append(Problem(rel, "schema", "Arrow schema differs from kneeprep.shards.SCHEMA"))
         return out
@@ -593,7 +628,9 @@ def _validate_file(p: Path, rel: str, e: dict, patients: dict[str, set[str]], de
             vid, sid = cols["volume_id"][i], cols["sample_id"][i]
             where = f"row group {g}, sample {sid}"
             if cols["split"][i] != e["split"]:
-                out.append(Problem(rel, "split", f"{where}: split {cols['split'][i]!r} in a {e['split']} shard"))
+                out.append(
+                    Problem(rel, "split", f"{where}: split {cols['split'][i]!r} in a {e['split']} shard")
+                )
             patients.setdefault(cols["patient_id"][i], set()).add(cols["split"][i])
             shape = cols["image_shape"][i]
             if vid != current:
@@ -603,9 +640,13 @@ def _validate_file(p: Path, rel: str, e: dict, patients: dict[str, set[str]], de
                 current = vid
                 volumes += 1
                 if decode and bufs[i] is None:
-                    out.append(Problem(rel, "image", f"{where}: first row of volume {vid} has no image bytes"))
+                    out.append(
+                        Problem(rel, "image", f"{where}: first row of volume {vid} has no image bytes")
+                    )
                 elif decode:
-                    out += _check_image(rel, where, bufs[i], cols["image_dtype"][i], shape, cols["image_codec"][i])
+                    out += _check_image(
+                        rel, where, bufs[i], cols["image_dtype"][i], shape, cols["image_codec"][i]
+                    )
             elif decode and bufs[i] is not None:
                 out.append(Problem(rel, "image", f"{where}: volume {vid} stored twice"))
             out += _check_box(rel, where, cols, i, shape)
@@ -644,7 +685,9 @@ def _check_box(rel: str, where: str, cols: dict, i: int, shape) -> list[Problem]
     if not (0 <= z0 < z1 <= shape[0] and 0 <= y0 < y1 <= shape[1] and 0 <= x0 < x1 <= shape[2]):
         return [Problem(rel, "box", f"{where}: box {v} outside volume of shape {shape} (or empty)")]
     if list(cols["box_list_form"][i]) != [z0, z1 - 1, x0, x1 - 1, y0, y1 - 1]:
-        return [Problem(rel, "box", f"{where}: list form {cols['box_list_form'][i]} does not match voxels {v}")]
+        return [
+            Problem(rel, "box", f"{where}: list form {cols['box_list_form'][i]} does not match voxels {v}")
+        ]
     return []
 
 
@@ -670,7 +713,9 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
 # the stage: store + annotation directory -> shards (what `kneeprep shards` and `rebuild` run)
 
 
-def inputs_hash(store: str | os.PathLike, annotations_dir: str | os.PathLike, volume_ids: Iterable[str], attrs) -> str:
+def inputs_hash(
+    store: str | os.PathLike, annotations_dir: str | os.PathLike, volume_ids: Iterable[str], attrs
+) -> str:
     """Fingerprint of the shards stage's inputs: every annotation file's bytes and every volume's attrs (which
     carry the content hash of its sources and the convert/boxes recipe hashes)."""
     h = hashlib.sha256()
@@ -695,7 +740,9 @@ def up_to_date(out_dir: str | os.PathLike, recipe_hash: str, in_hash: str) -> bo
     if m.get("recipe_hash") != recipe_hash or m.get("inputs_hash") != in_hash:
         return False
     d = Path(out_dir)
-    return all((d / e["path"]).is_file() and (d / e["path"]).stat().st_size == e["bytes"] for e in m["shards"])
+    return all(
+        (d / e["path"]).is_file() and (d / e["path"]).stat().st_size == e["bytes"] for e in m["shards"]
+    )
 
 
 def build_shards(store, annotations_dir, out_dir, recipe, *, force: bool = False) -> dict[str, Any]:
@@ -766,6 +813,8 @@ def _pseudonymize_rejections(rejected, pseudo, annotations, attrs) -> list:
     patients |= {r.volume_id.split("_", 1)[0] for r in annotations.records if r.volume_id}
     patients |= {str(r.patient_id) for r in annotations.splits}
     return [
-        dataclasses.replace(r, sample_id=pseudo.text(r.sample_id, patients), message=pseudo.text(r.message, patients))
+        dataclasses.replace(
+            r, sample_id=pseudo.text(r.sample_id, patients), message=pseudo.text(r.message, patients)
+        )
         for r in rejected
     ]

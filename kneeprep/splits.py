@@ -72,7 +72,9 @@ class SplitRow:
 
     @property
     def volume_id(self) -> str:
-        return make_volume_id(self.patient_id, self.time, self.study_folder, self.series_folder, self.knee_side)
+        return make_volume_id(
+            self.patient_id, self.time, self.study_folder, self.series_folder, self.knee_side
+        )
 
 
 def read_split_csvs(directory: str | Path) -> list[SplitRow]:
@@ -83,7 +85,9 @@ def read_split_csvs(directory: str | Path) -> list[SplitRow]:
         d = d / "split_files"
     files = [(s, d / f"{s}_split.csv") for s in SPLITS if (d / f"{s}_split.csv").is_file()]
     if not files:
-        raise InputNotFoundError(f"{d}: no split CSVs (expected {', '.join(s + '_split.csv' for s in SPLITS)})")
+        raise InputNotFoundError(
+            f"{d}: no split CSVs (expected {', '.join(s + '_split.csv' for s in SPLITS)})"
+        )
     rows: list[SplitRow] = []
     for split, f in files:
         with f.open(newline="", encoding="utf-8") as fh:

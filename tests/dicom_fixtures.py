@@ -16,7 +16,12 @@ PIR_DIRECTION = (0.0, 0.0, -1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0)
 SHAPE = (8, 24, 20)
 SPACING = (0.7, 0.5, 0.4)
 OAI_SERIES = Path("00m/0.C.2/9000296/20040909/10693717")
-TAGS = {"PatientID": "9000296", "StudyDate": "20040909", "SeriesNumber": 5, "SeriesDescription": "SAG_3D_DESS_RIGHT"}
+TAGS = {
+    "PatientID": "9000296",
+    "StudyDate": "20040909",
+    "SeriesNumber": 5,
+    "SeriesDescription": "SAG_3D_DESS_RIGHT",
+}
 
 
 def clean_array(shape=SHAPE, dtype=np.uint16) -> np.ndarray:
@@ -87,7 +92,9 @@ def _shuffled_names(root: Path) -> None:
 
 def _two_series_one_folder(root: Path) -> None:
     folder = root / OAI_SERIES
-    _write(folder, file_names=[f"a{k:03d}" for k in range(1, 9)], tags={"SeriesDescription": "SAG_3D_DESS_RIGHT"})
+    _write(
+        folder, file_names=[f"a{k:03d}" for k in range(1, 9)], tags={"SeriesDescription": "SAG_3D_DESS_RIGHT"}
+    )
     arr = clean_array((10, 24, 20)) + 1
     _write(
         folder,
@@ -109,7 +116,9 @@ def _junk(root: Path) -> None:
     _write(folder)
     (folder / "README.txt").write_text("notes about this series\n")
     (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(100))
-    (root / "contents.0.C.2.csv").write_text("Folder,ParticipantID\n00m/0.C.2/9000296/20040909/10693717,9000296\n")
+    (root / "contents.0.C.2.csv").write_text(
+        "Folder,ParticipantID\n00m/0.C.2/9000296/20040909/10693717,9000296\n"
+    )
 
 
 def _signed_rescale(root: Path) -> None:

@@ -30,7 +30,9 @@ IMAGE = "../data/images/9027422/00M/20041222_10312706_2.nii.gz"
 Q_BML = find_question("femur medial central BML").id
 Q_EXT = find_question("medial meniscus medial extrusion").id  # MOAKS_grade wrapper, bare grade
 Q_OST = find_question("femur lateral anterior osteophyte").id
-PROMPT_BML = "In this DESS MRI, can you diagnose bone-marrow lesions (BMLs) in the femur medial central subregion?"
+PROMPT_BML = (
+    "In this DESS MRI, can you diagnose bone-marrow lesions (BMLs) in the femur medial central subregion?"
+)
 PROMPT_EXT = "In this DESS MRI, measure medial meniscus medial extrusions."
 PROMPT_OST = "In this DESS MRI, identify and grade the osteophyte at the femur lateral anterior location."
 BANK = {Q_BML: PROMPT_BML, Q_EXT: PROMPT_EXT, Q_OST: PROMPT_OST}
@@ -44,9 +46,15 @@ def test_doctests():
 @pytest.mark.parametrize(
     "text, steps",
     [
-        ("1. Look at the femur.\n2) Bright marrow\n   is seen.\nStep 3: Grade it.", ("Look at the femur.", "Bright marrow is seen.", "Grade it.")),
+        (
+            "1. Look at the femur.\n2) Bright marrow\n   is seen.\nStep 3: Grade it.",
+            ("Look at the femur.", "Bright marrow is seen.", "Grade it."),
+        ),
         ("First, orient.\n1. Slices 40-60.\n2. Fluid.", ("First, orient.", "Slices 40-60.", "Fluid.")),
-        ("The extrusion is 3.5 mm. It is moderate! Is it? Yes.", ("The extrusion is 3.5 mm.", "It is moderate!", "Is it?", "Yes.")),
+        (
+            "The extrusion is 3.5 mm. It is moderate! Is it? Yes.",
+            ("The extrusion is 3.5 mm.", "It is moderate!", "Is it?", "Yes."),
+        ),
         ("e.g. this stays whole. Then a new one.", ("e.g. this stays whole.", "Then a new one.")),
         ("   \n ", ()),
     ],
@@ -79,7 +87,15 @@ def test_question_bank_not_an_object_raises(tmp_path):
 
 # -- published training items, one item per quirk ---------------------------------------------------------
 
-BML_JSON = {"MOAKS_scores": {"femur medial central BML": {"Size of BML (including cyst)": 1, "Number of BML within subregion": 2, "% of lesion that is BML (excluding cyst)": 0}}}
+BML_JSON = {
+    "MOAKS_scores": {
+        "femur medial central BML": {
+            "Size of BML (including cyst)": 1,
+            "Number of BML within subregion": 2,
+            "% of lesion that is BML (excluding cyst)": 0,
+        }
+    }
+}
 
 
 def _items():
@@ -105,9 +121,21 @@ def _items():
             "prompt": "Guided prompt not in this bank.",
             "answer": 'Fine. Final diagnosis: {"MOAKS_scores": {"femur medial central BML": {"Size of BML (including cyst)": 0}}}',
         },
-        {"image": IMAGE, "prompt": PROMPT_OST, "answer": "Final diagnosis: {\"femur lateral anterior osteophyte\": {\"grade\": 3"},
-        {"image": IMAGE, "prompt": PROMPT_OST, "answer": 'Final diagnosis: {"femur lateral anterior osteophyte": {"grade": 5}}'},
-        {"image": "scan.nii.gz", "prompt": PROMPT_OST, "answer": 'Final diagnosis: {"femur lateral anterior osteophyte": 1}'},
+        {
+            "image": IMAGE,
+            "prompt": PROMPT_OST,
+            "answer": 'Final diagnosis: {"femur lateral anterior osteophyte": {"grade": 3',
+        },
+        {
+            "image": IMAGE,
+            "prompt": PROMPT_OST,
+            "answer": 'Final diagnosis: {"femur lateral anterior osteophyte": {"grade": 5}}',
+        },
+        {
+            "image": "scan.nii.gz",
+            "prompt": PROMPT_OST,
+            "answer": 'Final diagnosis: {"femur lateral anterior osteophyte": 1}',
+        },
         {"image": IMAGE, "prompt": PROMPT_OST},
         {"image": IMAGE, "prompt": "???", "answer": "Final diagnosis: {}"},
     ]
@@ -122,7 +150,12 @@ def test_training_items_parse_every_quirk(tmp_path):
     f = tmp_path / "train.json"
     _write_items(f, _items())
     records, errors = read_training_items(f, BANK)
-    assert [r.sample_id for r in records] == [f"{VID}_{Q_BML}", f"{VID}_{Q_EXT}", f"{VID}_{Q_OST}", f"9000001_12M_20050101_11111111_1_{Q_BML}"]
+    assert [r.sample_id for r in records] == [
+        f"{VID}_{Q_BML}",
+        f"{VID}_{Q_EXT}",
+        f"{VID}_{Q_OST}",
+        f"9000001_12M_20050101_11111111_1_{Q_BML}",
+    ]
     bml, ext, ost, guided = records
     assert bml.severity == (
         Grade("bml", "femur medial central", "bml_size", 1),
@@ -134,7 +167,9 @@ def test_training_items_parse_every_quirk(tmp_path):
     assert bml.answer_json == json.dumps(BML_JSON, separators=(",", ":")) and ", " not in bml.answer_json
     assert ext.severity == (Grade("meniscal_extrusion", "medial medial", "grade", 1),)
     assert ext.reasoning == ("The meniscus sits 3 mm out.", "That is grade 1.")
-    assert ost.severity == (Grade("osteophyte", "femur lateral anterior", "grade", 3),) and ost.reasoning == ("A large spur.",)
+    assert ost.severity == (Grade("osteophyte", "femur lateral anterior", "grade", 3),) and ost.reasoning == (
+        "A large spur.",
+    )
     assert guided.question_id == Q_BML and guided.question == "Guided prompt not in this bank."
     # The 5 bad items: each reported against its own line (item i on line i + 2), the rest still read.
     assert [(e.source, e.kind) for e in errors] == [
@@ -157,7 +192,7 @@ def test_training_items_conflicting_final_diagnosis_is_an_error(tmp_path):
 
 def test_training_items_broken_list_keeps_items_before_the_break(tmp_path):
     f = tmp_path / "train.json"
-    f.write_text("[\n" + json.dumps(_items()[0]) + ",\n{\"image\": oops}\n]")
+    f.write_text("[\n" + json.dumps(_items()[0]) + ',\n{"image": oops}\n]')
     records, errors = read_training_items(f, BANK)
     assert len(records) == 1 and errors[0].kind == "json" and f"{f}:3" in errors[0].message
 
@@ -188,7 +223,9 @@ def test_jsonl_bad_records_are_reported_one_by_one(tmp_path):
         _line(qid="99"),  # 6
         _line(reasoning="not a list"),  # 7
         _line(volume_id="9027422_00M", sample_id=f"9027422_00M_{Q_OST}"),  # 8
-        _line(qid=Q_EXT, answer='prose then {"MOAKS_grade": {"medial meniscus medial extrusion": {"grade": 2}}}'),  # 9 good
+        _line(
+            qid=Q_EXT, answer='prose then {"MOAKS_grade": {"medial meniscus medial extrusion": {"grade": 2}}}'
+        ),  # 9 good
     ]
     f.write_text("\n".join(lines) + "\n")
     records, errors = read_quintuples_jsonl(f)
@@ -196,7 +233,12 @@ def test_jsonl_bad_records_are_reported_one_by_one(tmp_path):
     assert records[1].severity == (Grade("meniscal_extrusion", "medial medial", "grade", 2),)
     assert records[1].answer_json == '{"MOAKS_grade":{"medial meniscus medial extrusion":{"grade":2}}}'
     assert [(e.source.rsplit(":", 1)[1], e.kind) for e in errors] == [
-        ("2", "json"), ("4", "answer"), ("5", "schema"), ("6", "question"), ("7", "schema"), ("8", "volume")
+        ("2", "json"),
+        ("4", "answer"),
+        ("5", "schema"),
+        ("6", "question"),
+        ("7", "schema"),
+        ("8", "volume"),
     ]
 
 
@@ -214,11 +256,22 @@ def test_jsonl_write_read_round_trip(tmp_path):
 
 
 def test_read_annotations_directory(tmp_path):
-    row = dict(zip(
-        ("patient_id", "time", "study_folder", "series_folder", "knee_side", "path", "image_filepath", "label_filepath"),
-        ("9027422", "00M", "20041222", "10312706", "2", "raw/x", IMAGE, "masks/knee_003.nii.gz"),
-        strict=True,
-    ))
+    row = dict(
+        zip(
+            (
+                "patient_id",
+                "time",
+                "study_folder",
+                "series_folder",
+                "knee_side",
+                "path",
+                "image_filepath",
+                "label_filepath",
+            ),
+            ("9027422", "00M", "20041222", "10312706", "2", "raw/x", IMAGE, "masks/knee_003.nii.gz"),
+            strict=True,
+        )
+    )
     write_split_csv(tmp_path / "split_files" / "train_split.csv", [row])
     (tmp_path / "questions.json").write_text(json.dumps(BANK | {"77": "unknown"}))
     (tmp_path / "quintuples.jsonl").write_text(_line() + "\n" + "{broken\n")
@@ -236,11 +289,22 @@ def test_read_annotations_directory(tmp_path):
 
 
 def test_read_annotations_duplicate_sample_keeps_the_first(tmp_path):
-    row = dict(zip(
-        ("patient_id", "time", "study_folder", "series_folder", "knee_side", "path", "image_filepath", "label_filepath"),
-        ("9027422", "00M", "20041222", "10312706", "2", "raw/x", IMAGE, "m.nii.gz"),
-        strict=True,
-    ))
+    row = dict(
+        zip(
+            (
+                "patient_id",
+                "time",
+                "study_folder",
+                "series_folder",
+                "knee_side",
+                "path",
+                "image_filepath",
+                "label_filepath",
+            ),
+            ("9027422", "00M", "20041222", "10312706", "2", "raw/x", IMAGE, "m.nii.gz"),
+            strict=True,
+        )
+    )
     write_split_csv(tmp_path / "split_files" / "test_split.csv", [row])
     (tmp_path / "quintuples.jsonl").write_text(_line() + "\n")
     _write_items(tmp_path / "items.json", [_items()[2]])  # same sample: VID + Q_OST

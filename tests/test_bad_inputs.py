@@ -64,7 +64,9 @@ def _mask(path: Path, labels: np.ndarray, g: Geometry) -> None:
 def build_corpus(sample: Path, root: Path, scratch: Path) -> dict:
     """The sample (copied with its mtimes) plus every bad input; returns what the test needs to know."""
     for name in ("raw", "masks", "split_files"):
-        shutil.copytree(sample / name, root / name)  # copy2: same names, sizes and mtimes -> same fingerprints
+        shutil.copytree(
+            sample / name, root / name
+        )  # copy2: same names, sizes and mtimes -> same fingerprints
     for name in ("questions.json", "quintuples.jsonl"):
         shutil.copy2(sample / name, root / name)
     # every fixture derives its SeriesInstanceUID from the same clean voxels: give each copy a UID of its own
@@ -103,13 +105,20 @@ def build_corpus(sample: Path, root: Path, scratch: Path) -> dict:
     nearest = tuple(np.clip((i + 1) // 2, 0, s - 1) for i, s in zip(idx, SHAPE, strict=True))
     fine[...] = labels[nearest]
     fine[::2, ::2, ::2] = labels  # exact on the shared centres
-    _mask(root / "masks" / "other_grid.nii.gz", fine, Geometry(fine_shape, tuple(s / 2 for s in SPACING), fine_affine))
+    _mask(
+        root / "masks" / "other_grid.nii.gz",
+        fine,
+        Geometry(fine_shape, tuple(s / 2 for s in SPACING), fine_affine),
+    )
     unknown = labels.copy()
     unknown[5:7, 18:22, 15:19] = 200  # not in the recipe's label map
     _mask(root / "masks" / "unknown_labels.nii.gz", unknown, g)
     with (root / "split_files" / "train_split.csv").open("a", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=SPLIT_COLUMNS, lineterminator="\n")
-        for pid, mask in ((MASK_OTHER_GRID, "masks/other_grid.nii.gz"), (MASK_UNKNOWN_LABELS, "masks/unknown_labels.nii.gz")):
+        for pid, mask in (
+            (MASK_OTHER_GRID, "masks/other_grid.nii.gz"),
+            (MASK_UNKNOWN_LABELS, "masks/unknown_labels.nii.gz"),
+        ):
             w.writerow({"patient_id": pid, "time": "00M", "study_folder": "20040909", "series_folder": "10693717",
                         "knee_side": 1, "path": "", "image_filepath": "", "label_filepath": mask})  # fmt: skip
 
@@ -123,7 +132,11 @@ def build_corpus(sample: Path, root: Path, scratch: Path) -> dict:
     not_json = json.dumps(first | {"volume_id": v1, "sample_id": f"{v1}_{first['question_id']}"}).replace(
         '"answer": {', '"answer": {{', 1
     )
-    bad_answer = first | {"volume_id": v2, "sample_id": f"{v2}_{first['question_id']}", "answer": "Final diagnosis: {grade"}
+    bad_answer = first | {
+        "volume_id": v2,
+        "sample_id": f"{v2}_{first['question_id']}",
+        "answer": "Final diagnosis: {grade",
+    }
     extra = [json.dumps(ghost), not_json, json.dumps(bad_answer)]
     (root / "quintuples.jsonl").write_text("\n".join([*lines, *extra]) + "\n")
     n = len(lines)
@@ -140,7 +153,16 @@ def build_corpus(sample: Path, root: Path, scratch: Path) -> dict:
 def runs(small_sample, tmp_path_factory):
     recipe = load_recipe(RECIPE)
     base = tmp_path_factory.mktemp("base")
-    rebuild(recipe, small_sample / "raw", small_sample, base, masks=small_sample, workers=0, progress=False, echo=lambda *_: None)
+    rebuild(
+        recipe,
+        small_sample / "raw",
+        small_sample,
+        base,
+        masks=small_sample,
+        workers=0,
+        progress=False,
+        echo=lambda *_: None,
+    )
 
     root = tmp_path_factory.mktemp("corpus")
     corpus = build_corpus(small_sample, root / "in", tmp_path_factory.mktemp("scratch"))
@@ -156,7 +178,16 @@ def runs(small_sample, tmp_path_factory):
     mp.setattr(builtins, "open", open_)
     try:
         out = root / "out"
-        rep = rebuild(recipe, root / "in" / "raw", root / "in", out, masks=root / "in", workers=0, progress=False, echo=lambda *_: None)
+        rep = rebuild(
+            recipe,
+            root / "in" / "raw",
+            root / "in",
+            out,
+            masks=root / "in",
+            workers=0,
+            progress=False,
+            echo=lambda *_: None,
+        )
     finally:
         mp.undo()
     return base, out, rep, corpus
@@ -173,7 +204,12 @@ def _convert_items(out: Path) -> dict[str, dict]:
         ("no_pixel_data", "skipped", {"qc"}, "no pixel data (PixelData (7FE0,0010) absent) in 001"),
         ("two_series_one_folder", "written", {""}, ""),  # both written, the second renamed (below)
         ("missing_slice", "skipped", {"qc"}, "missing slices: 1 slice(s) missing"),
-        ("duplicate_slice", "written", {""}, "QC warn: duplicate slices: 1 extra copy of the same instance dropped (e.g. 005_copy"),
+        (
+            "duplicate_slice",
+            "written",
+            {""},
+            "QC warn: duplicate slices: 1 extra copy of the same instance dropped (e.g. 005_copy",
+        ),
         ("tilted_slice", "skipped", {"qc"}, "inconsistent orientation: ImageOrientationPatient (0020,0037)"),
         ("empty_file", "skipped", {"qc"}, "004: empty file (0 bytes)"),
         ("fake_dcm", "written", {""}, ""),  # scout.dcm is listed as unreadable (below)
@@ -193,7 +229,9 @@ def test_each_dicom_defect_has_a_named_entry_in_the_convert_report(runs, defect,
 def test_file_level_defects_are_listed_by_name(runs):
     _, out, _, corpus = runs
     ctx = json.loads((out / "volumes.zarr" / store.REPORT_FILE).read_text())["context"]
-    unreadable = {Path(p).relative_to(out.parent / "in" / "raw").as_posix(): r for p, r in ctx["unreadable_files"]}
+    unreadable = {
+        Path(p).relative_to(out.parent / "in" / "raw").as_posix(): r for p, r in ctx["unreadable_files"]
+    }
     base = "00m/0.C.2/{}/20040909/10693717/"
     assert "scout.dcm" in next(k for k in unreadable if k.startswith(base.format(DICOM_DEFECTS["fake_dcm"])))
     assert "empty file (0 bytes)" in unreadable[base.format(DICOM_DEFECTS["empty_file"]) + "004"]
@@ -202,8 +240,15 @@ def test_file_level_defects_are_listed_by_name(runs):
     item = _convert_items(out)[vid(UNREADABLE)]
     assert item["status"] in ("skipped", "failed") and "004" in item["message"], item
     # two series in one folder: both converted, under distinct ids
-    two = [v for v in store.list_volumes(out / "volumes.zarr") if v.startswith(DICOM_DEFECTS["two_series_one_folder"])]
-    assert two == [vid(DICOM_DEFECTS["two_series_one_folder"]).replace("10693717", "10693717.2"), vid(DICOM_DEFECTS["two_series_one_folder"])]
+    two = [
+        v
+        for v in store.list_volumes(out / "volumes.zarr")
+        if v.startswith(DICOM_DEFECTS["two_series_one_folder"])
+    ]
+    assert two == [
+        vid(DICOM_DEFECTS["two_series_one_folder"]).replace("10693717", "10693717.2"),
+        vid(DICOM_DEFECTS["two_series_one_folder"]),
+    ]
     renamed = _convert_items(out)[two[0]]
     assert any("two series in one folder?" in w for w in renamed["warnings"]), renamed
 
@@ -222,7 +267,11 @@ def test_mask_on_another_grid_is_resampled_exactly(runs):
     placed = store.read_labels(out / "volumes.zarr", v)
     assert np.array_equal(placed, corpus["labels"])
     attrs = store.read_attrs(out / "volumes.zarr", v)["labels"]["anatomy"]
-    assert attrs["source"] == "other_grid.nii.gz" and sorted(attrs["acquired_geometry"]["shape"]) == [15, 39, 47]  # its own grid
+    assert attrs["source"] == "other_grid.nii.gz" and sorted(attrs["acquired_geometry"]["shape"]) == [
+        15,
+        39,
+        47,
+    ]  # its own grid
 
 
 def test_mask_with_unknown_labels_is_reported(runs):
@@ -230,7 +279,9 @@ def test_mask_with_unknown_labels_is_reported(runs):
     v = vid(MASK_UNKNOWN_LABELS)
     item = _convert_items(out)[v]
     assert item["status"] == "written"
-    assert any("unknown_labels.nii.gz" in w and "200" in w and "not in the label map" in w for w in item["warnings"]), item
+    assert any(
+        "unknown_labels.nii.gz" in w and "200" in w and "not in the label map" in w for w in item["warnings"]
+    ), item
     assert store.read_attrs(out / "volumes.zarr", v)["labels"]["anatomy"]["unknown_labels"] == [200]
 
 
@@ -239,7 +290,9 @@ def test_bad_annotations_are_rejected_by_name(runs):
     shards = json.loads((out / "shards" / "report.json").read_text())
     rejected = {r["sample_id"]: r for r in shards["rejected_items"]}
     assert rejected[corpus["ghost"]]["reason_kind"] == "volume_missing"
-    assert "9199999_00M_20050101_12345678_1 is not in the volume store" in rejected[corpus["ghost"]]["message"]
+    assert (
+        "9199999_00M_20050101_12345678_1 is not in the volume store" in rejected[corpus["ghost"]]["message"]
+    )
     assert rejected[corpus["not_json"]]["reason_kind"] == "annotation"
     assert rejected[corpus["not_json"]]["message"].startswith("json: ")
     assert rejected[corpus["bad_answer"]]["reason_kind"] == "annotation"
@@ -255,7 +308,9 @@ def test_good_outputs_are_unchanged_by_the_bad_inputs(runs):
     for v in good:
         a, b = store.read_volume(base / "volumes.zarr", v)[0], store.read_volume(out / "volumes.zarr", v)[0]
         assert a.dtype == b.dtype and np.array_equal(a, b), v
-        assert np.array_equal(store.read_labels(base / "volumes.zarr", v), store.read_labels(out / "volumes.zarr", v))
+        assert np.array_equal(
+            store.read_labels(base / "volumes.zarr", v), store.read_labels(out / "volumes.zarr", v)
+        )
         assert store.read_attrs(base / "volumes.zarr", v) == store.read_attrs(out / "volumes.zarr", v), v
     # every shard file byte-identical (the manifest differs only by its inputs hash)
     m_base = json.loads((base / "shards" / "manifest.json").read_text())

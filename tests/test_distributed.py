@@ -66,17 +66,27 @@ class Cluster:
         self.port = _free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
         self.procs: dict[str, subprocess.Popen] = {}
-        self.env = os.environ | {"KNEEPREP_TEST_BUSY_DIR": str(self.busy), "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "5s"}
+        self.env = os.environ | {
+            "KNEEPREP_TEST_BUSY_DIR": str(self.busy),
+            "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "5s",
+        }
 
     def _spawn(self, name: str, args: list[str]) -> None:
         log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
         self.procs[name] = subprocess.Popen(
-            [DASK, *args], stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.tmp, start_new_session=True
+            [DASK, *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=self.tmp,
+            start_new_session=True,
         )
         log.close()
 
     def start(self) -> None:
-        self._spawn("scheduler", ["scheduler", "--host", "127.0.0.1", "--port", str(self.port), "--no-dashboard"])
+        self._spawn(
+            "scheduler", ["scheduler", "--host", "127.0.0.1", "--port", str(self.port), "--no-dashboard"]
+        )
         for name in ("worker-a", "worker-b"):
             self._spawn(name, [
                 "worker", self.address, "--host", "127.0.0.1", "--nthreads", "1", "--nworkers", "1",
@@ -102,7 +112,9 @@ class Cluster:
                 pass
 
     def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-1500:]}" for p in self.tmp.glob("*.log"))
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')[-1500:]}" for p in self.tmp.glob("*.log")
+        )
 
 
 @pytest.fixture
@@ -132,7 +144,9 @@ def test_convert_on_a_cluster_that_loses_a_worker_mid_run(small_sample, cluster,
         t0 = time.monotonic()
         while driver.poll() is None and time.monotonic() - t0 < DEADLINE:
             if killed is None and (out / "zarr.json").is_file() and store.list_volumes(out):
-                marks = list(cluster.busy.iterdir())  # "<pid>-<volume id>": a worker process busy with a series
+                marks = list(
+                    cluster.busy.iterdir()
+                )  # "<pid>-<volume id>": a worker process busy with a series
                 if marks:
                     pgid = int(marks[0].read_text())
                     killed = next(n for n, p in cluster.procs.items() if p.pid == pgid)
@@ -144,7 +158,9 @@ def test_convert_on_a_cluster_that_loses_a_worker_mid_run(small_sample, cluster,
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
             driver.wait(timeout=10)
-    assert killed is not None, "no worker was busy after the first volume: nothing was killed\n" + cluster.logs()
+    assert killed is not None, (
+        "no worker was busy after the first volume: nothing was killed\n" + cluster.logs()
+    )
     assert driver.returncode == 0, output[-3000:] + cluster.logs()
     report = json.loads((out / store.REPORT_FILE).read_text())
     # a task whose result was lost with the worker after its volume was installed is re-run and finds the

@@ -135,7 +135,9 @@ def test_convert_killed_at_a_random_point_then_rerun_equals_a_clean_run(small_sa
         while proc.poll() is None and time.monotonic() - t0 < DEADLINE:
             if (out / "zarr.json").is_file():
                 for vid in store.list_volumes(out):
-                    if vid not in seen:  # listed => complete: every array readable and equal to the clean run's
+                    if (
+                        vid not in seen
+                    ):  # listed => complete: every array readable and equal to the clean run's
                         assert_same_volume(out, clean_store, vid)
                         seen[vid] = time.monotonic()
             if seen and kill_at is None:
@@ -148,7 +150,9 @@ def test_convert_killed_at_a_random_point_then_rerun_equals_a_clean_run(small_sa
         kill_group(proc)
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stdout.read().decode()[-2000:])
     listed = store.list_volumes(out)
-    assert set(listed) >= set(seen) and 1 <= len(listed) < 5, f"killed {after:.3f} s after the first volume; {listed}"
+    assert set(listed) >= set(seen) and 1 <= len(listed) < 5, (
+        f"killed {after:.3f} s after the first volume; {listed}"
+    )
     for vid in set(listed) - set(seen):  # installed just before the kill: complete too
         assert_same_volume(out, clean_store, vid)
     assert not (out / store.REPORT_FILE).exists()  # the killed run never got to its report
@@ -166,7 +170,9 @@ def test_convert_killed_at_a_random_point_then_rerun_equals_a_clean_run(small_sa
     assert store_files(out) == store_files(clean_store)  # same chunk files, nothing left in the work area
 
 
-def test_shards_killed_at_a_random_point_then_rerun_is_byte_identical(small_sample, clean_store, clean_shards, tmp_path):
+def test_shards_killed_at_a_random_point_then_rerun_is_byte_identical(
+    small_sample, clean_store, clean_shards, tmp_path
+):
     rng = random.Random(int(time.time()))
     out = tmp_path / "shards"
     # an earlier build with another recipe (more, smaller shards) whose manifest and files the killed run replaces
@@ -176,7 +182,9 @@ def test_shards_killed_at_a_random_point_then_rerun_is_byte_identical(small_samp
     old_parts = {p.relative_to(out).as_posix() for p in out.glob("*/part-*.parquet")}
     assert len(old_parts) > len(json.loads((clean_shards / MANIFEST).read_text())["shards"])
 
-    proc = spawn(["shards", str(clean_store), str(small_sample), str(out), "--recipe", str(RECIPE)], delay=0.25)
+    proc = spawn(
+        ["shards", str(clean_store), str(small_sample), str(out), "--recipe", str(RECIPE)], delay=0.25
+    )
     bad_manifest = []
     kill_at = None
     after = rng.uniform(0.0, 0.4)
@@ -189,7 +197,9 @@ def test_shards_killed_at_a_random_point_then_rerun_is_byte_identical(small_samp
                 text = m.read_text()
                 listed = json.loads(text)["shards"]
                 wrong = [e["path"] for e in listed if sha256_file(out / e["path"]) != e["sha256"]]
-                if wrong and m.is_file() and m.read_text() == text:  # still the manifest, describing other bytes
+                if (
+                    wrong and m.is_file() and m.read_text() == text
+                ):  # still the manifest, describing other bytes
                     bad_manifest.append(wrong)
             except (FileNotFoundError, ValueError):
                 pass
@@ -241,7 +251,10 @@ def test_a_worker_dying_on_one_series_reports_it_and_the_run_ends(small_sample, 
     hook.write_text(_DIE_HOOK)
     poison = sorted(store.list_volumes(clean_store))[1]
     out = tmp_path / "volumes.zarr"
-    env = os.environ | {"KNEEPREP_TEST_DIE_ON": poison, "DASK_DISTRIBUTED__WORKER__PRELOAD": json.dumps([str(hook)])}
+    env = os.environ | {
+        "KNEEPREP_TEST_DIE_ON": poison,
+        "DASK_DISTRIBUTED__WORKER__PRELOAD": json.dumps([str(hook)]),
+    }
     args = ["convert", str(small_sample / "raw"), str(out), "--recipe", str(RECIPE), "--annotations",
             str(small_sample), "--masks", str(small_sample), "--workers", "1", "--no-progress"]  # fmt: skip
     t0 = time.monotonic()
@@ -273,7 +286,9 @@ def test_a_worker_dying_on_one_series_reports_it_and_the_run_ends(small_sample, 
 # write errors
 
 
-def test_enospc_while_writing_a_volume_names_it_and_leaves_nothing(small_sample, clean_store, tmp_path, monkeypatch):
+def test_enospc_while_writing_a_volume_names_it_and_leaves_nothing(
+    small_sample, clean_store, tmp_path, monkeypatch
+):
     import errno
 
     import zarr.storage._local as local
@@ -315,7 +330,9 @@ def _limit_file_size(limit: int):
     return setup
 
 
-def test_a_shard_write_error_names_the_file_and_leaves_no_partial_shard(small_sample, clean_store, clean_shards, tmp_path):
+def test_a_shard_write_error_names_the_file_and_leaves_no_partial_shard(
+    small_sample, clean_store, clean_shards, tmp_path
+):
     sizes = sorted(e["bytes"] for e in json.loads((clean_shards / MANIFEST).read_text())["shards"])
     limit = (sizes[0] + sizes[-1]) // 2  # the smallest shard fits, the biggest does not
     out = tmp_path / "shards"
@@ -331,7 +348,9 @@ def test_a_shard_write_error_names_the_file_and_leaves_no_partial_shard(small_sa
     assert Path(failing).parent.parent == out and Path(failing).name.startswith("part-"), err
     assert not (out / MANIFEST).exists()
     assert list(out.glob("*/*.partial")) == []
-    for p in out.glob("*/part-*.parquet"):  # what was finished before the error is whole (same bytes as clean)
+    for p in out.glob(
+        "*/part-*.parquet"
+    ):  # what was finished before the error is whole (same bytes as clean)
         assert p.stat().st_size < limit
         assert p.read_bytes() == (clean_shards / p.relative_to(out)).read_bytes()
     assert [p.kind for p in validate_shards(out)] == ["manifest"]

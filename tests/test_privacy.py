@@ -46,7 +46,11 @@ def _texts_of_parquet(path: Path) -> list[bytes]:
             out += [v for v in col.to_pylist() if v is not None]
         else:
             out.append(json.dumps(col.to_pylist(), default=str).encode())
-    out.append(json.dumps({k.decode(): v.decode(errors="replace") for k, v in (t.schema.metadata or {}).items()}).encode())
+    out.append(
+        json.dumps(
+            {k.decode(): v.decode(errors="replace") for k, v in (t.schema.metadata or {}).items()}
+        ).encode()
+    )
     return out
 
 
@@ -74,7 +78,10 @@ def contents(root: Path) -> dict[str, list[bytes]]:
             blobs += _texts_of_parquet(p)
         elif p.suffix == ".gz":
             blobs.append(gzip.decompress(blobs[0]))
-        elif p.name == "zarr.json" and json.loads(blobs[0]).get("attributes", {}).get("kneeprep", {}).get("kind") == "volume_store":
+        elif (
+            p.name == "zarr.json"
+            and json.loads(blobs[0]).get("attributes", {}).get("kneeprep", {}).get("kind") == "volume_store"
+        ):
             blobs += _zarr_contents(p.parent)
         found[rel] = blobs
     return found
@@ -123,12 +130,20 @@ def test_no_dicom_identifier_in_any_output(small_sample, built):
 
     scanned = contents(built)
     kinds = {Path(r).suffix for r in scanned} | {r.split("/")[0] for r in scanned}
-    assert {".parquet", ".json", ".md", "volumes.zarr", "shards"} <= kinds  # store, shards, reports, card, manifest
+    assert {
+        ".parquet",
+        ".json",
+        ".md",
+        "volumes.zarr",
+        "shards",
+    } <= kinds  # store, shards, reports, card, manifest
     assert any("/c/" in r for r in scanned)  # zarr chunk files were walked (and decoded through zarr)
     assert hits(built, markers) == {}
 
 
-def test_pseudonymized_shards_hold_no_real_patient_id(small_sample, built, pseudo_recipe, tmp_path, monkeypatch):
+def test_pseudonymized_shards_hold_no_real_patient_id(
+    small_sample, built, pseudo_recipe, tmp_path, monkeypatch
+):
     store = built / "volumes.zarr"
     patients = real_patients(small_sample)
     assert patients and hits(built / "shards", sorted(patients))  # the plain shards do hold them
@@ -152,7 +167,7 @@ def test_pseudonymized_shards_hold_no_real_patient_id(small_sample, built, pseud
 
     plain, pseudo = ids(built / "shards"), ids(a)
     h = lambda p, key=b"key-one": hmac.new(key, p.encode(), hashlib.sha256).hexdigest()[:16]  # noqa: E731
-    expected = sorted((h(p) + s[len(p):], h(p) + v[len(p):], h(p)) for s, v, p in plain)
+    expected = sorted((h(p) + s[len(p) :], h(p) + v[len(p) :], h(p)) for s, v, p in plain)
     assert pseudo == expected  # HMAC-SHA256 of the patient id; the rest of each id kept, so joins still work
     assert len({p for _, _, p in pseudo}) == len(patients)
 
@@ -183,7 +198,9 @@ def test_pseudonymized_shards_hold_no_real_patient_id(small_sample, built, pseud
     }
 
 
-def test_rejections_in_the_shards_report_are_pseudonymized(small_sample, built, pseudo_recipe, tmp_path, monkeypatch):
+def test_rejections_in_the_shards_report_are_pseudonymized(
+    small_sample, built, pseudo_recipe, tmp_path, monkeypatch
+):
     ann = tmp_path / "ann"
     ann.mkdir()
     for name in ("questions.json",):
@@ -209,7 +226,9 @@ def test_rejections_in_the_shards_report_are_pseudonymized(small_sample, built, 
     assert hits(out, sorted(real_patients(small_sample))) == {}
 
 
-def test_a_missing_key_is_a_clear_error_before_any_work(small_sample, built, pseudo_recipe, tmp_path, monkeypatch, capsys):
+def test_a_missing_key_is_a_clear_error_before_any_work(
+    small_sample, built, pseudo_recipe, tmp_path, monkeypatch, capsys
+):
     monkeypatch.delenv(KEY_ENV, raising=False)
     with pytest.raises(RecipeError, match=f"{KEY_ENV} is not set"):
         build_shards(built / "volumes.zarr", small_sample, tmp_path / "s", load_recipe(pseudo_recipe))
@@ -219,7 +238,10 @@ def test_a_missing_key_is_a_clear_error_before_any_work(small_sample, built, pse
             str(small_sample), "--masks", str(small_sample), "--out", str(tmp_path / "out"), "--workers", "0"]  # fmt: skip
     with pytest.raises(SystemExit) as exit_:
         main(args)
-    assert exit_.value.code == 1 and f"error: privacy.pseudonymize_ids is on but the key variable {KEY_ENV}" in capsys.readouterr().err
+    assert (
+        exit_.value.code == 1
+        and f"error: privacy.pseudonymize_ids is on but the key variable {KEY_ENV}" in capsys.readouterr().err
+    )
     assert not (tmp_path / "out").exists()  # failed before converting anything
     with pytest.raises(RecipeError):
         Pseudonymizer.from_recipe(load_recipe(pseudo_recipe), environ={})

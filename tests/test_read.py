@@ -100,7 +100,11 @@ def test_full_size_read_time(tmp_path):
 
     shape = (160, 384, 384)
     arr = np.random.default_rng(0).integers(0, 4000, size=shape, dtype=np.uint16)
-    g = Geometry(shape, (0.7, 0.3646, 0.3646), affine_from_itk((10, -20, 30), (0.3646, 0.3646, 0.7), (0, 0, -1, 1, 0, 0, 0, -1, 0)))
+    g = Geometry(
+        shape,
+        (0.7, 0.3646, 0.3646),
+        affine_from_itk((10, -20, 30), (0.3646, 0.3646, 0.7), (0, 0, -1, 1, 0, 0, 0, -1, 0)),
+    )
     folder = tmp_path / "raw" / OAI_SERIES
     write_series(arr, g, folder)
     t0 = time.perf_counter()

@@ -42,7 +42,11 @@ def dcm2niix(folder: Path, out: Path):
     if not DCM2NIIX.exists():
         pytest.skip("dcm2niix binary not installed")
     out.mkdir(parents=True, exist_ok=True)
-    subprocess.run([str(DCM2NIIX), "-z", "n", "-b", "n", "-f", "%s", "-o", str(out), str(folder)], check=True, capture_output=True)
+    subprocess.run(
+        [str(DCM2NIIX), "-z", "n", "-b", "n", "-f", "%s", "-o", str(out), str(folder)],
+        check=True,
+        capture_output=True,
+    )
     niis = sorted(out.glob("*.nii"))
     assert len(niis) == 1, niis
     img = nib.load(niis[0])
@@ -116,7 +120,10 @@ MR_SMALL = [
 def test_single_files_are_unsupported_but_decode_exactly(tmp_path, name):
     path = TEST_FILES / name
     (s,) = scan_tree(copy_files([path], tmp_path / "one")).series
-    assert s.qc.status == "unsupported" and s.qc.first_reason == f"single file ({name}): one 2D image is not a volume"
+    assert (
+        s.qc.status == "unsupported"
+        and s.qc.first_reason == f"single file ({name}): one 2D image is not a volume"
+    )
     ds = pydicom.dcmread(TEST_FILES / "MR_small.dcm")
     expected = ds.pixel_array.astype(np.int16)  # uncompressed reference, decoded by pydicom
     got = read_slices([path])
@@ -126,14 +133,19 @@ def test_single_files_are_unsupported_but_decode_exactly(tmp_path, name):
 
 def test_truncated_real_file_detected_from_header(tmp_path):
     (s,) = scan_tree(copy_files([TEST_FILES / "MR_truncated.dcm"], tmp_path / "t")).series
-    assert any("truncated: PixelData declares 8192 bytes" in x and "62 bytes missing" in x for x in s.qc.reasons)
+    assert any(
+        "truncated: PixelData declares 8192 bytes" in x and "62 bytes missing" in x for x in s.qc.reasons
+    )
     assert [p.name for p, _ in s.dropped] == ["MR_truncated.dcm"]
 
 
 @pytest.mark.parametrize(
     "source, reason",
     [
-        ("emri_small.dcm", "enhanced multi-frame object (Enhanced MR Image Storage, 10 frames in emri_small.dcm)"),
+        (
+            "emri_small.dcm",
+            "enhanced multi-frame object (Enhanced MR Image Storage, 10 frames in emri_small.dcm)",
+        ),
         ("liver_1frame.dcm", "not a cross-sectional image: SOP class Segmentation Storage"),
         ("test-SR.dcm", "not a cross-sectional image: SOP class Comprehensive SR Storage"),
         ("rtdose.dcm", "not a cross-sectional image: SOP class RT Dose Storage"),
@@ -162,7 +174,9 @@ def test_siemens_mosaic_is_unsupported(tmp_path):
     mosaics = [s for s in r.series if any("Siemens mosaic" in x for x in s.qc.reasons)]
     assert len(mosaics) == len(r.series)
     for s in mosaics:
-        assert s.qc.status == "unsupported" and s.qc.first_reason.startswith("Siemens mosaic (ImageType MOSAIC")
+        assert s.qc.status == "unsupported" and s.qc.first_reason.startswith(
+            "Siemens mosaic (ImageType MOSAIC"
+        )
         with pytest.raises(UnsupportedSeriesError):
             read_series(s)
     assert os.path.exists(folder / "siemens_dwi_0.dcm")
@@ -181,7 +195,11 @@ PIL = PIR @ np.diag([1.0, 1.0, -1.0])  # left-handed: slices run toward the pati
 
 @pytest.mark.parametrize(
     "case, direction, side",
-    [("right_pir", PIR, "RIGHT"), ("left_pil", PIL, "LEFT"), ("oblique", _rotation(0.26, -0.17) @ PIR, "LEFT")],
+    [
+        ("right_pir", PIR, "RIGHT"),
+        ("left_pil", PIL, "LEFT"),
+        ("oblique", _rotation(0.26, -0.17) @ PIR, "LEFT"),
+    ],
 )
 def test_written_series_match_truth_and_dcm2niix_in_world_space(tmp_path, case, direction, side):
     from dicom_fixtures import OAI_SERIES
@@ -194,11 +212,15 @@ def test_written_series_match_truth_and_dcm2niix_in_world_space(tmp_path, case, 
     arr = (50 + 97 * z + 5 * y + x).astype(np.uint16)
     truth = Geometry(shape, spacing, affine_from_itk((20.0, -35.0, 12.0), spacing[::-1], direction.ravel()))
     folder = tmp_path / "raw" / OAI_SERIES
-    write_series(arr, truth, folder, tags={"SeriesDescription": f"SAG_3D_DESS_{side}", "PatientID": "9000296"})
+    write_series(
+        arr, truth, folder, tags={"SeriesDescription": f"SAG_3D_DESS_{side}", "PatientID": "9000296"}
+    )
     (s,) = scan_tree(tmp_path / "raw").series
     assert s.qc.status == "ok" and s.knee_side == (1 if side == "RIGHT" else 2)
     vol, geo = read_series(s)
-    assert_same_in_world(vol, geo.affine_lps, arr, truth.affine_lps)  # the intended voxels at the intended places
+    assert_same_in_world(
+        vol, geo.affine_lps, arr, truth.affine_lps
+    )  # the intended voxels at the intended places
     ref, ref_aff = dcm2niix(folder, tmp_path / "nii")
     assert_same_in_world(vol, geo.affine_lps, ref, ref_aff)
 

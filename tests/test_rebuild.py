@@ -95,7 +95,9 @@ def test_changing_a_recipe_value_rebuilds_only_what_depends_on_it(small_sample, 
     rep = json.loads((out / "report.json").read_text())["stages"]
     assert rep["convert"]["counts"]["written"] == 0 and rep["boxes"]["volumes"] == 0
     assert rep["shards"]["up_to_date"] is False
-    assert len(json.loads((out / "shards" / "manifest.json").read_text())["shards"]) > len(manifest_before["shards"])
+    assert len(json.loads((out / "shards" / "manifest.json").read_text())["shards"]) > len(
+        manifest_before["shards"]
+    )
 
 
 def test_dataset_card(built):
@@ -132,7 +134,8 @@ def test_preview_draws_the_region_box(built, tmp_path):
     _, out, _ = built
     png = tmp_path / "p.png"
     res = CliRunner().invoke(
-        cli, ["preview", str(out / "volumes.zarr"), "--first", "--region", "femur medial central", "-o", str(png)]
+        cli,
+        ["preview", str(out / "volumes.zarr"), "--first", "--region", "femur medial central", "-o", str(png)],
     )
     assert res.exit_code == 0, res.output
     rgb = _read_png(png)[30 + 24 :]  # below the title bar and the panel captions
@@ -146,5 +149,7 @@ def test_preview_draws_the_region_box(built, tmp_path):
         r, y = np.argwhere(red[:, cols]), np.argwhere(yellow[:, cols])
         if len(r) and len(y):
             assert (y.min(0) >= r.min(0)).all() and (y.max(0) <= r.max(0)).all()
-    bad = CliRunner().invoke(cli, ["preview", str(out / "volumes.zarr"), "--first", "--region", "nope", "-o", str(png)])
+    bad = CliRunner().invoke(
+        cli, ["preview", str(out / "volumes.zarr"), "--first", "--region", "nope", "-o", str(png)]
+    )
     assert bad.exit_code == 2 and "not a region" in bad.output

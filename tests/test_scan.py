@@ -28,14 +28,34 @@ def one(result: ScanResult) -> SeriesInfo:
         ("clean", "ok", None, 8),
         ("missing_slice", "fail", "missing slices: 1 slice(s) missing at the 0.7 mm spacing", 7),
         ("duplicate_slice", "warn", "duplicate slices: 1 extra copy of the same instance dropped", 8),
-        ("duplicate_position", "fail", "duplicate slice positions: 1 position(s) hold more than one distinct image", 8),
+        (
+            "duplicate_position",
+            "fail",
+            "duplicate slice positions: 1 position(s) hold more than one distinct image",
+            8,
+        ),
         ("shuffled_names", "ok", None, 8),
-        ("truncated", "fail", "1 file(s) with incomplete pixel data dropped: 004: truncated: PixelData declares 960 bytes", 7),
+        (
+            "truncated",
+            "fail",
+            "1 file(s) with incomplete pixel data dropped: 004: truncated: PixelData declares 960 bytes",
+            7,
+        ),
         ("junk", "ok", None, 8),
         ("no_pixel_data", "unsupported", "no pixel data (PixelData (7FE0,0010) absent)", 8),
         ("fake_dcm", "ok", None, 8),
-        ("tilted_slice", "fail", "inconsistent orientation: ImageOrientationPatient (0020,0037) varies by up to 0.01", 8),
-        ("empty_file", "fail", "1 unreadable file(s) in the series folder dropped: 004: empty file (0 bytes)", 7),
+        (
+            "tilted_slice",
+            "fail",
+            "inconsistent orientation: ImageOrientationPatient (0020,0037) varies by up to 0.01",
+            8,
+        ),
+        (
+            "empty_file",
+            "fail",
+            "1 unreadable file(s) in the series folder dropped: 004: empty file (0 bytes)",
+            7,
+        ),
     ],
 )
 def test_defect_verdicts(tmp_path, name, status, reason, n_slices):
@@ -52,7 +72,13 @@ def test_clean_series_record(tmp_path):
     s = one(scan_tree(make_fixture("clean", tmp_path)))
     g = clean_geometry()
     assert s.volume_id == VID and s.id_source == "path"
-    assert (s.patient_id, s.time, s.study_folder, s.series_folder, s.knee_side) == ("9000296", "00M", "20040909", "10693717", 1)
+    assert (s.patient_id, s.time, s.study_folder, s.series_folder, s.knee_side) == (
+        "9000296",
+        "00M",
+        "20040909",
+        "10693717",
+        1,
+    )
     assert (s.rows, s.cols, s.n_slices) == (24, 20, 8)
     assert s.spacing == pytest.approx((0.7, 0.5, 0.4))
     np.testing.assert_allclose(np.array(s.affine_lps), g.affine_lps, atol=1e-6)
@@ -62,7 +88,9 @@ def test_clean_series_record(tmp_path):
 
 def test_missing_slice_says_where(tmp_path):
     s = one(scan_tree(make_fixture("missing_slice", tmp_path)))
-    assert "between 003" in s.qc.reasons[0] and "and 005" in s.qc.reasons[0] and "1.4 mm step" in s.qc.reasons[0]
+    assert (
+        "between 003" in s.qc.reasons[0] and "and 005" in s.qc.reasons[0] and "1.4 mm step" in s.qc.reasons[0]
+    )
     assert "too few slices: 7 < min_slices 8" in s.qc.reasons
 
 
@@ -98,7 +126,9 @@ def test_junk_counted_not_failing(tmp_path):
 
 def test_fake_dcm_is_unreadable_but_not_a_lost_slice(tmp_path):
     r = scan_tree(make_fixture("fake_dcm", tmp_path))
-    assert [(p.name, why.split(" (")[0]) for p, why in r.unreadable] == [("scout.dcm", "named .dcm but not DICOM")]
+    assert [(p.name, why.split(" (")[0]) for p, why in r.unreadable] == [
+        ("scout.dcm", "named .dcm but not DICOM")
+    ]
     assert r.non_dicom_skipped == 0 and one(r).dropped == ()
 
 
@@ -162,7 +192,11 @@ def test_technical_fields_whitelist_only(tmp_path):
     ds.Manufacturer = "Siemens"
     t = technical_fields(ds)
     assert set(t) <= set(TECHNICAL_KEYWORDS) | {"TransferSyntaxUID"}
-    assert t["MagneticFieldStrength"] == 3.0 and t["Manufacturer"] == "Siemens" and t["PixelSpacing"] == [0.5, 0.4]
+    assert (
+        t["MagneticFieldStrength"] == 3.0
+        and t["Manufacturer"] == "Siemens"
+        and t["PixelSpacing"] == [0.5, 0.4]
+    )
     text = json.dumps(t)
     for secret in ("Doe", "1950", "Hospital", "A123", "9000296", ds.SOPInstanceUID, ds.StudyInstanceUID):
         assert secret not in text
@@ -192,7 +226,9 @@ def test_cli_scan_prints_table_and_writes_parquet(tmp_path):
     res = CliRunner().invoke(cli, ["scan", str(root), "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert VID in res.output and "fail: missing slices" in res.output
-    assert "1 series in 7 files: 0 ok, 0 warn, 1 fail, 0 unsupported; 0 non-DICOM file(s) skipped" in res.output
+    assert (
+        "1 series in 7 files: 0 ok, 0 warn, 1 fail, 0 unsupported; 0 non-DICOM file(s) skipped" in res.output
+    )
     t = pq.read_table(out).to_pylist()
     assert len(t) == 1 and t[0]["volume_id"] == VID and t[0]["qc_status"] == "fail"
     assert t[0]["qc_reasons"].startswith("missing slices") and " | too few slices" in t[0]["qc_reasons"]

@@ -44,13 +44,18 @@ def test_list_form_to_half_open_and_back():
     assert list_to_voxels([3, 3, 4, 4, 5, 5]) == (3, 5, 4, 4, 6, 5)
 
 
-@given(st.lists(st.integers(0, 500), min_size=3, max_size=3), st.lists(st.integers(1, 100), min_size=3, max_size=3))
+@given(
+    st.lists(st.integers(0, 500), min_size=3, max_size=3),
+    st.lists(st.integers(1, 100), min_size=3, max_size=3),
+)
 def test_box_forms_round_trip(lo, size):
     vox = (lo[0], lo[1], lo[2], lo[0] + size[0], lo[1] + size[1], lo[2] + size[2])
     assert list_to_voxels(voxels_to_list(vox)) == vox
 
 
-@pytest.mark.parametrize("bad", [[5, 4, 0, 1, 0, 1], [0, 1, 2], [0, 1, 0, 1, 0, "a"], [-1, 0, 0, 0, 0, 0], "0,1,0,1,0,1"])
+@pytest.mark.parametrize(
+    "bad", [[5, 4, 0, 1, 0, 1], [0, 1, 2], [0, 1, 0, 1, 0, "a"], [-1, 0, 0, 0, 0, 0], "0,1,0,1,0,1"]
+)
 def test_bad_list_boxes(bad):
     with pytest.raises(AnnotationError):
         list_to_voxels(bad)
@@ -83,7 +88,14 @@ def test_parse_box_forms():
 def test_parse_prediction_finds_the_box_in_every_form():
     ans = {"tibia lateral osteophyte": {"grade": 1}}
     assert parse_prediction(ans | {"bbox": [1, 2, 3, 4, 5, 6]}).box == (1, 5, 3, 3, 7, 5)
-    assert parse_prediction({"answer": "text", "box": {"voxels": [1, 2, 3, 4, 5, 6]}}).box == (1, 2, 3, 4, 5, 6)
+    assert parse_prediction({"answer": "text", "box": {"voxels": [1, 2, 3, 4, 5, 6]}}).box == (
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+    )
     text = 'I see it.\n```json\n{"BBox": [1, 2, 3, 4, 5, 6], "tibia lateral osteophyte": 1}\n```'
     p = parse_prediction(text)
     assert p.box == (1, 5, 3, 3, 7, 5) and p.answer == text
@@ -104,9 +116,20 @@ def _truth():
     return [
         TruthRecord(f"A_{Q_BML.id}", Q_BML.id, "bml", "femur medial central", bml, (0, 0, 0, 10, 10, 10)),
         TruthRecord(f"B_{Q_BML.id}", Q_BML.id, "bml", "femur medial central", bml, (0, 0, 0, 10, 10, 10)),
-        TruthRecord(f"A_{Q_OST.id}", Q_OST.id, "osteophyte", "tibia lateral", make_severity(Q_OST, {"grade": 3}), None),
-        TruthRecord(f"B_{Q_OST.id}", Q_OST.id, "osteophyte", "tibia lateral", make_severity(Q_OST, {"grade": 0}), None),
-        TruthRecord(f"A_{Q_EFF.id}", Q_EFF.id, "effusion_synovitis", "", make_severity(Q_EFF, {"grade": 1}), (0, 0, 0, 4, 4, 4)),
+        TruthRecord(
+            f"A_{Q_OST.id}", Q_OST.id, "osteophyte", "tibia lateral", make_severity(Q_OST, {"grade": 3}), None
+        ),
+        TruthRecord(
+            f"B_{Q_OST.id}", Q_OST.id, "osteophyte", "tibia lateral", make_severity(Q_OST, {"grade": 0}), None
+        ),
+        TruthRecord(
+            f"A_{Q_EFF.id}",
+            Q_EFF.id,
+            "effusion_synovitis",
+            "",
+            make_severity(Q_EFF, {"grade": 1}),
+            (0, 0, 0, 4, 4, 4),
+        ),
     ]
 
 
@@ -124,7 +147,9 @@ def _preds():
         f"A_{Q_OST.id}": Prediction({"tibia lateral osteophyte": 3}, box=(0, 0, 0, 1, 1, 1)),
         # B-OST: missing
         # A-EFF: right, box identical: IoU 1
-        f"A_{Q_EFF.id}": Prediction({"MOAKS_scores": {"effusion-synovitis": {"grade": 1}}}, box=(0, 0, 0, 4, 4, 4)),
+        f"A_{Q_EFF.id}": Prediction(
+            {"MOAKS_scores": {"effusion-synovitis": {"grade": 1}}}, box=(0, 0, 0, 4, 4, 4)
+        ),
         "Z_1": Prediction({"patella medial BML": {}}),  # not in the truth
     }
 
@@ -139,7 +164,13 @@ def test_accuracy_aggregation_by_hand():
     assert (o.answers, o.correct_answers) == (5, 2)
     assert (o.missing, o.unparseable) == (1, 1)
     bml = r.by_family["bml"]
-    assert (bml.components, bml.correct_components, bml.answers, bml.correct_answers, bml.unparseable) == (6, 2, 2, 0, 1)
+    assert (bml.components, bml.correct_components, bml.answers, bml.correct_answers, bml.unparseable) == (
+        6,
+        2,
+        2,
+        0,
+        1,
+    )
     ost = r.by_question[Q_OST.id]
     assert (ost.components, ost.correct_components, ost.missing) == (2, 1, 1)
     assert r.by_family["effusion"].answer_accuracy == 1.0
@@ -188,7 +219,14 @@ def test_no_predictions_everything_missing():
 def test_read_predictions_json_object(tmp_path):
     f = tmp_path / "preds.json"
     key = f"{VID}_{Q_OST.id}"
-    f.write_text(json.dumps({key: 'Final diagnosis: {"tibia lateral osteophyte": {"grade": 2}}', f"{VID}_1": {"answer": {}, "bbox": [0, 1, 0, 1, 0, 1]}}))
+    f.write_text(
+        json.dumps(
+            {
+                key: 'Final diagnosis: {"tibia lateral osteophyte": {"grade": 2}}',
+                f"{VID}_1": {"answer": {}, "bbox": [0, 1, 0, 1, 0, 1]},
+            }
+        )
+    )
     preds, errors = read_predictions(f)
     assert errors == [] and set(preds) == {key, f"{VID}_1"}
     assert preds[f"{VID}_1"].box == (0, 0, 0, 2, 2, 2)
@@ -199,12 +237,18 @@ def test_read_predictions_jsonl_reports_bad_lines(tmp_path):
     f.write_text(
         json.dumps({"sample_id": "s1", "answer": "x", "box": {"voxels": [0, 0, 0, 1, 1, 1]}}) + "\n"
         "not json\n"
-        + json.dumps({"answer": "no id"}) + "\n"
-        + json.dumps({"sample_id": "s1", "answer": "again"}) + "\n"
+        + json.dumps({"answer": "no id"})
+        + "\n"
+        + json.dumps({"sample_id": "s1", "answer": "again"})
+        + "\n"
     )
     preds, errors = read_predictions(f)
     assert list(preds) == ["s1"] and preds["s1"].box == (0, 0, 0, 1, 1, 1) and preds["s1"].answer == "x"
-    assert [(s.rsplit(":", 1)[1], k) for s, k, _ in errors] == [("2", "json"), ("3", "schema"), ("4", "duplicate")]
+    assert [(s.rsplit(":", 1)[1], k) for s, k, _ in errors] == [
+        ("2", "json"),
+        ("3", "schema"),
+        ("4", "duplicate"),
+    ]
 
 
 # -- the CLI, end to end on real shards ----------------------------------------------------------------------
@@ -230,10 +274,20 @@ def _write_tiny_shards(out):
 
     def q(qid, question, severity, qbox, split="test"):
         return Quintuple(
-            sample_id=f"{VID}_{qid}", volume_id=VID, patient_id="9027422", split=split, question_id=qid,
-            question_type=question.finding, question_region=question.region, question="?", box=qbox,
-            box_empty=qbox is None, box_reason=None if qbox else "no region", reasoning=("a",),
-            severity=severity, answer_json="{}",
+            sample_id=f"{VID}_{qid}",
+            volume_id=VID,
+            patient_id="9027422",
+            split=split,
+            question_id=qid,
+            question_type=question.finding,
+            question_region=question.region,
+            question="?",
+            box=qbox,
+            box_empty=qbox is None,
+            box_reason=None if qbox else "no region",
+            reasoning=("a",),
+            severity=severity,
+            answer_json="{}",
         )
 
     qs = [
@@ -252,22 +306,29 @@ def test_cli_scores_shards_end_to_end(tmp_path):
     shards = tmp_path / "shards"
     _write_tiny_shards(shards)
     preds = tmp_path / "preds.json"
-    preds.write_text(json.dumps({
-        # BML: all 3 right; list box [0, 0, 0, 7, 0, 5] = half-open (0,0,0,1,6,8): 48 voxels inside the
-        # truth's 2*6*8 = 96 -> IoU 48/96 = 0.5
-        f"{VID}_{Q_BML.id}": {
-            "answer": 'Final diagnosis: {"MOAKS_scores": {"femur medial central BML": {"Size of BML (including cyst)": 1, '
-            '"Number of BML within subregion": 1, "% of lesion that is BML (excluding cyst)": 1}}}',
-            "bbox": [0, 0, 0, 7, 0, 5],
-        },
-        f"{VID}_{Q_OST.id}": "```json\n{\"tibia lateral osteophyte\": {\"grade\": 1}}\n```",  # wrong grade
-    }))
+    preds.write_text(
+        json.dumps(
+            {
+                # BML: all 3 right; list box [0, 0, 0, 7, 0, 5] = half-open (0,0,0,1,6,8): 48 voxels inside the
+                # truth's 2*6*8 = 96 -> IoU 48/96 = 0.5
+                f"{VID}_{Q_BML.id}": {
+                    "answer": 'Final diagnosis: {"MOAKS_scores": {"femur medial central BML": {"Size of BML (including cyst)": 1, '
+                    '"Number of BML within subregion": 1, "% of lesion that is BML (excluding cyst)": 1}}}',
+                    "bbox": [0, 0, 0, 7, 0, 5],
+                },
+                f"{VID}_{Q_OST.id}": '```json\n{"tibia lateral osteophyte": {"grade": 1}}\n```',  # wrong grade
+            }
+        )
+    )
     out = tmp_path / "report.json"
     res = CliRunner().invoke(cli, ["score", str(preds), str(shards), "--out", str(out)])
     assert res.exit_code == 0, res.output
     rep = json.loads(out.read_text())
     # components: 3 (BML, all right) + 1 (osteophyte, wrong) = 4, 3 right
-    assert rep["accuracy"]["overall"]["components"] == 4 and rep["accuracy"]["overall"]["correct_components"] == 3
+    assert (
+        rep["accuracy"]["overall"]["components"] == 4
+        and rep["accuracy"]["overall"]["correct_components"] == 3
+    )
     assert rep["localization"]["overall"]["mean_iou"] == pytest.approx(0.5)
     assert "family bml" in res.output and rep["split"] == "test"
     # the train split has no quintuples: a usage error

@@ -40,14 +40,23 @@ def test_every_wrapper_gives_the_same_grades(wrapper):
 
 @pytest.mark.parametrize(
     "key",
-    ["femur medial central BML", "femur_medial_central_bml", "FEMUR MEDIAL CENTRAL BML", "Femur-Medial-Central BML"],
+    [
+        "femur medial central BML",
+        "femur_medial_central_bml",
+        "FEMUR MEDIAL CENTRAL BML",
+        "Femur-Medial-Central BML",
+    ],
 )
 def test_answer_keys_spaced_snake_or_any_case(key):
     assert parse_answer({"MOAKS_scores": {key: BML_KEYS}}) == BML_EXPECTED
 
 
 def test_component_keys_in_published_or_canonical_spelling():
-    comps = {"size_of_bml_(including_cyst)": 2, "BML_NUMBER": 1, "% of lesion that is BML (excluding cyst)": 3}
+    comps = {
+        "size_of_bml_(including_cyst)": 2,
+        "BML_NUMBER": 1,
+        "% of lesion that is BML (excluding cyst)": 3,
+    }
     assert parse_answer({"femur medial central BML": comps}) == BML_EXPECTED
 
 
@@ -59,7 +68,9 @@ def test_bare_grade_or_grade_object(value):
 
 
 def test_bare_integer_for_an_osteophyte_too():
-    assert parse_answer({"tibia lateral osteophyte": 1}) == (Grade("osteophyte", "tibia lateral", "grade", 1),)
+    assert parse_answer({"tibia lateral osteophyte": 1}) == (
+        Grade("osteophyte", "tibia lateral", "grade", 1),
+    )
 
 
 @pytest.mark.parametrize(
@@ -72,16 +83,32 @@ def test_bare_integer_for_an_osteophyte_too():
     ],
 )
 def test_published_bank_spellings_resolve(published_key, finding, region):
-    value = {"presence": 1} if finding == "periarticular" else {"Signal Abnormality": 1} if finding == "ligament" else 1
+    value = (
+        {"presence": 1}
+        if finding == "periarticular"
+        else {"Signal Abnormality": 1}
+        if finding == "ligament"
+        else 1
+    )
     (g,) = parse_answer({published_key: value})
     assert (g.finding, g.region, g.grade) == (finding, region, 1)
 
 
 def test_acl_published_fields_are_known_components():
     sev = parse_answer(
-        {"ACL": {"Complete Tear": 0, "Associated with BML/cyst at site of insertion or origin": 1, "ACL Repair": 0}}
+        {
+            "ACL": {
+                "Complete Tear": 0,
+                "Associated with BML/cyst at site of insertion or origin": 1,
+                "ACL Repair": 0,
+            }
+        }
     )
-    assert [(g.component, g.grade) for g in sev] == [("complete_tear", 0), ("insertion_bml_cyst", 1), ("acl_repair", 0)]
+    assert [(g.component, g.grade) for g in sev] == [
+        ("complete_tear", 0),
+        ("insertion_bml_cyst", 1),
+        ("acl_repair", 0),
+    ]
 
 
 FINAL = '{"MOAKS_scores": {"femur medial central BML": {"Size of BML (including cyst)": 2, "Number of BML within subregion": 1, "% of lesion that is BML (excluding cyst)": 3}}}'
@@ -96,7 +123,7 @@ FINAL = '{"MOAKS_scores": {"femur medial central BML": {"Size of BML (including 
         f"Let me look.\n```json\n{FINAL}\n```\nThat is my answer.",
         f"Let me look.\n```\n{FINAL}\n```",
         f"Final diagnosis:\n```json\n{FINAL}\n```",
-        f"Earlier I wrote {{\"note\": 1}} but my answer is {FINAL} -- done.",
+        f'Earlier I wrote {{"note": 1}} but my answer is {FINAL} -- done.',
     ],
 )
 def test_answer_text_with_prose_fences_and_final_diagnosis(text):
@@ -136,7 +163,9 @@ def test_extra_top_level_keys_like_a_box_are_ignored():
     ],
 )
 def test_malformed_answers_raise_with_the_reason(answer, reason):
-    with pytest.raises(AnnotationError, match=reason.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+    with pytest.raises(
+        AnnotationError, match=reason.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")
+    ):
         parse_answer(answer)
 
 
@@ -149,7 +178,12 @@ def test_to_published_uses_wrapper_bare_grade_and_published_spellings():
     assert to_published(make_severity(q33, {"grade": 1}), q33) == {q33.answer_key: {"grade": 1}}
     q1 = QUESTIONS["1"]
     assert to_published(make_severity(q1, {"bml_size": 1, "bml_percent": 0}), "1") == {
-        "MOAKS_scores": {"patella medial BML": {"Size of BML (including cyst)": 1, "% of lesion that is BML (excluding cyst)": 0}}
+        "MOAKS_scores": {
+            "patella medial BML": {
+                "Size of BML (including cyst)": 1,
+                "% of lesion that is BML (excluding cyst)": 0,
+            }
+        }
     }
 
 

@@ -42,7 +42,9 @@ class FakeData:
     """``n_patients`` patients x 2 knees, small uint16 volumes with labelled blocks, 4 questions each."""
 
     def __init__(self, n_patients=6, shape=(6, 20, 24), seed=0, recipe=None):
-        self.recipe = recipe or Recipe(splits=Splits(source="csv"), shards=Shards(target_bytes=1 << 30, codec="zstd"))
+        self.recipe = recipe or Recipe(
+            splits=Splits(source="csv"), shards=Shards(target_bytes=1 << 30, codec="zstd")
+        )
         rng = np.random.default_rng(seed)
         regions = self.recipe.labels.region_labels()
         by_name = {n: lid for lid, n in self.recipe.labels.map.items()}
@@ -74,7 +76,18 @@ class FakeData:
                     "boxes": [b.to_json() for b in boxes.values()],
                 }
                 splits.append(
-                    SplitRow(split, pid, "00M", "20040101", f"{10000000 + 10 * p + side}", side, "", "", "", f"csv:{p}")
+                    SplitRow(
+                        split,
+                        pid,
+                        "00M",
+                        "20040101",
+                        f"{10000000 + 10 * p + side}",
+                        side,
+                        "",
+                        "",
+                        "",
+                        f"csv:{p}",
+                    )
                 )
                 for qid in QIDS:
                     sev = make_severity(qid, {c: int(rng.integers(0, 2)) for c in allowed_components(qid)})
@@ -122,7 +135,9 @@ def test_join_rejects_with_reasons_and_writes_unboxed_questions(data, built):
     assert len(qs) == n_vol * 3
     # question 63 (periarticular): written without a box, flagged, with the reason
     q63 = [q for q in qs if q.question_id == "63"]
-    assert len(q63) == n_vol and all(q.box is None and q.box_empty and "no mask region" in q.box_reason for q in q63)
+    assert len(q63) == n_vol and all(
+        q.box is None and q.box_empty and "no mask region" in q.box_reason for q in q63
+    )
     q3 = next(q for q in qs if q.question_id == "3")
     assert q3.box.region == "femur medial trochlea" and not q3.box_empty and q3.box_reason is None
     assert q3.question_type == "bml" and q3.question_region == "femur medial trochlea"
@@ -228,7 +243,9 @@ def test_shards_cut_at_target_bytes_and_row_groups_hold_whole_volumes(data, tmp_
     qs, _ = build_quintuples(data.annotations, data.attrs, recipe)
     m = write_shards(qs, data.read_volume, tmp_path, recipe)
     train = [e for e in m["shards"] if e["split"] == "train"]
-    assert len(train) > 1 and [e["path"] for e in train] == [f"train/part-{i:05d}.parquet" for i in range(len(train))]
+    assert len(train) > 1 and [e["path"] for e in train] == [
+        f"train/part-{i:05d}.parquet" for i in range(len(train))
+    ]
     assert all(e["bytes"] >= 4000 for e in train[:-1])
     assert sum(e["rows"] for e in m["shards"]) == len(qs)
     for e in m["shards"]:
@@ -236,8 +253,16 @@ def test_shards_cut_at_target_bytes_and_row_groups_hold_whole_volumes(data, tmp_
         assert [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)] == e["row_group_rows"]
         for g in range(pf.num_row_groups):
             t = pf.read_row_group(g, columns=["volume_id", "image"])
-            firsts = [v for v, im in zip(t.column("volume_id").to_pylist(), t.column("image").to_pylist(), strict=True) if im]
-            assert firsts == sorted(set(t.column("volume_id").to_pylist()))  # every volume of the group is in it
+            firsts = [
+                v
+                for v, im in zip(
+                    t.column("volume_id").to_pylist(), t.column("image").to_pylist(), strict=True
+                )
+                if im
+            ]
+            assert firsts == sorted(
+                set(t.column("volume_id").to_pylist())
+            )  # every volume of the group is in it
     assert validate_shards(tmp_path) == []
 
 
@@ -251,7 +276,8 @@ def test_codecs_round_trip(data, tmp_path, codec):
     rg = pq.ParquetFile(tmp_path / m["shards"][0]["path"]).metadata.row_group(0)
     col = next(rg.column(i) for i in range(rg.num_columns) if rg.column(i).path_in_schema == "image")
     assert col.compression in {"none": ("UNCOMPRESSED",), "lz4": ("LZ4", "LZ4_RAW"), "zstd": ("ZSTD",)}.get(
-        codec, ("UNCOMPRESSED",)  # Blosc: kneeprep compresses, Parquet stores
+        codec,
+        ("UNCOMPRESSED",),  # Blosc: kneeprep compresses, Parquet stores
     )
     assert validate_shards(tmp_path) == []
     assert m["codec"] == codec
@@ -331,7 +357,14 @@ def test_manifest_contents(data, built):
     assert {s: m["splits"][s]["rows"] for s in m["splits"]} == {
         s: sum(q.split == s for q in qs) for s in ("train", "val", "test")
     }
-    image_columns = {"image", "image_shape", "image_dtype", "image_codec", "image_spacing", "image_affine_lps"}
+    image_columns = {
+        "image",
+        "image_shape",
+        "image_dtype",
+        "image_codec",
+        "image_spacing",
+        "image_affine_lps",
+    }
     assert set(QUINTUPLE_COLUMNS) | image_columns == set(SCHEMA.names)
 
 
@@ -383,7 +416,9 @@ def test_validate_catches_bad_box_rows_and_split_leak(data, built, tmp_path):
     bad = list(qs)
     i = next(k for k, q in enumerate(bad) if q.box is not None)
     b = bad[i].box
-    bad[i] = replace(bad[i], box=replace(b, voxels=(b.voxels[0], b.voxels[1], b.voxels[2], 99, b.voxels[4], b.voxels[5])))
+    bad[i] = replace(
+        bad[i], box=replace(b, voxels=(b.voxels[0], b.voxels[1], b.voxels[2], 99, b.voxels[4], b.voxels[5]))
+    )
     j = next(k for k, q in enumerate(bad) if q.split == "val")
     bad[j] = replace(bad[j], patient_id=bad[0].patient_id)  # a train patient now also in val
     write_shards(bad, data.read_volume, tmp_path, data.recipe)
@@ -440,7 +475,9 @@ def test_cli_shards_then_validate_then_rerun(data, built, on_disk):
     assert "quintuples: train 24, val 6, test 6 (total 36)" in r.output
     assert "rejected: 12 (no_box 12)" in r.output
     report = json.loads((out / "report.json").read_text())
-    assert report["rejected"] == {"no_box": 12} and report["errors"] == 0 and len(report["rejected_items"]) == 12
+    assert (
+        report["rejected"] == {"no_box": 12} and report["errors"] == 0 and len(report["rejected_items"]) == 12
+    )
     # the same quintuples as the in-memory join (the JSONL round trip loses nothing)
     assert [quintuple_from_row(x) for x in iter_quintuples(out)] == built[0]
     v = run_cli("validate", out)
@@ -450,7 +487,7 @@ def test_cli_shards_then_validate_then_rerun(data, built, on_disk):
     assert again.exit_code == 0 and "up to date" in again.output
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")} == before
     changed = root / "recipe.toml"
-    changed.write_text("[shards]\ncodec = \"lz4\"\n")
+    changed.write_text('[shards]\ncodec = "lz4"\n')
     r3 = run_cli("shards", store, ann, out, "--recipe", changed)
     assert r3.exit_code == 0 and "up to date" not in r3.output and "(lz4)" in r3.output
 
@@ -468,4 +505,6 @@ def test_cli_exit_1_on_error_rejections_and_validate_problems(on_disk, tmp_path)
     p = next((tmp_path / "shards").rglob("*.parquet"))
     p.write_bytes(p.read_bytes()[:-20])
     v = run_cli("validate", tmp_path / "shards")
-    assert v.exit_code == 1 and "[bytes]" in v.output and "[checksum]" in v.output and "problem(s)" in v.output
+    assert (
+        v.exit_code == 1 and "[bytes]" in v.output and "[checksum]" in v.output and "problem(s)" in v.output
+    )

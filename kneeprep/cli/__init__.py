@@ -23,10 +23,18 @@ from .. import __version__
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "synth": ("synth", "synth", "Generate an OAI-like sample: DICOM tree, masks and annotations."),
     "scan": ("scan", "scan", "Inventory the DICOM series of a raw tree, with a QC verdict per series."),
-    "convert": ("convert", "convert", "Convert selected DICOM series to normalized Zarr v3 volumes (+ masks, boxes)."),
+    "convert": (
+        "convert",
+        "convert",
+        "Convert selected DICOM series to normalized Zarr v3 volumes (+ masks, boxes).",
+    ),
     "boxes": ("boxes", "boxes", "Recompute the 3D boxes of a volume store from its labels."),
     "shards": ("shards", "shards", "Join volumes, boxes and annotations into Parquet shards of quintuples."),
-    "validate": ("shards", "validate", "Check shards against their manifest: schema, checksums, boxes, volumes."),
+    "validate": (
+        "shards",
+        "validate",
+        "Check shards against their manifest: schema, checksums, boxes, volumes.",
+    ),
     "rebuild": ("rebuild", "rebuild", "Run the whole recipe: scan, convert, boxes, shards, validate."),
     "recipe": ("recipe", "recipe", "Show or check a recipe file."),
     "preview": ("preview", "preview", "Draw mid-planes of a volume with its mask outline and box (PNG)."),
@@ -52,7 +60,9 @@ class LazyGroup(click.Group):
             formatter.write_dl(rows)
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(
+    cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110}
+)
 @click.version_option(__version__, prog_name="kneeprep")
 def cli():
     """kneeprep: rebuild 3DReasonKnee-style training data from raw OAI knee MRI.

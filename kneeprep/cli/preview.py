@@ -8,8 +8,12 @@ import click
 @click.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.argument("volume_id", required=False)
-@click.option("--first", is_flag=True, help="Use the first volume of the store (sorted by id) instead of VOLUME_ID.")
-@click.option("--region", default=None, help='Region to outline and box, e.g. "femur medial central" (see the recipe).')
+@click.option(
+    "--first", is_flag=True, help="Use the first volume of the store (sorted by id) instead of VOLUME_ID."
+)
+@click.option(
+    "--region", default=None, help='Region to outline and box, e.g. "femur medial central" (see the recipe).'
+)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="PNG file to write.")
 @click.option("--size", default=320, show_default=True, help="Panel size in pixels.")
 def preview(store, volume_id, first, region, output, size):
@@ -42,7 +46,9 @@ def preview(store, volume_id, first, region, output, size):
         boxes = {b["region"]: b for b in attrs.get("boxes", [])}
         if region not in boxes:
             known = ", ".join(sorted(boxes)) or "none: the volume has no labels"
-            raise click.BadParameter(f"{region!r} is not a region of {volume_id} (regions: {known})", param_hint="--region")
+            raise click.BadParameter(
+                f"{region!r} is not a region of {volume_id} (regions: {known})", param_hint="--region"
+            )
         b = boxes[region]
         region_ids = tuple(b["label_ids"])
         if b.get("voxels"):
@@ -52,4 +58,7 @@ def preview(store, volume_id, first, region, output, size):
     title = f"{volume_id}  {region or ''}  {geometry.orientation}  {'x'.join(map(str, geometry.shape))}"
     rgb = render_planes(image, geometry, labels, region_ids, box, title=title, panel_px=size)
     path = write_png(output, rgb)
-    click.echo(f"wrote {path} ({rgb.shape[1]}x{rgb.shape[0]} px): {volume_id}" + (f", region {region!r}" if region else ""))
+    click.echo(
+        f"wrote {path} ({rgb.shape[1]}x{rgb.shape[0]} px): {volume_id}"
+        + (f", region {region!r}" if region else "")
+    )

@@ -8,19 +8,46 @@ _DIR = click.Path(exists=True, file_okay=False)
 
 
 @click.command()
-@click.option("--recipe", "recipe_file", type=click.Path(exists=True, dir_okay=False), required=True,
-              help="Recipe TOML, e.g. recipes/3dreasonknee.toml.")
-@click.option("--raw", type=_DIR, required=True, help="Raw DICOM tree (OAI layout or any folder of DICOM files).")
-@click.option("--annotations", type=_DIR, required=True,
-              help="Annotation directory: split_files/*.csv, questions.json, quintuples.jsonl or training items.")
-@click.option("--masks", type=_DIR, default=None,
-              help="Directory the split CSVs' label_filepath is resolved against when not under --annotations.")
-@click.option("--out", type=click.Path(file_okay=False), required=True,
-              help="Output directory: volumes.zarr, shards/, report.json.")
-@click.option("--workers", type=click.IntRange(min=0), default=None,
-              help="Local Dask worker processes (default: number of cores; 0 = in this process, no Dask).")
-@click.option("--scheduler", default=None, metavar="ADDRESS",
-              help="Run on an existing Dask cluster (tcp://host:8786) instead of local processes.")
+@click.option(
+    "--recipe",
+    "recipe_file",
+    type=click.Path(exists=True, dir_okay=False),
+    required=True,
+    help="Recipe TOML, e.g. recipes/3dreasonknee.toml.",
+)
+@click.option(
+    "--raw", type=_DIR, required=True, help="Raw DICOM tree (OAI layout or any folder of DICOM files)."
+)
+@click.option(
+    "--annotations",
+    type=_DIR,
+    required=True,
+    help="Annotation directory: split_files/*.csv, questions.json, quintuples.jsonl or training items.",
+)
+@click.option(
+    "--masks",
+    type=_DIR,
+    default=None,
+    help="Directory the split CSVs' label_filepath is resolved against when not under --annotations.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    required=True,
+    help="Output directory: volumes.zarr, shards/, report.json.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Local Dask worker processes (default: number of cores; 0 = in this process, no Dask).",
+)
+@click.option(
+    "--scheduler",
+    default=None,
+    metavar="ADDRESS",
+    help="Run on an existing Dask cluster (tcp://host:8786) instead of local processes.",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs and CI).")
 def rebuild(recipe_file, raw, annotations, masks, out, workers, scheduler, no_progress):
     """Rebuild the whole dataset from RAW with one recipe: scan, convert, boxes, shards, validate, card.
@@ -38,18 +65,30 @@ def rebuild(recipe_file, raw, annotations, masks, out, workers, scheduler, no_pr
     """
     if workers is not None and scheduler:
         raise click.UsageError("--workers and --scheduler exclude each other")
-    from ..rebuild import REPORT, rebuild as run
+    from ..rebuild import REPORT
+    from ..rebuild import rebuild as run
     from ..recipe import load_recipe
 
     recipe = load_recipe(recipe_file)
     click.echo(f"recipe {recipe.name!r} ({recipe.hash}) from {recipe_file}")
-    rep = run(recipe, raw, annotations, out, masks=masks, workers=workers, scheduler=scheduler,
-              progress=not no_progress, echo=click.echo)
+    rep = run(
+        recipe,
+        raw,
+        annotations,
+        out,
+        masks=masks,
+        workers=workers,
+        scheduler=scheduler,
+        progress=not no_progress,
+        echo=click.echo,
+    )
     c = rep.stages["convert"]["counts"]
     sh = rep.stages["shards"]
     click.echo("")
     click.echo("── summary")
-    click.echo(f"  volumes     {c.get('written', 0)} written, {c.get('skipped', 0)} skipped, {c.get('failed', 0)} failed")
+    click.echo(
+        f"  volumes     {c.get('written', 0)} written, {c.get('skipped', 0)} skipped, {c.get('failed', 0)} failed"
+    )
     reasons = {k: n for k, n in rep.stages["convert"]["by_kind"].items() if not k.startswith("written")}
     if reasons:
         click.echo("              by reason: " + ", ".join(f"{k} {n}" for k, n in reasons.items()))
@@ -60,6 +99,8 @@ def rebuild(recipe_file, raw, annotations, masks, out, workers, scheduler, no_pr
     if rep.did_nothing:
         click.echo("  nothing to do: every output was up to date")
     click.echo(f"  report      {out}/{REPORT}")
-    click.secho("  status      " + ("ok" if rep.ok else "FAILED (see the reports)"), fg="green" if rep.ok else "red")
+    click.secho(
+        "  status      " + ("ok" if rep.ok else "FAILED (see the reports)"), fg="green" if rep.ok else "red"
+    )
     if not rep.ok:
         raise SystemExit(1)

@@ -57,7 +57,15 @@ def write_table(rows: list[dict], out: Path) -> None:
             import pyarrow.parquet as pq
 
             schema = pa.schema(
-                [(c, pa.int64() if c in ("knee_side", "n_files", "n_dropped", "rows", "cols", "n_slices") else pa.string()) for c in SCAN_COLUMNS]
+                [
+                    (
+                        c,
+                        pa.int64()
+                        if c in ("knee_side", "n_files", "n_dropped", "rows", "cols", "n_slices")
+                        else pa.string(),
+                    )
+                    for c in SCAN_COLUMNS
+                ]
             )
             pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
         else:
@@ -81,7 +89,13 @@ def _out_path(ctx, param, value):
 
 @click.command("scan")
 @click.argument("raw", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--out", "-o", callback=_out_path, metavar="FILE.parquet|FILE.csv", help="Also write one row per series here.")
+@click.option(
+    "--out",
+    "-o",
+    callback=_out_path,
+    metavar="FILE.parquet|FILE.csv",
+    help="Also write one row per series here.",
+)
 @click.option("--recipe", "recipe_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Recipe whose [qc] tolerances to use (default: built-in defaults).")  # fmt: skip
 @click.option("--quiet", "-q", is_flag=True, help="Print only the summary, not the per-series table.")
@@ -122,7 +136,18 @@ def scan(raw: Path, out: Path | None, recipe_path: Path | None, quiet: bool) -> 
 
 
 def _print_table(rows: list[dict]) -> None:
-    head = ("volume id", "patient", "visit", "side", "description", "files", "size", "spacing mm", "orient", "qc")
+    head = (
+        "volume id",
+        "patient",
+        "visit",
+        "side",
+        "description",
+        "files",
+        "size",
+        "spacing mm",
+        "orient",
+        "qc",
+    )
     lines = [
         (
             r["volume_id"], r["patient_id"], r["time"], str(r["knee_side"]), r["description"][:24], str(r["n_files"]),
@@ -133,4 +158,6 @@ def _print_table(rows: list[dict]) -> None:
     ]  # fmt: skip
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(head)]
     for line in (head, *lines):
-        click.echo("  ".join(v.ljust(w) for v, w in zip(line[:-1], widths[:-1], strict=True)) + "  " + line[-1])
+        click.echo(
+            "  ".join(v.ljust(w) for v, w in zip(line[:-1], widths[:-1], strict=True)) + "  " + line[-1]
+        )

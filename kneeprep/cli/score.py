@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import click
 
-TRUTH_COLUMNS = ("sample_id", "question_id", "question_type", "question_region", "box_voxels", "severity", "split")
+TRUTH_COLUMNS = (
+    "sample_id",
+    "question_id",
+    "question_type",
+    "question_region",
+    "box_voxels",
+    "severity",
+    "split",
+)
 
 
 def truth_from_row(row: dict):
@@ -30,7 +38,12 @@ def truth_from_row(row: dict):
 @click.command("score")
 @click.argument("predictions", type=click.Path(exists=True, dir_okay=False))
 @click.argument("shards", type=click.Path(exists=True, file_okay=False))
-@click.option("--split", default="test", show_default=True, help="Split of the shards to score against ('all' for every split).")
+@click.option(
+    "--split",
+    default="test",
+    show_default=True,
+    help="Split of the shards to score against ('all' for every split).",
+)
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the JSON report here.")
 def score(predictions: str, shards: str, split: str, out: str | None) -> None:
     """Score PREDICTIONS (JSON object keyed by sample id, or JSONL) against the quintuples in SHARDS.

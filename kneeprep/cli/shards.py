@@ -63,7 +63,9 @@ def shards(store, annotations, shards_dir, recipe_file, force):
 
 @click.command()
 @click.argument("shards_dir", metavar="SHARDS", type=click.Path(exists=True, file_okay=False))
-@click.option("--no-decode", is_flag=True, help="Skip reading the voxel bytes (checksums still read every byte).")
+@click.option(
+    "--no-decode", is_flag=True, help="Skip reading the voxel bytes (checksums still read every byte)."
+)
 def validate(shards_dir, no_decode):
     """Check SHARDS against its manifest: schema version, checksums, row counts, missing or extra shards,
     every box inside its volume, every volume decodable to its shape and dtype, no patient in two splits.
@@ -80,4 +82,6 @@ def validate(shards_dir, no_decode):
         raise SystemExit(1)
     m = read_manifest(shards_dir)
     rows = sum(e["rows"] for e in m["shards"])
-    click.echo(f"{shards_dir}: OK ({len(m['shards'])} shards, {rows} quintuples, schema v{m['schema_version']})")
+    click.echo(
+        f"{shards_dir}: OK ({len(m['shards'])} shards, {rows} quintuples, schema v{m['schema_version']})"
+    )

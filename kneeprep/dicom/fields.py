@@ -93,7 +93,11 @@ def technical_fields(ds) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for kw in TECHNICAL_KEYWORDS:
         elem = ds.get(kw)
-        if elem is None or elem == "" or (hasattr(elem, "__len__") and not isinstance(elem, str) and len(elem) == 0):
+        if (
+            elem is None
+            or elem == ""
+            or (hasattr(elem, "__len__") and not isinstance(elem, str) and len(elem) == 0)
+        ):
             continue
         try:
             out[kw] = _plain(elem)

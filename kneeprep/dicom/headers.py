@@ -125,7 +125,9 @@ def read_header(path: str | Path) -> SliceHeader:
     except InvalidDicomError as e:
         raise DicomError(f"{p}: not a readable DICOM file: {e}") from None
     except (EOFError, OSError, ValueError, KeyError, TypeError, IndexError, OverflowError) as e:
-        raise DicomError(f"{p}: header cannot be parsed (truncated or corrupt): {type(e).__name__}: {e}") from None
+        raise DicomError(
+            f"{p}: header cannot be parsed (truncated or corrupt): {type(e).__name__}: {e}"
+        ) from None
     try:
         return _slice_header(p, ds, size)
     except (ValueError, TypeError, KeyError, AttributeError) as e:
@@ -168,7 +170,9 @@ def _slice_header(p: Path, ds, size: int) -> SliceHeader:
     inst = ds.get("InstanceNumber")
     return SliceHeader(
         path=p,
-        sop_class_uid=str(ds.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta else "")),
+        sop_class_uid=str(
+            ds.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta else "")
+        ),
         sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
         series_uid=str(ds.get("SeriesInstanceUID", "")),
         frame_uid=str(ds.get("FrameOfReferenceUID", "")),

@@ -65,7 +65,9 @@ class QCVerdict:
 
     @classmethod
     def from_findings(cls, findings: Sequence[Finding]) -> QCVerdict:
-        ranked = sorted(findings, key=lambda f: -STATUSES.index(f.status))  # stable: keeps order within a status
+        ranked = sorted(
+            findings, key=lambda f: -STATUSES.index(f.status)
+        )  # stable: keeps order within a status
         status = ranked[0].status if ranked else "ok"
         return cls(status, tuple(f.text for f in ranked))
 
@@ -121,7 +123,9 @@ def kind_findings(headers: Sequence[SliceHeader]) -> list[Finding]:
         out.append(Finding("unsupported", f"not a cross-sectional image: SOP class {_sop_name(sop)} ({sop})"))
     if not all(x.has_pixels for x in headers):
         missing = [x.path for x in headers if not x.has_pixels]
-        out.append(Finding("unsupported", f"no pixel data (PixelData (7FE0,0010) absent) in {_names(missing)}"))
+        out.append(
+            Finding("unsupported", f"no pixel data (PixelData (7FE0,0010) absent) in {_names(missing)}")
+        )
     mosaic = [x for x in headers if x.mosaic_images > 1]
     if mosaic:
         out.append(
@@ -132,9 +136,16 @@ def kind_findings(headers: Sequence[SliceHeader]) -> list[Finding]:
             )
         )
     if sop not in ENHANCED_SOP_CLASSES and any(x.n_frames > 1 for x in headers):
-        out.append(Finding("unsupported", f"multi-frame image (NumberOfFrames (0028,0008) {h.n_frames}): kneeprep stacks single-frame files"))
+        out.append(
+            Finding(
+                "unsupported",
+                f"multi-frame image (NumberOfFrames (0028,0008) {h.n_frames}): kneeprep stacks single-frame files",
+            )
+        )
     if any(x.samples_per_pixel != 1 for x in headers):
-        out.append(Finding("unsupported", f"colour image (SamplesPerPixel (0028,0002) {h.samples_per_pixel})"))
+        out.append(
+            Finding("unsupported", f"colour image (SamplesPerPixel (0028,0002) {h.samples_per_pixel})")
+        )
     if not out:
         absent = [
             name
@@ -168,7 +179,11 @@ def consistency_findings(headers: Sequence[SliceHeader], qc: QC) -> list[Finding
     ref = headers[0]
     frames = sorted({h.frame_uid for h in headers})
     if len(frames) > 1:
-        out.append(Finding("fail", f"inconsistent FrameOfReferenceUID (0020,0052): {len(frames)} values {frames[:3]}"))
+        out.append(
+            Finding(
+                "fail", f"inconsistent FrameOfReferenceUID (0020,0052): {len(frames)} values {frames[:3]}"
+            )
+        )
     if all(h.iop is not None for h in headers):
         iops = np.array([h.iop for h in headers])
         dev = np.abs(iops - iops[0]).max(axis=1)
@@ -197,11 +212,17 @@ def consistency_findings(headers: Sequence[SliceHeader], qc: QC) -> list[Finding
             )
     sizes = sorted({(h.rows, h.cols) for h in headers})
     if len(sizes) > 1:
-        out.append(Finding("fail", f"inconsistent matrix size: Rows x Columns {', '.join(f'{r}x{c}' for r, c in sizes)}"))
+        out.append(
+            Finding(
+                "fail", f"inconsistent matrix size: Rows x Columns {', '.join(f'{r}x{c}' for r, c in sizes)}"
+            )
+        )
     enc = sorted({(h.bits_allocated, h.bits_stored, h.pixel_representation) for h in headers})
     if len(enc) > 1:
         out.append(
-            Finding("fail", f"inconsistent pixel encoding (BitsAllocated, BitsStored, PixelRepresentation): {enc}")
+            Finding(
+                "fail", f"inconsistent pixel encoding (BitsAllocated, BitsStored, PixelRepresentation): {enc}"
+            )
         )
     return out
 
@@ -215,7 +236,9 @@ def order_slices(headers: Sequence[SliceHeader], qc: QC) -> Stack:
     if norm < 1e-6:
         return Stack(
             tuple(headers),
-            findings=(Finding("fail", f"degenerate ImageOrientationPatient {_fmt(iop)} in {headers[0].path.name}"),),
+            findings=(
+                Finding("fail", f"degenerate ImageOrientationPatient {_fmt(iop)} in {headers[0].path.name}"),
+            ),
         )
     normal = normal / norm
     ipp = np.array([h.ipp for h in headers], dtype=np.float64)
@@ -249,11 +272,20 @@ def order_slices(headers: Sequence[SliceHeader], qc: QC) -> Stack:
             k = g[0]  # same instance written twice: the first by file name (lexsort tie-break)
             for i in g[1:]:
                 dropped.append(
-                    (hs[i].path, f"duplicate of {hs[k].path.name}: same SOPInstanceUID at {d[k]:.4g} mm; kept the first by file name")
+                    (
+                        hs[i].path,
+                        f"duplicate of {hs[k].path.name}: same SOPInstanceUID at {d[k]:.4g} mm; kept the first by file name",
+                    )
                 )
             copies.append(g)
         else:
-            k = max(g, key=lambda i: (hs[i].instance_number if hs[i].instance_number is not None else -1, str(hs[i].path)))
+            k = max(
+                g,
+                key=lambda i: (
+                    hs[i].instance_number if hs[i].instance_number is not None else -1,
+                    str(hs[i].path),
+                ),
+            )
             for i in g:
                 if i != k:
                     dropped.append(

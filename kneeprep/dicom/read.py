@@ -57,7 +57,11 @@ def stored_range(bits_stored: int, signed: bool) -> tuple[int, int]:
 
 
 def rescale_dtype(
-    stored_dtype: np.dtype, bits_stored: int, signed: bool, slopes: Sequence[float], intercepts: Sequence[float]
+    stored_dtype: np.dtype,
+    bits_stored: int,
+    signed: bool,
+    slopes: Sequence[float],
+    intercepts: Sequence[float],
 ) -> np.dtype:
     """The output dtype of :func:`apply_rescale` for a whole series.
 
@@ -77,12 +81,20 @@ def rescale_dtype(
     stored_dtype = np.dtype(stored_dtype)
     if all(s == 1 for s in slopes) and all(i == 0 for i in intercepts):
         return stored_dtype
-    if not all(float(s).is_integer() and float(i).is_integer() for s, i in zip(slopes, intercepts, strict=True)):
+    if not all(
+        float(s).is_integer() and float(i).is_integer() for s, i in zip(slopes, intercepts, strict=True)
+    ):
         return np.dtype(np.float32)
     lo, hi = stored_range(bits_stored, signed)
     ends = [s * v + i for s, i in zip(slopes, intercepts, strict=True) for v in (lo, hi)]
     lo_out, hi_out = min(ends), max(ends)
-    for cand in (stored_dtype, np.dtype(np.int16), np.dtype(np.uint16), np.dtype(np.int32), np.dtype(np.int64)):
+    for cand in (
+        stored_dtype,
+        np.dtype(np.int16),
+        np.dtype(np.uint16),
+        np.dtype(np.int32),
+        np.dtype(np.int64),
+    ):
         if cand.kind in "iu" and np.iinfo(cand).min <= lo_out and hi_out <= np.iinfo(cand).max:
             return cand
     return np.dtype(np.float64)
@@ -116,7 +128,13 @@ class _Slice:
     __slots__ = ("values", "slope", "intercept", "rescaled", "header", "ipp")
 
     def __init__(self, values, slope, intercept, rescaled, header, ipp=None):
-        self.values, self.slope, self.intercept, self.rescaled, self.header = values, slope, intercept, rescaled, header
+        self.values, self.slope, self.intercept, self.rescaled, self.header = (
+            values,
+            slope,
+            intercept,
+            rescaled,
+            header,
+        )
         self.ipp = ipp
 
 
@@ -130,14 +148,20 @@ def _read_slice(path: Path) -> _Slice:
     meta = getattr(ds, "file_meta", None)
     ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
     if not ts:
-        ts = "1.2.840.10008.1.2" if ds.is_implicit_VR else ("1.2.840.10008.1.2.1" if ds.is_little_endian else "1.2.840.10008.1.2.2")
+        ts = (
+            "1.2.840.10008.1.2"
+            if ds.is_implicit_VR
+            else ("1.2.840.10008.1.2.1" if ds.is_little_endian else "1.2.840.10008.1.2.2")
+        )
     if PIXEL_DATA not in ds:
         raise DicomError(f"{path}: no pixel data (PixelData (7FE0,0010) absent)")
     rows, cols = int(ds.Rows), int(ds.Columns)
     spp = int(ds.get("SamplesPerPixel", 1))
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if spp != 1 or frames != 1:
-        raise UnsupportedSeriesError(f"{path}: SamplesPerPixel {spp}, NumberOfFrames {frames}: expected 1 and 1")
+        raise UnsupportedSeriesError(
+            f"{path}: SamplesPerPixel {spp}, NumberOfFrames {frames}: expected 1 and 1"
+        )
     bits_alloc = int(ds.BitsAllocated)
     bits_stored = int(ds.get("BitsStored", bits_alloc))
     signed = int(ds.get("PixelRepresentation", 0)) == 1
@@ -158,9 +182,17 @@ def _decode_pixels(path: Path, ds, ts: str, header, slope: float, intercept: flo
         buf = ds.PixelData
         need = rows * cols * dtype.itemsize
         if len(buf) < need:
-            raise DicomError(f"{path}: pixel data has {len(buf)} bytes, Rows x Columns x BitsAllocated/8 = {need}")
+            raise DicomError(
+                f"{path}: pixel data has {len(buf)} bytes, Rows x Columns x BitsAllocated/8 = {need}"
+            )
         raw = np.frombuffer(buf, dtype=dtype, count=rows * cols).reshape(rows, cols)
-        return _Slice(stored_values(raw.astype(dtype.newbyteorder("="), copy=False), bits_stored, signed), slope, intercept, False, header)
+        return _Slice(
+            stored_values(raw.astype(dtype.newbyteorder("="), copy=False), bits_stored, signed),
+            slope,
+            intercept,
+            False,
+            header,
+        )
     if ts == RLE_LOSSLESS:
         try:
             arr = ds.pixel_array
@@ -226,16 +258,30 @@ def _read_stack(paths: Sequence[str | Path]) -> tuple[np.ndarray, list[_Slice]]:
                 s.values = None
         slices.append(s)
     rows, cols, bits_alloc, bits_stored, signed = slices[0].header
-    stored_dtype = stack.dtype if stack is not None else np.dtype(f"{'i' if signed else 'u'}{max(1, bits_alloc // 8)}")
-    dtype = rescale_dtype(stored_dtype, bits_stored, signed, [s.slope for s in slices], [s.intercept for s in slices])
-    if stack is not None and dtype == stack.dtype and all(s.values is None and s.slope == 1 and s.intercept == 0 for s in slices):
+    stored_dtype = (
+        stack.dtype if stack is not None else np.dtype(f"{'i' if signed else 'u'}{max(1, bits_alloc // 8)}")
+    )
+    dtype = rescale_dtype(
+        stored_dtype, bits_stored, signed, [s.slope for s in slices], [s.intercept for s in slices]
+    )
+    if (
+        stack is not None
+        and dtype == stack.dtype
+        and all(s.values is None and s.slope == 1 and s.intercept == 0 for s in slices)
+    ):
         return stack, slices
-    out = stack if stack is not None and dtype == stack.dtype else np.empty((len(slices), rows, cols), dtype=dtype)
+    out = (
+        stack
+        if stack is not None and dtype == stack.dtype
+        else np.empty((len(slices), rows, cols), dtype=dtype)
+    )
     for k, (p, s) in enumerate(zip(paths, slices, strict=True)):
         vals = stack[k] if s.values is None else s.values
         if s.rescaled:
             if dtype.kind in "iu" and not np.array_equal(vals, np.rint(vals)):
-                raise DicomError(f"{p}: decoded values are not integral but RescaleSlope/Intercept are integers")
+                raise DicomError(
+                    f"{p}: decoded values are not integral but RescaleSlope/Intercept are integers"
+                )
             out[k] = vals.astype(dtype) if dtype.kind in "iu" else vals
         else:
             out[k] = apply_rescale(vals, s.slope, s.intercept, dtype)
@@ -270,7 +316,9 @@ def read_series(info: SeriesInfo, *, position_tolerance: float = 0.5) -> tuple[n
     volume, slices = _read_stack(info.files)
     if volume.shape != geo.shape:
         raise GeometryError(f"{where}: read shape {volume.shape} differs from the scanned {geo.shape}")
-    expected = geo.index_to_world(np.stack([np.arange(len(slices)), np.zeros(len(slices)), np.zeros(len(slices))], axis=1))
+    expected = geo.index_to_world(
+        np.stack([np.arange(len(slices)), np.zeros(len(slices)), np.zeros(len(slices))], axis=1)
+    )
     tol = position_tolerance * geo.spacing[0]
     for k, (path, s) in enumerate(zip(info.files, slices, strict=True)):
         if s.ipp is None or np.linalg.norm(np.subtract(s.ipp, expected[k])) > tol:

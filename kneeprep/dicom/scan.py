@@ -197,7 +197,9 @@ def scan_tree(
         for i, part in enumerate(parts):
             extra: list[Finding] = []
             if not part[0].series_uid:
-                extra.append(Finding("warn", "no SeriesInstanceUID (0020,000E): grouped by folder and SeriesNumber"))
+                extra.append(
+                    Finding("warn", "no SeriesInstanceUID (0020,000E): grouped by folder and SeriesNumber")
+                )
             if len(parts) > 1:
                 extra.append(
                     Finding(
@@ -221,7 +223,11 @@ def scan_tree(
     for i, (part, extra, part_index) in enumerate(todo):
         if lost[i]:
             p, r = lost[i][0]
-            extra.append(Finding("fail", f"{len(lost[i])} unreadable file(s) in the series folder dropped: {p.name}: {r}"))
+            extra.append(
+                Finding(
+                    "fail", f"{len(lost[i])} unreadable file(s) in the series folder dropped: {p.name}: {r}"
+                )
+            )
         series.append(_series_info(part, qc, extra, part_index, tuple(lost[i])))
     series = _unique_ids(series)
     return ScanResult(root, tuple(series), skipped, tuple(unreadable), len(files))
@@ -236,7 +242,11 @@ def split_series(headers: Sequence[SliceHeader], orientation_atol: float) -> lis
         for psize, piop, members in parts:
             if psize != size:
                 continue
-            if h.iop is None or piop is None or max(abs(a - b) for a, b in zip(h.iop, piop, strict=True)) <= orientation_atol:
+            if (
+                h.iop is None
+                or piop is None
+                or max(abs(a - b) for a, b in zip(h.iop, piop, strict=True)) <= orientation_atol
+            ):
                 members.append(h)
                 break
         else:
@@ -256,7 +266,12 @@ def parse_oai_path(path: Path) -> dict[str, str] | None:
     if len(parts) < 6:
         return None
     visit, release, pid, date, series = parts[-6:-1]
-    if not (_VISIT_DIR.match(visit) and _RELEASE_DIR.match(release) and _DATE_DIR.match(date) and _SERIES_DIR.match(series)):
+    if not (
+        _VISIT_DIR.match(visit)
+        and _RELEASE_DIR.match(release)
+        and _DATE_DIR.match(date)
+        and _SERIES_DIR.match(series)
+    ):
         return None
     if not pid.isalnum():
         return None
@@ -282,7 +297,11 @@ def _ids(h: SliceHeader) -> tuple[dict[str, str], str]:
 
 
 def _series_info(
-    headers: list[SliceHeader], qc: QC, extra: list[Finding], part_index: int, lost: tuple[tuple[Path, str], ...]
+    headers: list[SliceHeader],
+    qc: QC,
+    extra: list[Finding],
+    part_index: int,
+    lost: tuple[tuple[Path, str], ...],
 ) -> SeriesInfo:
     stack = check_series(headers, qc)
     first = stack.slices[0] if stack.slices else sorted(headers, key=lambda h: str(h.path))[0]
@@ -308,7 +327,9 @@ def _series_info(
     except Exception:  # the header was read once already; a second failure only loses the technical fields
         technical = None
     return SeriesInfo(
-        volume_id=make_volume_id(ids["patient_id"], ids["time"], ids["study_folder"], ids["series_folder"], side),
+        volume_id=make_volume_id(
+            ids["patient_id"], ids["time"], ids["study_folder"], ids["series_folder"], side
+        ),
         patient_id=ids["patient_id"],
         time=ids["time"],
         study_folder=ids["study_folder"],
@@ -344,7 +365,12 @@ def _unique_ids(series: list[SeriesInfo]) -> list[SeriesInfo]:
             folder = f"{s.series_folder}.{n}"
             vid = make_volume_id(s.patient_id, s.time, s.study_folder, folder, s.knee_side)
             reason = f"volume id {s.volume_id} is taken by another series (two series in one folder?); renamed {vid}"
-            s = replace(s, volume_id=vid, series_folder=folder, qc=QCVerdict(_worst(s.qc.status, "warn"), (*s.qc.reasons, reason)))
+            s = replace(
+                s,
+                volume_id=vid,
+                series_folder=folder,
+                qc=QCVerdict(_worst(s.qc.status, "warn"), (*s.qc.reasons, reason)),
+            )
         out.append(s)
     return sorted(out, key=lambda s: s.volume_id)
 

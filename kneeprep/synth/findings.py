@@ -24,7 +24,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..anatomy import BML_REGIONS, CARTILAGE_PLATES, CARTILAGE_REGIONS, MENISCUS_PARTS, OSTEOPHYTE_LOCATIONS, QUESTIONS
+from ..anatomy import (
+    BML_REGIONS,
+    CARTILAGE_PLATES,
+    CARTILAGE_REGIONS,
+    MENISCUS_PARTS,
+    OSTEOPHYTE_LOCATIONS,
+    QUESTIONS,
+)
 from .phantom import (
     LABEL,
     Anatomy,
