@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -35,7 +36,11 @@ class SerialExecutor:
     """Runs ``map_unordered`` calls in this process, in order (``workers=0``)."""
 
     def map_unordered(
-        self, fn: Callable, items: Sequence, on_error: Callable[[Any, BaseException], Any] | None = None, **kwargs
+        self,
+        fn: Callable,
+        items: Sequence,
+        on_error: Callable[[Any, BaseException], Any] | None = None,
+        **kwargs,
     ) -> Iterator[Any]:
         for item in items:
             try:
@@ -48,16 +53,29 @@ class SerialExecutor:
 
 
 class DaskExecutor:
-    """Submits one task per item to a ``distributed.Client`` and yields results as they complete."""
+    """Submits one task per item to a ``distributed.Client`` and yields results as they complete.
+
+    ``client`` is a ``distributed.Client`` or a zero-argument callable returning one (a cluster still starting
+    in the background: the first ``map_unordered`` waits for it)."""
 
     #: times an item whose worker died (``KilledWorker``) is resubmitted on its own before it counts as failed.
     LOST_WORKER_RETRIES = 1
 
     def __init__(self, client):
-        self.client = client
+        self._client = client
+
+    @property
+    def client(self):
+        if callable(self._client) and not hasattr(self._client, "submit"):
+            self._client = self._client()
+        return self._client
 
     def map_unordered(
-        self, fn: Callable, items: Sequence, on_error: Callable[[Any, BaseException], Any] | None = None, **kwargs
+        self,
+        fn: Callable,
+        items: Sequence,
+        on_error: Callable[[Any, BaseException], Any] | None = None,
+        **kwargs,
     ) -> Iterator[Any]:
         """Yield ``fn(item, **kwargs)`` for every item, in completion order.
 
@@ -116,15 +134,48 @@ def default_workers() -> int:
 def executor(
     workers: int | None = None, scheduler: str | None = None
 ) -> Iterator[SerialExecutor | DaskExecutor]:
-    """The executor for a run; closes any cluster it started, also on Ctrl-C."""
+    """The executor for a run; closes any cluster it started, also on Ctrl-C.
+
+    The Dask client is created in a background thread as soon as the block is entered, so a caller that enters
+    early (before scanning its inputs) overlaps cluster start-up and worker imports with its own work; the
+    first ``map_unordered`` waits for it. An error connecting is raised there (or on leaving the block).
+    """
     if scheduler and workers is not None and workers != 0:
         # --workers is about the local cluster; with a scheduler the cluster decides
         workers = None
     if not scheduler and workers == 0:
-        yield SerialExecutor()
+        # this process is the only worker: its chunk compression may use every core
+        env = "KNEEPREP_CODEC_THREADS"
+        previous = os.environ.get(env)
+        os.environ.setdefault(env, str(default_workers()))
+        try:
+            yield SerialExecutor()
+        finally:
+            if previous is None:
+                os.environ.pop(env, None)
         return
-    with dask_client(workers, scheduler) as client:
-        yield DaskExecutor(client)
+    from concurrent.futures import ThreadPoolExecutor
+
+    stack = contextlib.ExitStack()
+    with ThreadPoolExecutor(1, thread_name_prefix="kneeprep-cluster") as pool:
+        starting = pool.submit(stack.enter_context, dask_client(workers, scheduler))
+        try:
+            yield DaskExecutor(starting.result)
+        finally:
+            # a cluster cannot be stopped half-started: wait for the start, then close whatever it opened
+            with contextlib.suppress(BaseException):
+                starting.result()
+            stack.close()
+
+
+#: glibc malloc settings for local worker processes. Dask sets ``MALLOC_TRIM_THRESHOLD_=65536`` (return freed
+#: memory to the OS early), which also freezes glibc's mmap threshold at 128 KiB: every multi-MiB buffer of
+#: a volume's read, mask and chunk encoding is then a fresh ``mmap`` whose pages fault in one by one, and a
+#: series converts about 2x slower than in a plain process (``write_volume`` 0.50-0.56 s against 0.21-0.30 s
+#: in-process, measured). Raising the mmap threshold to 16 MiB keeps those buffers on the heap (reused
+#: without faults) while whole volumes (45 MB) are still mapped and returned to the OS when freed.
+#: Workers of an existing cluster (``--scheduler``) get what their own start-up gave them (docs/SCALING.md).
+WORKER_MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": 65536, "MALLOC_MMAP_THRESHOLD_": 16 * 2**20}
 
 
 @contextlib.contextmanager
@@ -132,15 +183,33 @@ def dask_client(n_workers: int | None = None, scheduler: str | None = None) -> I
     """A ``distributed.Client``: to ``scheduler`` if given, else to a new local cluster of processes."""
     from distributed import Client, LocalCluster
 
+    # contextlib.closing, not ``with Client``: Client.__exit__ resets a context variable, which fails when
+    # the client was made in executor()'s start-up thread and is closed from the caller's
     if scheduler:
-        with Client(scheduler, timeout="30s") as client:
+        with contextlib.closing(Client(scheduler, timeout="30s")) as client:
             yield client
         return
     import dask
 
     n = n_workers or default_workers()
+    # cores a worker may use for its own threads (Blosc chunk compression, kneeprep.store.codec_threads)
+    environ = {**WORKER_MALLOC_ENV, "KNEEPREP_CODEC_THREADS": max(1, default_workers() // n)}
     with (
-        dask.config.set({"distributed.scheduler.allowed-failures": 1, "distributed.scheduler.worker-saturation": 1.0}),
+        dask.config.set(
+            {
+                "distributed.scheduler.allowed-failures": 1,
+                "distributed.scheduler.worker-saturation": 1.0,
+                # the statistical profiler samples the task thread's stack every 10 ms, under the GIL
+                "distributed.worker.profile.enabled": False,
+                # imports done at worker start, overlapping the caller's scan (kneeprep.warm); a user's own
+                # preloads (DASK_DISTRIBUTED__WORKER__PRELOAD ...) are kept
+                "distributed.worker.preload": [
+                    *dask.config.get("distributed.worker.preload", []),
+                    "kneeprep.warm",
+                ],
+                **{f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in environ.items()},
+            }
+        ),
         LocalCluster(
             n_workers=n,
             threads_per_worker=1,
@@ -148,7 +217,7 @@ def dask_client(n_workers: int | None = None, scheduler: str | None = None) -> I
             dashboard_address=None,
             silence_logs=logging.ERROR,
         ) as cluster,
-        Client(cluster) as client,
+        contextlib.closing(Client(cluster)) as client,
     ):
         yield client
 
@@ -163,7 +232,7 @@ def progress_iter(
     with click.progressbar(
         length=total,
         label=label,
-        file=click.get_text_stream("stderr"),
+        file=sys.stderr,
         item_show_func=(lambda r: item_name(r) if r is not None and item_name else None),
         show_pos=True,
     ) as bar:

@@ -371,7 +371,8 @@ def run_convert(
         },
     )  # fmt: skip
     vstore.init_store(store)
-    with vstore.store_lock(store):
+    # the cluster starts in the background while this process scans (parallel.executor)
+    with vstore.store_lock(store), executor(workers, scheduler) as ex:
         report.context["cleaned_work_area"] = vstore.clean_work_area(store)
         t = time.perf_counter()
         scan = scan_tree(raw, recipe.qc)
@@ -409,12 +410,11 @@ def run_convert(
                 continue
             tasks.append(ConvertTask(info, str(mask) if mask else None, fp))
         try:
-            with executor(workers, scheduler) as ex:
-                results = ex.map_unordered(
-                    _run_task, tasks, on_error=_task_lost, recipe=recipe, store_path=str(store)
-                )
-                for r in progress_iter(results, len(tasks), "convert", progress, item_name=lambda r: r.item):
-                    report.add(r)
+            results = ex.map_unordered(
+                _run_task, tasks, on_error=_task_lost, recipe=recipe, store_path=str(store)
+            )
+            for r in progress_iter(results, len(tasks), "convert", progress, item_name=lambda r: r.item):
+                report.add(r)
         except KeyboardInterrupt:
             report.context["interrupted"] = True
             report.finish().write(store / vstore.REPORT_FILE)

@@ -164,7 +164,8 @@ class Recipe:
 
     # -- hashing --------------------------------------------------------------------------------------
     STAGES = {
-        "convert": ("select", "qc", "geometry", "intensity", "masks", "labels", "privacy"),
+        # privacy acts where ids are published (shards, card, export), not on the volume store
+        "convert": ("select", "qc", "geometry", "intensity", "masks", "labels"),
         "boxes": ("labels", "boxes"),
         "shards": ("questions", "shards", "splits", "privacy"),
     }
@@ -244,7 +245,9 @@ def parse_recipe(data: dict[str, Any]) -> Recipe:
         elif section == "questions":
             kw["questions"] = _parse_questions(value)
         else:
-            raise RecipeError(f"unknown section [{section}] (known: recipe, {', '.join([*simple, 'labels', 'questions'])})")
+            raise RecipeError(
+                f"unknown section [{section}] (known: recipe, {', '.join([*simple, 'labels', 'questions'])})"
+            )
     r = Recipe(**kw)
     _validate(r)
     return r
@@ -297,7 +300,9 @@ def _parse_labels(value: Any) -> Labels:
     kw = {}
     if "map" in value:
         m = {}
-        _check_keys("labels.map", value["map"], set(value["map"]) if isinstance(value["map"], dict) else set())
+        _check_keys(
+            "labels.map", value["map"], set(value["map"]) if isinstance(value["map"], dict) else set()
+        )
         for k, name in value["map"].items():
             try:
                 lid = int(k)
@@ -313,7 +318,9 @@ def _parse_labels(value: Any) -> Labels:
         out = {}
         for name, members in regs.items():
             if not isinstance(members, list) or not all(isinstance(x, str) for x in members) or not members:
-                raise RecipeError(f"labels.regions.{name}: expected a non-empty list of label names, got {members!r}")
+                raise RecipeError(
+                    f"labels.regions.{name}: expected a non-empty list of label names, got {members!r}"
+                )
             out[name] = tuple(members)
         kw["regions"] = out
     return Labels(**kw)
@@ -342,7 +349,9 @@ def _validate(r: Recipe) -> None:
     for key, choices in _CHOICES.items():
         section, name = key.split(".")
         if d[section][name] not in choices:
-            raise RecipeError(f"{key}: expected one of {', '.join(map(repr, choices))}, got {d[section][name]!r}")
+            raise RecipeError(
+                f"{key}: expected one of {', '.join(map(repr, choices))}, got {d[section][name]!r}"
+            )
     try:
         re.compile(r.select.series_description)
     except re.error as e:
@@ -353,13 +362,24 @@ def _validate(r: Recipe) -> None:
             f"geometry.orientation: expected 'native' or an ITK code of three letters from L/R, A/P, S/I "
             f"(e.g. 'LPS'), got {g.orientation!r}"
         )
-    if g.spacing and (len(g.spacing) != 3 or not all(isinstance(v, int | float) and v > 0 for v in g.spacing)):
-        raise RecipeError(f"geometry.spacing: expected [] or 3 positive numbers (z, y, x) in mm, got {list(g.spacing)}")
-    if g.shape and (len(g.shape) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in g.shape)):
-        raise RecipeError(f"geometry.shape: expected [] or 3 positive integers (z, y, x), got {list(g.shape)}")
+    if g.spacing and (
+        len(g.spacing) != 3 or not all(isinstance(v, int | float) and v > 0 for v in g.spacing)
+    ):
+        raise RecipeError(
+            f"geometry.spacing: expected [] or 3 positive numbers (z, y, x) in mm, got {list(g.spacing)}"
+        )
+    if g.shape and (
+        len(g.shape) != 3
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in g.shape)
+    ):
+        raise RecipeError(
+            f"geometry.shape: expected [] or 3 positive integers (z, y, x), got {list(g.shape)}"
+        )
     i = r.intensity
     if i.method == "percentile" and not 0 <= i.lower < i.upper <= 100:
-        raise RecipeError(f"intensity.lower/upper: percentiles need 0 <= lower < upper <= 100, got {i.lower}, {i.upper}")
+        raise RecipeError(
+            f"intensity.lower/upper: percentiles need 0 <= lower < upper <= 100, got {i.lower}, {i.upper}"
+        )
     if i.method == "window" and not i.lower < i.upper:
         raise RecipeError(f"intensity.lower/upper: window needs lower < upper, got {i.lower}, {i.upper}")
     if i.method == "zscore" and i.dtype not in ("", "float32"):
@@ -369,10 +389,14 @@ def _validate(r: Recipe) -> None:
     if r.shards.target_bytes < 1:
         raise RecipeError(f"shards.target_bytes: must be positive, got {r.shards.target_bytes}")
     if r.shards.codec.startswith("blosc-") and not 1 <= r.shards.level <= 9:
-        raise RecipeError(f"shards.level: Blosc levels are 1-9, got {r.shards.level} for codec {r.shards.codec!r}")
+        raise RecipeError(
+            f"shards.level: Blosc levels are 1-9, got {r.shards.level} for codec {r.shards.codec!r}"
+        )
     s = r.splits
     if len(s.ratios) != 3 or any(x < 0 for x in s.ratios) or abs(sum(s.ratios) - 1) > 1e-6:
-        raise RecipeError(f"splits.ratios: expected 3 non-negative numbers summing to 1 (train, val, test), got {list(s.ratios)}")
+        raise RecipeError(
+            f"splits.ratios: expected 3 non-negative numbers summing to 1 (train, val, test), got {list(s.ratios)}"
+        )
     names = set(r.labels.map.values())
     if len(names) != len(r.labels.map):
         raise RecipeError("labels.map: label names must be unique")
@@ -383,7 +407,9 @@ def _validate(r: Recipe) -> None:
     regions = set(r.labels.region_labels())
     for qid, region in r.questions.items():
         if region is not None and region not in regions:
-            raise RecipeError(f"questions.{qid}: region {region!r} is neither a label nor a region in [labels]")
+            raise RecipeError(
+                f"questions.{qid}: region {region!r} is neither a label nor a region in [labels]"
+            )
 
 
 def _with(r: Recipe, **changes) -> Recipe:
@@ -415,7 +441,12 @@ def _toml_key(k: str) -> str:
 
 
 def _to_toml(d: dict[str, Any]) -> str:
-    lines = ["[recipe]", f"name = {_toml_value(d['name'])}", f"description = {_toml_value(d['description'])}", ""]
+    lines = [
+        "[recipe]",
+        f"name = {_toml_value(d['name'])}",
+        f"description = {_toml_value(d['description'])}",
+        "",
+    ]
 
     def table(name: str, t: dict[str, Any]) -> None:
         lines.append(f"[{name}]")

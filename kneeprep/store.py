@@ -24,7 +24,10 @@ rename; they would need a completion flag written last).
 **Chunks and codec** (chosen by measurement, see ``docs/DESIGN.md`` "Chunks and codec"): whole in-plane slabs
 of about 4 MiB along array axis 0 (16 slices of a 384x384 uint16 DESS), Blosc zstd level 3 with bit-shuffle
 (~2.8x smaller on MR; 0.14 s of one core to write a 160x384x384 volume, 0.05 s to read it), written one slab
-of chunks at a time (peak memory: one chunk, not 1.7 volumes).
+of chunks at a time (peak memory: one chunk, not 1.7 volumes). Each chunk is compressed on
+``KNEEPREP_CODEC_THREADS`` Blosc threads when that variable is set (:func:`codec_threads`; local convert
+workers get cores / workers): zarr encodes one chunk per call here, so without them a worker that has
+cores to spare compresses on one.
 
 **OME-Zarr.** Each volume group carries 0.5 ``multiscales`` with one level (path ``image``, axes z/y/x in
 millimetres, ``scale`` = spacing) and its label layers ``image-label`` metadata with the label names, so
@@ -68,6 +71,40 @@ PHI_KEYWORDS = frozenset(
         "ContentDate", "SeriesDate", "DeviceSerialNumber", "StationName",
     }
 )  # fmt: skip
+
+
+#: environment variable: Blosc threads per process for chunk compression (unset: numcodecs' default, one
+#: thread off the main thread, which is where zarr encodes).
+CODEC_THREADS_ENV = "KNEEPREP_CODEC_THREADS"
+
+
+def codec_threads() -> int:
+    """Blosc threads :func:`write_volume` compresses with: ``KNEEPREP_CODEC_THREADS`` (1 when unset or bad)."""
+    try:
+        return max(1, int(os.environ.get(CODEC_THREADS_ENV, "1")))
+    except ValueError:
+        return 1
+
+
+@contextlib.contextmanager
+def _blosc_threads(n: int) -> Iterator[None]:
+    """Let numcodecs' Blosc use ``n`` threads (from any thread) for the duration; restored afterwards.
+
+    c-blosc then writes compressed blocks in completion order: the chunk bytes vary run to run, the values
+    never do (nothing compares store chunks byte for byte; shards are built from decoded values)."""
+    if n <= 1:
+        yield
+        return
+    from numcodecs import blosc
+
+    previous = blosc.use_threads, blosc.get_nthreads()
+    blosc.use_threads = True
+    blosc.set_nthreads(n)
+    try:
+        yield
+    finally:
+        blosc.use_threads = previous[0]
+        blosc.set_nthreads(previous[1])
 
 
 def _codec():
@@ -225,7 +262,9 @@ def write_volume(
     except StoreError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    except OSError as e:  # ENOSPC, EDQUOT, EIO ... while writing the work copy: name the volume, leave nothing
+    except (
+        OSError
+    ) as e:  # ENOSPC, EDQUOT, EIO ... while writing the work copy: name the volume, leave nothing
         shutil.rmtree(tmp, ignore_errors=True)
         raise StoreError(
             f"{root / volume_id}: could not write the volume: {e.strerror or e}"
@@ -251,8 +290,9 @@ def _write_array(group, name: str, data: np.ndarray) -> None:
     # One slab of chunks per call: zarr encodes every chunk of a call concurrently and holds a copy of each,
     # so a whole-volume assignment would add 1.7x the volume to peak memory; per slab it is one chunk, as fast.
     step = arr.chunks[0]
-    for i in range(0, data.shape[0], step):
-        arr[i : i + step] = data[i : i + step]
+    with _blosc_threads(codec_threads()):
+        for i in range(0, data.shape[0], step):
+            arr[i : i + step] = data[i : i + step]
 
 
 def _install(tmp: Path, final: Path) -> None:

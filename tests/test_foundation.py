@@ -26,9 +26,20 @@ def test_question_bank_matches_published_structure():
     qs = anatomy.QUESTIONS
     assert list(qs) == [str(i) for i in range(1, 70)]
     assert [qs[str(i)].finding for i in (1, 15, 16, 29, 30, 41, 42, 43, 44, 48, 54, 60, 63, 69)] == [
-        "bml", "bml", "cartilage", "cartilage", "osteophyte", "osteophyte", "hoffa_synovitis",
-        "effusion_synovitis", "meniscal_extrusion", "meniscal_morphology", "meniscal_cyst", "ligament",
-        "periarticular", "periarticular",
+        "bml",
+        "bml",
+        "cartilage",
+        "cartilage",
+        "osteophyte",
+        "osteophyte",
+        "hoffa_synovitis",
+        "effusion_synovitis",
+        "meniscal_extrusion",
+        "meniscal_morphology",
+        "meniscal_cyst",
+        "ligament",
+        "periarticular",
+        "periarticular",
     ]
     assert qs["15"].region == "tibia subspinous"
     assert {qs[i].wrapper for i in ("45", "51", "52")} == {"MOAKS_grade"}
@@ -36,8 +47,12 @@ def test_question_bank_matches_published_structure():
     # ids and answer keys as in the published question bank (rajpurkarlab/3DReasonKnee data/question_files)
     assert anatomy.find_question("Femur_Medial_Central BML").id == "4"
     assert [qs[i].answer_key for i in ("6", "37", "44", "48", "62", "63")] == [
-        "femur lateral trochlea BML", "femur lateral anterior osteophyte", "medial meniscus anterior extrusion",
-        "medial meniscus anterior morphology", "Patellar_Tendon", "pes_anserine_bursitis_presence",
+        "femur lateral trochlea BML",
+        "femur lateral anterior osteophyte",
+        "medial meniscus anterior extrusion",
+        "medial meniscus anterior morphology",
+        "Patellar_Tendon",
+        "pes_anserine_bursitis_presence",
     ]
     assert [qs[i].bare_grade for i in ("44", "45", "46", "47")] == [True, True, False, False]
     assert all(qs[str(i)].wrapper is None for i in range(54, 70))
@@ -57,6 +72,11 @@ def test_stage_hashes_depend_only_on_their_sections():
     c = parse_recipe({"geometry": {"orientation": "LPS"}})
     assert a.stage_hash("convert") != c.stage_hash("convert")
     assert a.stage_hash("boxes") == c.stage_hash("boxes")
+    # pseudonymizing ids changes what shards publish, not the converted volumes (no re-convert)
+    d = parse_recipe({"privacy": {"pseudonymize_ids": True}})
+    assert a.stage_hash("convert") == d.stage_hash("convert") and a.stage_hash("shards") != d.stage_hash(
+        "shards"
+    )
 
 
 @pytest.mark.parametrize(
@@ -120,7 +140,9 @@ def test_geometry_sitk_round_trip():
 
 
 def test_split_csv_round_trip_and_errors(tmp_path):
-    row = dict(zip(splits.SPLIT_COLUMNS, ["9027422", "00M", "20041222", "10312706", "2", "p", "i", "m"]))
+    row = dict(
+        zip(splits.SPLIT_COLUMNS, ["9027422", "00M", "20041222", "10312706", "2", "p", "i", "m"], strict=True)
+    )
     splits.write_split_csv(tmp_path / "split_files" / "train_split.csv", [row])
     (r,) = splits.read_split_csvs(tmp_path)
     assert r.volume_id == "9027422_00M_20041222_10312706_2" and r.split == "train"

@@ -45,21 +45,29 @@ def merged(ds, num_workers, batch_size):
 
 
 @pytest.mark.parametrize("drop_last", [False, True])
-@pytest.mark.parametrize("world_size,num_workers,batch_size", [(1, 1, 1), (2, 2, 1), (3, 2, 4), (5, 3, 2), (4, 1, 3)])
+@pytest.mark.parametrize(
+    "world_size,num_workers,batch_size", [(1, 1, 1), (2, 2, 1), (3, 2, 4), (5, 3, 2), (4, 1, 3)]
+)
 def test_exact_partitioning(shards, drop_last, world_size, num_workers, batch_size):
     path, train, _ = shards
     n = len(train)
     per_rank = []
     seen = Counter()
     for rank in range(world_size):
-        ds = ShardDataset(path, seed=3, rank=rank, world_size=world_size, columns=["sample_id"], drop_last=drop_last)
+        ds = ShardDataset(
+            path, seed=3, rank=rank, world_size=world_size, columns=["sample_id"], drop_last=drop_last
+        )
         got = [sid for w in range(num_workers) for sid in ids(ds.iter_worker(w, num_workers, batch_size))]
         assert len(got) == len(ds)
         per_rank.append(len(got))
         seen.update(got)
     assert len(set(per_rank)) == 1  # equal counts per rank
     if drop_last:
-        assert per_rank[0] == n // world_size and set(seen.values()) <= {1} and len(seen) == per_rank[0] * world_size
+        assert (
+            per_rank[0] == n // world_size
+            and set(seen.values()) <= {1}
+            and len(seen) == per_rank[0] * world_size
+        )
     else:
         assert per_rank[0] == -(-n // world_size)
         assert set(seen) == set(train) and sum(seen.values()) - n == per_rank[0] * world_size - n
@@ -139,7 +147,9 @@ def test_construction_opens_no_files_and_pickles(shards, monkeypatch):
     path, _, _ = shards
     opened = []
     real = pq.ParquetFile.__init__
-    monkeypatch.setattr(pq.ParquetFile, "__init__", lambda self, *a, **k: (opened.append(a[0]), real(self, *a, **k))[1])
+    monkeypatch.setattr(
+        pq.ParquetFile, "__init__", lambda self, *a, **k: (opened.append(a[0]), real(self, *a, **k))[1]
+    )
     ds = ShardDataset(path)
     assert opened == []
     clone = pickle.loads(pickle.dumps(ds))
@@ -158,6 +168,41 @@ def test_bad_arguments(shards):
         ShardDataset(path, split="nosuch")
 
 
+def test_forked_worker_processes_without_torch(shards, tmp_path):
+    """Fork safety without torch: a dataset already iterated in the parent (open files, Blosc state) is
+    inherited by two forked processes, each reads its worker slice, and together they give the epoch."""
+    import multiprocessing
+
+    _, train, data = shards
+    recipe = data.recipe.__class__(
+        splits=data.recipe.splits, shards=Shards(target_bytes=20000, codec="blosc-lz4", level=5)
+    )
+    qs, _ = build_quintuples(data.annotations, data.attrs, recipe)
+    write_shards(qs, data.read_volume, tmp_path, recipe, row_group_bytes=6000)
+    ds = ShardDataset(tmp_path, seed=5, columns=["sample_id", "volume_id", "image"])
+    parent = {
+        s["sample_id"]: int(s["image"].astype(np.int64).sum()) for s in ds
+    }  # state exists before the fork
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+
+    def work(w):
+        queue.put(
+            (w, [(s["sample_id"], int(s["image"].astype(np.int64).sum())) for s in ds.iter_worker(w, 2, 3)])
+        )
+
+    procs = [ctx.Process(target=work, args=(w,)) for w in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(queue.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert [sid for sid, _ in got[0] + got[1]] == ids(ds.iter_worker(0, 2, 3)) + ids(ds.iter_worker(1, 2, 3))
+    assert sorted(sid for sid, _ in got[0] + got[1]) == sorted(train)
+    assert dict(got[0] + got[1]) == parent  # same decoded volumes in the children as in the parent
+
+
 def test_blosc_shards_through_a_forked_dataloader(shards, tmp_path):
     """Blosc volumes (compressed in this process, so Blosc's state predates the fork) decode in the workers."""
     torch = pytest.importorskip("torch")
@@ -166,7 +211,9 @@ def test_blosc_shards_through_a_forked_dataloader(shards, tmp_path):
     from kneeprep.torchdata import TorchShardDataset
 
     _, train, data = shards
-    recipe = data.recipe.__class__(splits=data.recipe.splits, shards=Shards(target_bytes=20000, codec="blosc-lz4", level=5))
+    recipe = data.recipe.__class__(
+        splits=data.recipe.splits, shards=Shards(target_bytes=20000, codec="blosc-lz4", level=5)
+    )
     qs, _ = build_quintuples(data.annotations, data.attrs, recipe)
     write_shards(qs, data.read_volume, tmp_path, recipe, row_group_bytes=6000)
     ds = ShardDataset(tmp_path, seed=2, columns=["sample_id", "volume_id", "image"])
@@ -177,7 +224,10 @@ def test_blosc_shards_through_a_forked_dataloader(shards, tmp_path):
         assert not s["image"].flags.writeable and "image_codec" not in s
     assert all(len(v) == 1 for v in images.values())  # decoded once per volume
     dl = torch.utils.data.DataLoader(
-        TorchShardDataset(ds), batch_size=None, num_workers=2, multiprocessing_context=multiprocessing.get_context("fork")
+        TorchShardDataset(ds),
+        batch_size=None,
+        num_workers=2,
+        multiprocessing_context=multiprocessing.get_context("fork"),
     )
     got = {}
     for s in dl:
@@ -196,7 +246,11 @@ def test_forked_torch_dataloader_two_workers(shards):
     ds = ShardDataset(path, seed=4, columns=["sample_id", "volume_id", "image", "box_voxels"])
     tds = TorchShardDataset(ds, batch_size=4)
     dl = torch.utils.data.DataLoader(
-        tds, batch_size=4, num_workers=2, collate_fn=collate, multiprocessing_context=multiprocessing.get_context("fork")
+        tds,
+        batch_size=4,
+        num_workers=2,
+        collate_fn=collate,
+        multiprocessing_context=multiprocessing.get_context("fork"),
     )
     got, shapes = [], set()
     for batch in dl:
