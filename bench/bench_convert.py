@@ -81,21 +81,17 @@ def _dcm2niix() -> str:
 ROUNDS = 2  # kneeprep batches and dcm2niix passes alternate, this many rounds; medians are reported
 
 
+def _convert_cmd(sample: Path, out: Path, recipe: Path) -> list[str]:
+    """``kneeprep convert`` of the sample with one local worker (masks from the split CSVs)."""
+    return [sys.executable, "-m", "kneeprep", "convert", str(sample / "raw"), str(out), "--recipe", str(recipe),
+            "--annotations", str(sample), "--workers", "1", "--no-progress"]  # fmt: skip
+
+
 def _kneeprep_batch(sample: Path, out: Path, recipe: Path) -> tuple[float, dict]:
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "kneeprep",
-        "convert",
-        str(sample / "raw"),
-        str(out),
-        "--recipe",
-        str(recipe),
-    ]
-    cmd += ["--annotations", str(sample), "--workers", "1", "--no-progress"]
+    cmd = _convert_cmd(sample, out, recipe)
     wall, res = _run(cmd, cwd=ROOT)
     if res.returncode != 0:
         raise RuntimeError(f"kneeprep convert failed: {res.stdout.decode()}\n{res.stderr.decode()}")
@@ -105,17 +101,7 @@ def _kneeprep_batch(sample: Path, out: Path, recipe: Path) -> tuple[float, dict]
 def _fixed_cost(sample: Path, out: Path, recipe: Path) -> tuple[float, float]:
     """The same command again on the finished store (every series unchanged): interpreter and imports, Dask
     cluster start and stop, report. Returns (that wall minus its scan, its scan); the scan is per-series work."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "kneeprep",
-        "convert",
-        str(sample / "raw"),
-        str(out),
-        "--recipe",
-        str(recipe),
-    ]
-    cmd += ["--annotations", str(sample), "--workers", "1", "--no-progress"]
+    cmd = _convert_cmd(sample, out, recipe)
     wall, res = _run(cmd, cwd=ROOT)
     scan = json.loads((out / "report.json").read_text())["context"]["scan_seconds"]
     return wall - scan, scan

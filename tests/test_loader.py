@@ -28,6 +28,19 @@ def shards(tmp_path_factory):
     return out, train, data
 
 
+@pytest.fixture(scope="module")
+def blosc_shards(shards, tmp_path_factory):
+    """The same quintuples as ``shards`` with Blosc-compressed volumes (compressed in this process)."""
+    _, _, data = shards
+    recipe = data.recipe.__class__(
+        splits=data.recipe.splits, shards=Shards(target_bytes=20000, codec="blosc-lz4", level=5)
+    )
+    qs, _ = build_quintuples(data.annotations, data.attrs, recipe)
+    out = tmp_path_factory.mktemp("blosc_shards")
+    write_shards(qs, data.read_volume, out, recipe, row_group_bytes=6000)
+    return out
+
+
 def ids(it):
     return [s["sample_id"] for s in it]
 
@@ -168,21 +181,15 @@ def test_bad_arguments(shards):
         ShardDataset(path, split="nosuch")
 
 
-def test_forked_worker_processes_without_torch(shards, tmp_path):
+def test_forked_worker_processes_without_torch(shards, blosc_shards):
     """Fork safety without torch: a dataset already iterated in the parent (open files, Blosc state) is
     inherited by two forked processes, each reads its worker slice, and together they give the epoch."""
     import multiprocessing
 
     _, train, data = shards
-    recipe = data.recipe.__class__(
-        splits=data.recipe.splits, shards=Shards(target_bytes=20000, codec="blosc-lz4", level=5)
-    )
-    qs, _ = build_quintuples(data.annotations, data.attrs, recipe)
-    write_shards(qs, data.read_volume, tmp_path, recipe, row_group_bytes=6000)
-    ds = ShardDataset(tmp_path, seed=5, columns=["sample_id", "volume_id", "image"])
-    parent = {
-        s["sample_id"]: int(s["image"].astype(np.int64).sum()) for s in ds
-    }  # state exists before the fork
+    ds = ShardDataset(blosc_shards, seed=5, columns=["sample_id", "volume_id", "image"])
+    # iterate in the parent first: open files and Blosc state exist before the fork
+    parent = {s["sample_id"]: int(s["image"].astype(np.int64).sum()) for s in ds}
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
 
@@ -203,7 +210,7 @@ def test_forked_worker_processes_without_torch(shards, tmp_path):
     assert dict(got[0] + got[1]) == parent  # same decoded volumes in the children as in the parent
 
 
-def test_blosc_shards_through_a_forked_dataloader(shards, tmp_path):
+def test_blosc_shards_through_a_forked_dataloader(shards, blosc_shards):
     """Blosc volumes (compressed in this process, so Blosc's state predates the fork) decode in the workers."""
     torch = pytest.importorskip("torch")
     import multiprocessing
@@ -211,12 +218,7 @@ def test_blosc_shards_through_a_forked_dataloader(shards, tmp_path):
     from kneeprep.torchdata import TorchShardDataset
 
     _, train, data = shards
-    recipe = data.recipe.__class__(
-        splits=data.recipe.splits, shards=Shards(target_bytes=20000, codec="blosc-lz4", level=5)
-    )
-    qs, _ = build_quintuples(data.annotations, data.attrs, recipe)
-    write_shards(qs, data.read_volume, tmp_path, recipe, row_group_bytes=6000)
-    ds = ShardDataset(tmp_path, seed=2, columns=["sample_id", "volume_id", "image"])
+    ds = ShardDataset(blosc_shards, seed=2, columns=["sample_id", "volume_id", "image"])
     images = {}
     for s in ds:
         images.setdefault(s["volume_id"], set()).add(id(s["image"]))
