@@ -66,7 +66,7 @@ class DaskExecutor:
 
     @property
     def client(self):
-        if callable(self._client) and not hasattr(self._client, "submit"):
+        if not hasattr(self._client, "submit"):  # still starting: wait for it
             self._client = self._client()
         return self._client
 
@@ -145,7 +145,8 @@ def executor(
         workers = None
     if not scheduler and workers == 0:
         # this process is the only worker: its chunk compression may use every core
-        env = "KNEEPREP_CODEC_THREADS"
+        from .store import CODEC_THREADS_ENV as env
+
         previous = os.environ.get(env)
         os.environ.setdefault(env, str(default_workers()))
         try:
@@ -193,7 +194,9 @@ def dask_client(n_workers: int | None = None, scheduler: str | None = None) -> I
 
     n = n_workers or default_workers()
     # cores a worker may use for its own threads (Blosc chunk compression, kneeprep.store.codec_threads)
-    environ = {**WORKER_MALLOC_ENV, "KNEEPREP_CODEC_THREADS": max(1, default_workers() // n)}
+    from .store import CODEC_THREADS_ENV
+
+    environ = {**WORKER_MALLOC_ENV, CODEC_THREADS_ENV: max(1, default_workers() // n)}
     with (
         dask.config.set(
             {

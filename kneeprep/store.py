@@ -262,9 +262,8 @@ def write_volume(
     except StoreError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    except (
-        OSError
-    ) as e:  # ENOSPC, EDQUOT, EIO ... while writing the work copy: name the volume, leave nothing
+    # ENOSPC, EDQUOT, EIO ... while writing the work copy: name the volume, leave nothing
+    except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise StoreError(
             f"{root / volume_id}: could not write the volume: {e.strerror or e}"

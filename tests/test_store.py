@@ -79,6 +79,22 @@ def test_chunks_and_codec_are_the_measured_choice(st):
     assert (blosc["cname"], blosc["clevel"], blosc["shuffle"]) == ("zstd", 3, "bitshuffle")
 
 
+@pytest.mark.parametrize("env", ["3", "1", "junk"])
+def test_codec_threads_change_no_value_and_restore_blosc(st, monkeypatch, env):
+    """KNEEPREP_CODEC_THREADS compresses on several Blosc threads: the same values come back, and numcodecs'
+    global threading settings are as before once the write is done."""
+    from numcodecs import blosc
+
+    monkeypatch.setenv(store.CODEC_THREADS_ENV, env)
+    assert store.codec_threads() == {"3": 3, "1": 1, "junk": 1}[env]
+    image, labels, g = volume(shape=(64, 96, 96))
+    before = blosc.use_threads, blosc.get_nthreads()
+    store.write_volume(st, "v", image, g, {}, {"anatomy": (labels, LABEL_MAP)})
+    assert (blosc.use_threads, blosc.get_nthreads()) == before
+    assert np.array_equal(store.read_volume(st, "v")[0], image)
+    assert np.array_equal(store.read_labels(st, "v"), labels)
+
+
 def test_replacing_a_volume_is_atomic_and_leaves_no_work_files(st):
     image, labels, g = volume(0)
     store.write_volume(st, "v", image, g, {"n": 1}, {"anatomy": (labels, LABEL_MAP)})
