@@ -28,7 +28,7 @@ $(VENV)/.stamp-test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@touch $@ $(VENV)/.stamp-base
 $(VENV)/.stamp-bench: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[test,bench,torch]'
 	@touch $@ $(VENV)/.stamp-test $(VENV)/.stamp-base
 
 venv: $(VENV)/.stamp-test
