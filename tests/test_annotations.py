@@ -23,7 +23,7 @@ from kneeprep.annotations import (
 from kneeprep.errors import AnnotationError
 from kneeprep.severity import Grade
 from kneeprep.severity import resolve_question as find_question
-from kneeprep.splits import write_split_csv
+from kneeprep.splits import SPLIT_COLUMNS, write_split_csv
 
 VID = "9027422_00M_20041222_10312706_2"
 IMAGE = "../data/images/9027422/00M/20041222_10312706_2.nii.gz"
@@ -258,16 +258,7 @@ def test_jsonl_write_read_round_trip(tmp_path):
 def test_read_annotations_directory(tmp_path):
     row = dict(
         zip(
-            (
-                "patient_id",
-                "time",
-                "study_folder",
-                "series_folder",
-                "knee_side",
-                "path",
-                "image_filepath",
-                "label_filepath",
-            ),
+            SPLIT_COLUMNS,
             ("9027422", "00M", "20041222", "10312706", "2", "raw/x", IMAGE, "masks/knee_003.nii.gz"),
             strict=True,
         )
@@ -291,16 +282,7 @@ def test_read_annotations_directory(tmp_path):
 def test_read_annotations_duplicate_sample_keeps_the_first(tmp_path):
     row = dict(
         zip(
-            (
-                "patient_id",
-                "time",
-                "study_folder",
-                "series_folder",
-                "knee_side",
-                "path",
-                "image_filepath",
-                "label_filepath",
-            ),
+            SPLIT_COLUMNS,
             ("9027422", "00M", "20041222", "10312706", "2", "raw/x", IMAGE, "m.nii.gz"),
             strict=True,
         )

@@ -43,6 +43,23 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
+def dask_options(f):
+    """``--workers`` and ``--scheduler``, the same on every command that runs one task per item."""
+    f = click.option(
+        "--scheduler",
+        default=None,
+        metavar="ADDRESS",
+        help="Run on an existing Dask cluster (e.g. tcp://host:8786) instead of local processes; its workers "
+        'must see the same paths (docs/SCALING.md, "Workers on an existing cluster").',
+    )(f)
+    return click.option(
+        "--workers",
+        type=click.IntRange(min=0),
+        default=None,
+        help="Local Dask worker processes (default: one per core); 0 runs in this process without Dask.",
+    )(f)
+
+
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
         return list(COMMANDS)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from . import dask_options
+
 
 @click.command()
 @click.argument("raw", type=click.Path(exists=True, file_okay=False))
@@ -28,15 +30,7 @@ import click
     help="Directory to look for masks in (label_filepath relative to it, or its base name), or the base "
     "of the recipe's masks.pattern.",
 )
-@click.option(
-    "--workers",
-    type=click.IntRange(min=0),
-    default=None,
-    help="Local worker processes (default: one per core); 0 runs in this process without Dask.",
-)
-@click.option(
-    "--scheduler", default=None, metavar="ADDRESS", help="Use a running Dask scheduler, e.g. tcp://host:8786."
-)
+@dask_options
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar on stderr.")
 @click.pass_context
 def convert(ctx, raw, out, recipe_file, annotations, masks, workers, scheduler, progress):

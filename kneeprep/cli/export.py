@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from . import dask_options
+
 
 @click.command()
 @click.argument("source", metavar="SHARDS_OR_STORE", type=click.Path(exists=True, file_okay=False))
@@ -43,15 +45,7 @@ import click
     metavar="TEXT",
     help="Prefix for every path in the CSVs and items (e.g. ../data/); default: relative to OUT.",
 )
-@click.option(
-    "--workers",
-    type=click.IntRange(min=0),
-    default=None,
-    help="Local worker processes (default: one per core); 0 runs in this process without Dask.",
-)
-@click.option(
-    "--scheduler", default=None, metavar="ADDRESS", help="Use a running Dask scheduler, e.g. tcp://host:8786."
-)
+@dask_options
 @click.option("--force", is_flag=True, help="Rewrite every NIfTI, even those whose source is unchanged.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar on stderr.")
 @click.pass_context

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from . import dask_options
+
 _DIR = click.Path(exists=True, file_okay=False)
 
 
@@ -36,18 +38,7 @@ _DIR = click.Path(exists=True, file_okay=False)
     required=True,
     help="Output directory: volumes.zarr, shards/, report.json.",
 )
-@click.option(
-    "--workers",
-    type=click.IntRange(min=0),
-    default=None,
-    help="Local Dask worker processes (default: number of cores; 0 = in this process, no Dask).",
-)
-@click.option(
-    "--scheduler",
-    default=None,
-    metavar="ADDRESS",
-    help="Run on an existing Dask cluster (tcp://host:8786) instead of local processes.",
-)
+@dask_options
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs and CI).")
 def rebuild(recipe_file, raw, annotations, masks, out, workers, scheduler, no_progress):
     """Rebuild the whole dataset from RAW with one recipe: scan, convert, boxes, shards, validate, card.
