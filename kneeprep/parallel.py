@@ -22,58 +22,109 @@ cluster these are the scheduler's settings.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import click
 
 
 class SerialExecutor:
-    """Runs ``map_unordered`` calls in this process, in order (``workers=0``)."""
+    """Runs tasks in this process, one after another, in submission order (``workers=0``)."""
+
+    #: tasks run only when their results are asked for: nothing is gained by submitting early
+    runs_ahead = False
+
+    def stream(self, fn: Callable, on_error: Callable[[Any, BaseException], Any] | None = None, **kwargs):
+        return _SerialStream(fn, on_error, kwargs)
 
     def map_unordered(
         self,
         fn: Callable,
-        items: Sequence,
+        items: Iterable,
         on_error: Callable[[Any, BaseException], Any] | None = None,
         **kwargs,
     ) -> Iterator[Any]:
-        for item in items:
+        return _map(self.stream(fn, on_error, **kwargs), items)
+
+
+def _map(stream, items: Iterable) -> Iterator[Any]:
+    for item in items:
+        stream.submit(item)
+    return stream.results()
+
+
+class _SerialStream:
+    def __init__(self, fn, on_error, kwargs):
+        import collections
+
+        self._fn, self._on_error, self._kwargs = fn, on_error, kwargs
+        self._queue = collections.deque()
+
+    def submit(self, item) -> None:
+        self._queue.append(item)
+
+    def cancel(self) -> None:
+        self._queue.clear()
+
+    def results(self) -> Iterator[Any]:
+        while self._queue:
+            item = self._queue.popleft()
             try:
-                result = fn(item, **kwargs)
+                result = self._fn(item, **self._kwargs)
             except Exception as e:
-                if on_error is None:
+                if self._on_error is None:
                     raise
-                result = on_error(item, e)
+                result = self._on_error(item, e)
             yield result
 
 
 class DaskExecutor:
     """Submits one task per item to a ``distributed.Client`` and yields results as they complete.
 
-    ``client`` is a ``distributed.Client`` or a zero-argument callable returning one (a cluster still starting
-    in the background: the first ``map_unordered`` waits for it)."""
+    ``client`` is a ``distributed.Client`` or a ``concurrent.futures.Future`` of one (a cluster still starting
+    in the background: tasks submitted meanwhile wait in their stream, and the first wait for a result waits
+    for the cluster -- an error starting it is raised there)."""
 
     #: times an item whose worker died (``KilledWorker``) is resubmitted on its own before it counts as failed.
     LOST_WORKER_RETRIES = 1
+    #: submitted tasks start at once (or when the cluster is up), while the caller goes on
+    runs_ahead = True
 
     def __init__(self, client):
         self._client = client
 
     @property
+    def ready(self) -> bool:
+        """Whether the client exists (or failed to start): :attr:`client` will not block."""
+        return not isinstance(self._client, concurrent.futures.Future) or self._client.done()
+
+    def when_ready(self, fn: Callable[[], Any]) -> None:
+        """Call ``fn()`` once the client has started (now, if it has; from the start-up thread otherwise)."""
+        if isinstance(self._client, concurrent.futures.Future):
+            # a failed start is raised by whoever needs the client, not in this callback
+            self._client.add_done_callback(lambda f: None if f.exception() is not None else fn())
+        else:
+            fn()
+
+    @property
     def client(self):
-        if not hasattr(self._client, "submit"):  # still starting: wait for it
-            self._client = self._client()
+        if isinstance(self._client, concurrent.futures.Future):  # still starting: wait for it
+            self._client = self._client.result()
         return self._client
+
+    def stream(self, fn: Callable, on_error: Callable[[Any, BaseException], Any] | None = None, **kwargs):
+        """A :class:`TaskStream` running ``fn(item, **kwargs)`` for each item submitted to it."""
+        return TaskStream(self, fn, on_error, kwargs)
 
     def map_unordered(
         self,
         fn: Callable,
-        items: Sequence,
+        items: Iterable,
         on_error: Callable[[Any, BaseException], Any] | None = None,
         **kwargs,
     ) -> Iterator[Any]:
@@ -82,44 +133,132 @@ class DaskExecutor:
         A task that raises, or whose worker died, yields ``on_error(item, exception)`` when ``on_error`` is
         given (after :data:`LOST_WORKER_RETRIES` resubmissions for a lost worker), else the exception is raised.
         """
-        from distributed import as_completed
-        from distributed.scheduler import KilledWorker
+        return _map(self.stream(fn, on_error, **kwargs), items)
 
-        items = list(items)
-        if not items:
+
+class TaskStream:
+    """Tasks submitted one at a time and their results in completion order.
+
+    :meth:`submit` may be called before and while :meth:`results` is iterated: a caller submits work as it
+    discovers it (and more as results come in); :meth:`results` ends when every task submitted so far has given
+    its result. The stream keeps at most as many tasks on the cluster as it has worker threads (the rest wait
+    here, in submission order), so a worker holds one task at a time and a dying worker takes no innocent
+    queued task with it; a finished task's result is fetched and released at once, from a callback thread,
+    so a worker lost later does not make the cluster recompute it. Error handling as
+    :meth:`DaskExecutor.map_unordered`. Leaving :meth:`results` early (an error or Ctrl-C in the caller)
+    cancels every task not yet finished and drops those not yet started."""
+
+    #: seconds between two asks of the scheduler for the number of worker threads
+    LIMIT_REFRESH_S = 1.0
+
+    def __init__(self, executor: DaskExecutor, fn: Callable, on_error, kwargs: dict):
+        import collections
+        import queue
+        import threading
+
+        self._ex, self._fn, self._on_error, self._kwargs = executor, fn, on_error, kwargs
+        self._lock = threading.RLock()
+        self._items: list = []
+        self._tries: list[int] = []
+        self._waiting: collections.deque[int] = collections.deque()
+        self._live: dict = {}  # future key -> (future, item index)
+        self._done: queue.Queue = queue.Queue()  # (item index, "finished" | "error", result or exception)
+        self._outstanding = 0  # submitted items whose result has not been yielded
+        self._limit = (-1e9, 1)  # (when asked, worker threads)
+        self._closed = False
+        if not executor.ready:
+            executor.when_ready(self._pump)
+
+    def submit(self, item) -> None:
+        with self._lock:
+            self._items.append(item)
+            self._tries.append(0)
+            self._waiting.append(len(self._items) - 1)
+            self._outstanding += 1
+        self._pump()
+
+    def _threads(self) -> int:
+        import time
+
+        asked, n = self._limit
+        if time.monotonic() - asked > self.LIMIT_REFRESH_S:
+            n = max(1, sum(self._ex.client.nthreads().values()))
+            self._limit = (time.monotonic(), n)
+        return n
+
+    def _pump(self) -> None:
+        if not self._ex.ready:  # submitted while the cluster starts: sent when it is up
             return
-        futures = self.client.map(fn, items, pure=False, **kwargs)
-        item_of = {f.key: i for i, f in enumerate(futures)}
-        tries = dict.fromkeys(range(len(items)), 0)
-        live = set(futures)
-        pending = as_completed(futures)
+        with self._lock:
+            while self._waiting and not self._closed and len(self._live) < self._threads():
+                i = self._waiting.popleft()
+                future = self._ex.client.submit(self._fn, self._items[i], pure=False, **self._kwargs)
+                self._live[future.key] = (future, i)
+                future.add_done_callback(self._finished)
+
+    def _finished(self, future) -> None:  # runs in distributed's callback thread
+        with self._lock:
+            entry = self._live.pop(future.key, None)
+        if entry is None:  # cancelled by us
+            return
+        i = entry[1]
         try:
-            for future in pending:
-                live.discard(future)
-                i = item_of.pop(future.key)
-                if future.status == "finished":
-                    result = future.result()
-                    future.release()
-                    yield result
-                    continue
+            if future.status == "finished":
+                self._done.put((i, "finished", future.result()))
+            else:
                 try:
                     exc = future.exception()
                 except BaseException as e:  # cancelled (scheduler gone): report, do not hang
                     exc = e
-                future.release()
-                if isinstance(exc, KilledWorker) and tries[i] < self.LOST_WORKER_RETRIES:
-                    tries[i] += 1
-                    (retry,) = self.client.map(fn, [items[i]], pure=False, **kwargs)
-                    item_of[retry.key] = i
-                    live.add(retry)
-                    pending.add(retry)
-                    continue
-                if on_error is None:
-                    raise exc
-                yield on_error(items[i], exc)
+                self._done.put((i, "error", exc))
+        except BaseException as e:  # the result could not be fetched
+            self._done.put((i, "error", e))
         finally:
-            # on an error or Ctrl-C in the caller: stop what has not run yet
-            self.client.cancel([f for f in live if not f.done()])
+            future.release()
+            self._pump()
+
+    def results(self) -> Iterator[Any]:
+        import queue
+
+        try:
+            if self._outstanding:
+                # wait for a starting cluster (it raises if it failed to start); distributed is imported by
+                # then: importing it here while the start-up thread does can meet half-initialized modules
+                self._ex.client  # noqa: B018
+                self._pump()
+            from distributed.scheduler import KilledWorker
+
+            while self._outstanding:
+                try:
+                    i, status, value = self._done.get(timeout=0.2)  # a timeout keeps Ctrl-C responsive
+                except queue.Empty:
+                    continue
+                if status == "finished":
+                    self._outstanding -= 1
+                    yield value
+                    continue
+                if isinstance(value, KilledWorker) and self._tries[i] < DaskExecutor.LOST_WORKER_RETRIES:
+                    with self._lock:
+                        self._tries[i] += 1
+                        self._waiting.appendleft(i)
+                    self._pump()
+                    continue
+                self._outstanding -= 1
+                if self._on_error is None:
+                    raise value
+                yield self._on_error(self._items[i], value)
+        finally:
+            self.cancel()
+
+    def cancel(self) -> None:
+        """Drop the tasks not yet started and stop those running (nothing is left on the cluster)."""
+        with self._lock:
+            self._closed = True
+            self._waiting.clear()
+            live = [f for f, _ in self._live.values()]
+            self._live.clear()
+        if live:
+            self._ex.client.cancel(live)
 
 
 def default_workers() -> int:
@@ -161,7 +300,7 @@ def executor(
     with ThreadPoolExecutor(1, thread_name_prefix="kneeprep-cluster") as pool:
         starting = pool.submit(stack.enter_context, dask_client(workers, scheduler))
         try:
-            yield DaskExecutor(starting.result)
+            yield DaskExecutor(starting)
         finally:
             # a cluster cannot be stopped half-started: wait for the start, then close whatever it opened
             with contextlib.suppress(BaseException):
@@ -173,10 +312,13 @@ def executor(
 #: memory to the OS early), which also freezes glibc's mmap threshold at 128 KiB: every multi-MiB buffer of
 #: a volume's read, mask and chunk encoding is then a fresh ``mmap`` whose pages fault in one by one, and a
 #: series converts about 2x slower than in a plain process (``write_volume`` 0.50-0.56 s against 0.21-0.30 s
-#: in-process, measured). Raising the mmap threshold to 16 MiB keeps those buffers on the heap (reused
-#: without faults) while whole volumes (45 MB) are still mapped and returned to the OS when freed.
+#: in-process, measured). Raising the mmap threshold to 16 MiB keeps those buffers on the heap, while whole
+#: volumes (45 MB) are still mapped and returned to the OS when freed. The heap must then not be trimmed after
+#: every large free either: with a 64 KiB trim threshold the next buffer faults its pages in again (a series
+#: 0.73-0.94 s in-process against 0.55-0.68 s with 4 MiB, the same 132 MB peak; 32 MiB: 0.48-0.75 s but a
+#: 160 MB peak -- measured, 160x384x384 DESS with mask, 2 Blosc threads).
 #: Workers of an existing cluster (``--scheduler``) get what their own start-up gave them (docs/SCALING.md).
-WORKER_MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": 65536, "MALLOC_MMAP_THRESHOLD_": 16 * 2**20}
+WORKER_MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": 4 * 2**20, "MALLOC_MMAP_THRESHOLD_": 16 * 2**20}
 
 
 @contextlib.contextmanager
@@ -223,6 +365,37 @@ def dask_client(n_workers: int | None = None, scheduler: str | None = None) -> I
         contextlib.closing(Client(cluster)) as client,
     ):
         yield client
+
+
+@contextlib.contextmanager
+def progress_callback(
+    label: str, enabled: bool = True, unit: str = ""
+) -> Iterator[Callable[[int, int], None] | None]:
+    """A ``progress(done, total)`` callback drawing a click progress bar on stderr (``None`` when disabled);
+    the bar appears at the first call, when the total is known."""
+    if not enabled:
+        yield None
+        return
+    bar = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True)
+            bar.__enter__()
+            if unit:
+                bar.format_progress_line = _with_unit(bar.format_progress_line, unit)
+        bar.update(done - bar.pos)
+
+    try:
+        yield update
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+
+
+def _with_unit(format_line: Callable[[], str], unit: str) -> Callable[[], str]:
+    return lambda: f"{format_line()} {unit}"
 
 
 def progress_iter(

@@ -295,14 +295,14 @@ def select(info, recipe: Recipe) -> ItemResult | None:
     return None
 
 
-def resolve_masks(series, recipe: Recipe, annotations=None, masks=None) -> dict[str, Path | KneeprepError]:
-    """Each volume's mask file (or the error that makes its volume fail), from ``masks.pattern`` or the split
-    CSVs' ``label_filepath``: tried relative to the annotations directory, then to ``masks``, then its base name
-    in ``masks``. Volumes without a mask are absent from the result."""
-    out: dict[str, Path | KneeprepError] = {}
+def mask_finder(recipe: Recipe, annotations=None, masks=None):
+    """A function ``info -> Path | KneeprepError | None``: a volume's mask file (or the error that makes its
+    volume fail; ``None`` for no mask), from ``masks.pattern`` or the split CSVs' ``label_filepath`` (read once,
+    here): tried relative to the annotations directory, then to ``masks``, then its base name in ``masks``."""
     if recipe.masks.pattern:
         base = Path(masks or annotations or ".")
-        for info in series:
+
+        def by_pattern(info) -> Path | None:
             fields = {
                 "volume_id": info.volume_id, "patient_id": info.patient_id, "time": info.time,
                 "study_folder": info.study_folder, "series_folder": info.series_folder, "knee_side": info.knee_side,
@@ -311,30 +311,84 @@ def resolve_masks(series, recipe: Recipe, annotations=None, masks=None) -> dict[
                 p = base / recipe.masks.pattern.format(**fields)
             except (KeyError, IndexError, ValueError) as e:
                 raise RecipeError(f"masks.pattern {recipe.masks.pattern!r}: bad placeholder {e}") from None
-            if p.is_file():
-                out[info.volume_id] = p
-        return out
+            return p if p.is_file() else None
+
+        return by_pattern
     if annotations is None:
         if masks is not None:
             raise RecipeError(
                 "--masks needs --annotations (split CSVs with label_filepath) or a recipe masks.pattern"
             )
-        return out
+        return lambda info: None
     from .splits import read_split_csvs
 
-    wanted = {info.volume_id for info in series}
-    for row in read_split_csvs(annotations):
-        if row.volume_id not in wanted or not row.label_filepath:
-            continue
+    rows = {row.volume_id: row for row in read_split_csvs(annotations) if row.label_filepath}
+
+    def by_split(info) -> Path | KneeprepError | None:
+        row = rows.get(info.volume_id)
+        if row is None:
+            return None
         rel = Path(row.label_filepath)
         candidates = [Path(annotations) / rel]
         if masks is not None:
             candidates += [Path(masks) / rel, Path(masks) / rel.name]
         found = next((c for c in candidates if c.is_file()), None)
-        out[row.volume_id] = found or InputNotFoundError(
+        return found or InputNotFoundError(
             f"{row.source}: mask {row.label_filepath!r} not found (tried {', '.join(str(c) for c in candidates)})"
         )
-    return out
+
+    return by_split
+
+
+def resolve_masks(series, recipe: Recipe, annotations=None, masks=None) -> dict[str, Path | KneeprepError]:
+    """Each volume's mask file (or the error that makes its volume fail) as :func:`mask_finder` finds it;
+    volumes without a mask are absent from the result."""
+    find = mask_finder(recipe, annotations, masks)
+    return {info.volume_id: m for info in series if (m := find(info)) is not None}
+
+
+class _Planner:
+    """Decides, in the driver, what happens to one series: a :class:`ConvertTask`, or its ``skipped`` /
+    ``failed`` record (not selected, QC, mask missing, inputs gone, unchanged since the last run)."""
+
+    def __init__(self, recipe: Recipe, store: Path, annotations, masks):
+        self.recipe, self.store = recipe, store
+        self.convert_hash = recipe.stage_hash("convert")
+        self.mask_of = mask_finder(recipe, annotations, masks)
+
+    def __call__(self, info, *, redo: bool = False) -> ConvertTask | ItemResult:
+        skipped = select(info, self.recipe)
+        if skipped is not None:
+            return skipped
+        source = str(info.files[0].parent) if info.files else ""
+        mask = self.mask_of(info)
+        if isinstance(mask, KneeprepError):
+            return ItemResult(info.volume_id, "failed", mask.kind, str(mask), 0.0, source)
+        try:
+            fp = input_fingerprint(info, mask)
+        except KneeprepError as e:
+            return ItemResult(info.volume_id, "failed", e.kind, str(e), 0.0, source)
+        if not redo:
+            previous = _stored_attrs(self.store, info.volume_id) or {}
+            if (previous.get("provenance") or {}).get("convert_hash") == self.convert_hash and (
+                previous.get("source") or {}
+            ).get("fingerprint") == fp:
+                return ItemResult(
+                    info.volume_id, "skipped", "unchanged", "inputs and recipe unchanged", 0.0, source
+                )
+        return ConvertTask(info, str(mask) if mask else None, fp)
+
+
+def _previously_revised(store: Path) -> dict[str, str]:
+    """``context.revised`` of the store's last convert report: provisional series (volume id -> input
+    fingerprint) that the finished scan contradicted."""
+    from .store import REPORT_FILE
+
+    try:
+        revised = json.loads((store / REPORT_FILE).read_text()).get("context", {}).get("revised") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {str(k): str(v) for k, v in revised.items()} if isinstance(revised, dict) else {}
 
 
 def run_convert(
@@ -349,10 +403,18 @@ def run_convert(
     progress: bool = True,
 ) -> RunReport:
     """Convert every selected series under ``raw`` into ``store``; returns the report (also written to
-    ``<store>/report.json``). ``workers=0`` runs in this process without Dask."""
+    ``<store>/report.json``). ``workers=0`` runs in this process without Dask.
+
+    With Dask, conversion overlaps the scan: a series is submitted as soon as the folder holding it has been
+    read (:func:`kneeprep.dicom.scan_tree`'s provisional series; ``context.converted_early`` counts them). The
+    finished scan is authoritative: a series that changed after its early submission (its UID continues in a
+    later folder, or its volume id collided with a later series) is converted again once the early task has
+    returned, and a volume written early for a series that no longer exists, or is no longer to be converted,
+    is deleted. ``context.revised`` lists those provisional series (volume id -> input fingerprint); the next
+    run does not convert them early again."""
     from . import store as vstore
     from .dicom import scan_tree
-    from .parallel import executor, progress_iter
+    from .parallel import executor, progress_callback, progress_iter
 
     raw, store = Path(raw), Path(store)
     if not raw.is_dir():
@@ -360,13 +422,13 @@ def run_convert(
     for name, p in (("annotations", annotations), ("masks", masks)):
         if p is not None and not Path(p).is_dir():
             raise InputNotFoundError(f"{p}: {name} directory not found")
-    convert_hash = recipe.stage_hash("convert")
+    plan = _Planner(recipe, store, annotations, masks)
     report = RunReport(
         "convert",
         {
             "raw": str(raw), "store": str(store), "annotations": str(annotations) if annotations else None,
             "masks": str(masks) if masks else None, "recipe_name": recipe.name, "recipe_hash": recipe.hash,
-            "convert_hash": convert_hash, "recipe_file": recipe.source_path, "workers": workers,
+            "convert_hash": plan.convert_hash, "recipe_file": recipe.source_path, "workers": workers,
             "scheduler": scheduler, "kneeprep_version": __version__,
         },
     )  # fmt: skip
@@ -374,51 +436,71 @@ def run_convert(
     # the cluster starts in the background while this process scans (parallel.executor)
     with vstore.store_lock(store), executor(workers, scheduler) as ex:
         report.context["cleaned_work_area"] = vstore.clean_work_area(store)
-        t = time.perf_counter()
-        scan = scan_tree(raw, recipe.qc)
-        report.context["scan_seconds"] = round(time.perf_counter() - t, 3)
-        report.context["unreadable_files"] = [[str(p), r] for p, r in scan.unreadable]
-        chosen = []
-        for info in scan.series:
-            skipped = select(info, recipe)
-            if skipped is None:
-                chosen.append(info)
-            else:
-                report.add(skipped)
-        mask_for = resolve_masks(chosen, recipe, annotations, masks)
-        tasks = []
-        for info in chosen:
-            mask = mask_for.get(info.volume_id)
-            source = str(info.files[0].parent) if info.files else ""
-            if isinstance(mask, KneeprepError):
-                report.add(ItemResult(info.volume_id, "failed", mask.kind, str(mask), 0.0, source))
-                continue
-            try:
-                fp = input_fingerprint(info, mask)
-            except KneeprepError as e:
-                report.add(ItemResult(info.volume_id, "failed", e.kind, str(e), 0.0, source))
-                continue
-            previous = _stored_attrs(store, info.volume_id) or {}
-            if (previous.get("provenance") or {}).get("convert_hash") == convert_hash and (
-                previous.get("source") or {}
-            ).get("fingerprint") == fp:
-                report.add(
-                    ItemResult(
-                        info.volume_id, "skipped", "unchanged", "inputs and recipe unchanged", 0.0, source
-                    )
-                )
-                continue
-            tasks.append(ConvertTask(info, str(mask) if mask else None, fp))
+        stream = ex.stream(_run_task, on_error=_task_lost, recipe=recipe, store_path=str(store))
+        held_back = _previously_revised(store)
+        provisional: dict[str, ConvertTask] = {}  # volume id -> the task made from its provisional series
+        early: set[str] = set()  # ... of those, the ones submitted before the scan finished
+
+        def start_early(info) -> None:
+            task = plan(info)
+            if isinstance(task, ConvertTask):
+                provisional[info.volume_id] = task
+                if held_back.get(info.volume_id) != task.fingerprint:
+                    stream.submit(task)
+                    early.add(info.volume_id)
+
         try:
-            results = ex.map_unordered(
-                _run_task, tasks, on_error=_task_lost, recipe=recipe, store_path=str(store)
-            )
-            for r in progress_iter(results, len(tasks), "convert", progress, item_name=lambda r: r.item):
+            t = time.perf_counter()
+            with progress_callback("scan", progress, unit="files") as scanned:
+                scan = scan_tree(raw, recipe.qc, scanned, on_series=start_early if ex.runs_ahead else None)
+            report.context["scan_seconds"] = round(time.perf_counter() - t, 3)
+            report.context["unreadable_files"] = [[str(p), r] for p, r in scan.unreadable]
+            report.context["converted_early"] = len(early)
+            # the finished scan decides; early tasks of series that changed since are followed by a redo
+            final = {info.volume_id: info for info in scan.series}
+            revised = {v: t.fingerprint for v, t in provisional.items() if final.get(v) != t.info}
+            if revised:
+                report.context["revised"] = dict(sorted(revised.items()))
+            after_early: dict[str, ConvertTask | None] = {}  # volume id -> its redo (None: delete it)
+            n_tasks = len(early)
+            for vid, info in final.items():
+                if vid in early and vid not in revised:
+                    continue  # submitted early, and right
+                decision = plan(info, redo=vid in early)
+                if vid in early:
+                    after_early[vid] = decision if isinstance(decision, ConvertTask) else None
+                if isinstance(decision, ConvertTask):
+                    if vid not in early:
+                        stream.submit(decision)
+                        n_tasks += 1
+                else:
+                    report.add(decision)
+                    n_tasks -= vid in early
+            for vid in early - final.keys():
+                after_early[vid] = None
+                n_tasks -= 1
+
+            def reported(results):
+                for r in results:
+                    if r.item in after_early:  # the early task's result: drop it, then redo or delete
+                        redo = after_early.pop(r.item)
+                        if redo is not None:
+                            stream.submit(redo)
+                        elif r.status == "written":
+                            vstore.delete_volume(store, r.item)
+                        continue
+                    yield r
+
+            for r in progress_iter(
+                reported(stream.results()), n_tasks, "convert", progress, item_name=lambda r: r.item
+            ):
                 report.add(r)
         except KeyboardInterrupt:
             report.context["interrupted"] = True
             report.finish().write(store / vstore.REPORT_FILE)
             raise
+        finally:
+            stream.cancel()  # nothing is left running on an error (a no-op after a full run)
         if any(r.status == "written" for r in report.items):
             from .boxes import write_boxes_table
 
@@ -433,6 +515,7 @@ __all__ = [
     "content_hash",
     "convert_series",
     "input_fingerprint",
+    "mask_finder",
     "resolve_masks",
     "run_convert",
     "select",

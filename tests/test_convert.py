@@ -172,6 +172,75 @@ def test_resume_skips_unchanged_and_redoes_changed(tree, tmp_path):
     assert store.read_attrs(out, a)["geometry"]["orientation"] == "LPS"
 
 
+def test_scan_hands_out_each_series_when_its_folder_is_read(tree):
+    ids = [
+        tree.add("9000001", "RIGHT"),
+        tree.add("9000002", "LEFT"),
+        tree.add("9000003", "RIGHT", series="10000002"),
+    ]
+    early = []
+    final = scan_tree(tree.raw, on_series=early.append)
+    assert sorted(s.volume_id for s in early) == sorted(ids)
+    assert {s.volume_id: s for s in early} == {s.volume_id: s for s in final.series}  # equal, field by field
+
+
+def _split_uid_across_folders(tree, which: str) -> None:
+    """Move some files of one series into a sibling folder that is scanned after it (same UID)."""
+    vid = tree.add("9000001", "RIGHT")
+    tree.add("9000002", "LEFT")
+    files = tree.series[vid]["files"]
+    moved = files[:3] if which == "first slices" else files[-3:]  # 9 slices left: enough to pass QC
+    other = tree.series[vid]["folder"].with_name("10000009")
+    other.mkdir()
+    for f in moved:
+        f.rename(other / f.name)
+
+
+def _colliding_tag_ids(tree, _which: str) -> None:
+    """Two series outside the OAI layout whose tags give the same volume id; the larger one, scanned second,
+    keeps the plain id, so the first one's early conversion is under the wrong id."""
+    for folder, n, seed in (("a", 9, 1), ("b", 12, 2)):
+        array = (300 + np.random.default_rng(seed).integers(0, 90, (n, 20, 16))).astype(np.uint16)
+        g = Geometry(
+            (n, 20, 16), (0.7, 0.5, 0.45), affine_from_itk((0.0, 0, 0), (0.45, 0.5, 0.7), PIR.ravel())
+        )
+        tags = {"SeriesDescription": "SAG_3D_DESS_RIGHT", "PatientID": "9000007", "StudyDate": "20050101",
+                "SeriesNumber": 3}  # fmt: skip
+        write_series(array, g, tree.raw / folder, tags=tags)
+
+
+@pytest.mark.parametrize(
+    "make, which",
+    [(_split_uid_across_folders, "first slices"), (_split_uid_across_folders, "last slices"),
+     (_colliding_tag_ids, "")],
+    ids=["uid-continues-first-slices", "uid-continues-last-slices", "ids-collide"],
+)  # fmt: skip
+def test_early_conversion_is_redone_when_the_finished_scan_disagrees(tree, tmp_path, make, which):
+    # With Dask, series are converted as soon as their folder is scanned; the finished scan decides. The
+    # result must be what a run that scans everything first gives (workers=0 does: it never runs ahead).
+    make(tree, which)
+    recipe = parse_recipe({})
+    ahead = run_convert(tree.raw, tmp_path / "ahead.zarr", recipe, workers=1, progress=False)
+    serial = run_convert(tree.raw, tmp_path / "serial.zarr", recipe, workers=0, progress=False)
+    assert ahead.context.get("revised"), "the case must exercise the redo"
+    assert "revised" not in serial.context
+    summary = lambda rep: sorted((r.item, r.status, r.kind) for r in rep.items)  # noqa: E731
+    assert summary(ahead) == summary(serial)
+    assert ahead.counts["written"] >= 1
+    vols = store.list_volumes(tmp_path / "serial.zarr")
+    assert store.list_volumes(tmp_path / "ahead.zarr") == vols  # no volume of a provisional series is left
+    for vid in vols:
+        a, ga = store.read_volume(tmp_path / "ahead.zarr", vid)
+        b, gb = store.read_volume(tmp_path / "serial.zarr", vid)
+        assert np.array_equal(a, b) and np.allclose(ga.affine_lps, gb.affine_lps), vid
+        assert store.read_attrs(tmp_path / "ahead.zarr", vid)["source"]["n_files"] == a.shape[0]
+    assert ahead.context["converted_early"] >= 1
+    # a re-run finds everything done and converts no provisional series again (it remembers them)
+    again = run_convert(tree.raw, tmp_path / "ahead.zarr", recipe, workers=1, progress=False)
+    assert again.counts["written"] == 0 and again.context["converted_early"] == 0
+    assert again.context["revised"] == ahead.context["revised"]
+
+
 def test_interrupted_write_leaves_no_visible_volume_and_next_run_cleans(tree, tmp_path, monkeypatch):
     a = tree.add("9000001", "RIGHT")
     out = tmp_path / "v.zarr"

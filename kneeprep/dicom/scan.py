@@ -142,12 +142,18 @@ class ScanResult:
         )
 
 
-def _walk(root: Path) -> list[Path]:
+def _walk(root: Path) -> list[tuple[Path, list[Path]]]:
+    """Every folder under ``root`` that holds files, with its files: folders and files in sorted order."""
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
-        out.extend(Path(dirpath) / f for f in sorted(filenames))
+        if filenames:
+            out.append((Path(dirpath), [Path(dirpath) / f for f in sorted(filenames)]))
     return out
+
+
+def _group_key(h: SliceHeader) -> str:
+    return h.series_uid or f"no-uid:{h.path.parent}:{h.series_number}"
 
 
 def scan_tree(
@@ -156,41 +162,82 @@ def scan_tree(
     progress: Callable[[int, int], None] | None = None,
     *,
     split_orientation_atol: float = 0.05,
+    on_series: Callable[[SeriesInfo], None] | None = None,
 ) -> ScanResult:
     """Scan every file under ``root`` (any layout, extensionless files included) and describe each series.
 
-    Reads headers only (PixelData deferred). ``progress(done, total)`` is called every 256 files and at the
-    end. A file that is not DICOM is counted in ``non_dicom_skipped`` -- unless its name ends in ``.dcm``, which
-    makes it unreadable. Unreadable files (empty, corrupt, not DICOM but named ``.dcm``) are listed in
-    ``unreadable``; when their folder holds exactly one series they are also that series' ``dropped`` files
-    and fail its QC (a non-DICOM ``.dcm`` file is never taken for a lost slice). Raises :class:`~kneeprep.errors.InputNotFoundError` if ``root`` is not a directory.
+    Reads headers only (PixelData deferred), one folder at a time. ``progress(done, total)`` is called every
+    256 files and at the end. A file that is not DICOM is counted in ``non_dicom_skipped`` -- unless its name
+    ends in ``.dcm``, which makes it unreadable. Unreadable files (empty, corrupt, not DICOM but named ``.dcm``)
+    are listed in ``unreadable``; when their folder holds exactly one series they are also that series'
+    ``dropped`` files and fail its QC (a non-DICOM ``.dcm`` file is never taken for a lost slice). Raises
+    :class:`~kneeprep.errors.InputNotFoundError` if ``root`` is not a directory.
+
+    ``on_series(info)``, if given, is called with a *provisional* :class:`SeriesInfo` as soon as the folder
+    holding its files has been read -- before the rest of the tree -- so a caller can start work on it early.
+    It is what the final result will say unless the series' UID continues in a later folder or its volume id
+    collides with a later series: the returned :class:`ScanResult` is authoritative, and a caller that acted on
+    a provisional series must compare it (``==``) with the final one and redo what differs.
     """
     root = Path(root)
     if not root.is_dir():
         raise InputNotFoundError(f"{root}: raw DICOM folder not found (or not a directory)")
-    files = _walk(root)
+    folders = _walk(root)
+    total = sum(len(files) for _, files in folders)
     headers: list[SliceHeader] = []
     unreadable: list[tuple[Path, str]] = []
     not_slices: set[Path] = set()  # unreadable, but not DICOM at all: never counted as a lost slice
-    skipped = 0
-    for n, path in enumerate(files, start=1):
-        try:
-            headers.append(read_header(path))
-        except NotDicomError as e:
-            if path.suffix.lower() == ".dcm":
-                unreadable.append((path, f"named .dcm but {str(e).split(': ', 1)[-1]}"))
-                not_slices.add(path)
-            else:
-                skipped += 1
-        except DicomError as e:
-            unreadable.append((path, str(e).split(": ", 1)[-1] if str(e).startswith(str(path)) else str(e)))
-        if progress is not None and (n % 256 == 0 or n == len(files)):
-            progress(n, len(files))
+    skipped = n = 0
+    seen: set[str] = set()  # group keys of folders already read
+    provisional_ids: set[str] = set()
+    technical: dict[Path, dict | None] = {}  # technical fields of each series' first file, read once
+    for _folder, files in folders:
+        here: list[SliceHeader] = []
+        lost_here: list[tuple[Path, str]] = []
+        for path in files:
+            n += 1
+            try:
+                here.append(read_header(path))
+            except NotDicomError as e:
+                if path.suffix.lower() == ".dcm":
+                    lost_here.append((path, f"named .dcm but {str(e).split(': ', 1)[-1]}"))
+                    not_slices.add(path)
+                else:
+                    skipped += 1
+            except DicomError as e:
+                lost_here.append(
+                    (path, str(e).split(": ", 1)[-1] if str(e).startswith(str(path)) else str(e))
+                )
+            if progress is not None and (n % 256 == 0 or n == total):
+                progress(n, total)
+        headers += here
+        unreadable += lost_here
+        keys = {_group_key(h) for h in here}
+        if on_series is not None and here:
+            # series first seen in this folder, as they stand now (a later folder may still add to one)
+            fresh = [h for h in here if _group_key(h) not in seen]
+            for info in _describe(fresh, lost_here, not_slices, qc, split_orientation_atol, technical):
+                if info.volume_id not in provisional_ids:  # an id taken by an earlier one: wait for the end
+                    provisional_ids.add(info.volume_id)
+                    on_series(info)
+        seen |= keys
+    series = _describe(headers, unreadable, not_slices, qc, split_orientation_atol, technical)
+    return ScanResult(root, tuple(series), skipped, tuple(unreadable), total)
 
+
+def _describe(
+    headers: Sequence[SliceHeader],
+    unreadable: Sequence[tuple[Path, str]],
+    not_slices: set[Path],
+    qc: QC,
+    split_orientation_atol: float,
+    technical_cache: dict[Path, dict | None] | None = None,
+) -> list[SeriesInfo]:
+    """Group headers into series (by UID, split by matrix size and orientation) and describe each, sorted by
+    volume id; unreadable files whose folder holds exactly one series are that series' lost files."""
     groups: dict[str, list[SliceHeader]] = defaultdict(list)
     for h in headers:
-        key = h.series_uid or f"no-uid:{h.path.parent}:{h.series_number}"
-        groups[key].append(h)
+        groups[_group_key(h)].append(h)
     todo: list[tuple[list[SliceHeader], list[Finding], int]] = []
     for _key, members in sorted(groups.items(), key=lambda kv: str(min(h.path for h in kv[1]))):
         parts = split_series(members, split_orientation_atol)
@@ -210,7 +257,6 @@ def scan_tree(
                 )
             todo.append((part, extra, i + 1 if len(parts) > 1 else 0))
 
-    # Unreadable files whose folder holds exactly one series are that series' lost files.
     owners: dict[Path, set[int]] = defaultdict(set)
     for i, (part, _, _) in enumerate(todo):
         for h in part:
@@ -228,9 +274,8 @@ def scan_tree(
                     "fail", f"{len(lost[i])} unreadable file(s) in the series folder dropped: {p.name}: {r}"
                 )
             )
-        series.append(_series_info(part, qc, extra, part_index, tuple(lost[i])))
-    series = _unique_ids(series)
-    return ScanResult(root, tuple(series), skipped, tuple(unreadable), len(files))
+        series.append(_series_info(part, qc, extra, part_index, tuple(lost[i]), technical_cache))
+    return _unique_ids(series)
 
 
 def split_series(headers: Sequence[SliceHeader], orientation_atol: float) -> list[list[SliceHeader]]:
@@ -302,6 +347,7 @@ def _series_info(
     extra: list[Finding],
     part_index: int,
     lost: tuple[tuple[Path, str], ...],
+    technical_cache: dict[Path, dict | None] | None = None,
 ) -> SeriesInfo:
     stack = check_series(headers, qc)
     first = stack.slices[0] if stack.slices else sorted(headers, key=lambda h: str(h.path))[0]
@@ -319,13 +365,15 @@ def _series_info(
         a[:3, 3] = first.ipp
         affine = tuple(tuple(float(v) for v in r) for r in a)
         spacing = (float(stack.slice_spacing), float(first.pixel_spacing[0]), float(first.pixel_spacing[1]))
-    technical = None
-    try:
-        import pydicom
+    cache = technical_cache if technical_cache is not None else {}
+    if first.path not in cache:
+        try:
+            import pydicom
 
-        technical = technical_fields(pydicom.dcmread(first.path, stop_before_pixels=True))
-    except Exception:  # the header was read once already; a second failure only loses the technical fields
-        technical = None
+            cache[first.path] = technical_fields(pydicom.dcmread(first.path, stop_before_pixels=True))
+        except Exception:  # the header was read once already; a second failure only loses these fields
+            cache[first.path] = None
+    technical = cache[first.path]
     return SeriesInfo(
         volume_id=make_volume_id(
             ids["patient_id"], ids["time"], ids["study_folder"], ids["series_folder"], side
