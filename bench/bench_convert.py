@@ -1,12 +1,16 @@
 """Convert benchmark: ``kneeprep convert`` (one worker) vs ``dcm2niix -z y`` and ``-z n`` on the same series.
 
 Inputs: a full-size OAI-like sample (``kneeprep.synth.generate(size="full")``: 160x384x384 DESS series of
-extensionless DICOM files, with masks). Measured in this run, on this machine:
+extensionless DICOM files, with masks), and a second raw tree holding half of its patients (hard links to
+the same files). Measured in this run, on this machine:
 
-* **kneeprep, batch**: ``kneeprep convert RAW OUT --workers 1`` as a child process (scan, cluster start,
-  all DESS series, report), per recipe, ``ROUNDS`` times alternating with dcm2niix; the **fixed cost** of a
-  batch (the same command re-run with every series unchanged, minus its scan) is reported on its own and
-  taken off: per series = (batch wall - fixed) / series; plus the task's own time from the run report.
+* **kneeprep, per series in a batch**: ``kneeprep convert RAW OUT --workers 1`` as a child process on the
+  half tree and on the whole tree (scan, cluster start, every series of the tree, boxes table, report),
+  ``ROUNDS`` times alternating with dcm2niix; per series = (median whole-tree wall - median half-tree wall) /
+  (the series the whole tree has more): what one more series adds to a batch, fixed costs (interpreter,
+  imports, Dask cluster start and stop, report) cancelled. Also reported: the whole-tree wall / its series
+  (every fixed cost included), the task's own time from the run report, and the wall of a re-run that finds
+  everything done (resume).
 * **kneeprep, memory**: each series converted by ``convert_series`` in a fresh child process; peak RSS
   (VmHWM) minus the RSS after imports = what one conversion needs, compared with the raw volume size.
 * **dcm2niix**: one child process per series, ``-z y`` (gzip NIfTI) and ``-z n``; wall time and peak RSS
@@ -19,12 +23,13 @@ normalization to uint16 (measuring percentiles included); both write Blosc-zstd 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-PATIENTS = 2
+PATIENTS = 4  # the whole tree; the half tree has the first PATIENTS // 2
 ROOT = Path(__file__).resolve().parents[1]
 
 _MEMORY_CHILD = r"""
@@ -81,30 +86,43 @@ def _dcm2niix() -> str:
 ROUNDS = 2  # kneeprep batches and dcm2niix passes alternate, this many rounds; medians are reported
 
 
-def _convert_cmd(sample: Path, out: Path, recipe: Path) -> list[str]:
-    """``kneeprep convert`` of the sample with one local worker (masks from the split CSVs)."""
-    return [sys.executable, "-m", "kneeprep", "convert", str(sample / "raw"), str(out), "--recipe", str(recipe),
+def _convert_cmd(raw: Path, sample: Path, out: Path, recipe: Path) -> list[str]:
+    """``kneeprep convert`` of a raw tree with one local worker (masks from the sample's split CSVs)."""
+    return [sys.executable, "-m", "kneeprep", "convert", str(raw), str(out), "--recipe", str(recipe),
             "--annotations", str(sample), "--workers", "1", "--no-progress"]  # fmt: skip
 
 
-def _kneeprep_batch(sample: Path, out: Path, recipe: Path) -> tuple[float, dict]:
+def _kneeprep_batch(raw: Path, sample: Path, out: Path, recipe: Path) -> tuple[float, dict]:
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
-    cmd = _convert_cmd(sample, out, recipe)
+    cmd = _convert_cmd(raw, sample, out, recipe)
     wall, res = _run(cmd, cwd=ROOT)
     if res.returncode != 0:
         raise RuntimeError(f"kneeprep convert failed: {res.stdout.decode()}\n{res.stderr.decode()}")
     return wall, json.loads((out / "report.json").read_text())
 
 
-def _fixed_cost(sample: Path, out: Path, recipe: Path) -> tuple[float, float]:
-    """The same command again on the finished store (every series unchanged): interpreter and imports, Dask
-    cluster start and stop, report. Returns (that wall minus its scan, its scan); the scan is per-series work."""
-    cmd = _convert_cmd(sample, out, recipe)
-    wall, res = _run(cmd, cwd=ROOT)
-    scan = json.loads((out / "report.json").read_text())["context"]["scan_seconds"]
-    return wall - scan, scan
+def _resume(raw: Path, sample: Path, out: Path, recipe: Path) -> float:
+    """Wall of the same command again on the finished store: every series unchanged, nothing converted."""
+    wall, res = _run(_convert_cmd(raw, sample, out, recipe), cwd=ROOT)
+    if res.returncode != 0:
+        raise RuntimeError(f"kneeprep convert (resume) failed: {res.stdout.decode()}\n{res.stderr.decode()}")
+    return wall
+
+
+def _half_tree(sample: Path, dest: Path) -> int:
+    """``dest/raw``: hard links to the sample's raw files, less those under the folders of its second half of
+    patients; returns how many DESS series it holds."""
+    truth = json.loads((sample / "truth.json").read_text())["volumes"]
+    patients = sorted({v["patient_id"] for v in truth.values()})
+    left_out = set(patients[PATIENTS // 2 :])
+    for f in (sample / "raw").rglob("*"):
+        rel = f.relative_to(sample / "raw")
+        if f.is_file() and not left_out.intersection(rel.parts):
+            (dest / "raw" / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.link(f, dest / "raw" / rel)
+    return sum(v["patient_id"] not in left_out for v in truth.values())
 
 
 def _mb(path: Path) -> float:
@@ -125,6 +143,8 @@ def run(workdir: Path) -> str:
     truth = json.loads((sample / "truth.json").read_text())["volumes"]
     vids = sorted(truth)
     n = len(vids)
+    n_half = _half_tree(sample, workdir / "half")
+    trees = {"half": (workdir / "half" / "raw", n_half), "whole": (sample / "raw", n)}
     raw_mb = 2 * 160 * 384 * 384 / 2**20  # uint16 volume
 
     recipes = {"exact values": ROOT / "recipes" / "3dreasonknee.toml"}
@@ -136,9 +156,9 @@ def run(workdir: Path) -> str:
     )
     recipes["percentile"] = pct
 
-    walls = {k: [] for k in recipes}
+    walls = {(k, tree): [] for k in recipes for tree in trees}
     tasks = {k: [] for k in recipes}
-    fixed, scans = [], []
+    resumes = []
     nii = {"y": [], "n": []}  # per-series wall, every series every round
     nii_rss = {"y": [], "n": []}
     nii_mb = {}
@@ -149,20 +169,19 @@ def run(workdir: Path) -> str:
                 o = workdir / f"nii-{flag}" / v
                 subprocess.run(["rm", "-rf", str(o)])
                 o.mkdir(parents=True)
-                wall, rss, code = _run_rss(
-                    [
-                        _dcm2niix(),
-                        "-z",
-                        flag,
-                        "-b",
-                        "y",
-                        "-f",
-                        "%f",
-                        "-o",
-                        str(o),
-                        str(sample / truth[v]["path"]),
-                    ]
-                )
+                cmd = [
+                    _dcm2niix(),
+                    "-z",
+                    flag,
+                    "-b",
+                    "y",
+                    "-f",
+                    "%f",
+                    "-o",
+                    str(o),
+                    str(sample / truth[v]["path"]),
+                ]
+                wall, rss, code = _run_rss(cmd)
                 if code != 0:
                     raise RuntimeError(f"dcm2niix -z {flag} failed on {truth[v]['path']}")
                 nii[flag].append(wall)
@@ -171,35 +190,35 @@ def run(workdir: Path) -> str:
                     sum(f.stat().st_size for f in (workdir / f"nii-{flag}").rglob("*.nii*")) / 2**20 / n
                 )
         for name, recipe in recipes.items():
-            wall, report = _kneeprep_batch(sample, stores[name], recipe)
-            items = [i for i in report["items"] if i["status"] == "written"]
-            if len(items) != n:
-                raise RuntimeError(f"kneeprep [{name}] wrote {len(items)} of {n} series")
-            walls[name].append(wall)
-            tasks[name] += [i["seconds"] for i in items]
-            scanned = len(report["items"])
-            if name == "exact values":
-                f, sc = _fixed_cost(sample, stores[name], recipe)
-                fixed.append(f)
-                scans.append(sc)
+            for tree, (raw, count) in trees.items():
+                wall, report = _kneeprep_batch(raw, sample, stores[name], recipe)
+                items = [i for i in report["items"] if i["status"] == "written"]
+                if len(items) != count:
+                    raise RuntimeError(
+                        f"kneeprep [{name}] wrote {len(items)} of {count} series ({tree} tree)"
+                    )
+                walls[name, tree].append(wall)
+                if tree == "whole":
+                    tasks[name] += [i["seconds"] for i in items]
+                    scanned = len(report["items"])
+                    if name == "exact values":
+                        resumes.append(_resume(raw, sample, stores[name], recipe))
         print(
             f"  round {rnd + 1}: dcm2niix -z y {med(nii['y'][-n:]):.2f} s/series, -z n {med(nii['n'][-n:]):.2f}; "
-            + ", ".join(f"kneeprep [{k}] batch {w[-1]:.1f} s" for k, w in walls.items())
-            + f"; fixed {fixed[-1]:.2f} s",
+            + ", ".join(f"kneeprep [{k}] {tree} tree {w[-1]:.1f} s" for (k, tree), w in walls.items())
+            + f"; resume {resumes[-1]:.2f} s",
             flush=True,
         )
 
     # peak memory of one conversion per series, in a fresh process (what one worker needs), with the
     # environment a local worker of a 1-worker cluster gets (malloc settings, Blosc threads)
-    import os
-
     from kneeprep.parallel import WORKER_MALLOC_ENV, default_workers
 
     worker_env = os.environ | {k: str(v) for k, v in WORKER_MALLOC_ENV.items()}
     worker_env["KNEEPREP_CODEC_THREADS"] = str(default_workers())
     mem = {k: [] for k in recipes}
     for name, recipe in recipes.items():
-        for v in vids:
+        for v in vids[:n_half]:
             out = workdir / "mem.zarr"
             cmd = [sys.executable, "-c", _MEMORY_CHILD, str(sample / truth[v]["path"]), str(out), str(recipe)]
             res = subprocess.run(
@@ -211,44 +230,51 @@ def run(workdir: Path) -> str:
             mem[name].append((d["peak_kib"] - d["base_kib"]) / 1024)
             subprocess.run(["rm", "-rf", str(out)])
 
-    fixed_s = med(fixed)
     zy, zn = med(nii["y"]), med(nii["n"])
+    extra = n - n_half
     lines = [
         "<!-- bench:convert -->",
         "## convert: kneeprep (1 worker) vs dcm2niix, full-size 160×384×384 DESS series",
         "",
-        f"{n} DESS series of a `kneeprep synth --size full` sample ({PATIENTS} patients), {ROUNDS} rounds in one run,",
-        "kneeprep batches and dcm2niix runs alternating; medians over rounds. **Per series (batch)** = (batch wall −",
-        "fixed cost) / series, where the **fixed cost** is the same command re-run on the finished store (every series",
-        f"unchanged: interpreter, imports, Dask cluster start/stop, report) minus its scan; the scan (all {scanned}",
-        "series of the raw tree, DESS or not) stays in the per-series time. The local cluster starts while the tree",
-        "is scanned, so taking the whole scan off the re-run undercounts the fixed cost and overcounts the",
-        "per-series time (the ratios below lean against kneeprep).",
-        "**Task** = the series' own time in the run report (read, hash, transforms, mask, boxes, write).",
+        f"A `kneeprep synth --size full` sample of {PATIENTS} patients ({n} DESS series, {scanned} series in all) and",
+        f"a tree of its first {PATIENTS // 2} patients ({n_half} DESS series; hard links to the same files); {ROUNDS}",
+        "rounds in one run, kneeprep batches and dcm2niix runs alternating; medians over rounds. kneeprep is one",
+        "`kneeprep convert --workers 1` process per batch (scan, local Dask cluster of one worker, every series,",
+        "boxes table, report). **Per series (batch)** = (whole-tree wall − half-tree wall) / "
+        f"{extra}: what one more",
+        "series adds to a batch (its share of the scan included; interpreter, imports, cluster start/stop and",
+        "report cancel). **Whole batch / series** = whole-tree wall / its series, every fixed cost included.",
+        "**Task** = the series' own time in the run report (read, hash, transforms, mask, boxes, write). The scan",
+        "hands each series to the worker as soon as its folder is read, so scan and conversion overlap; the",
+        "driver process scans on the second core while the worker converts (with 2 Blosc threads).",
         "kneeprep includes normalization, Zarr compression, the mask and boxes; dcm2niix writes the image (and a",
-        "BIDS sidecar) only. Memory: one conversion in a fresh process with a local worker's environment (malloc",
-        "settings, Blosc threads), peak RSS (VmHWM) above the post-import baseline; dcm2niix: its whole peak RSS.",
+        "BIDS sidecar) only, one process per series. Memory: one conversion in a fresh process with a local",
+        "worker's environment (malloc settings, Blosc threads), peak RSS (VmHWM) above the post-import baseline;",
+        "dcm2niix: its whole peak RSS.",
         "",
-        "| | per series s (batch) | task s (median) | ratio vs -z y | ratio vs -z n | peak MB above baseline (× raw) | stored MB / series |",
-        "|---|---|---|---|---|---|---|",
+        "| | per series s (batch) | whole batch / series s | task s (median) | per series vs -z y | per series vs -z n | peak MB above baseline (× raw) | stored MB / series |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in recipes:
-        per = (med(walls[name]) - fixed_s) / n
+        whole, half = med(walls[name, "whole"]), med(walls[name, "half"])
+        per = (whole - half) / extra
         size = med([_mb(stores[name] / v) for v in vids])
         img = med([_mb(stores[name] / v / "image") for v in vids])
         peak = max(mem[name])
         lines.append(
-            f"| kneeprep, {name} | {per:.2f} | {med(tasks[name]):.2f} | {per / zy:.2f}× | {per / zn:.2f}× | "
-            f"{peak:.0f} ({peak / raw_mb:.1f}×) | {size:.1f} (image {img:.1f}) |"
+            f"| kneeprep, {name} | {per:.2f} | {whole / n:.2f} | {med(tasks[name]):.2f} | {per / zy:.2f}× | "
+            f"{per / zn:.2f}× | {peak:.0f} ({peak / raw_mb:.1f}×) | {size:.1f} (image {img:.1f}) |"
         )
     lines += [
-        f"| dcm2niix -z y | {zy:.2f} | | 1.00× | {zy / zn:.2f}× | {max(nii_rss['y']):.0f} (whole process) | {nii_mb['y']:.1f} |",
-        f"| dcm2niix -z n | {zn:.2f} | | {zn / zy:.2f}× | 1.00× | {max(nii_rss['n']):.0f} (whole process) | {nii_mb['n']:.1f} |",
+        f"| dcm2niix -z y | {zy:.2f} | {zy:.2f} | | 1.00× | {zy / zn:.2f}× | {max(nii_rss['y']):.0f} (whole process) | {nii_mb['y']:.1f} |",
+        f"| dcm2niix -z n | {zn:.2f} | {zn:.2f} | | {zn / zy:.2f}× | 1.00× | {max(nii_rss['n']):.0f} (whole process) | {nii_mb['n']:.1f} |",
         "",
-        f"Fixed cost per batch (not per series): {fixed_s:.2f} s (median; scan of the tree {med(scans):.2f} s on top,",
-        "counted per series above). Batch walls: "
-        + ", ".join(f"[{k}] {', '.join(f'{w:.1f}' for w in ws)} s" for k, ws in walls.items())
-        + f". Raw volume {raw_mb:.0f} MB. Goals: per series ≤ 1.0× dcm2niix -z y (stretch ≤ 1.5× -z n);",
-        "peak ≤ 4× raw above baseline per worker.",
+        "Batch walls (s): "
+        + "; ".join(
+            f"[{k}] {tree} tree {', '.join(f'{w:.2f}' for w in ws)}" for (k, tree), ws in walls.items()
+        )
+        + f". Re-run of the whole tree with everything done (resume): {med(resumes):.2f} s.",
+        f"Raw volume {raw_mb:.0f} MB. Goals: per series ≤ 1.0× dcm2niix -z y (stretch ≤ 1.5× -z n); peak ≤ 4× raw",
+        "above baseline per worker.",
     ]
     return "\n".join(lines)
