@@ -83,7 +83,7 @@ def _dcm2niix() -> str:
     return str(exe) if exe.exists() else "dcm2niix"
 
 
-ROUNDS = 2  # kneeprep batches and dcm2niix passes alternate, this many rounds; medians are reported
+ROUNDS = 3  # kneeprep batches and dcm2niix passes alternate, this many rounds; medians are reported
 
 
 def _convert_cmd(raw: Path, sample: Path, out: Path, recipe: Path) -> list[str]:
@@ -103,12 +103,13 @@ def _kneeprep_batch(raw: Path, sample: Path, out: Path, recipe: Path) -> tuple[f
     return wall, json.loads((out / "report.json").read_text())
 
 
-def _resume(raw: Path, sample: Path, out: Path, recipe: Path) -> float:
-    """Wall of the same command again on the finished store: every series unchanged, nothing converted."""
+def _resume(raw: Path, sample: Path, out: Path, recipe: Path) -> tuple[float, float]:
+    """(wall, scan seconds) of the same command again on the finished store: every series unchanged, nothing
+    converted."""
     wall, res = _run(_convert_cmd(raw, sample, out, recipe), cwd=ROOT)
     if res.returncode != 0:
         raise RuntimeError(f"kneeprep convert (resume) failed: {res.stdout.decode()}\n{res.stderr.decode()}")
-    return wall
+    return wall, json.loads((out / "report.json").read_text())["context"]["scan_seconds"]
 
 
 def _half_tree(sample: Path, dest: Path) -> int:
@@ -163,6 +164,8 @@ def run(workdir: Path) -> str:
     nii_rss = {"y": [], "n": []}
     nii_mb = {}
     stores = {name: workdir / f"out-{i}.zarr" for i, name in enumerate(recipes)}
+    # one untimed batch first: the first run of a fresh sample pays for cold caches (byte code, page cache)
+    _kneeprep_batch(trees["half"][0], sample, stores["exact values"], recipes["exact values"])
     for rnd in range(ROUNDS):
         for flag in ("y", "n"):
             for v in vids:
@@ -206,7 +209,7 @@ def run(workdir: Path) -> str:
         print(
             f"  round {rnd + 1}: dcm2niix -z y {med(nii['y'][-n:]):.2f} s/series, -z n {med(nii['n'][-n:]):.2f}; "
             + ", ".join(f"kneeprep [{k}] {tree} tree {w[-1]:.1f} s" for (k, tree), w in walls.items())
-            + f"; resume {resumes[-1]:.2f} s",
+            + f"; resume {resumes[-1][0]:.2f} s",
             flush=True,
         )
 
@@ -231,6 +234,8 @@ def run(workdir: Path) -> str:
             subprocess.run(["rm", "-rf", str(out)])
 
     zy, zn = med(nii["y"]), med(nii["n"])
+    fixed = med(wall - scan for wall, scan in resumes)
+    old_per = (med(walls["exact values", "whole"]) - fixed) / n
     extra = n - n_half
     lines = [
         "<!-- bench:convert -->",
@@ -273,7 +278,9 @@ def run(workdir: Path) -> str:
         + "; ".join(
             f"[{k}] {tree} tree {', '.join(f'{w:.2f}' for w in ws)}" for (k, tree), ws in walls.items()
         )
-        + f". Re-run of the whole tree with everything done (resume): {med(resumes):.2f} s.",
+        + f". Re-run of the whole tree with everything done (resume): {med(r[0] for r in resumes):.2f} s.",
+        "The definition used before the scan overlapped conversion -- (whole-tree wall − (resume wall − its scan))"
+        f" / series -- gives {old_per:.2f} s ({old_per / zy:.2f}× -z y) for exact values.",
         f"Raw volume {raw_mb:.0f} MB. Goals: per series ≤ 1.0× dcm2niix -z y (stretch ≤ 1.5× -z n); peak ≤ 4× raw",
         "above baseline per worker.",
     ]

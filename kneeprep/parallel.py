@@ -32,6 +32,8 @@ from typing import Any
 
 import click
 
+log = logging.getLogger(__name__)
+
 
 class SerialExecutor:
     """Runs tasks in this process, one after another, in submission order (``workers=0``)."""
@@ -182,7 +184,10 @@ class TaskStream:
 
         asked, n = self._limit
         if time.monotonic() - asked > self.LIMIT_REFRESH_S:
-            n = max(1, sum(self._ex.client.nthreads().values()))
+            try:
+                n = max(1, sum(self._ex.client.nthreads().values()))
+            except (OSError, TimeoutError) as e:  # the scheduler did not answer: keep the last count
+                log.debug("asking the scheduler for its worker threads failed: %s", e)
             self._limit = (time.monotonic(), n)
         return n
 
