@@ -12,12 +12,12 @@ few hundred bytes.
 
 **Lost workers.** A worker process that dies (OOM killer, SIGKILL, a crash in native code) takes its running
 task with it; the scheduler re-runs that task elsewhere and gives up on it after ``allowed-failures`` deaths
-(``KilledWorker``). :meth:`DaskExecutor.map_unordered` then resubmits the item once on its own (it may only
-have been a bystander on the dying worker) and, if it is lost again or fails in another way, yields
-``on_error(item, exception)`` -- a failure record -- instead of raising: one poisonous series never aborts a
-run, and the run always ends. The local cluster uses ``allowed-failures = 1`` and ``worker-saturation = 1.0``
-(a worker holds one task at a time, so a dying worker takes no innocent queued task with it); on an existing
-cluster these are the scheduler's settings.
+(``KilledWorker``). A :class:`TaskStream` (behind :meth:`DaskExecutor.map_unordered`) then resubmits the item
+once on its own and, if it is lost again or fails in another way, yields ``on_error(item, exception)`` -- a
+failure record -- instead of raising: one poisonous series never aborts a run, and the run always ends. A
+stream keeps at most one task per worker thread on the cluster (the rest wait in the driver), so a worker holds
+one task at a time and a dying worker takes no innocent queued task with it, on any cluster. The local cluster
+uses ``allowed-failures = 1``; on an existing cluster that is the scheduler's setting.
 """
 
 from __future__ import annotations
@@ -387,9 +387,9 @@ def progress_callback(
         nonlocal bar
         if bar is None:
             bar = click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True)
-            bar.__enter__()
             if unit:
                 bar.format_progress_line = _with_unit(bar.format_progress_line, unit)
+            bar.__enter__()
         bar.update(done - bar.pos)
 
     try:

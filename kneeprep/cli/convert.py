@@ -31,16 +31,17 @@ from . import dask_options
     "of the recipe's masks.pattern.",
 )
 @dask_options
-@click.option("--progress/--no-progress", default=True, help="Show a progress bar on stderr.")
+@click.option("--progress/--no-progress", default=True, help="Show progress bars on stderr.")
 @click.pass_context
 def convert(ctx, raw, out, recipe_file, annotations, masks, workers, scheduler, progress):
     """Convert the DICOM series under RAW selected by the recipe into the volume store OUT (a .zarr folder).
 
     \b
-    One task per series; a series that fails is recorded and the others go on. A re-run skips volumes
+    One task per series, started as soon as the scan has read its folder (the scan of the rest of the
+    tree goes on meanwhile); a series that fails is recorded and the others go on. A re-run skips volumes
     whose inputs and convert settings are unchanged and redoes the others; an interrupted run leaves no
-    half-written volume visible. The run report is written to OUT/report.json and summarized here.
-    Exit code 1 if any series failed.
+    half-written volume visible. Progress bars show the scan (files) and the conversions (series). The run
+    report is written to OUT/report.json and summarized here. Exit code 1 if any series failed.
     """
     from ..pipeline import run_convert
     from ..recipe import load_recipe

@@ -191,7 +191,9 @@ def _parse_fast(buf: bytes, size: int) -> tuple[str, dict[int, bytes], int | Non
     if 0x00020002 in meta:
         values[0x00020002] = meta[0x00020002]
     while pos < size:
-        tag, start, length, vr = _next_element(buf, pos, explicit)  # past the bytes read: the caller reads more
+        tag, start, length, vr = _next_element(
+            buf, pos, explicit
+        )  # past the bytes read: the caller reads more
         if tag == PIXEL_DATA:
             return ts, values, start, length
         if tag >> 16 == 0x0019 and tag & 0xFFFF == 0x100A or tag >> 16 in (0xFFFE, 0x7FE0) or tag >> 16 == 0:
