@@ -301,16 +301,16 @@ def mask_finder(recipe: Recipe, annotations=None, masks=None):
     here): tried relative to the annotations directory, then to ``masks``, then its base name in ``masks``."""
     if recipe.masks.pattern:
         base = Path(masks or annotations or ".")
+        example = {"volume_id": "9000000_00M_20040101_10000000_1", "patient_id": "9000000", "time": "00M",
+                   "study_folder": "20040101", "series_folder": "10000000", "knee_side": 1}  # fmt: skip
+        names = tuple(example)
+        try:  # a bad placeholder is a recipe error, found before any series is read
+            recipe.masks.pattern.format(**example)
+        except (KeyError, IndexError, ValueError) as e:
+            raise RecipeError(f"masks.pattern {recipe.masks.pattern!r}: bad placeholder {e}") from None
 
         def by_pattern(info) -> Path | None:
-            fields = {
-                "volume_id": info.volume_id, "patient_id": info.patient_id, "time": info.time,
-                "study_folder": info.study_folder, "series_folder": info.series_folder, "knee_side": info.knee_side,
-            }  # fmt: skip
-            try:
-                p = base / recipe.masks.pattern.format(**fields)
-            except (KeyError, IndexError, ValueError) as e:
-                raise RecipeError(f"masks.pattern {recipe.masks.pattern!r}: bad placeholder {e}") from None
+            p = base / recipe.masks.pattern.format(**{name: getattr(info, name) for name in names})
             return p if p.is_file() else None
 
         return by_pattern

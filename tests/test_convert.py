@@ -332,6 +332,18 @@ def test_mask_failures_are_per_series(tree, tmp_path):
     assert store.list_volumes(tmp_path / "v.zarr") == [ok]
 
 
+def test_a_bad_mask_pattern_is_a_recipe_error_before_any_work(tree, tmp_path):
+    from kneeprep.errors import RecipeError
+
+    tree.add("9000001", "RIGHT")
+    recipe = parse_recipe({"masks": {"pattern": "masks/{volume_id}_{nope}.nii.gz"}})
+    with pytest.raises(RecipeError, match=r"masks.pattern .*nope"):
+        run_convert(tree.raw, tmp_path / "v.zarr", recipe, workers=0, progress=False)
+    assert not (tmp_path / "v.zarr").exists()  # refused before the store was made
+    ok = parse_recipe({"masks": {"pattern": "masks/{patient_id}/{knee_side:d}.nii.gz"}})  # format specs work
+    assert run_convert(tree.raw, tmp_path / "w.zarr", ok, workers=0, progress=False).counts["written"] == 1
+
+
 def test_a_series_changed_after_the_scan_fails_alone(tree, tmp_path):
     vid = tree.add("9000001", "RIGHT")
     (info,) = scan_tree(tree.raw).series

@@ -125,12 +125,16 @@ class _Unusual(Exception):
     """Something the fast path leaves to pydicom."""
 
 
+class _Short(_Unusual):
+    """The header runs past the bytes read so far: read more and parse again."""
+
+
 def _next_element(buf: bytes, pos: int, explicit: bool) -> tuple[int, int, int, bytes]:
     """(tag, value offset, value length, VR) of the element at ``pos``."""
     import struct
 
     if pos + 8 > len(buf):
-        raise _Unusual
+        raise _Short
     group, elem = struct.unpack_from("<HH", buf, pos)
     tag = group << 16 | elem
     if group == 0xFFFE:  # item and delimiters: no VR
@@ -140,7 +144,7 @@ def _next_element(buf: bytes, pos: int, explicit: bool) -> tuple[int, int, int, 
     vr = buf[pos + 4 : pos + 6]
     if vr in _LONG_VRS:
         if pos + 12 > len(buf):
-            raise _Unusual
+            raise _Short
         return tag, pos + 12, struct.unpack_from("<I", buf, pos + 8)[0], vr
     if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
         raise _Unusual
@@ -181,6 +185,8 @@ def _parse_fast(buf: bytes, size: int) -> tuple[str, dict[int, bytes], int | Non
         tag, start, length, _ = _next_element(buf, pos, True)
         if length == _UNDEFINED:
             raise _Unusual
+        if start + length > len(buf):
+            raise _Short
         meta[tag] = buf[start : start + length]
         pos = start + length
     ts = meta.get(0x00020010, b"").rstrip(b"\0 ").decode("ascii", "replace")
@@ -191,9 +197,7 @@ def _parse_fast(buf: bytes, size: int) -> tuple[str, dict[int, bytes], int | Non
     if 0x00020002 in meta:
         values[0x00020002] = meta[0x00020002]
     while pos < size:
-        tag, start, length, vr = _next_element(
-            buf, pos, explicit
-        )  # past the bytes read: the caller reads more
+        tag, start, length, vr = _next_element(buf, pos, explicit)
         if tag == PIXEL_DATA:
             return ts, values, start, length
         if tag >> 16 == 0x0019 and tag & 0xFFFF == 0x100A or tag >> 16 in (0xFFFE, 0x7FE0) or tag >> 16 == 0:
@@ -205,7 +209,7 @@ def _parse_fast(buf: bytes, size: int) -> tuple[str, dict[int, bytes], int | Non
             continue
         if tag in _WANTED:
             if start + length > len(buf):
-                raise _Unusual
+                raise _Short
             values[tag] = buf[start : start + length]
         pos = start + length
     if pos != size:
@@ -224,7 +228,7 @@ def _fast_header(p: Path, size: int) -> SliceHeader | None:
                 try:
                     ts, v, tell, length = _parse_fast(buf, size)
                     break
-                except _Unusual:
+                except _Short:
                     if len(buf) >= min(size, 1 << 22):
                         return None
                     buf += fh.read(len(buf))  # a larger header (CSA, sequences): read on, up to 4 MiB
