@@ -42,6 +42,8 @@ class RebuildReport:
     recipe_name: str
     recipe_hash: str
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: wall seconds per stage; ``scan`` is the scan's wall and ``convert`` the rest of that stage (series
+    #: start converting while the scan runs, so conversions are not all inside ``convert``)
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -117,7 +119,7 @@ def rebuild(
     )  # fmt: skip
     cj = conv.to_json()
     rep.seconds["scan"] = cj["context"].get("scan_seconds", 0.0)
-    rep.seconds["convert"] = time.perf_counter() - t - rep.seconds["scan"]
+    rep.seconds["convert"] = time.perf_counter() - t - rep.seconds["scan"]  # after the scan ended
     rep.stages["convert"] = {k: cj[k] for k in ("counts", "by_kind", "item_seconds")} | {
         "failed": [[r.item, r.kind, r.message] for r in conv.failed],
         "report": str(store / "report.json"),

@@ -86,7 +86,11 @@ def rebuild(recipe_file, raw, annotations, masks, out, workers, scheduler, no_pr
     q = sh.get("quintuples", {})
     click.echo("  quintuples  " + ", ".join(f"{s} {n}" for s, n in q.items()) + f" (total {sum(q.values())})")
     click.echo(f"  shards      {sh.get('shards', 0)} files, {sh.get('bytes', 0) / 2**20:.1f} MiB")
-    click.echo("  seconds     " + ", ".join(f"{k} {v:.1f}" for k, v in rep.seconds.items()))
+    click.echo(
+        "  seconds     "
+        + ", ".join(f"{k} {v:.1f}" + (" more" if k == "convert" else "") for k, v in rep.seconds.items())
+        + "  (series convert while the scan runs)"
+    )
     if rep.did_nothing:
         click.echo("  nothing to do: every output was up to date")
     click.echo(f"  report      {out}/{REPORT}")
