@@ -300,19 +300,7 @@ def _header_from_values(p: Path, size: int, ts: str, v: dict[int, bytes], tell, 
     n_frames = max(1, int(integer(0x00280008) or 1))
     spp = max(1, us(0x00280002, 1))
     bits_allocated = us(0x00280100, 0)
-    problem = ""
-    if tell is not None and length != _UNDEFINED:
-        expected = rows * cols * spp * n_frames * bits_allocated // 8
-        if tell + length > size:
-            problem = (
-                f"truncated: PixelData declares {length} bytes from offset {tell} but the file ends at "
-                f"{size} ({tell + length - size} bytes missing)"
-            )
-        elif length < expected:
-            problem = (
-                f"short pixel data: {length} bytes, Rows x Columns x SamplesPerPixel x NumberOfFrames x "
-                f"BitsAllocated/8 = {rows}x{cols}x{spp}x{n_frames}x{bits_allocated}/8 = {expected}"
-            )
+    problem = _pixel_problem(tell, length, size, rows, cols, spp, n_frames, bits_allocated)
     raw_type = v.get(0x00080008, b"").decode(codec).rstrip(" \0")
     image_type = tuple(x.upper() for x in raw_type.split("\\")) if raw_type else ()
     mosaic = 2 if "MOSAIC" in image_type else 0
@@ -351,11 +339,6 @@ def _header_from_values(p: Path, size: int, ts: str, v: dict[int, bytes], tell, 
         has_pixels=tell is not None,
         pixel_problem=problem,
     )
-
-
-def read_header_pydicom(path: str | Path) -> SliceHeader:
-    """:func:`read_header` by pydicom alone (the reference the fast path is tested against)."""
-    return read_header(path, fast=False)
 
 
 def read_header(path: str | Path, *, fast: bool = True) -> SliceHeader:
@@ -398,6 +381,25 @@ def read_header(path: str | Path, *, fast: bool = True) -> SliceHeader:
         raise DicomError(f"{p}: bad header value: {type(e).__name__}: {e}") from None
 
 
+def _pixel_problem(tell, length, size, rows, cols, spp, n_frames, bits_allocated) -> str:
+    """Why native PixelData whose value starts at ``tell`` and claims ``length`` bytes cannot be complete, or
+    ``""``: it runs past the end of the file, or it is shorter than the image it must hold."""
+    if length is None or length == _UNDEFINED:
+        return ""
+    if tell is not None and tell + length > size:
+        return (
+            f"truncated: PixelData declares {length} bytes from offset {tell} but the file ends at "
+            f"{size} ({tell + length - size} bytes missing)"
+        )
+    expected = rows * cols * spp * n_frames * bits_allocated // 8
+    if length < expected:
+        return (
+            f"short pixel data: {length} bytes, Rows x Columns x SamplesPerPixel x NumberOfFrames x "
+            f"BitsAllocated/8 = {rows}x{cols}x{spp}x{n_frames}x{bits_allocated}/8 = {expected}"
+        )
+    return ""
+
+
 def _slice_header(p: Path, ds, size: int) -> SliceHeader:
     meta = getattr(ds, "file_meta", None)
     ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
@@ -413,20 +415,10 @@ def _slice_header(p: Path, ds, size: int) -> SliceHeader:
     has_pixels = raw is not None
     problem = ""
     if has_pixels and ts in NATIVE_SYNTAXES and ts != "1.2.840.10008.1.2.1.99":
-        length = getattr(raw, "length", None)
-        tell = getattr(raw, "value_tell", None)
-        expected = rows * cols * spp * n_frames * bits_allocated // 8
-        if length is not None and length != 0xFFFFFFFF:
-            if tell is not None and tell + length > size:
-                problem = (
-                    f"truncated: PixelData declares {length} bytes from offset {tell} but the file ends at "
-                    f"{size} ({tell + length - size} bytes missing)"
-                )
-            elif length < expected:
-                problem = (
-                    f"short pixel data: {length} bytes, Rows x Columns x SamplesPerPixel x NumberOfFrames x "
-                    f"BitsAllocated/8 = {rows}x{cols}x{spp}x{n_frames}x{bits_allocated}/8 = {expected}"
-                )
+        problem = _pixel_problem(
+            getattr(raw, "value_tell", None), getattr(raw, "length", None), size, rows, cols, spp, n_frames,
+            bits_allocated,
+        )  # fmt: skip
     mosaic = _int(ds.get((0x0019, 0x100A)).value if (0x0019, 0x100A) in ds else 0)
     image_type = ds.get("ImageType") or ()
     if isinstance(image_type, str):  # one value: pydicom gives a str, not a list of one
