@@ -73,6 +73,9 @@ class _SerialStream:
     def cancel(self) -> None:
         self._queue.clear()
 
+    def drain(self) -> list:
+        return []  # a task's result is yielded as soon as it is computed
+
     def results(self) -> Iterator[Any]:
         while self._queue:
             item = self._queue.popleft()
@@ -204,7 +207,8 @@ class TaskStream:
     def _finished(self, future) -> None:  # runs in distributed's callback thread
         with self._lock:
             entry = self._live.pop(future.key, None)
-        if entry is None:  # cancelled by us
+        if entry is None or self._closed:  # cancelled by us, or the caller has stopped listening
+            future.release()
             return
         i = entry[1]
         try:
@@ -254,6 +258,19 @@ class TaskStream:
                 yield self._on_error(self._items[i], value)
         finally:
             self.cancel()
+
+    def drain(self) -> list:
+        """The results of tasks that finished but were not yielded yet (after an interrupt), without waiting."""
+        import queue
+
+        out = []
+        while True:
+            try:
+                _i, status, value = self._done.get_nowait()
+            except queue.Empty:
+                return out
+            if status == "finished":
+                out.append(value)
 
     def cancel(self) -> None:
         """Drop the tasks not yet started and stop those running (nothing is left on the cluster)."""

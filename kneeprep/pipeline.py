@@ -440,6 +440,10 @@ def run_convert(
         held_back = _previously_revised(store)
         provisional: dict[str, ConvertTask] = {}  # volume id -> the task made from its provisional series
         early: set[str] = set()  # ... of those, the ones submitted before the scan finished
+        revised: dict[str, str] = {}  # provisional series the finished scan contradicts -> their fingerprint
+        after_early: dict[
+            str, ConvertTask | None
+        ] = {}  # volume id -> its redo after the early task (None: delete)
 
         def start_early(info) -> None:
             task = plan(info)
@@ -458,10 +462,9 @@ def run_convert(
             report.context["converted_early"] = len(early)
             # the finished scan decides; early tasks of series that changed since are followed by a redo
             final = {info.volume_id: info for info in scan.series}
-            revised = {v: t.fingerprint for v, t in provisional.items() if final.get(v) != t.info}
+            revised.update((v, t.fingerprint) for v, t in provisional.items() if final.get(v) != t.info)
             if revised:
                 report.context["revised"] = dict(sorted(revised.items()))
-            after_early: dict[str, ConvertTask | None] = {}  # volume id -> its redo (None: delete it)
             n_tasks = len(early)
             for vid, info in final.items():
                 if vid in early and vid not in revised:
@@ -497,6 +500,11 @@ def run_convert(
                 report.add(r)
         except KeyboardInterrupt:
             report.context["interrupted"] = True
+            # series finished before the interrupt whose results were not yet taken: they are in the store
+            reported_ids = {r.item for r in report.items}
+            for r in stream.drain():
+                if r.item not in reported_ids and r.item not in after_early and r.item not in revised:
+                    report.add(r)
             report.finish().write(store / vstore.REPORT_FILE)
             raise
         finally:

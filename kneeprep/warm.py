@@ -3,10 +3,16 @@
 A worker's first task would otherwise pay for importing zarr, pydicom, SimpleITK and kneeprep's own modules
 (about 0.3-0.5 s, measured); the local cluster starts while the main process scans the raw tree
 (:func:`kneeprep.parallel.executor`), so this cost overlaps the scan instead of delaying the first series.
-Nothing here has side effects beyond imports.
+Besides imports, one thing: the worker ignores SIGINT. Ctrl-C in a terminal reaches the whole process group;
+the main process handles it (reports, cancels, closes the cluster, which stops its workers), so a worker
+printing its own ``KeyboardInterrupt`` traceback would only bury the message that matters.
 """
 
 from __future__ import annotations
+
+import contextlib
+import signal
+import threading
 
 import numcodecs.blosc  # noqa: F401
 import pydicom.filereader  # noqa: F401
@@ -17,3 +23,7 @@ from . import boxes, dicom, masks, pipeline, store, transforms  # noqa: F401
 
 # SimpleITK loads its compiled module on first attribute use
 sitk.Image  # noqa: B018
+
+if threading.current_thread() is threading.main_thread():
+    with contextlib.suppress(ValueError, OSError):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)

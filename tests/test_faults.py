@@ -6,6 +6,8 @@
   describe.
 * A worker process that dies (``os._exit``) on one series: that series is reported ``failed``/``worker_lost``,
   the others are converted, the run ends (bounded by a timeout).
+* Ctrl-C (SIGINT to the process group) while Dask workers convert series submitted during the scan: exit code
+  130, an ``interrupted`` report, only complete volumes listed, no process left, and a re-run finishes the rest.
 * ENOSPC inside the Zarr store writer and EFBIG (a real ``RLIMIT_FSIZE``) inside the Parquet writer: a
   ``StoreError`` naming the path, and no volume, shard or ``.partial`` left behind.
 
@@ -280,6 +282,75 @@ def test_a_worker_dying_on_one_series_reports_it_and_the_run_ends(small_sample, 
     for vid in others:
         assert_same_volume(out, clean_store, vid)
     assert seconds < DEADLINE
+
+
+_SLOW_HOOK = """
+import time
+import kneeprep.pipeline as p
+if not getattr(p, "_slow_hook", False):  # dask may run a preload file more than once
+    p._slow_hook = True
+    _convert_series = p.convert_series
+    def convert_series(*a, **k):
+        time.sleep(0.4)  # a worker slow enough for the interrupt to land mid-run
+        return _convert_series(*a, **k)
+    p.convert_series = convert_series
+"""
+
+
+def _live_in_group(pgid: int) -> list[int]:
+    """Processes of a process group that still run (zombies waiting to be reaped do not count)."""
+    live = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            live.append(int(stat.parent.name))
+    return live
+
+
+def test_ctrl_c_with_dask_workers_stops_everything_and_a_rerun_finishes(small_sample, clean_store, tmp_path):
+    # Ctrl-C in a terminal: SIGINT to the whole process group (driver, nanny, worker), while series that were
+    # submitted during the scan are converting
+    hook = tmp_path / "slow_hook.py"
+    hook.write_text(_SLOW_HOOK)
+    out = tmp_path / "volumes.zarr"
+    env = os.environ | {"DASK_DISTRIBUTED__WORKER__PRELOAD": json.dumps([str(hook)])}
+    args = ["convert", str(small_sample / "raw"), str(out), "--recipe", str(RECIPE), "--annotations",
+            str(small_sample), "--masks", str(small_sample), "--workers", "1", "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "kneeprep", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        t0 = time.monotonic()
+        while proc.poll() is None and time.monotonic() - t0 < DEADLINE:
+            if (out / "zarr.json").is_file() and store.list_volumes(out):
+                os.killpg(proc.pid, signal.SIGINT)
+                break
+            time.sleep(0.01)
+        output = proc.communicate(timeout=DEADLINE)[0].decode()
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 130, output[-3000:]
+    assert "Traceback" not in output and "Aborted" in output, output[-3000:]  # one message, from the driver
+    t0 = time.monotonic()
+    while _live_in_group(proc.pid) and time.monotonic() - t0 < 10:
+        time.sleep(0.1)
+    assert _live_in_group(proc.pid) == []  # no worker outlives the run
+    rep = json.loads((out / store.REPORT_FILE).read_text())
+    assert rep["context"]["interrupted"] is True and rep["context"]["converted_early"] >= 1
+    listed = store.list_volumes(out)
+    assert 1 <= len(listed) < len(store.list_volumes(clean_store)), listed
+    assert {i["item"] for i in rep["items"] if i["status"] == "written"} <= set(listed)
+    for vid in listed:  # what is listed is complete
+        assert_same_volume(out, clean_store, vid)
+    rerun = _convert(small_sample, out)
+    assert rerun.counts["failed"] == 0 and {r.item for r in rerun.items if r.status == "written"} == set(
+        store.list_volumes(clean_store)
+    ) - set(listed)
+    assert store_files(out) == store_files(clean_store)
 
 
 # ----------------------------------------------------------------------------------------------------------
