@@ -438,20 +438,19 @@ def run_convert(
         report.context["cleaned_work_area"] = vstore.clean_work_area(store)
         stream = ex.stream(_run_task, on_error=_task_lost, recipe=recipe, store_path=str(store))
         held_back = _previously_revised(store)
-        provisional: dict[str, ConvertTask] = {}  # volume id -> the task made from its provisional series
-        early: set[str] = set()  # ... of those, the ones submitted before the scan finished
-        revised: dict[str, str] = {}  # provisional series the finished scan contradicts -> their fingerprint
-        after_early: dict[
-            str, ConvertTask | None
-        ] = {}  # volume id -> its redo after the early task (None: delete)
+        # what the scan handed out early: volume id -> (provisional series, the plan made for it)
+        provisional: dict[str, tuple[object, ConvertTask | ItemResult]] = {}
+        early: set[str] = set()  # the ids submitted before the scan finished
+        revised: dict[str, str] = {}  # planned tasks the finished scan contradicts -> their input fingerprint
+        # volume id -> its redo, once the early task has returned (None: delete what that task wrote)
+        after_early: dict[str, ConvertTask | None] = {}
 
         def start_early(info) -> None:
-            task = plan(info)
-            if isinstance(task, ConvertTask):
-                provisional[info.volume_id] = task
-                if held_back.get(info.volume_id) != task.fingerprint:
-                    stream.submit(task)
-                    early.add(info.volume_id)
+            decision = plan(info)
+            provisional[info.volume_id] = (info, decision)
+            if isinstance(decision, ConvertTask) and held_back.get(info.volume_id) != decision.fingerprint:
+                stream.submit(decision)
+                early.add(info.volume_id)
 
         try:
             t = time.perf_counter()
@@ -462,14 +461,20 @@ def run_convert(
             report.context["converted_early"] = len(early)
             # the finished scan decides; early tasks of series that changed since are followed by a redo
             final = {info.volume_id: info for info in scan.series}
-            revised.update((v, t.fingerprint) for v, t in provisional.items() if final.get(v) != t.info)
+            revised.update(
+                (v, d.fingerprint)
+                for v, (i, d) in provisional.items()
+                if isinstance(d, ConvertTask) and final.get(v) != i
+            )
             if revised:
                 report.context["revised"] = dict(sorted(revised.items()))
             n_tasks = len(early)
             for vid, info in final.items():
                 if vid in early and vid not in revised:
                     continue  # submitted early, and right
-                decision = plan(info, redo=vid in early)
+                seen, decision = provisional.get(vid, (None, None))
+                if seen != info or vid in early:  # not planned while scanning, or planned for another series
+                    decision = plan(info, redo=vid in early)
                 if vid in early:
                     after_early[vid] = decision if isinstance(decision, ConvertTask) else None
                 if isinstance(decision, ConvertTask):

@@ -184,6 +184,23 @@ def test_scan_hands_out_each_series_when_its_folder_is_read(tree):
     assert {s.volume_id: s for s in early} == {s.volume_id: s for s in final.series}  # equal, field by field
 
 
+def test_a_rerun_with_dask_plans_each_series_once(tree, tmp_path, monkeypatch):
+    # the series handed out during the scan are planned (stat of every file, stored attrs) then, not again
+    import kneeprep.pipeline as pipeline
+
+    ids = [tree.add("9000001", "RIGHT"), tree.add("9000002", "LEFT")]
+    out = tmp_path / "v.zarr"
+    assert run_convert(tree.raw, out, parse_recipe({}), workers=1, progress=False).counts["written"] == 2
+    calls = []
+    fingerprint = pipeline.input_fingerprint
+    monkeypatch.setattr(
+        pipeline, "input_fingerprint", lambda info, m: calls.append(info.volume_id) or fingerprint(info, m)
+    )
+    again = run_convert(tree.raw, out, parse_recipe({}), workers=1, progress=False)
+    assert again.counts == {"written": 0, "skipped": 2, "failed": 0}
+    assert sorted(calls) == sorted(ids)
+
+
 def _split_uid_across_folders(tree, which: str) -> None:
     """Move some files of one series into a sibling folder that is scanned after it (same UID)."""
     vid = tree.add("9000001", "RIGHT")
