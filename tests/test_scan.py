@@ -234,6 +234,9 @@ def test_cli_scan_prints_table_and_writes_parquet(tmp_path):
     assert len(t) == 1 and t[0]["volume_id"] == VID and t[0]["qc_status"] == "fail"
     assert t[0]["qc_reasons"].startswith("missing slices") and " | too few slices" in t[0]["qc_reasons"]
     assert t[0]["n_slices"] == 7 and t[0]["orientation_code"] == "PIR"
+    assert res.stderr.split() == ["scan"]  # the progress bar (not a terminal: its label once), on stderr
+    quiet = CliRunner().invoke(cli, ["scan", str(root), "--no-progress"])
+    assert quiet.exit_code == 0 and quiet.stderr == ""
 
 
 def test_cli_scan_csv_recipe_and_errors(tmp_path):

@@ -99,7 +99,8 @@ def _out_path(ctx, param, value):
 @click.option("--recipe", "recipe_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Recipe whose [qc] tolerances to use (default: built-in defaults).")  # fmt: skip
 @click.option("--quiet", "-q", is_flag=True, help="Print only the summary, not the per-series table.")
-def scan(raw: Path, out: Path | None, recipe_path: Path | None, quiet: bool) -> None:
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar (files read) on stderr.")
+def scan(raw: Path, out: Path | None, recipe_path: Path | None, quiet: bool, progress: bool) -> None:
     """Inventory the DICOM series under RAW, reading headers only.
 
     Any layout works (extensionless files included); the OAI layout
@@ -113,10 +114,12 @@ def scan(raw: Path, out: Path | None, recipe_path: Path | None, quiet: bool) -> 
     1 on an error (unreadable RAW, unwritable --out).
     """
     from ..dicom import scan_tree
+    from ..parallel import progress_callback
     from ..recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
-    result = scan_tree(raw, recipe.qc)
+    with progress_callback("scan", progress, unit="files") as scanned:
+        result = scan_tree(raw, recipe.qc, scanned)
     rows = [series_row(s) for s in result.series]
     if not quiet:
         _print_table(rows)
