@@ -73,17 +73,28 @@ def input_fingerprint(info, mask_path: str | os.PathLike | None) -> str:
 
 
 def content_hash(files, mask_path: str | os.PathLike | None = None) -> str:
-    """sha256 over the series' file names and bytes (in slice order), then the mask file's."""
+    """sha256 over the series' file names and bytes (in slice order), then the mask file's. (The convert task
+    computes the same while it reads the series: :func:`kneeprep.dicom.read_series` ``hasher``.)"""
     h = hashlib.sha256()
-    paths = [Path(f) for f in files] + ([Path(mask_path)] if mask_path else [])
-    for p in paths:
-        h.update(p.name.encode() + b"\0")
-        try:
-            with open(p, "rb") as fh:
-                while block := fh.read(1 << 20):
-                    h.update(block)
-        except OSError as e:
-            raise InputNotFoundError(f"{p}: cannot read input ({e.strerror})") from None
+    for p in files:
+        _hash_file(h, Path(p))
+    return _hash_mask(h, mask_path)
+
+
+def _hash_file(h, p: Path) -> None:
+    h.update(p.name.encode() + b"\0")
+    try:
+        with open(p, "rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+    except OSError as e:
+        raise InputNotFoundError(f"{p}: cannot read input ({e.strerror})") from None
+
+
+def _hash_mask(h, mask_path) -> str:
+    """Add the mask file (if any) to a content hash of the series' files; return the hash."""
+    if mask_path:
+        _hash_file(h, Path(mask_path))
     return h.hexdigest()[:16]
 
 
@@ -137,7 +148,12 @@ def _convert(info, recipe: Recipe, store: Path, mask_path, fingerprint, t0: floa
     source = str(info.files[0].parent) if info.files else ""
     convert_hash = recipe.stage_hash("convert")
     fingerprint = fingerprint or input_fingerprint(info, mask_path)
-    chash = content_hash(info.files, mask_path)
+    timings = {}
+    t = time.perf_counter()
+    hasher = hashlib.sha256()
+    raw, acquired = read_series(info, hasher=hasher)  # one pass over the files: pixels and content hash
+    chash = _hash_mask(hasher, mask_path)
+    timings["read"] = time.perf_counter() - t
     previous = _stored_attrs(store, vid)
     if previous is not None and (previous.get("provenance") or {}).get("convert_hash") == convert_hash:
         if (previous.get("source") or {}).get("content_hash") == chash:
@@ -146,10 +162,6 @@ def _convert(info, recipe: Recipe, store: Path, mask_path, fingerprint, t0: floa
                 vid, "skipped", "unchanged", "same input bytes and recipe (files touched or moved): fingerprint refreshed",
                 time.perf_counter() - t0, source,
             )  # fmt: skip
-    timings = {}
-    t = time.perf_counter()
-    raw, acquired = read_series(info)
-    timings["read"] = time.perf_counter() - t
 
     t = time.perf_counter()
     g = recipe.geometry

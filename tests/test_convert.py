@@ -139,6 +139,12 @@ def test_resume_skips_unchanged_and_redoes_changed(tree, tmp_path):
     out = tmp_path / "v.zarr"
     recipe = parse_recipe({})
     assert run_convert(tree.raw, out, recipe, workers=0, progress=False).counts["written"] == 2
+    # the task hashes the files while it reads them: the same hash as hashing them on their own
+    from kneeprep.pipeline import content_hash
+
+    assert store.read_attrs(out, a)["source"]["content_hash"] == content_hash(
+        scan_tree(tree.raw).series[0].files
+    )
     again = run_convert(tree.raw, out, recipe, workers=0, progress=False)
     assert {(r.item, r.status, r.kind) for r in again.items} == {
         (a, "skipped", "unchanged"),

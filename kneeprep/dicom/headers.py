@@ -116,7 +116,7 @@ _WANTED = frozenset({
     0x00080005, 0x00080008, 0x00080016, 0x00080018, 0x00080020, 0x00080060, 0x0008103E, 0x00081030,
     0x00100020, 0x00120051, 0x00180088, 0x0020000E, 0x00200011, 0x00200013, 0x00200032, 0x00200037,
     0x00200052, 0x00200060, 0x00200062, 0x00280002, 0x00280008, 0x00280010, 0x00280011, 0x00280030,
-    0x00280100, 0x00280101, 0x00280103,
+    0x00280100, 0x00280101, 0x00280103, 0x00281052, 0x00281053,
 })  # fmt: skip
 _HEAD_BYTES = 1 << 14  # a typical MR header fits; more is read when it does not
 
@@ -237,25 +237,29 @@ def _fast_header(p: Path, size: int) -> SliceHeader | None:
         return None
 
 
-def _header_from_values(p: Path, size: int, ts: str, v: dict[int, bytes], tell, length) -> SliceHeader:
-    import struct
+class _Values:
+    """The raw values :func:`_parse_fast` kept, decoded as pydicom would decode them; anything pydicom would
+    render differently (multi-valued where one value is expected, NaN, a character set not handled here)
+    raises :class:`_Unusual`."""
 
-    charset = v.get(0x00080005, b"").decode("ascii").strip()
-    if charset not in _CHARSETS:
-        raise _Unusual
-    codec = _CHARSETS[charset]
+    def __init__(self, raw: dict[int, bytes]):
+        self.raw = raw
+        charset = raw.get(0x00080005, b"").decode("ascii").strip()
+        if charset not in _CHARSETS:
+            raise _Unusual
+        self.codec = _CHARSETS[charset]
 
-    def text(tag: int) -> str:  # LO, SH, CS, DA as pydicom gives them: trailing padding removed
-        raw = v.get(tag)
+    def text(self, tag: int) -> str:  # LO, SH, CS, DA: trailing padding removed
+        raw = self.raw.get(tag)
         if raw is None:
             return ""
-        s = raw.decode(codec).rstrip(" \0")
-        if "\\" in s:  # multi-valued where one value is expected: pydicom's rendering of it differs
+        s = raw.decode(self.codec).rstrip(" \0")
+        if "\\" in s:
             raise _Unusual
         return s
 
-    def uid(tag: int) -> str:
-        raw = v.get(tag)
+    def uid(self, tag: int) -> str:
+        raw = self.raw.get(tag)
         if raw is None:
             return ""
         s = raw.rstrip(b"\0 ").decode("ascii")
@@ -263,23 +267,25 @@ def _header_from_values(p: Path, size: int, ts: str, v: dict[int, bytes], tell, 
             raise _Unusual
         return s
 
-    def us(tag: int, default: int) -> int:
-        raw = v.get(tag)
+    def us(self, tag: int, default: int) -> int:
+        import struct
+
+        raw = self.raw.get(tag)
         if raw is None:
             return default
         if len(raw) != 2:
             raise _Unusual
         return struct.unpack("<H", raw)[0]
 
-    def numbers(tag: int) -> list[str] | None:
-        raw = v.get(tag)
+    def _numbers(self, tag: int) -> list[str] | None:
+        raw = self.raw.get(tag)
         if raw is None:
             return None
         s = raw.decode("ascii").strip(" \0")
         return [x.strip() for x in s.split("\\")] if s else []
 
-    def integer(tag: int) -> str:  # IS: its text ("" when absent or empty), checked to be an integer
-        vals = numbers(tag)
+    def integer(self, tag: int) -> str:  # IS: its text ("" when absent or empty), checked to be an integer
+        vals = self._numbers(tag)
         if not vals:
             return ""
         if len(vals) != 1:
@@ -287,21 +293,36 @@ def _header_from_values(p: Path, size: int, ts: str, v: dict[int, bytes], tell, 
         int(vals[0])
         return vals[0]
 
-    def floats(tag: int, n: int) -> tuple[float, ...] | None:
-        vals = numbers(tag)
-        if vals is None or vals == []:
+    def number(self, tag: int, default: float) -> float:  # one DS value; ``default`` when absent or empty
+        vals = self._numbers(tag)
+        if not vals:
+            return default
+        if len(vals) != 1:
+            raise _Unusual
+        x = float(vals[0])
+        if x != x or x in (float("inf"), float("-inf")):
+            raise _Unusual
+        return x
+
+    def floats(self, tag: int, n: int) -> tuple[float, ...] | None:  # DS: None when absent, empty or not n
+        vals = self._numbers(tag)
+        if not vals:
             return None
         out = tuple(float(x) for x in vals)
         if any(x != x or x in (float("inf"), float("-inf")) for x in out):
             raise _Unusual
         return out if len(out) == n else None
 
+
+def _header_from_values(p: Path, size: int, ts: str, raw: dict[int, bytes], tell, length) -> SliceHeader:
+    v = _Values(raw)
+    text, uid, us, integer, floats = v.text, v.uid, v.us, v.integer, v.floats
     rows, cols = us(0x00280010, 0), us(0x00280011, 0)
     n_frames = max(1, int(integer(0x00280008) or 1))
     spp = max(1, us(0x00280002, 1))
     bits_allocated = us(0x00280100, 0)
     problem = _pixel_problem(tell, length, size, rows, cols, spp, n_frames, bits_allocated)
-    raw_type = v.get(0x00080008, b"").decode(codec).rstrip(" \0")
+    raw_type = raw.get(0x00080008, b"").decode(v.codec).rstrip(" \0")
     image_type = tuple(x.upper() for x in raw_type.split("\\")) if raw_type else ()
     mosaic = 2 if "MOSAIC" in image_type else 0
     instance = integer(0x00200013)
