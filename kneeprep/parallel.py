@@ -340,6 +340,9 @@ def executor(
 #: 0.73-0.94 s in-process against 0.55-0.68 s with 4 MiB, the same 132 MB peak; 32 MiB: 0.48-0.75 s but a
 #: 160 MB peak -- measured, 160x384x384 DESS with mask, 2 Blosc threads).
 #: Workers of an existing cluster (``--scheduler``) get what their own start-up gave them (docs/SCALING.md).
+#: set to 1 for the workers of the local cluster (``kneeprep.warm`` then makes them ignore SIGINT)
+LOCAL_WORKER_ENV = "KNEEPREP_LOCAL_WORKER"
+
 WORKER_MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": 4 * 2**20, "MALLOC_MMAP_THRESHOLD_": 16 * 2**20}
 
 
@@ -357,10 +360,11 @@ def dask_client(n_workers: int | None = None, scheduler: str | None = None) -> I
     import dask
 
     n = n_workers or default_workers()
-    # cores a worker may use for its own threads (Blosc chunk compression, kneeprep.store.codec_threads)
+    # cores a worker may use for its own threads (Blosc chunk compression, kneeprep.store.codec_threads),
+    # and the mark that makes kneeprep.warm leave Ctrl-C to this process
     from .store import CODEC_THREADS_ENV
 
-    environ = {**WORKER_MALLOC_ENV, CODEC_THREADS_ENV: max(1, default_workers() // n)}
+    environ = {**WORKER_MALLOC_ENV, CODEC_THREADS_ENV: max(1, default_workers() // n), LOCAL_WORKER_ENV: 1}
     with (
         dask.config.set(
             {

@@ -3,14 +3,17 @@
 A worker's first task would otherwise pay for importing zarr, pydicom, SimpleITK and kneeprep's own modules
 (about 0.3-0.5 s, measured); the local cluster starts while the main process scans the raw tree
 (:func:`kneeprep.parallel.executor`), so this cost overlaps the scan instead of delaying the first series.
-Besides imports, one thing: the worker ignores SIGINT. Ctrl-C in a terminal reaches the whole process group;
-the main process handles it (reports, cancels, closes the cluster, which stops its workers), so a worker
-printing its own ``KeyboardInterrupt`` traceback would only bury the message that matters.
+Besides imports, one thing, only in the workers of the local cluster ``kneeprep`` starts (they get
+``KNEEPREP_LOCAL_WORKER=1``): they ignore SIGINT. Ctrl-C in a terminal reaches the whole process group; the
+main process handles it (reports, cancels, closes the cluster, which stops its workers), so a worker printing
+its own ``KeyboardInterrupt`` traceback would only bury the message that matters. A worker you start yourself
+with ``--preload kneeprep.warm`` keeps its Ctrl-C.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 
@@ -20,10 +23,11 @@ import SimpleITK as sitk
 import zarr  # noqa: F401
 
 from . import boxes, dicom, masks, pipeline, store, transforms  # noqa: F401
+from .parallel import LOCAL_WORKER_ENV
 
 # SimpleITK loads its compiled module on first attribute use
 sitk.Image  # noqa: B018
 
-if threading.current_thread() is threading.main_thread():
+if os.environ.get(LOCAL_WORKER_ENV) == "1" and threading.current_thread() is threading.main_thread():
     with contextlib.suppress(ValueError, OSError):
         signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -310,6 +310,16 @@ def _live_in_group(pgid: int) -> list[int]:
     return live
 
 
+def test_only_local_workers_leave_ctrl_c_to_the_driver():
+    # kneeprep.warm is also a preload for workers users start themselves: those keep their Ctrl-C
+    code = "import signal, kneeprep.warm; print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)"
+    for env, ignored in (({}, "False"), ({"KNEEPREP_LOCAL_WORKER": "1"}, "True")):
+        out = subprocess.run(
+            [PYTHON, "-c", code], env=os.environ | env, capture_output=True, text=True, check=True
+        )
+        assert out.stdout.strip() == ignored, (env, out.stdout, out.stderr)
+
+
 def test_ctrl_c_with_dask_workers_stops_everything_and_a_rerun_finishes(small_sample, clean_store, tmp_path):
     # Ctrl-C in a terminal: SIGINT to the whole process group (driver, nanny, worker), while series that were
     # submitted during the scan are converting
