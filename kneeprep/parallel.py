@@ -27,7 +27,7 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import click
@@ -366,6 +366,7 @@ def dask_client(n_workers: int | None = None, scheduler: str | None = None) -> I
 
     environ = {**WORKER_MALLOC_ENV, CODEC_THREADS_ENV: max(1, default_workers() // n), LOCAL_WORKER_ENV: 1}
     with (
+        _environ_restored([*environ, "PYTHONHASHSEED"]),  # the nanny sets them in this process to spawn
         dask.config.set(
             {
                 "distributed.scheduler.allowed-failures": 1,
@@ -391,6 +392,22 @@ def dask_client(n_workers: int | None = None, scheduler: str | None = None) -> I
         contextlib.closing(Client(cluster)) as client,
     ):
         yield client
+
+
+@contextlib.contextmanager
+def _environ_restored(names: Sequence[str]) -> Iterator[None]:
+    """Put ``names`` in ``os.environ`` back as they were on leaving: Dask's nanny sets its
+    ``pre-spawn-environ`` in its own process (this one, for a local cluster) before it spawns a worker, and
+    never unsets it, so without this they would reach whatever this process starts later."""
+    before = {k: os.environ.get(k) for k in names}
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @contextlib.contextmanager

@@ -493,3 +493,18 @@ def test_oracle_on_the_synth_sample(small_sample, tmp_path, orientation):
         image, g = store.read_volume(out, vid)
         assert_same_in_world(image, g, dcm2niix(small_sample / truth[vid]["path"], tmp_path / "nii" / vid))
         assert_same_in_world(store.read_labels(out, vid), g, small_sample / truth[vid]["mask"])
+
+
+def test_a_local_cluster_leaves_this_process_environment_as_it_was(monkeypatch):
+    # Dask's nanny sets the workers' pre-spawn environment in the process that spawns them (this one)
+    from kneeprep.parallel import LOCAL_WORKER_ENV, WORKER_MALLOC_ENV, executor
+
+    names = [LOCAL_WORKER_ENV, "KNEEPREP_CODEC_THREADS", "PYTHONHASHSEED", *WORKER_MALLOC_ENV]
+    for k in names:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")  # a value of the user's own is kept
+    with executor(1) as ex:
+        assert ex.client.run(lambda: __import__("os").environ.get(LOCAL_WORKER_ENV)) == {
+            w: "1" for w in ex.client.scheduler_info()["workers"]
+        }  # the workers did get it
+    assert {k: os.environ.get(k) for k in names} == dict.fromkeys(names) | {"MALLOC_TRIM_THRESHOLD_": "12345"}
