@@ -370,7 +370,6 @@ def dask_client(n_workers: int | None = None, scheduler: str | None = None) -> I
         dask.config.set(
             {
                 "distributed.scheduler.allowed-failures": 1,
-                "distributed.scheduler.worker-saturation": 1.0,
                 # the statistical profiler samples the task thread's stack every 10 ms, under the GIL
                 "distributed.worker.profile.enabled": False,
                 # imports done at worker start, overlapping the caller's scan (kneeprep.warm); a user's own

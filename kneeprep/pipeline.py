@@ -352,13 +352,6 @@ def mask_finder(recipe: Recipe, annotations=None, masks=None):
     return by_split
 
 
-def resolve_masks(series, recipe: Recipe, annotations=None, masks=None) -> dict[str, Path | KneeprepError]:
-    """Each volume's mask file (or the error that makes its volume fail) as :func:`mask_finder` finds it;
-    volumes without a mask are absent from the result."""
-    find = mask_finder(recipe, annotations, masks)
-    return {info.volume_id: m for info in series if (m := find(info)) is not None}
-
-
 class _Planner:
     """Decides, in the driver, what happens to one series: a :class:`ConvertTask`, or its ``skipped`` /
     ``failed`` record (not selected, QC, mask missing, inputs gone, unchanged since the last run)."""
@@ -541,7 +534,6 @@ __all__ = [
     "convert_series",
     "input_fingerprint",
     "mask_finder",
-    "resolve_masks",
     "run_convert",
     "select",
 ]
