@@ -25,6 +25,14 @@ How an epoch is ordered (everything is index arithmetic on the manifest; no file
 skip the first ``consumed`` samples of the same order (for a DataLoader, pass ``consumed = batches * B``;
 without workers the dataset counts itself). Skipped row groups are never read.
 
+**Volume-major** (``volume_major=True``): the unit of the plan is an *item* -- one volume with all its
+quintuples, or up to ``max_questions`` of them (a volume with more is cut into several items; with ``shuffle``
+its rows are permuted per epoch before the cut, from ``default_rng([seed, epoch, row group])``). Every rule
+above applies to items instead of samples: ``len()``, partitioning, windows, workers and ``consumed`` count
+items. An item is a dict: ``image``, ``volume_id``, ``patient_id``, ``split``, the ``image_*`` geometry and
+``quintuples`` (the sample dicts below, without ``image``). Construction then also reads each row group's
+``volume_id`` column once (to know where volumes start); nothing else changes.
+
 **Samples** are dicts: ``image`` (numpy ``(z, y, x)``, read-only, shared by the samples of one volume -- copy
 before writing to it), ``sample_id``, ``volume_id``, ``patient_id``, ``split``, ``question_id``,
 ``question_type``, ``question_region``, ``question``, ``box`` (``None`` or a dict with ``region``, ``voxels``,
@@ -43,8 +51,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputNotFoundError
-from .shards import SCHEMA, read_manifest, read_row_group
+from .errors import InputNotFoundError, ValidationError
+from .shards import SCHEMA, VolumeAllocator, read_manifest, read_row_group
 
 _BOX_FIELDS = ("region", "voxels", "list_form", "normalized", "size_mm", "center_lps")
 
@@ -67,11 +75,15 @@ class ShardDataset:
         buffer_size: int = 256,
         columns: Sequence[str] | None = None,
         drop_last: bool = False,
+        volume_major: bool = False,
+        max_questions: int | None = None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in 0..world_size-1, got rank={rank}, world_size={world_size}")
         if buffer_size < 1:
             raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
+        if max_questions is not None and (not volume_major or max_questions < 1):
+            raise ValueError(f"max_questions needs volume_major=True and a value >= 1, got {max_questions}")
         unknown = [c for c in columns or () if c not in SCHEMA.names]
         if unknown:
             raise ValueError(f"unknown columns {unknown}; shard columns are {SCHEMA.names}")
@@ -84,20 +96,73 @@ class ShardDataset:
         self.rank, self.world_size, self.buffer_size = rank, world_size, buffer_size
         self.columns = None if columns is None else list(columns)
         self.drop_last = drop_last
-        #: (shard path, row group index, rows) per row group, in manifest order
+        self.volume_major, self.max_questions = volume_major, max_questions
+        #: (shard path, row group index, rows -- or items when volume-major) per row group, in manifest order
         self.units: list[tuple[str, int, int]] = [
             (e["path"], g, n) for e in entries for g, n in enumerate(e["row_group_rows"])
         ]
+        #: volume-major: per row group, the row count of each volume in row order
+        self._volume_rows: list[list[int]] = []
+        if volume_major:
+            self._volume_rows = self._read_volume_rows()
+            k = max_questions
+            self.units = [
+                (p, g, sum(-(-n // k) if k else 1 for n in vr))
+                for (p, g, _), vr in zip(self.units, self._volume_rows, strict=True)
+            ]
         self._shard_units = [[i for i, u in enumerate(self.units) if u[0] == e["path"]] for e in entries]
         self.num_samples = sum(u[2] for u in self.units)
         self.epoch = 0
         self._resume = 0
         self._consumed = 0
 
+    def _read_volume_rows(self) -> list[list[int]]:
+        import pyarrow.parquet as pq
+
+        out: list[list[int]] = []
+        files: dict[str, pq.ParquetFile] = {}
+        try:
+            for rel, g, n in self.units:
+                if rel not in files:
+                    files[rel] = pq.ParquetFile(self.path / rel, memory_map=True)
+                vids = files[rel].read_row_group(g, columns=["volume_id"]).column("volume_id").to_pylist()
+                if len(vids) != n:
+                    raise ValidationError(
+                        f"{self.path / rel}: row group {g} has {len(vids)} rows, manifest {n}"
+                    )
+                counts: list[int] = []
+                for i, v in enumerate(vids):
+                    if i and v == vids[i - 1]:
+                        counts[-1] += 1
+                    else:
+                        counts.append(1)
+                if len(counts) != len(set(vids)):
+                    raise ValidationError(
+                        f"{self.path / rel}: row group {g} does not keep each volume's rows together"
+                    )
+                out.append(counts)
+        finally:
+            for f in files.values():
+                f.close()
+        return out
+
+    def item_rows(self, unit: int, epoch: int | None = None) -> list[np.ndarray]:
+        """Volume-major: the rows of each item of row group ``unit`` in ``epoch`` (item order = plan index)."""
+        epoch = self.epoch if epoch is None else epoch
+        rng = np.random.default_rng([self.seed, epoch, unit]) if self.shuffle else None
+        k = self.max_questions
+        items: list[np.ndarray] = []
+        start = 0
+        for n in self._volume_rows[unit]:
+            rows = start + (rng.permutation(n) if rng is not None else np.arange(n))
+            items += [rows[i : i + k] for i in range(0, n, k)] if k else [rows]
+            start += n
+        return items
+
     # -- size and state ---------------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        """Samples per rank per epoch (the same on every rank)."""
+        """Samples (items when volume-major) per rank per epoch (the same on every rank)."""
         n, w = self.num_samples, self.world_size
         return n // w if self.drop_last else math.ceil(n / w)
 
@@ -193,13 +258,16 @@ class ShardDataset:
             self._consumed += 1
             yield sample
 
-    def iter_worker(self, worker: int, num_workers: int, batch_size: int = 1) -> Iterator[dict[str, Any]]:
+    def iter_worker(
+        self, worker: int, num_workers: int, batch_size: int = 1, alloc: VolumeAllocator | None = None
+    ) -> Iterator[dict[str, Any]]:
         """Worker ``worker``'s samples under a DataLoader with ``num_workers`` and ``batch_size``.
 
         The DataLoader's output order is :meth:`loader_order` applied to :meth:`rank_order`. What is left of
         it after a resumed state's ``consumed`` samples is cut into batches, and worker ``w`` yields batches
         ``w, w + K, w + 2K, ...`` -- exactly what the DataLoader's round-robin asks of it, so the output
         continues the same order. From the start of an epoch these are the worker's contiguous block.
+        ``alloc`` gives the arrays volumes are decoded into (:func:`kneeprep.shards.read_row_group`).
         """
         if not 0 <= worker < num_workers:
             raise ValueError(f"worker must be in 0..{num_workers - 1}, got {worker}")
@@ -207,32 +275,57 @@ class ShardDataset:
         rest = self.loader_order(len(order), num_workers, batch_size)[self._resume :]
         step = num_workers * batch_size
         mine = [rest[i : i + batch_size] for i in range(worker * batch_size, len(rest), step)]
-        yield from self._materialize(order[np.concatenate(mine)] if mine else order[:0])
+        yield from self._materialize(order[np.concatenate(mine)] if mine else order[:0], alloc)
 
-    def _materialize(self, seq: np.ndarray) -> Iterator[dict[str, Any]]:
-        """Samples for a sequence of (unit, row), reading each needed row group once while it is in use."""
+    def _materialize(self, seq: np.ndarray, alloc: VolumeAllocator | None = None) -> Iterator[dict[str, Any]]:
+        """Samples (or volume-major items) for a sequence of (unit, row or item), reading each needed row group
+        once while it is in use."""
         import pyarrow.parquet as pq
 
         if len(seq) == 0:
             return
         remaining = np.bincount(seq[:, 0], minlength=len(self.units))
         files: dict[str, pq.ParquetFile] = {}
-        cache: dict[int, tuple[list[dict], dict[str, np.ndarray]]] = {}
+        cache: dict[int, tuple[list[dict], dict[str, np.ndarray], list[np.ndarray]]] = {}
         try:
             for u, r in seq.tolist():
                 if u not in cache:
                     rel, g, _ = self.units[u]
                     if rel not in files:
                         files[rel] = pq.ParquetFile(self.path / rel, memory_map=True)
-                    cache[u] = read_row_group(files[rel], g, columns=self.columns)
-                rows, volumes = cache[u]
-                yield _sample(rows[r], volumes)
+                    rows, volumes = read_row_group(files[rel], g, columns=self.columns, alloc=alloc)
+                    cache[u] = (rows, volumes, self.item_rows(u) if self.volume_major else [])
+                rows, volumes, items = cache[u]
+                if self.volume_major:
+                    yield _item([rows[i] for i in items[r].tolist()], volumes)
+                else:
+                    yield _sample(rows[r], volumes)
                 remaining[u] -= 1
                 if remaining[u] == 0:
-                    del cache[u]
+                    del cache[u], rows, volumes, items  # the volumes may be recycled (shared-memory slabs)
         finally:
             for f in files.values():
                 f.close()
+
+
+_VOLUME_KEYS = (
+    "volume_id",
+    "patient_id",
+    "split",
+    "image_shape",
+    "image_dtype",
+    "image_spacing",
+    "image_affine_lps",
+)
+
+
+def _item(rows: list[dict[str, Any]], volumes: dict[str, np.ndarray]) -> dict[str, Any]:
+    qs = [_sample(r, {}) for r in rows]
+    item = {k: rows[0][k] for k in _VOLUME_KEYS if k in rows[0]}
+    if volumes:
+        item["image"] = volumes[rows[0]["volume_id"]]
+    item["quintuples"] = qs
+    return item
 
 
 def _sample(row: dict[str, Any], volumes: dict[str, np.ndarray]) -> dict[str, Any]:

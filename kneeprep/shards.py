@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -416,22 +417,33 @@ def read_manifest(shards_dir: str | os.PathLike) -> dict[str, Any]:
     return m
 
 
-def decode_image(image: bytes | pa.Buffer | pa.Scalar, dtype: str, shape, codec: str = "raw") -> np.ndarray:
+def decode_image(
+    image: bytes | pa.Buffer | pa.Scalar, dtype: str, shape, codec: str = "raw", out: np.ndarray | None = None
+) -> np.ndarray:
     """A volume from its ``image`` bytes and ``image_codec``, read-only (shared by the samples of one volume).
 
     ``"raw"``: a view of the bytes, no copy. ``"blosc"``: decompressed into a new array by numcodecs (its
-    threads: ``numcodecs.blosc.set_nthreads`` / ``use_threads``). Raises ``ValidationError`` when the bytes do
-    not hold ``shape`` x ``dtype``.
+    threads: ``numcodecs.blosc.set_nthreads`` / ``use_threads``). With ``out`` (a writable C-contiguous array
+    of ``shape`` x ``dtype``, e.g. a shared-memory slab) the volume is decoded or copied into it and ``out`` is
+    returned. Raises ``ValidationError`` when the bytes do not hold ``shape`` x ``dtype``.
     """
     if isinstance(image, pa.Scalar):
         image = image.as_buffer()
     dt, shape = np.dtype(dtype), tuple(shape)
+    if out is not None and (out.shape != shape or out.dtype != dt or not out.flags.c_contiguous):
+        raise ValueError(f"out is {out.shape} {out.dtype}, the volume {shape} {dt}")
     if codec == "raw":
-        a = np.frombuffer(image, dtype=dt).reshape(shape)
+        a = np.frombuffer(image, dtype=dt)
+        if a.size != math.prod(shape):
+            raise ValidationError(f"{a.nbytes} image bytes do not hold shape {list(shape)} x {dtype}")
+        a = a.reshape(shape)
+        if out is not None:
+            np.copyto(out, a)
+            a = out
     elif codec == "blosc":
         from numcodecs import blosc
 
-        a = np.empty(shape, dt)
+        a = np.empty(shape, dt) if out is None else out
         nbytes, cbytes = _blosc_sizes(image)
         if nbytes != a.nbytes or cbytes != memoryview(image).nbytes:
             raise ValidationError(
@@ -456,13 +468,18 @@ def _blosc_sizes(frame) -> tuple[int, int]:
     return int.from_bytes(head[4:8], "little"), int.from_bytes(head[12:16], "little")
 
 
+#: ``alloc(volume_id, shape, dtype)`` -> a writable C-contiguous array to decode that volume into
+VolumeAllocator = Callable[[str, tuple, np.dtype], np.ndarray]
+
+
 def read_row_group(
-    path: str | os.PathLike | pq.ParquetFile, index: int, columns=None
+    path: str | os.PathLike | pq.ParquetFile, index: int, columns=None, alloc: VolumeAllocator | None = None
 ) -> tuple[list[dict], dict[str, np.ndarray]]:
     """Rows of one row group as dicts (without ``image``) and its volumes decoded once: ``{volume_id: array}``.
 
     ``columns`` limits the row columns (``volume_id`` is always read); images are read only when ``columns``
-    is None or names ``image``.
+    is None or names ``image``. ``alloc`` gives the array each volume is decoded into (a shared-memory slab:
+    :mod:`kneeprep.slabs`); without it raw volumes are views of the Parquet buffers and Blosc ones new arrays.
     """
     pf = path if isinstance(path, pq.ParquetFile) else pq.ParquetFile(path)
     want_image = columns is None or "image" in columns
@@ -481,7 +498,8 @@ def read_row_group(
         codecs = t.column("image_codec").to_pylist()
         for i, buf in enumerate(_binary_values(t.column("image"))):
             if buf is not None:
-                volumes[vids[i]] = decode_image(buf, dts[i], shapes[i], codecs[i])
+                out = None if alloc is None else alloc(vids[i], tuple(shapes[i]), np.dtype(dts[i]))
+                volumes[vids[i]] = decode_image(buf, dts[i], shapes[i], codecs[i], out=out)
     rows = t.select(row_cols).to_pylist()
     return rows, volumes
 

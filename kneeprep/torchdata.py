@@ -1,29 +1,54 @@
 """PyTorch glue for :class:`kneeprep.loader.ShardDataset` (needs the ``torch`` extra).
 
     from kneeprep.loader import ShardDataset
-    from kneeprep.torchdata import TorchShardDataset, collate
+    from kneeprep.torchdata import DeviceFeeder, make_loader
 
     ds = ShardDataset("shards", split="train", seed=0, rank=rank, world_size=world_size)
-    tds = TorchShardDataset(ds, batch_size=4)
-    dl = torch.utils.data.DataLoader(tds, batch_size=4, num_workers=2, collate_fn=collate, pin_memory=True)
+    dl = make_loader(ds, batch_size=4, num_workers=2)          # a torch DataLoader of VolumeBatch
     for epoch in range(epochs):
-        tds.set_epoch(epoch)
-        for step, batch in enumerate(dl): ...
-        # to resume mid-epoch later: state = tds.state_dict(consumed=(step + 1) * 4); tds.load_state_dict(state)
+        dl.dataset.set_epoch(epoch)
+        for step, batch in enumerate(DeviceFeeder(dl, "cuda")):  # plain iteration over dl works too
+            x = batch["images"][batch["image_index"]]         # (B, z, y, x) on the device
+            ...
+        # to resume mid-epoch later: state = dl.dataset.state_dict(consumed=(step + 1) * 4)
 
-``TorchShardDataset`` splits the rank's samples among ``DataLoader`` workers by
-``torch.utils.data.get_worker_info()`` in whole batches of ``batch_size`` -- pass the DataLoader's batch size
-so resuming knows which worker yielded what (``docs/SHARDS.md``, "Loading").
+**Batches are built in the workers** (:class:`TorchShardDataset` yields whole batches; the DataLoader runs with
+``batch_size=None``) and each **distinct volume crosses to the training process once**: workers decode into
+shared-memory slabs and send descriptors (:mod:`kneeprep.slabs`), the training process wraps the slab as a
+tensor without copying. A :class:`VolumeBatch` holds
+
+* ``volumes``: the U distinct volumes of the batch, each a ``(z, y, x)`` tensor (zero-copy views of the slabs);
+* ``images``: the same as one ``(U, z, y, x)`` tensor -- a view when U == 1 (always, volume-major with batch
+  size 1), otherwise stacked on first access (one copy; :meth:`VolumeBatch.to` stacks on the device instead);
+* ``image_index``: ``(B,)`` int64, sample ``i``'s volume is ``images[image_index[i]]``; expand with
+  ``images[image_index]`` (after ``.to(device)``) where code wants the ``(B, z, y, x)`` layout
+  (:meth:`VolumeBatch.image_stack`);
+* every other sample field as a list of B values (``sample_id``, ``question``, ``box``, ...); volume-major
+  batches (``ShardDataset(volume_major=True)``) hold B items: ``quintuples`` is a list of B lists of sample
+  dicts, and ``image_index`` maps items to volumes.
+
+The volume tensors share memory with the slabs: **do not modify them in place** (normalize out of place, or on
+the device). A slab is reused only after every tensor that views it is gone.
+
+**GPU feeding.** With CUDA, the DataLoader's ``pin_memory=True`` calls :meth:`VolumeBatch.pin_memory`: each
+volume is copied into a page-locked buffer from a pool that is pinned once and reused, keyed by the slab's
+generation so a volume already pinned is not copied again. :class:`DeviceFeeder` moves each batch to the device
+on a separate CUDA stream one batch ahead of the training loop, and keeps the last few volumes on the device,
+so a volume used by consecutive batches crosses the PCIe bus once. Without CUDA both are no-ops (CPU tensors,
+no warning).
 """
 
 from __future__ import annotations
 
 import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 try:
     import torch
-    from torch.utils.data import IterableDataset, get_worker_info
+    from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 except ImportError as e:  # pragma: no cover - exercised only without torch
     raise ImportError(
         "kneeprep.torchdata needs PyTorch, an optional extra: pip install 'kneeprep[torch]'"
@@ -31,38 +56,312 @@ except ImportError as e:  # pragma: no cover - exercised only without torch
 
 import numpy as np
 
+from . import slabs
 from .loader import ShardDataset
 
 
 class TorchShardDataset(IterableDataset):
-    """A ``torch.utils.data.IterableDataset`` over a :class:`ShardDataset`, split by DataLoader worker."""
+    """A ``torch.utils.data.IterableDataset`` of :class:`VolumeBatch` over a :class:`ShardDataset`.
 
-    def __init__(self, dataset: ShardDataset, batch_size: int = 1):
+    Each DataLoader worker yields its whole batches of ``batch_size`` samples (items when volume-major) in the
+    order :meth:`ShardDataset.iter_worker` defines, so the training loop sees the same batches as with a
+    sample-level DataLoader of the same ``batch_size``. Use it with ``DataLoader(batch_size=None)``
+    (:func:`make_loader` does). ``max_slabs`` / ``wait_s``: each worker's shared-memory pool
+    (:mod:`kneeprep.slabs`).
+    """
+
+    def __init__(
+        self,
+        dataset: ShardDataset,
+        batch_size: int = 1,
+        *,
+        max_slabs: int = slabs.DEFAULT_MAX_SLABS,
+        wait_s: float = slabs.DEFAULT_WAIT_S,
+    ):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.dataset = dataset
         self.batch_size = batch_size
+        self.max_slabs, self.wait_s = max_slabs, wait_s
+        # (epoch, samples to skip) in shared memory: persistent workers keep their copy of the dataset, so
+        # set_epoch / load_state_dict in the training process must reach them through memory they share
+        self._shared = torch.tensor([dataset.epoch, dataset._resume], dtype=torch.int64).share_memory_()
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[VolumeBatch | slabs.WireBatch]:
         info = get_worker_info()
-        if info is None:
-            return self.dataset.iter_worker(0, 1, self.batch_size)
-        _share_blosc_threads(info.num_workers)
-        return self.dataset.iter_worker(info.id, info.num_workers, self.batch_size)
+        w, k = (0, 1) if info is None else (info.id, info.num_workers)
+        if info is not None:
+            _share_blosc_threads(k)
+        epoch, resume = (int(x) for x in self._shared.tolist())
+        self.dataset.epoch, self.dataset._resume = epoch, resume
+        pool = slabs.worker_pool(self.max_slabs, self.wait_s)
+        for wire in slabs.iter_batches(self.dataset, w, k, self.batch_size, pool, finish="torch"):
+            yield wire.receive() if info is None else wire
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        """Batches per rank per epoch (what ``len(DataLoader)`` reports)."""
+        return -(-len(self.dataset) // self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
+        """Select the epoch; call before each epoch (it reaches persistent workers too) -- this also ends a
+        resume: the epoch starts at its beginning."""
         self.dataset.set_epoch(epoch)
+        self._shared[0], self._shared[1] = self.dataset.epoch, 0
 
     def state_dict(self, consumed: int) -> dict[str, Any]:
-        """State after ``consumed`` samples of this epoch reached the training loop (whole batches)."""
+        """State after ``consumed`` samples (items) of this epoch reached the training loop (whole batches)."""
         return self.dataset.state_dict(consumed=consumed)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue ``state``'s epoch: every iteration skips its first ``consumed`` samples until the next
+        :meth:`set_epoch` (persistent workers included)."""
         self.dataset.load_state_dict(state)
+        self._shared[0], self._shared[1] = self.dataset.epoch, self.dataset._resume
+
+
+def make_loader(
+    dataset: ShardDataset,
+    batch_size: int = 4,
+    num_workers: int = 2,
+    *,
+    pin_memory: bool | None = None,
+    persistent_workers: bool | None = None,
+    prefetch_factor: int | None = 2,
+    multiprocessing_context=None,
+    max_slabs: int = slabs.DEFAULT_MAX_SLABS,
+    **kwargs,
+) -> DataLoader:
+    """A ``DataLoader`` of :class:`VolumeBatch` (``dl.dataset`` is the :class:`TorchShardDataset`).
+
+    ``pin_memory`` defaults to whether CUDA is available (so CPU-only machines get no warning);
+    ``persistent_workers`` to ``num_workers > 0``. Other keyword arguments go to ``DataLoader``.
+    """
+    pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+    persistent = num_workers > 0 if persistent_workers is None else persistent_workers
+    extra = {"prefetch_factor": prefetch_factor} if num_workers > 0 else {}
+    return DataLoader(
+        TorchShardDataset(dataset, batch_size, max_slabs=max_slabs),
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin,
+        persistent_workers=persistent,
+        multiprocessing_context=multiprocessing_context if num_workers > 0 else None,
+        **extra,
+        **kwargs,
+    )
+
+
+class VolumeBatch:
+    """One batch as the training loop receives it (see the module docs). Indexable like a dict."""
+
+    def __init__(self, data: dict[str, Any]):
+        self._data = data
+        self._images: Any = None
+
+    # -- dict-like ---------------------------------------------------------------------------------------
+
+    def __getitem__(self, key: str) -> Any:
+        if key == "images":
+            return self.images
+        return self._data[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._data or (key == "images" and "volumes" in self._data)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default
+
+    def keys(self) -> list[str]:
+        extra = ["images"] if "volumes" in self._data else []
+        return [k for k in self._data if k not in ("volume_keys", "volume_major")] + extra
+
+    def __len__(self) -> int:
+        """B: the samples (items) in the batch."""
+        if "image_index" in self._data:
+            return len(self._data["image_index"])
+        return len(next(iter(v for k, v in self._data.items() if isinstance(v, list) and k != "volumes"), []))
+
+    def __repr__(self) -> str:
+        vols = self._data.get("volumes", [])
+        shapes = sorted({tuple(v.shape) for v in vols})
+        return f"VolumeBatch(B={len(self)}, U={len(vols)}, volume shapes {shapes}, keys {self.keys()})"
+
+    # -- images ------------------------------------------------------------------------------------------
+
+    @property
+    def volumes(self) -> list[torch.Tensor]:
+        return self._data["volumes"]
+
+    @property
+    def image_index(self) -> torch.Tensor:
+        return self._data["image_index"]
+
+    @property
+    def images(self) -> torch.Tensor | list[torch.Tensor]:
+        """``(U, z, y, x)``: a view when U == 1, else stacked once (a list when shapes differ)."""
+        if self._images is None:
+            vols = self._data["volumes"]
+            if len(vols) == 1:
+                self._images = vols[0].unsqueeze(0)
+            elif len({(tuple(v.shape), v.dtype) for v in vols}) == 1:
+                self._images = torch.stack(vols)
+            else:
+                self._images = list(vols)
+        return self._images
+
+    def image_stack(self) -> torch.Tensor:
+        """``(B, z, y, x)``: each sample's volume (``images[image_index]``; a copy of every repeat)."""
+        images = self.images
+        if isinstance(images, list):
+            raise ValueError("the batch's volumes differ in shape: index batch.volumes per sample instead")
+        return images[self.image_index]
+
+    # -- moving ------------------------------------------------------------------------------------------
+
+    def _with(self, volumes: list[torch.Tensor], image_index: torch.Tensor) -> VolumeBatch:
+        data = dict(self._data)
+        data["volumes"], data["image_index"] = volumes, image_index
+        return VolumeBatch(data)
+
+    def pin_memory(self, device: Any = None) -> VolumeBatch:
+        """Volumes in page-locked memory from a reused pool (:data:`PINNED`); a no-op without CUDA."""
+        if "volumes" not in self._data or not torch.cuda.is_available():
+            return self
+        keys = self._data["volume_keys"]
+        vols = [PINNED.get(k, v) for k, v in zip(keys, self._data["volumes"], strict=True)]
+        return self._with(vols, self._data["image_index"].pin_memory())
+
+    def to(self, device: Any, non_blocking: bool = False, cache: DeviceCache | None = None) -> VolumeBatch:
+        """The batch with its volumes and ``image_index`` on ``device``; ``images`` is then stacked there.
+        ``cache`` keeps recent volumes on the device so a volume shared by consecutive batches moves once."""
+        if "volumes" not in self._data:
+            return self
+        device = torch.device(device)
+        keys = self._data["volume_keys"]
+        vols = []
+        for key, v in zip(keys, self._data["volumes"], strict=True):
+            d = cache.get(key) if cache is not None else None
+            if d is None:
+                d = v.to(device, non_blocking=non_blocking)
+                if cache is not None:
+                    cache.put(key, d)
+            vols.append(d)
+        return self._with(vols, self._data["image_index"].to(device, non_blocking=non_blocking))
+
+
+def _finish(batch: dict[str, Any]) -> VolumeBatch:
+    if "volumes" in batch:
+        batch["volumes"] = [torch.from_numpy(v) for v in batch["volumes"]]
+        batch["image_index"] = torch.from_numpy(batch["image_index"])
+    return VolumeBatch(batch)
+
+
+slabs.register_finisher("torch", _finish)
+
+
+class PinnedPool:
+    """Page-locked copies of recent volumes (LRU by slab generation, at most ``max_bytes``).
+
+    ``get(key, volume)`` returns the pinned copy of a volume, copying only when that volume (``key``: the
+    slab's generation) is not pinned yet, so the batches that share a volume pin it once. Buffers come from
+    torch's caching host allocator: pinned once, reused after eviction, and never handed out again while an
+    asynchronous device copy still reads them (torch records those copies' events).
+    """
+
+    def __init__(self, max_bytes: int = 2 << 30):
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[Any, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any, volume: torch.Tensor) -> torch.Tensor:
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None:
+                self._entries.move_to_end(key)
+                return hit
+            out = torch.empty(volume.shape, dtype=volume.dtype, pin_memory=True)
+            out.copy_(volume)
+            self._entries[key] = out
+            held = sum(t.numel() * t.element_size() for t in self._entries.values())
+            while len(self._entries) > 1 and held > self.max_bytes:
+                _, old = self._entries.popitem(last=False)
+                held -= old.numel() * old.element_size()
+            return out
+
+
+#: the training process's pinned pool (used by :meth:`VolumeBatch.pin_memory`)
+PINNED = PinnedPool()
+
+
+class DeviceCache:
+    """The last ``max_volumes`` volumes moved to a device, by slab generation."""
+
+    def __init__(self, max_volumes: int = 8):
+        self.max_volumes = max_volumes
+        self._d: OrderedDict[Any, torch.Tensor] = OrderedDict()
+
+    def get(self, key: Any) -> torch.Tensor | None:
+        t = self._d.get(key)
+        if t is not None:
+            self._d.move_to_end(key)
+        return t
+
+    def put(self, key: Any, t: torch.Tensor) -> None:
+        self._d[key] = t
+        while len(self._d) > self.max_volumes:
+            self._d.popitem(last=False)
+
+
+class DeviceFeeder:
+    """Iterate a loader of :class:`VolumeBatch` onto a CUDA device, copies one batch ahead on a side stream.
+
+    Volumes shared by consecutive batches stay on the device (:class:`DeviceCache`, ``cache_volumes``).
+    Without CUDA (or for a CPU ``device``) it yields the loader's batches unchanged.
+    """
+
+    def __init__(self, loader, device: Any = "cuda", cache_volumes: int = 8):
+        self.loader = loader
+        self.device = torch.device(device)
+        self.cache_volumes = cache_volumes
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[VolumeBatch]:
+        if self.device.type != "cuda" or not torch.cuda.is_available():
+            yield from self.loader
+            return
+        stream = torch.cuda.Stream(self.device)
+        cache = DeviceCache(self.cache_volumes)
+
+        def ahead(batch):
+            with torch.cuda.stream(stream):
+                moved = batch.to(self.device, non_blocking=True, cache=cache)
+                event = torch.cuda.Event()
+                event.record(stream)
+            return moved, event
+
+        it = iter(self.loader)
+        try:
+            nxt = ahead(next(it))
+        except StopIteration:
+            return
+        for batch in it:
+            cur, event = nxt
+            nxt = ahead(batch)
+            yield _ready(cur, event)
+        yield _ready(*nxt)
+
+
+def _ready(batch: VolumeBatch, event: Any) -> VolumeBatch:
+    main = torch.cuda.current_stream()
+    main.wait_event(event)
+    if "volumes" in batch:
+        for v in batch.volumes:
+            v.record_stream(main)  # allocated on the side stream, used on this one
+        batch.image_index.record_stream(main)
+    return batch
 
 
 def _share_blosc_threads(num_workers: int) -> None:
@@ -77,9 +376,9 @@ def _share_blosc_threads(num_workers: int) -> None:
 
 
 def collate(samples: list[dict[str, Any]], pin_memory: bool = False) -> dict[str, Any]:
-    """Batch sample dicts: ``image`` becomes one ``(B, z, y, x)`` tensor when all shapes agree (else a list of
-    tensors); other keys become lists. ``pin_memory`` pins the image tensor when CUDA is available (usually
-    prefer the DataLoader's own ``pin_memory=True``, which pins in the main process)."""
+    """Batch sample dicts of a plain ``ShardDataset`` iteration (the per-sample path: every sample carries
+    its own volume; :class:`TorchShardDataset` does not need this). ``image`` becomes one ``(B, z, y, x)``
+    tensor when all shapes agree (else a list of tensors); other keys become lists."""
     out: dict[str, Any] = {k: [s[k] for s in samples] for k in samples[0] if k != "image"}
     if "image" in samples[0]:
         images = [s["image"] for s in samples]

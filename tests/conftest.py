@@ -62,3 +62,42 @@ def synth_series(tmp_path):
         return SeriesOnDisk(folder, files, array, geometry)
 
     return make
+
+
+# -- shards for the loader tests (tests/test_loader.py, tests/test_slabs.py) ---------------------------------
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory):
+    """12 train volumes x 3 quintuples (36 samples) in several shards, about one volume per row group."""
+    from test_shards import FakeData
+
+    from kneeprep.quintuples import build_quintuples
+    from kneeprep.recipe import Shards
+    from kneeprep.shards import write_shards
+
+    data = FakeData(n_patients=12)
+    recipe = data.recipe.__class__(splits=data.recipe.splits, shards=Shards(target_bytes=20000, codec="lz4"))
+    qs, _ = build_quintuples(data.annotations, data.attrs, recipe)
+    out = tmp_path_factory.mktemp("loader_shards")
+    m = write_shards(qs, data.read_volume, out, recipe, row_group_bytes=6000)
+    train = [q.sample_id for q in qs if q.split == "train"]
+    assert len([e for e in m["shards"] if e["split"] == "train"]) > 2
+    return out, train, data
+
+
+@pytest.fixture(scope="session")
+def blosc_shards(shards, tmp_path_factory):
+    """The same quintuples as ``shards`` with Blosc-compressed volumes (compressed in this process)."""
+    from kneeprep.quintuples import build_quintuples
+    from kneeprep.recipe import Shards
+    from kneeprep.shards import write_shards
+
+    _, _, data = shards
+    recipe = data.recipe.__class__(
+        splits=data.recipe.splits, shards=Shards(target_bytes=20000, codec="blosc-lz4", level=5)
+    )
+    qs, _ = build_quintuples(data.annotations, data.attrs, recipe)
+    out = tmp_path_factory.mktemp("blosc_shards")
+    write_shards(qs, data.read_volume, out, recipe, row_group_bytes=6000)
+    return out

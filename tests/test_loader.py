@@ -7,38 +7,8 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from test_shards import FakeData
 
 from kneeprep.loader import ShardDataset
-from kneeprep.quintuples import build_quintuples
-from kneeprep.recipe import Shards
-from kneeprep.shards import write_shards
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    """12 train volumes x 3 quintuples (36 samples) in several shards, about one volume per row group."""
-    data = FakeData(n_patients=12)
-    recipe = data.recipe.__class__(splits=data.recipe.splits, shards=Shards(target_bytes=20000, codec="lz4"))
-    qs, _ = build_quintuples(data.annotations, data.attrs, recipe)
-    out = tmp_path_factory.mktemp("loader_shards")
-    m = write_shards(qs, data.read_volume, out, recipe, row_group_bytes=6000)
-    train = [q.sample_id for q in qs if q.split == "train"]
-    assert len([e for e in m["shards"] if e["split"] == "train"]) > 2
-    return out, train, data
-
-
-@pytest.fixture(scope="module")
-def blosc_shards(shards, tmp_path_factory):
-    """The same quintuples as ``shards`` with Blosc-compressed volumes (compressed in this process)."""
-    _, _, data = shards
-    recipe = data.recipe.__class__(
-        splits=data.recipe.splits, shards=Shards(target_bytes=20000, codec="blosc-lz4", level=5)
-    )
-    qs, _ = build_quintuples(data.annotations, data.attrs, recipe)
-    out = tmp_path_factory.mktemp("blosc_shards")
-    write_shards(qs, data.read_volume, out, recipe, row_group_bytes=6000)
-    return out
 
 
 def ids(it):
@@ -215,7 +185,7 @@ def test_blosc_shards_through_a_forked_dataloader(shards, blosc_shards):
     torch = pytest.importorskip("torch")
     import multiprocessing
 
-    from kneeprep.torchdata import TorchShardDataset
+    from kneeprep.torchdata import make_loader
 
     _, train, data = shards
     ds = ShardDataset(blosc_shards, seed=2, columns=["sample_id", "volume_id", "image"])
@@ -225,44 +195,48 @@ def test_blosc_shards_through_a_forked_dataloader(shards, blosc_shards):
         np.testing.assert_array_equal(s["image"], data.volumes[s["volume_id"]][0])
         assert not s["image"].flags.writeable and "image_codec" not in s
     assert all(len(v) == 1 for v in images.values())  # decoded once per volume
-    dl = torch.utils.data.DataLoader(
-        TorchShardDataset(ds),
-        batch_size=None,
-        num_workers=2,
-        multiprocessing_context=multiprocessing.get_context("fork"),
+    dl = make_loader(
+        ds, batch_size=1, num_workers=2, multiprocessing_context=multiprocessing.get_context("fork")
     )
     got = {}
-    for s in dl:
-        got[s["sample_id"]] = int(s["image"].to(torch.int64).sum())
+    for b in dl:
+        got[b["sample_id"][0]] = int(b["images"][b["image_index"]][0].to(torch.int64).sum())
     assert sorted(got) == sorted(train)
     assert all(v == int(data.volumes[k.rsplit("_", 1)[0]][0].astype(np.int64).sum()) for k, v in got.items())
 
 
-def test_forked_torch_dataloader_two_workers(shards):
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_torch_dataloader_two_workers_batches_and_resume(shards, start_method):
     torch = pytest.importorskip("torch")
     import multiprocessing
 
-    from kneeprep.torchdata import TorchShardDataset, collate
+    from kneeprep.torchdata import make_loader
 
-    path, train, _ = shards
+    path, train, data = shards
     ds = ShardDataset(path, seed=4, columns=["sample_id", "volume_id", "image", "box_voxels"])
-    tds = TorchShardDataset(ds, batch_size=4)
-    dl = torch.utils.data.DataLoader(
-        tds,
-        batch_size=4,
-        num_workers=2,
-        collate_fn=collate,
-        multiprocessing_context=multiprocessing.get_context("fork"),
+    dl = make_loader(
+        ds, batch_size=4, num_workers=2, multiprocessing_context=multiprocessing.get_context(start_method)
     )
-    got, shapes = [], set()
+    tds = dl.dataset
+    got = []
     for batch in dl:
         got += batch["sample_id"]
-        shapes.add(tuple(batch["image"].shape[1:]))
-        assert batch["image"].dtype == torch.uint16
-    assert sorted(got) == sorted(train) and len(got) == len(tds)
+        assert batch["images"].dtype == torch.uint16 and batch["image_index"].dtype == torch.int64
+        assert len(batch["volumes"]) == len(set(batch["volume_id"]))  # each distinct volume once
+        full = batch.image_stack()
+        assert full.shape == (len(batch), 6, 20, 24)
+        for i, vid in enumerate(batch["volume_id"]):  # bit for bit the stored volume
+            np.testing.assert_array_equal(full[i].numpy(), data.volumes[vid][0])
+    assert sorted(got) == sorted(train) and len(got) == len(ds) and len(dl) == 9
     assert got == merged(ShardDataset(path, seed=4, columns=["sample_id"]), 2, 4)
-    assert shapes == {(6, 20, 24)}
     # resume mid-epoch under the same DataLoader setup continues the same order
     tds.load_state_dict(tds.state_dict(consumed=8))
     rest = [sid for batch in dl for sid in batch["sample_id"]]
     assert rest == got[8:]
+    # set_epoch reaches the persistent workers: another order, the whole epoch again
+    tds.set_epoch(1)
+    epoch1 = [sid for batch in dl for sid in batch["sample_id"]]
+    assert sorted(epoch1) == sorted(train) and epoch1 != got
+    other = ShardDataset(path, seed=4, columns=["sample_id"])
+    other.set_epoch(1)
+    assert epoch1 == merged(other, 2, 4)
