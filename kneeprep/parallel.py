@@ -230,11 +230,14 @@ class TaskStream:
         import queue
 
         try:
-            if self._outstanding:
-                # wait for a starting cluster (it raises if it failed to start); distributed is imported by
-                # then: importing it here while the start-up thread does can meet half-initialized modules
-                self._ex.client  # noqa: B018
-                self._pump()
+            if not self._outstanding:
+                return  # nothing submitted: no need of the cluster, nor of importing distributed
+            # wait for the starting cluster (it raises if it failed to start): distributed is fully imported
+            # by then. Importing distributed.scheduler while the start-up thread still imports distributed
+            # meets half-initialized modules ("cannot import name 'Scheduler' from partially initialized
+            # module"), so no distributed import may come before this wait.
+            self._ex.client  # noqa: B018
+            self._pump()
             from distributed.scheduler import KilledWorker
 
             while self._outstanding:

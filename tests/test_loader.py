@@ -240,3 +240,25 @@ def test_torch_dataloader_two_workers_batches_and_resume(shards, start_method):
     other = ShardDataset(path, seed=4, columns=["sample_id"])
     other.set_epoch(1)
     assert epoch1 == merged(other, 2, 4)
+
+
+def test_without_cuda_the_gpu_path_degrades_to_cpu_tensors_without_warnings(shards):
+    torch = pytest.importorskip("torch")
+    import warnings
+
+    from kneeprep.torchdata import DeviceFeeder, make_loader
+
+    if torch.cuda.is_available():
+        pytest.skip("this checks the CPU-only fallback; the machine has CUDA")
+    path, train, data = shards
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        dl = make_loader(ShardDataset(path, seed=0), batch_size=4, num_workers=0)
+        assert dl.pin_memory is False
+        got = []
+        for b in DeviceFeeder(dl, "cuda"):
+            assert b["images"].device.type == "cpu"
+            moved = b.pin_memory().to("cpu")  # both are no-ops without CUDA
+            np.testing.assert_array_equal(moved.image_stack()[0].numpy(), data.volumes[b["volume_id"][0]][0])
+            got += b["sample_id"]
+    assert sorted(got) == sorted(train)
