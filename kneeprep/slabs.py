@@ -263,7 +263,7 @@ class WireBatch:
 # the receiving (training) process
 
 _MAPPINGS: dict[str, dict[int, mmap.mmap]] = {}
-_RECEIVER_LOCK = threading.Lock()
+_RECEIVER_LOCK = threading.RLock()  # re-entrant: a lease collected by gc while it is held must not deadlock
 _FINISHERS: dict[str, Callable[[dict[str, Any]], Any]] = {}
 
 

@@ -90,7 +90,8 @@ def read_split_csvs(directory: str | Path) -> list[SplitRow]:
         )
     rows: list[SplitRow] = []
     for split, f in files:
-        with f.open(newline="", encoding="utf-8") as fh:
+        # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark; csv reads CRLF line ends as well
+        with f.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             if tuple(reader.fieldnames or ()) != SPLIT_COLUMNS:
                 raise AnnotationError(

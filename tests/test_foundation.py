@@ -152,6 +152,16 @@ def test_split_csv_round_trip_and_errors(tmp_path):
         splits.read_split_csvs(bad)
 
 
+def test_split_csv_as_excel_writes_it_with_bom_and_crlf(tmp_path):
+    """A UTF-8 BOM and CRLF line ends (Excel's "CSV UTF-8") read like the plain file (issue 19, point 8)."""
+    d = tmp_path / "split_files"
+    d.mkdir()
+    lines = [",".join(splits.SPLIT_COLUMNS), "9027422,00M,20041222,10312706,2,p,i,m"]
+    (d / "val_split.csv").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    (r,) = splits.read_split_csvs(tmp_path)
+    assert r.volume_id == "9027422_00M_20041222_10312706_2" and r.split == "val" and r.knee_side == 2
+
+
 def test_cli_help_and_version():
     runner = CliRunner()
     res = runner.invoke(cli, ["--help"])
