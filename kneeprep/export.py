@@ -36,13 +36,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
 import time
 import traceback
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -460,15 +458,10 @@ class _Manifest:
             self.saved = time.monotonic()
 
 
-@contextlib.contextmanager
-def _locked(out: Path) -> Iterator[None]:
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / LOCK, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StoreError(f"{out}: another kneeprep export is writing here ({LOCK} is locked)") from None
-        yield
+def _locked(out: Path):
+    from .store import store_lock
+
+    return store_lock(out, what="export", name=LOCK)
 
 
 def run_export(

@@ -773,14 +773,27 @@ def build_shards(store, annotations_dir, out_dir, recipe, *, force: bool = False
     """
     import time
 
-    from .annotations import read_annotations
     from .privacy import Pseudonymizer
-    from .quintuples import BENIGN_KINDS, build_quintuples
-    from .store import list_volumes, read_attrs, read_volume
+    from .store import store_lock
 
     t0 = time.perf_counter()
     pseudo = Pseudonymizer.from_recipe(recipe)  # a missing key fails before any work
     out = Path(out_dir)
+    # one writer per shards directory: two runs at once wrote the same .partial files and deleted each
+    # other's (a corrupt shard, issue 19); the second now stops before any work
+    with store_lock(out, what="shards directory"):
+        return _build_shards(store, annotations_dir, out, recipe, pseudo, force, t0)
+
+
+def _build_shards(
+    store, annotations_dir, out: Path, recipe, pseudo, force: bool, t0: float
+) -> dict[str, Any]:
+    import time
+
+    from .annotations import read_annotations
+    from .quintuples import BENIGN_KINDS, build_quintuples
+    from .store import list_volumes, read_attrs, read_volume
+
     annotations = read_annotations(annotations_dir)
     vids = list_volumes(store)
     attrs = {v: read_attrs(store, v) for v in vids}

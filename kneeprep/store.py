@@ -173,17 +173,18 @@ def volume_path(store: str | os.PathLike, volume_id: str) -> Path:
 
 
 @contextlib.contextmanager
-def store_lock(store: str | os.PathLike) -> Iterator[Path]:
-    """Hold an exclusive lock on the store for a whole run; a second run on the same store fails fast."""
+def store_lock(store: str | os.PathLike, what: str = "store", name: str = LOCK_FILE) -> Iterator[Path]:
+    """Hold an exclusive lock on an output directory (the store, a shards directory: ``what``) for a whole
+    run; a second run writing the same directory fails fast with a ``StoreError`` naming it."""
     p = Path(store)
     p.mkdir(parents=True, exist_ok=True)
-    fh = open(p / LOCK_FILE, "a+")  # noqa: SIM115 - held for the whole context
+    fh = open(p / name, "a+")  # noqa: SIM115 - held for the whole context
     try:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise StoreError(
-                f"{p}: another kneeprep run is writing to this store ({LOCK_FILE} is locked)"
+                f"{p}: another kneeprep run is writing to this {what} ({name} is locked)"
             ) from None
         yield p
     finally:

@@ -153,3 +153,25 @@ def test_preview_draws_the_region_box(built, tmp_path):
         cli, ["preview", str(out / "volumes.zarr"), "--first", "--region", "nope", "-o", str(png)]
     )
     assert bad.exit_code == 2 and "not a region" in bad.output
+
+
+def test_a_second_shards_run_into_the_same_directory_is_refused(built, capsys):
+    """Two `kneeprep shards` runs at once used to share .partial names and corrupt a shard (issue 19, point 1):
+    while one run holds the shards directory, another stops before any work, naming it."""
+    from kneeprep.cli import main
+    from kneeprep.store import store_lock
+
+    sample, out, _ = built
+    shards = out / "shards"
+    before = _mtimes(shards)
+    args = ["shards", str(out / "volumes.zarr"), str(sample), str(shards), "--recipe", str(RECIPE), "--force"]
+    with store_lock(shards, what="shards directory"), pytest.raises(SystemExit) as exit_:  # a run in progress
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1
+    assert (
+        f"{shards}: another kneeprep run is writing to this shards directory" in err
+        and "Traceback" not in err
+    )
+    assert _mtimes(shards) == before
+    assert CliRunner().invoke(cli, ["validate", str(shards)]).exit_code == 0
