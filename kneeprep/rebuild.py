@@ -47,10 +47,16 @@ class RebuildReport:
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
+    def nothing_converted(self) -> str | None:
+        """One line when the convert stage left no usable volume (see ``RunReport.nothing_usable``)."""
+        return self.stages.get("convert", {}).get("nothing_usable")
+
+    @property
     def ok(self) -> bool:
         c = self.stages.get("convert", {}).get("counts", {})
         return (
             not c.get("failed", 0)
+            and not self.nothing_converted
             and not self.stages.get("boxes", {}).get("failures")
             and not self.stages.get("shards", {}).get("errors", 0)
             and not self.stages.get("validate", {}).get("problems")
@@ -122,6 +128,7 @@ def rebuild(
     rep.seconds["convert"] = time.perf_counter() - t - rep.seconds["scan"]  # after the scan ended
     rep.stages["convert"] = {k: cj[k] for k in ("counts", "by_kind", "item_seconds")} | {
         "failed": [[r.item, r.kind, r.message] for r in conv.failed],
+        "nothing_usable": conv.nothing_usable,
         "report": str(store / "report.json"),
     }
     echo(conv.table())

@@ -10,7 +10,7 @@ Each item (a series for ``convert``) ends in one status:
   ``geometry`` ...) or ``unexpected`` for a bug, and ``message`` names the file and reason.
 
 The JSON (``<store>/report.json`` for convert) is written atomically and holds the items, counts and timings;
-:meth:`RunReport.table` is the summary the CLI prints. ``failed`` decides the exit code.
+:meth:`RunReport.table` is the summary the CLI prints. ``failed`` and ``nothing_usable`` decide the exit code.
 """
 
 from __future__ import annotations
@@ -88,6 +88,19 @@ class RunReport:
     @property
     def failed(self) -> list[ItemResult]:
         return [r for r in self.items if r.status == "failed"]
+
+    @property
+    def nothing_usable(self) -> str | None:
+        """Why the run left nothing a later stage can use -- no item at all, or none written or unchanged
+        (every series refused, failed or not selected) -- as one line; ``None`` when something is usable."""
+        if any(
+            r.status == "written" or (r.status == "skipped" and r.kind == "unchanged") for r in self.items
+        ):
+            return None
+        if not self.items:
+            return f"{self.command}: no DICOM series found"
+        reasons = ", ".join(f"{k} {n}" for k, n in self.by_kind.items())
+        return f"{self.command}: none of the {len(self.items)} series found was written ({reasons})"
 
     @property
     def wall_seconds(self) -> float:

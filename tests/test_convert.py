@@ -508,3 +508,33 @@ def test_a_local_cluster_leaves_this_process_environment_as_it_was(monkeypatch):
             w: "1" for w in ex.client.scheduler_info()["workers"]
         }  # the workers did get it
     assert {k: os.environ.get(k) for k in names} == dict.fromkeys(names) | {"MALLOC_TRIM_THRESHOLD_": "12345"}
+
+
+def test_a_run_that_writes_nothing_exits_1_saying_why(tmp_path, capsys):
+    """No DICOM at all, or every selected series refused: exit 1 with one line (issue 20 point 4, issue 18)."""
+    from kneeprep.cli import main
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as e:
+        main(
+            [
+                "convert",
+                str(tmp_path / "empty"),
+                str(tmp_path / "out1.zarr"),
+                "--workers",
+                "0",
+                "--no-progress",
+            ]
+        )
+    assert e.value.code == 1 and "convert: no DICOM series found" in capsys.readouterr().err
+    tree = Tree(tmp_path / "t")
+    vid = tree.add("9000001", "RIGHT")
+    tree.series[vid]["files"][5].unlink()  # a missing slice: QC refuses the only series
+    with pytest.raises(SystemExit) as e:
+        main(["convert", str(tree.raw), str(tmp_path / "out2.zarr"), "--workers", "0", "--no-progress"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "convert: none of the 1 series found was written (skipped:qc 1)" in err
+    tree.add("9000002", "LEFT")  # one good series: exit 0 again
+    with pytest.raises(SystemExit) as e:
+        main(["convert", str(tree.raw), str(tmp_path / "out2.zarr"), "--workers", "0", "--no-progress"])
+    assert e.value.code == 0, capsys.readouterr()

@@ -51,8 +51,9 @@ def rebuild(recipe_file, raw, annotations, masks, out, workers, scheduler, no_pr
     when [labels]/[boxes] changed, and rewrites shards only when annotations, volumes or the shard
     settings changed. Interrupt it at any time: nothing half-written is left visible.
 
-    Exit code 0 when every stage succeeded; 1 when some series failed, a quintuple was rejected for an
-    error, or validation found a problem (all listed in the reports).
+    Exit code 0 when every stage succeeded; 1 when some series failed, no series was converted or left
+    unchanged (none found, or every one refused), a quintuple was rejected for an error, or validation
+    found a problem (all listed in the reports).
     """
     if workers is not None and scheduler:
         raise click.UsageError("--workers and --scheduler exclude each other")
@@ -91,6 +92,8 @@ def rebuild(recipe_file, raw, annotations, masks, out, workers, scheduler, no_pr
         + ", ".join(f"{k} {v:.1f}" + (" more" if k == "convert" else "") for k, v in rep.seconds.items())
         + "  (series convert while the scan runs)"
     )
+    if rep.nothing_converted:
+        click.secho(f"  error       {rep.nothing_converted}", fg="red")
     if rep.did_nothing:
         click.echo("  nothing to do: every output was up to date")
     click.echo(f"  report      {out}/{REPORT}")
