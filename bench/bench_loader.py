@@ -314,7 +314,7 @@ def run(workdir: Path) -> str:
     rates: dict[tuple[str, int], float] = {}
     for layout, (_, _, label) in LAYOUTS.items():
         bdt, bn = measure_bare(paths[layout])
-        bare = bn / bdt
+        bare_before = bn / bdt
         for vm in (False, True):
             key = f"{layout}{' vm' if vm else ''}"
             sps = {}
@@ -324,9 +324,14 @@ def run(workdir: Path) -> str:
                 print(
                     f"kneeprep {key:16s} {w}w: {n / dt:8.1f} samples/s ({imgs} volumes received)", flush=True
                 )
-            rows.append((f"kneeprep {label}, {'volume' if vm else 'sample'}-major", key, sps, bare))
+            rows.append((f"kneeprep {label}, {'volume' if vm else 'sample'}-major", key, sps, None))
+        # the single-process ceiling moves most on this shared machine (5,700-11,000 samples/s seen for the
+        # uncompressed layout): measured before and after the loaders, the higher one is the ceiling
+        bdt, bn = measure_bare(paths[layout])
+        bare = max(bare_before, bn / bdt)
         rates[(f"{layout} bare", 0)] = bare
-        print(f"kneeprep {layout} bare in-process: {bare:.1f} samples/s", flush=True)
+        rows[-2:] = [(name, key, sps, bare) for name, key, sps, _ in rows[-2:]]
+        print(f"kneeprep {layout} bare in-process: {bare_before:.1f} / {bn / bdt:.1f} samples/s", flush=True)
     for kind, label in (
         ("hf", "HF datasets Array3D, map-style"),
         ("wds", "WebDataset tar of .npy"),
@@ -349,7 +354,8 @@ def run(workdir: Path) -> str:
         "persistent fork workers; after a warm-up pass, whole passes timed until 3 s), the main process reading one voxel per 4 KiB page of every "
         "image it receives (kneeprep: each distinct volume of the batch once; the others: every sample's image). "
         "Not included: the host-to-device copy (no GPU on this machine: pinning is a no-op) and any model work. "
-        f"HF and np.load timed on {PER_SAMPLE_N} samples. Bare = `ShardDataset` in one process, no DataLoader. "
+        f"HF and np.load timed on {PER_SAMPLE_N} samples. Bare = `ShardDataset` in one process, no DataLoader, "
+        "touching each distinct volume once; measured before and after that layout's loaders, the higher taken. "
         "Files come from the page cache. The machine is shared: expect noise of tens of percent.",
         "",
         "| reader | disk MiB | samples/s 0w | samples/s 1w | samples/s 2w | 2w vs HF 2w | 2w vs bare |",
