@@ -69,6 +69,7 @@ def read_mask(path: str | Path) -> tuple[np.ndarray, Geometry]:
     array = sitk.GetArrayFromImage(image)
     geometry = Geometry.from_sitk(image)
     if array.dtype.kind == "f":
+        _refuse_nonfinite_nifti(p)
         if not np.all(np.isfinite(array)) or np.any(array != np.round(array)):
             raise MaskError(f"{p}: label values must be integers, found non-integral values ({array.dtype})")
         array = array.astype(np.int64)
@@ -78,6 +79,22 @@ def read_mask(path: str | Path) -> tuple[np.ndarray, Geometry]:
     return array.astype(
         np.uint8 if top < 256 else np.uint16 if top < 65536 else np.uint32, copy=False
     ), geometry
+
+
+def _refuse_nonfinite_nifti(p: Path) -> None:
+    """SimpleITK's NIfTI reader returns NaN voxels as 0, so a float NIfTI mask is checked as stored (nibabel):
+    a NaN over a label would otherwise erase that label's voxels without a word."""
+    if not p.name.lower().endswith((".nii", ".nii.gz")):
+        return
+    import nibabel as nib
+
+    try:
+        raw = np.asarray(nib.load(str(p)).dataobj)
+    except Exception as e:  # noqa: BLE001 - any reader failure is reported as the file's problem
+        raise MaskError(f"{p}: cannot read the mask's values: {e}") from None
+    n = int(raw.size - np.count_nonzero(np.isfinite(raw)))
+    if n:
+        raise MaskError(f"{p}: label values must be finite integers, found {n} NaN or infinite voxels")
 
 
 def place_mask(

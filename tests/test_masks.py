@@ -128,6 +128,16 @@ def test_bad_masks(tmp_path):
     write_sitk(tmp_path / "float.nrrd", np.full(g.shape, 0.5, np.float32), g)
     with pytest.raises(MaskError, match="integers"):
         read_mask(tmp_path / "float.nrrd")
+    nan = np.zeros(g.shape, np.float32)
+    nan[1:3, 2:5, 2:5] = 4.0
+    nan[1, 2, 2] = np.nan  # SimpleITK reads this NIfTI voxel as 0: the check must look at the stored values
+    for value, name in ((np.nan, "nan"), (np.inf, "inf")):
+        nan[1, 2, 2] = value
+        write_sitk(tmp_path / f"{name}.nii.gz", nan, g)
+        with pytest.raises(
+            MaskError, match=rf"{name}\.nii\.gz: label values must be finite integers, found 1 NaN"
+        ):
+            read_mask(tmp_path / f"{name}.nii.gz")
     write_sitk(tmp_path / "empty.nrrd", np.zeros(g.shape, np.uint8), g)
     with pytest.raises(MaskError, match="no labels"):
         load_mask_onto(tmp_path / "empty.nrrd", g)
