@@ -34,7 +34,8 @@ $(VENV)/.stamp-bench: pyproject.toml | $(BIN)/python
 venv: $(VENV)/.stamp-test
 
 demo: $(VENV)/.stamp-base
-	$(BIN)/kneeprep synth $(DEMO)/sample --patients 3 --size full --seed 0
+	@# the sample is made once (same seed, same bytes); a re-run of `make demo` resumes the rebuild
+	test -f $(DEMO)/sample/truth.json || $(BIN)/kneeprep synth $(DEMO)/sample --patients 3 --size full --seed 0
 	$(BIN)/kneeprep rebuild --recipe recipes/3dreasonknee.toml --raw $(DEMO)/sample/raw \
 	    --annotations $(DEMO)/sample --masks $(DEMO)/sample --out $(DEMO) --workers $(WORKERS)
 	$(BIN)/kneeprep preview $(DEMO)/volumes.zarr --first --region "femur medial central" -o $(DEMO)/preview.png

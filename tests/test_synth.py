@@ -401,7 +401,18 @@ def test_cli_writes_a_sample_and_prints_a_summary(tmp_path):
     assert "quintuples" in result.output and str(tmp_path / "s") in result.output
     assert {v["knee_side"] for v in truth.values()} == {1, 2}
     again = runner.invoke(cli, ["synth", str(tmp_path / "s"), "--size", "small"])
-    assert again.exit_code != 0 and isinstance(again.exception, StoreError)
+    assert again.exit_code == 2 and "not empty (pass --force" in again.output
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("a user's file")  # any non-empty folder, not only an earlier sample
+    refused = runner.invoke(cli, ["synth", str(other), "--size", "small"])
+    assert refused.exit_code == 2 and str(other) in refused.output and not (other / "raw").exists()
+    forced = runner.invoke(cli, ["synth", str(other), "--size", "small", "--patients", "1", "--force"])
+    assert forced.exit_code == 0 and (other / "truth.json").is_file() and (other / "notes.txt").is_file()
+    from kneeprep.synth import plan_sample, write_sample
+
+    with pytest.raises(StoreError):  # the library call keeps refusing an existing sample without force
+        write_sample(plan_sample(1, "small", 0), tmp_path / "s")
     bad = runner.invoke(cli, ["synth", str(tmp_path / "t"), "--size", "huge"])
     assert bad.exit_code == 2
     helptext = runner.invoke(cli, ["synth", "--help"]).output

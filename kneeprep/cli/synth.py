@@ -21,8 +21,11 @@ import click
     help="full: OAI DESS protocol, 160 x 384 x 384 (0.7 x 0.3646 x 0.3646 mm); small: 40 x 96 x 96, same FOV.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same bytes.")
-def synth(out: Path, patients: int, size: str, seed: int) -> None:
-    """Generate an OAI-like sample of knee MRI under OUT (an empty or new directory).
+@click.option(
+    "--force", is_flag=True, help="Write into a non-empty OUT (files of the same names are overwritten)."
+)
+def synth(out: Path, patients: int, size: str, seed: int, force: bool) -> None:
+    """Generate an OAI-like sample of knee MRI under OUT (an empty or new directory; --force for another).
 
     \b
     Layout:
@@ -40,10 +43,12 @@ def synth(out: Path, patients: int, size: str, seed: int) -> None:
     """
     from ..synth import plan_sample, write_sample
 
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise click.UsageError(f"{out}: not empty (pass --force to write the sample into it anyway)")
     plan = plan_sample(patients, size, seed)
     start = time.perf_counter()
     with click.progressbar(length=plan.n_series, label="writing series", show_pos=True) as bar:
-        summary = write_sample(plan, out, progress=lambda _label: bar.update(1))
+        summary = write_sample(plan, out, progress=lambda _label: bar.update(1), force=force)
     seconds = time.perf_counter() - start
     click.echo(
         f"wrote {summary.series} series ({summary.files} files) for {len(summary.patient_ids)} patients, "

@@ -388,12 +388,17 @@ def write_mask(labels: np.ndarray, geometry: Geometry, path: Path) -> None:
 
 
 def write_sample(
-    plan: SamplePlan, out: str | Path, *, progress: Callable[[str], None] | None = None
+    plan: SamplePlan,
+    out: str | Path,
+    *,
+    progress: Callable[[str], None] | None = None,
+    force: bool = False,
 ) -> SampleSummary:
     """Render and write ``plan`` under ``out`` (see the module docstring). ``progress(label)`` is called after
-    each series. Raises :class:`~kneeprep.errors.StoreError` when ``out`` already holds a sample."""
+    each series. Raises :class:`~kneeprep.errors.StoreError` when ``out`` already holds a sample, unless
+    ``force`` (files of the same names are then overwritten)."""
     root = Path(out)
-    if (root / "raw").exists() or (root / "truth.json").exists():
+    if not force and ((root / "raw").exists() or (root / "truth.json").exists()):
         raise StoreError(
             f"{root}: already holds a sample (raw/ or truth.json exists); choose an empty directory"
         )
