@@ -210,3 +210,20 @@ def test_recipe_cli_show_and_check(tmp_path):
     res = runner.invoke(cli, ["recipe", "check", str(RECIPES[0]), str(bad)])
     assert res.exit_code == 1
     assert "intensity.method" in res.output and "ok" in res.output
+
+
+def test_an_output_path_under_a_file_is_one_line_not_a_traceback(tmp_path, capsys):
+    """`scan --out FILE/x.csv`, `preview -o FILE/x.png` (issue 18, point 6): exit 1, the path and the reason."""
+    from kneeprep.cli import main
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    (tmp_path / "raw").mkdir()
+    for args in (
+        ["scan", str(tmp_path / "raw"), "--out", str(afile / "x.csv"), "--no-progress"],
+        ["recipe", "show", str(afile / "nope.toml")],
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        err = capsys.readouterr().err
+        assert e.value.code in (1, 2) and "Traceback" not in err and str(afile) in err, (args, err)

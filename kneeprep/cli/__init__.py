@@ -4,7 +4,8 @@ Each command lives in its own module under ``kneeprep.cli`` and imports heavy li
 zarr, pyarrow) inside its body, so ``kneeprep --help`` is instant. Errors become exit codes in one place:
 
 * 0 -- everything asked for was done;
-* 1 -- a :class:`~kneeprep.errors.KneeprepError` stopped the command, or some items (series, volumes,
+* 1 -- a :class:`~kneeprep.errors.KneeprepError` stopped the command, the system refused a path (one line
+  naming it: a file where a folder must be, no permission, disk full), or some items (series, volumes,
   quintuples, shards) failed and are listed in the run report;
 * 2 -- misuse: bad options or arguments (click's own code);
 * 130 -- interrupted with Ctrl-C (nothing half-written is left visible).
@@ -116,5 +117,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except KneeprepError as e:
         click.secho(f"error: {e}", fg="red", err=True)
+        sys.exit(1)
+    except (
+        OSError
+    ) as e:  # a path the system refused (a file where a folder must be, no permission, disk full)
+        where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        click.secho(f"error: {where + ': ' if where else ''}{e.strerror or e}", fg="red", err=True)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) and not isinstance(code, bool) else 0)
