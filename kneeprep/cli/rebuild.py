@@ -39,8 +39,10 @@ _DIR = click.Path(exists=True, file_okay=False)
     help="Output directory: volumes.zarr, shards/, report.json.",
 )
 @dask_options
-@click.option("--no-progress", is_flag=True, help="No progress bar (logs and CI).")
-def rebuild(recipe_file, raw, annotations, masks, out, workers, scheduler, no_progress):
+@click.option(
+    "--progress/--no-progress", default=True, help="Show progress bars on stderr (--no-progress: logs, CI)."
+)
+def rebuild(recipe_file, raw, annotations, masks, out, workers, scheduler, progress):
     """Rebuild the whole dataset from RAW with one recipe: scan, convert, boxes, shards, validate, card.
 
     \b
@@ -71,7 +73,7 @@ def rebuild(recipe_file, raw, annotations, masks, out, workers, scheduler, no_pr
         masks=masks,
         workers=workers,
         scheduler=scheduler,
-        progress=not no_progress,
+        progress=progress,
         echo=click.echo,
     )
     c = rep.stages["convert"]["counts"]
