@@ -19,9 +19,14 @@ class KneeprepError(Exception):
 
 
 class RecipeError(KneeprepError, ValueError):
-    """A recipe key is unknown, missing or has a bad value. The message names the key."""
+    """A recipe key is unknown, missing or has a bad value. The message names the key; ``problems`` lists
+    every problem found (one line each; the message joins them)."""
 
     kind = "recipe"
+
+    def __init__(self, *problems: str):
+        self.problems = [str(m) for m in problems] or ["bad recipe"]
+        super().__init__("\n".join(self.problems))
 
 
 class InputNotFoundError(KneeprepError, FileNotFoundError):

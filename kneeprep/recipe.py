@@ -213,7 +213,7 @@ def load_recipe(path: str | Path | None) -> Recipe:
     try:
         r = parse_recipe(data)
     except RecipeError as e:
-        raise RecipeError(f"{p}: {e}") from None
+        raise RecipeError(*(f"{p}: {m}" for m in e.problems)) from None
     return _with(r, source_path=str(p))
 
 
@@ -237,19 +237,27 @@ def parse_recipe(data: dict[str, Any]) -> Recipe:
         "splits": Splits,
         "privacy": Privacy,
     }
+    errors: list[
+        str
+    ] = []  # every problem is reported, not only the first (a section that fails keeps its defaults)
     for section, value in data.items():
-        if section in simple:
-            kw[section] = _parse_section(section, simple[section], value)
-        elif section == "labels":
-            kw["labels"] = _parse_labels(value)
-        elif section == "questions":
-            kw["questions"] = _parse_questions(value)
-        else:
-            raise RecipeError(
-                f"unknown section [{section}] (known: recipe, {', '.join([*simple, 'labels', 'questions'])})"
-            )
+        try:
+            if section in simple:
+                kw[section] = _parse_section(section, simple[section], value)
+            elif section == "labels":
+                kw["labels"] = _parse_labels(value)
+            elif section == "questions":
+                kw["questions"] = _parse_questions(value)
+            else:
+                raise RecipeError(
+                    f"unknown section [{section}] (known: recipe, {', '.join([*simple, 'labels', 'questions'])})"
+                )
+        except RecipeError as e:
+            errors += e.problems
     r = Recipe(**kw)
-    _validate(r)
+    errors += _validate(r)
+    if errors:
+        raise RecipeError(*errors)
     return r
 
 
@@ -344,72 +352,69 @@ _CHOICES = {
 }
 
 
-def _validate(r: Recipe) -> None:
+def _validate(r: Recipe) -> list[str]:
+    """Every problem of the values (each names its key); empty when the recipe is valid."""
+    errs: list[str] = []
     d = r.to_json()
     for key, choices in _CHOICES.items():
         section, name = key.split(".")
         if d[section][name] not in choices:
-            raise RecipeError(
-                f"{key}: expected one of {', '.join(map(repr, choices))}, got {d[section][name]!r}"
-            )
+            errs.append(f"{key}: expected one of {', '.join(map(repr, choices))}, got {d[section][name]!r}")
     try:
         re.compile(r.select.series_description)
     except re.error as e:
-        raise RecipeError(f"select.series_description: not a valid regex: {e}") from None
+        errs.append(f"select.series_description: not a valid regex: {e}")
     g = r.geometry
     if g.orientation != "native" and not _ORIENT_RE.match(g.orientation):
-        raise RecipeError(
+        errs.append(
             f"geometry.orientation: expected 'native' or an ITK code of three letters from L/R, A/P, S/I "
             f"(e.g. 'LPS'), got {g.orientation!r}"
         )
     if g.spacing and (
         len(g.spacing) != 3 or not all(isinstance(v, int | float) and v > 0 for v in g.spacing)
     ):
-        raise RecipeError(
+        errs.append(
             f"geometry.spacing: expected [] or 3 positive numbers (z, y, x) in mm, got {list(g.spacing)}"
         )
     if g.shape and (
         len(g.shape) != 3
         or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in g.shape)
     ):
-        raise RecipeError(
-            f"geometry.shape: expected [] or 3 positive integers (z, y, x), got {list(g.shape)}"
-        )
+        errs.append(f"geometry.shape: expected [] or 3 positive integers (z, y, x), got {list(g.shape)}")
     i = r.intensity
     if i.method == "percentile" and not 0 <= i.lower < i.upper <= 100:
-        raise RecipeError(
+        errs.append(
             f"intensity.lower/upper: percentiles need 0 <= lower < upper <= 100, got {i.lower}, {i.upper}"
         )
     if i.method == "window" and not i.lower < i.upper:
-        raise RecipeError(f"intensity.lower/upper: window needs lower < upper, got {i.lower}, {i.upper}")
+        errs.append(f"intensity.lower/upper: window needs lower < upper, got {i.lower}, {i.upper}")
     if i.method == "zscore" and i.dtype not in ("", "float32"):
-        raise RecipeError(f"intensity.dtype: zscore gives float32, got {i.dtype!r}")
+        errs.append(f"intensity.dtype: zscore gives float32, got {i.dtype!r}")
     if r.boxes.margin_mm < 0:
-        raise RecipeError(f"boxes.margin_mm: must be >= 0, got {r.boxes.margin_mm}")
+        errs.append(f"boxes.margin_mm: must be >= 0, got {r.boxes.margin_mm}")
     if r.shards.target_bytes < 1:
-        raise RecipeError(f"shards.target_bytes: must be positive, got {r.shards.target_bytes}")
+        errs.append(f"shards.target_bytes: must be positive, got {r.shards.target_bytes}")
     if r.shards.codec.startswith("blosc-") and not 1 <= r.shards.level <= 9:
-        raise RecipeError(
-            f"shards.level: Blosc levels are 1-9, got {r.shards.level} for codec {r.shards.codec!r}"
-        )
+        errs.append(f"shards.level: Blosc levels are 1-9, got {r.shards.level} for codec {r.shards.codec!r}")
     s = r.splits
     if len(s.ratios) != 3 or any(x < 0 for x in s.ratios) or abs(sum(s.ratios) - 1) > 1e-6:
-        raise RecipeError(
+        errs.append(
             f"splits.ratios: expected 3 non-negative numbers summing to 1 (train, val, test), got {list(s.ratios)}"
         )
     names = set(r.labels.map.values())
     if len(names) != len(r.labels.map):
-        raise RecipeError("labels.map: label names must be unique")
+        errs.append("labels.map: label names must be unique")
     for region, members in r.labels.regions.items():
         for m in members:
             if m not in names:
-                raise RecipeError(f"labels.regions.{region}: {m!r} is not a label name in labels.map")
+                errs.append(f"labels.regions.{region}: {m!r} is not a label name in labels.map")
+    if any(e.startswith("labels.") for e in errs):
+        return errs  # question regions are checked against [labels] only once [labels] itself is valid
     regions = set(r.labels.region_labels())
     for qid, region in r.questions.items():
         if region is not None and region not in regions:
-            raise RecipeError(
-                f"questions.{qid}: region {region!r} is neither a label nor a region in [labels]"
-            )
+            errs.append(f"questions.{qid}: region {region!r} is neither a label nor a region in [labels]")
+    return errs
 
 
 def _with(r: Recipe, **changes) -> Recipe:

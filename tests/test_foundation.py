@@ -227,3 +227,18 @@ def test_an_output_path_under_a_file_is_one_line_not_a_traceback(tmp_path, capsy
             main(args)
         err = capsys.readouterr().err
         assert e.value.code in (1, 2) and "Traceback" not in err and str(afile) in err, (args, err)
+
+
+def test_recipe_check_lists_every_error(tmp_path):
+    """Not only the first one (issue 18, point 6): one FAIL line per problem, each naming the file and key."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        '[geometry]\norientation = "XYZ"\n[intensity]\nmethod = "percentile"\nlower = 90\nupper = 10\n'
+        '[shards]\ncodec = "blosc-lz4"\nlevel = 12\n[nosuch]\nx = 1\n'
+    )
+    res = CliRunner().invoke(cli, ["recipe", "check", str(bad)])
+    assert res.exit_code == 1
+    fails = [line for line in res.output.splitlines() if line.startswith("FAIL ")]
+    keys = ["unknown section [nosuch]", "geometry.orientation", "intensity.lower/upper", "shards.level"]
+    assert len(fails) == 4 and all(f"FAIL {bad}: " in f for f in fails)
+    assert all(any(k in f for f in fails) for k in keys)

@@ -49,7 +49,8 @@ def check(files):
             r = load_recipe(f)
         except KneeprepError as e:
             bad += 1
-            click.secho(f"FAIL {e}", fg="red")
+            for line in getattr(e, "problems", [str(e)]):
+                click.secho(f"FAIL {line}", fg="red")
         else:
             boxed = sum(v is not None for v in r.questions.values())
             click.echo(
