@@ -56,6 +56,12 @@ class ConvertTask:
 # fingerprints
 
 
+def _source(info) -> str:
+    """The series folder as an absolute path (the report's ``source``; export's ``path`` column): a path
+    relative to where convert ran would mean nothing to a later command run elsewhere."""
+    return os.path.abspath(info.files[0].parent) if info.files else ""
+
+
 def _stat_entry(path: Path) -> list:
     st = path.stat()
     return [path.name, st.st_size, st.st_mtime_ns]
@@ -112,7 +118,7 @@ def convert_series(
 ) -> ItemResult:
     """Convert one series into ``store_path`` and return its record; never raises for a bad series."""
     t0 = time.perf_counter()
-    source = str(info.files[0].parent) if info.files else ""
+    source = _source(info)
     try:
         result = _convert(info, recipe, Path(store_path), mask_path, fingerprint, t0)
     except KneeprepError as e:
@@ -145,7 +151,7 @@ def _convert(info, recipe: Recipe, store: Path, mask_path, fingerprint, t0: floa
     )
 
     vid = info.volume_id
-    source = str(info.files[0].parent) if info.files else ""
+    source = _source(info)
     convert_hash = recipe.stage_hash("convert")
     fingerprint = fingerprint or input_fingerprint(info, mask_path)
     timings = {}
@@ -272,7 +278,7 @@ def _task_lost(task: ConvertTask, exc: BaseException) -> ItemResult:
     """The ``failed`` record of a task that never returned: its worker died (every retry) or the cluster
     failed it. ``kind`` is ``worker_lost`` for a dead worker, else ``unexpected``."""
     info = task.info
-    source = str(info.files[0].parent) if info.files else ""
+    source = _source(info)
     lost = type(exc).__name__ == "KilledWorker"
     why = (
         "the worker process converting it died on every attempt (killed by the OS or out of memory, or a crash "
@@ -292,7 +298,7 @@ def _task_lost(task: ConvertTask, exc: BaseException) -> ItemResult:
 
 def select(info, recipe: Recipe) -> ItemResult | None:
     """``None`` if the series is to be converted, else its ``skipped`` record (not selected, or QC)."""
-    source = str(info.files[0].parent) if info.files else ""
+    source = _source(info)
     if not re.search(recipe.select.series_description, info.description or ""):
         return ItemResult(
             info.volume_id, "skipped", "not_selected",
@@ -365,7 +371,7 @@ class _Planner:
         skipped = select(info, self.recipe)
         if skipped is not None:
             return skipped
-        source = str(info.files[0].parent) if info.files else ""
+        source = _source(info)
         mask = self.mask_of(info)
         if isinstance(mask, KneeprepError):
             return ItemResult(info.volume_id, "failed", mask.kind, str(mask), 0.0, source)

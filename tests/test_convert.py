@@ -538,3 +538,20 @@ def test_a_run_that_writes_nothing_exits_1_saying_why(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["convert", str(tree.raw), str(tmp_path / "out2.zarr"), "--workers", "0", "--no-progress"])
     assert e.value.code == 0, capsys.readouterr()
+
+
+def test_report_source_is_absolute_when_raw_was_given_relative(tmp_path, monkeypatch):
+    """The report's `source` (export's `path` column) names the series folder from anywhere (issue 18)."""
+    import json
+
+    from kneeprep.cli import main
+
+    tree = Tree(tmp_path / "t")
+    tree.add("9000003", "RIGHT")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["convert", "t/raw", "out.zarr", "--workers", "0", "--no-progress"])
+    assert e.value.code == 0
+    items = json.loads((tmp_path / "out.zarr" / "report.json").read_text())["items"]
+    sources = [i["source"] for i in items if i["status"] == "written"]
+    assert sources and all(Path(s).is_absolute() and Path(s).is_dir() for s in sources)
