@@ -100,6 +100,7 @@ def rebuild(
     """Run scan → convert → boxes → shards → validate → card; returns (and writes) the rebuild report."""
     from .boxes import recompute_store_boxes
     from .card import write_card
+    from .parallel import progress_callback
     from .pipeline import run_convert
     from .privacy import Pseudonymizer
     from .shards import build_shards, read_manifest, validate_shards
@@ -145,7 +146,8 @@ def rebuild(
         echo(f"  {vid} [{kind}]: {msg}")
 
     t = stage("shards")
-    sh = build_shards(store, annotations, shards_dir, recipe)
+    with progress_callback("shards", progress, unit="volumes") as update:
+        sh = build_shards(store, annotations, shards_dir, recipe, progress=update)
     rep.seconds["shards"] = time.perf_counter() - t
     rep.stages["shards"] = {k: v for k, v in sh.items() if k != "rejected_items"} | {
         "report": str(shards_dir / "report.json")
@@ -167,7 +169,8 @@ def rebuild(
         rep.stages["validate"] = last | {"skipped": True}
         echo("validate: skipped (shards unchanged since they were last validated)")
     else:
-        problems = validate_shards(shards_dir)
+        with progress_callback("validate", progress, unit="shards") as update:
+            problems = validate_shards(shards_dir, progress=update)
         rep.stages["validate"] = {
             "problems": [str(p) for p in problems],
             "manifest_sha256": manifest_sha,

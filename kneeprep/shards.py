@@ -135,6 +135,7 @@ def write_shards(
     *,
     inputs_hash: str = "",
     row_group_bytes: int = ROW_GROUP_IMAGE_BYTES,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Write quintuples (with their volumes) as Parquet shards under ``out_dir`` and return the manifest.
 
@@ -142,7 +143,7 @@ def write_shards(
     each volume is read once with ``read_volume``. Shards are cut once a file reaches
     ``recipe.shards.target_bytes`` (always after a whole row group); row groups after
     ``min(row_group_bytes, target_bytes)`` uncompressed image bytes (whole volumes, at least one). Old shards not in the new manifest are
-    removed after the manifest is written.
+    removed after the manifest is written. ``progress(done, total)`` is called after each volume read.
     """
     from . import __version__
     from .quintuples import quintuple_order
@@ -152,12 +153,22 @@ def write_shards(
     (out / MANIFEST).unlink(missing_ok=True)  # the directory is incomplete until the new manifest lands
     qs = sorted(quintuples, key=quintuple_order)
     entries: list[dict[str, Any]] = []
+    total = len({(q.split, q.volume_id) for q in qs})
+    done = [0]
+
+    def volume_done() -> None:
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], total)
+
     try:
         for split, split_rows in groupby(qs, key=lambda q: q.split):
             if split not in SPLITS:
                 raise ValidationError(f"quintuple split {split!r} is not one of {', '.join(SPLITS)}")
             rg_bytes = min(row_group_bytes, recipe.shards.target_bytes)
-            entries += _write_split(out, split, list(split_rows), read_volume, recipe.shards, rg_bytes)
+            entries += _write_split(
+                out, split, list(split_rows), read_volume, recipe.shards, rg_bytes, volume_done
+            )
     except BaseException:
         _remove_partials(out)  # a failed or interrupted run leaves no half-written shard (and no manifest)
         raise
@@ -195,7 +206,13 @@ def _remove_partials(out: Path) -> None:
 
 
 def _write_split(
-    out: Path, split: str, rows: list[Quintuple], read_volume: VolumeReader, spec, row_group_bytes: int
+    out: Path,
+    split: str,
+    rows: list[Quintuple],
+    read_volume: VolumeReader,
+    spec,
+    row_group_bytes: int,
+    volume_done: Callable[[], None] = lambda: None,
 ) -> list[dict]:
     (out / split).mkdir(exist_ok=True)
     volumes = [(vid, list(g)) for vid, g in groupby(rows, key=lambda q: q.volume_id)]
@@ -227,6 +244,7 @@ def _write_split(
             flush()  # a row group holds whole volumes up to row_group_bytes, at least one
         group.append((qs, image, geom))
         group_bytes += image.nbytes
+        volume_done()
     flush()
     if writer is not None:
         entries.append(writer.close())
@@ -468,6 +486,8 @@ def _blosc_sizes(frame) -> tuple[int, int]:
     return int.from_bytes(head[4:8], "little"), int.from_bytes(head[12:16], "little")
 
 
+#: ``progress(done, total)``: how far a long job is (the CLI draws it; this module prints nothing)
+Progress = Callable[[int, int], None]
 #: ``alloc(volume_id, shape, dtype)`` -> a writable C-contiguous array to decode that volume into
 VolumeAllocator = Callable[[str, tuple, np.dtype], np.ndarray]
 
@@ -561,13 +581,16 @@ class Problem:
         return f"{self.path}: [{self.kind}] {self.message}"
 
 
-def validate_shards(shards_dir: str | os.PathLike, *, decode: bool = True) -> list[Problem]:
+def validate_shards(
+    shards_dir: str | os.PathLike, *, decode: bool = True, progress: Progress | None = None
+) -> list[Problem]:
     """Check a shards directory against its manifest and schema; an empty list means all is well.
 
     Checks: manifest and schema version; missing and extra shard files; bytes and sha256; row and volume
     counts; the Arrow schema; rows sorted by volume with the image on each volume's first row in the same
     row group; every volume decodes to its declared shape and dtype (``decode``); every box inside its
     volume and consistent with its list form; each row's split matches its directory; no patient in two splits.
+    ``progress(done, total)`` is called after each shard file.
     """
     d = Path(shards_dir)
     try:
@@ -581,7 +604,10 @@ def validate_shards(shards_dir: str | os.PathLike, *, decode: bool = True) -> li
         if rel not in listed:
             problems.append(Problem(rel, "extra", "shard file not listed in the manifest"))
     patients: dict[str, set[str]] = {}
-    for e in m.get("shards", []):
+    entries = m.get("shards", [])
+    for done, e in enumerate(entries):
+        if progress is not None and done:
+            progress(done, len(entries))
         rel = e["path"]
         p = d / rel
         if not p.is_file():
@@ -597,6 +623,8 @@ def validate_shards(shards_dir: str | os.PathLike, *, decode: bool = True) -> li
             )
             continue  # the content is not what was written: do not trust it further
         problems += _validate_file(p, rel, e, patients, decode)
+    if progress is not None and entries:
+        progress(len(entries), len(entries))
     for patient, splits in sorted(patients.items()):
         if len(splits) > 1:
             problems.append(
@@ -763,7 +791,9 @@ def up_to_date(out_dir: str | os.PathLike, recipe_hash: str, in_hash: str) -> bo
     )
 
 
-def build_shards(store, annotations_dir, out_dir, recipe, *, force: bool = False) -> dict[str, Any]:
+def build_shards(
+    store, annotations_dir, out_dir, recipe, *, force: bool = False, progress: Progress | None = None
+) -> dict[str, Any]:
     """Run the shards stage and return its report (also written to ``out_dir/report.json``).
 
     Reads the annotation directory and every complete volume's attrs, joins them
@@ -782,11 +812,11 @@ def build_shards(store, annotations_dir, out_dir, recipe, *, force: bool = False
     # one writer per shards directory: two runs at once wrote the same .partial files and deleted each
     # other's (a corrupt shard, issue 19); the second now stops before any work
     with store_lock(out, what="shards directory"):
-        return _build_shards(store, annotations_dir, out, recipe, pseudo, force, t0)
+        return _build_shards(store, annotations_dir, out, recipe, pseudo, force, t0, progress)
 
 
 def _build_shards(
-    store, annotations_dir, out: Path, recipe, pseudo, force: bool, t0: float
+    store, annotations_dir, out: Path, recipe, pseudo, force: bool, t0: float, progress: Progress | None
 ) -> dict[str, Any]:
     import time
 
@@ -811,7 +841,12 @@ def _build_shards(
         quintuples = [pseudo.quintuple(q) for q in quintuples]
         rejected = _pseudonymize_rejections(rejected, pseudo, annotations, attrs)
     manifest = write_shards(
-        quintuples, lambda v: read_volume(store, real_volume.get(v, v)), out, recipe, inputs_hash=ihash
+        quintuples,
+        lambda v: read_volume(store, real_volume.get(v, v)),
+        out,
+        recipe,
+        inputs_hash=ihash,
+        progress=progress,
     )
     by_kind: dict[str, int] = {}
     for r in rejected:

@@ -417,7 +417,8 @@ def test_a_shard_write_error_names_the_file_and_leaves_no_partial_shard(
     limit = (sizes[0] + sizes[-1]) // 2  # the smallest shard fits, the biggest does not
     out = tmp_path / "shards"
     proc = subprocess.run(
-        [PYTHON, "-m", "kneeprep", "shards", str(clean_store), str(small_sample), str(out), "--recipe", str(RECIPE)],
+        [PYTHON, "-m", "kneeprep", "shards", str(clean_store), str(small_sample), str(out), "--recipe", str(RECIPE),
+         "--no-progress"],
         capture_output=True, text=True, timeout=DEADLINE, preexec_fn=_limit_file_size(limit),
     )  # fmt: skip
     assert proc.returncode == 1, proc.stdout + proc.stderr

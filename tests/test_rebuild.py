@@ -175,3 +175,26 @@ def test_a_second_shards_run_into_the_same_directory_is_refused(built, capsys):
     )
     assert _mtimes(shards) == before
     assert CliRunner().invoke(cli, ["validate", str(shards)]).exit_code == 0
+
+
+def test_shards_and_validate_report_progress_without_click(built, tmp_path):
+    """The stages call a plain progress(done, total) callback; the CLI draws it (issue 18, point 6)."""
+    from kneeprep.recipe import load_recipe
+    from kneeprep.shards import build_shards, validate_shards
+
+    sample, out, _ = built
+    calls: list[tuple[int, int]] = []
+    r = build_shards(
+        out / "volumes.zarr",
+        sample,
+        tmp_path / "s",
+        load_recipe(RECIPE),
+        progress=lambda d, t: calls.append((d, t)),
+    )
+    n = sum(r["volumes"].values())
+    assert calls == [(i, n) for i in range(1, n + 1)]
+    seen: list[tuple[int, int]] = []
+    assert validate_shards(tmp_path / "s", progress=lambda d, t: seen.append((d, t))) == []
+    assert seen[-1] == (r["shards"], r["shards"]) and len(seen) == r["shards"]
+    res = CliRunner().invoke(cli, ["validate", str(tmp_path / "s"), "--no-progress"])
+    assert res.exit_code == 0 and "OK" in res.output

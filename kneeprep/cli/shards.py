@@ -17,7 +17,8 @@ import click
     help="Recipe TOML ([questions], [shards], [splits], [privacy] are used; default: built-in defaults).",
 )
 @click.option("--force", is_flag=True, help="Rewrite the shards even when inputs and recipe are unchanged.")
-def shards(store, annotations, shards_dir, recipe_file, force):
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar (volumes) on stderr.")
+def shards(store, annotations, shards_dir, recipe_file, force, progress):
     """Join the volumes of STORE (a volumes.zarr) with the annotations in ANNOTATIONS into Parquet shards
     under SHARDS (SHARDS/<split>/part-NNNNN.parquet + manifest.json; format in docs/SHARDS.md).
 
@@ -28,11 +29,13 @@ def shards(store, annotations, shards_dir, recipe_file, force):
     unknown question, volume in no split); rejections of kind `no_box` (the question's region has no voxels
     in that volume's mask) are facts of the data and keep exit code 0.
     """
+    from ..parallel import progress_callback
     from ..recipe import load_recipe
     from ..shards import REPORT, build_shards
 
     recipe = load_recipe(recipe_file)
-    r = build_shards(store, annotations, shards_dir, recipe, force=force)
+    with progress_callback("shards", progress, unit="volumes") as update:
+        r = build_shards(store, annotations, shards_dir, recipe, force=force, progress=update)
     if r.get("up_to_date"):
         click.echo(
             f"shards in {shards_dir} are up to date (same inputs, shards recipe hash {r.get('recipe_hash', '?')}): "
@@ -66,15 +69,18 @@ def shards(store, annotations, shards_dir, recipe_file, force):
 @click.option(
     "--no-decode", is_flag=True, help="Skip reading the voxel bytes (checksums still read every byte)."
 )
-def validate(shards_dir, no_decode):
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar (shard files) on stderr.")
+def validate(shards_dir, no_decode, progress):
     """Check SHARDS against its manifest: schema version, checksums, row counts, missing or extra shards,
     every box inside its volume, every volume decodable to its shape and dtype, no patient in two splits.
 
     Prints every problem found; exit code 1 if there is any.
     """
+    from ..parallel import progress_callback
     from ..shards import read_manifest, validate_shards
 
-    problems = validate_shards(shards_dir, decode=not no_decode)
+    with progress_callback("validate", progress, unit="shards") as update:
+        problems = validate_shards(shards_dir, decode=not no_decode, progress=update)
     for p in problems:
         click.secho(str(p), fg="red")
     if problems:
