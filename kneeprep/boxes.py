@@ -521,7 +521,12 @@ class BoxesSummary:
 
 
 def recompute_store_boxes(
-    store_path: str | os.PathLike, recipe, *, lock: bool = True, stale_only: bool = False
+    store_path: str | os.PathLike,
+    recipe,
+    *,
+    lock: bool = True,
+    stale_only: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> BoxesSummary:
     """Recompute every volume's boxes from its stored labels (layer ``recipe.masks.name``) with ``recipe``.
 
@@ -532,16 +537,17 @@ def recompute_store_boxes(
     Updates the volume attrs ``boxes`` and ``provenance.boxes_hash``, rewrites ``boxes.parquet`` and returns a
     summary. A volume that fails (no labels, bad geometry) is recorded in ``failures``, never raised. Holds the
     store's writer lock (:func:`kneeprep.store.store_lock`) unless ``lock=False`` (a caller already holding it).
+    ``progress(done, total)`` is called after each volume.
     """
     from . import store
 
     store_path = Path(store_path)
     store.list_volumes(store_path)  # a missing store is an error before anything is locked or written
     with store.store_lock(store_path) if lock else contextlib.nullcontext():
-        return _recompute(store_path, recipe, stale_only)
+        return _recompute(store_path, recipe, stale_only, progress)
 
 
-def _recompute(store_path: Path, recipe, stale_only: bool = False) -> BoxesSummary:
+def _recompute(store_path: Path, recipe, stale_only: bool = False, progress=None) -> BoxesSummary:
     from . import store
     from .errors import KneeprepError
 
@@ -550,7 +556,10 @@ def _recompute(store_path: Path, recipe, stale_only: bool = False) -> BoxesSumma
     n_vol = n_box = n_empty = n_same = 0
     unknown: dict[str, dict[int, int]] = {}
     failures = []
-    for vid in sorted(store.list_volumes(store_path)):
+    vids = sorted(store.list_volumes(store_path))
+    for done, vid in enumerate(vids):
+        if progress is not None and done:
+            progress(done, len(vids))
         try:
             attrs = store.read_attrs(store_path, vid)
             if stale_only and (
@@ -580,6 +589,8 @@ def _recompute(store_path: Path, recipe, stale_only: bool = False) -> BoxesSumma
         u = stats.unknown_labels(regions)
         if u:
             unknown[vid] = u
+    if progress is not None and vids:
+        progress(len(vids), len(vids))
     table = store_path / BOXES_TABLE
     if n_vol or failures or not table.is_file():
         table = write_boxes_table(store_path)

@@ -135,7 +135,8 @@ def rebuild(
     echo(conv.table())
 
     t = stage("boxes")
-    bs = recompute_store_boxes(store, recipe, stale_only=True)
+    with progress_callback("boxes", progress, unit="volumes") as update:
+        bs = recompute_store_boxes(store, recipe, stale_only=True, progress=update)
     rep.seconds["boxes"] = time.perf_counter() - t
     rep.stages["boxes"] = bs.to_json()
     echo(

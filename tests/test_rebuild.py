@@ -196,5 +196,15 @@ def test_shards_and_validate_report_progress_without_click(built, tmp_path):
     seen: list[tuple[int, int]] = []
     assert validate_shards(tmp_path / "s", progress=lambda d, t: seen.append((d, t))) == []
     assert seen[-1] == (r["shards"], r["shards"]) and len(seen) == r["shards"]
+    from kneeprep.boxes import recompute_store_boxes
+
+    box_calls: list[tuple[int, int]] = []
+    recompute_store_boxes(
+        out / "volumes.zarr",
+        load_recipe(RECIPE),
+        stale_only=True,
+        progress=lambda d, t: box_calls.append((d, t)),
+    )
+    assert box_calls and box_calls[-1][0] == box_calls[-1][1] == len(box_calls)
     res = CliRunner().invoke(cli, ["validate", str(tmp_path / "s"), "--no-progress"])
     assert res.exit_code == 0 and "OK" in res.output

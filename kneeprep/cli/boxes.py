@@ -14,17 +14,20 @@ import click
     default=None,
     help="Recipe TOML whose [labels] regions and [boxes] margin to use (default: the built-in defaults).",
 )
-def boxes(store, recipe_file):
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar (volumes) on stderr.")
+def boxes(store, recipe_file, progress):
     """Recompute every volume's boxes in STORE (a volumes.zarr) from its labels.
 
     Updates each volume's `boxes` attrs and `provenance.boxes_hash`, rewrites STORE/boxes.parquet and
     prints a summary. Exit code 1 when some volume could not be processed (listed in the summary).
     """
     from ..boxes import recompute_store_boxes
+    from ..parallel import progress_callback
     from ..recipe import load_recipe
 
     recipe = load_recipe(recipe_file)
-    s = recompute_store_boxes(store, recipe)
+    with progress_callback("boxes", progress, unit="volumes") as update:
+        s = recompute_store_boxes(store, recipe, progress=update)
     click.echo(
         f"{s.volumes} volumes: {s.boxes} boxes, {s.empty} empty regions "
         f"(recipe {recipe.name!r}, boxes hash {s.boxes_hash})"
