@@ -24,7 +24,8 @@ import click
 @click.option(
     "--force", is_flag=True, help="Write into a non-empty OUT (files of the same names are overwritten)."
 )
-def synth(out: Path, patients: int, size: str, seed: int, force: bool) -> None:
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar (series) on stderr.")
+def synth(out: Path, patients: int, size: str, seed: int, force: bool, progress: bool) -> None:
     """Generate an OAI-like sample of knee MRI under OUT (an empty or new directory; --force for another).
 
     \b
@@ -47,8 +48,17 @@ def synth(out: Path, patients: int, size: str, seed: int, force: bool) -> None:
         raise click.UsageError(f"{out}: not empty (pass --force to write the sample into it anyway)")
     plan = plan_sample(patients, size, seed)
     start = time.perf_counter()
-    with click.progressbar(length=plan.n_series, label="writing series", show_pos=True) as bar:
-        summary = write_sample(plan, out, progress=lambda _label: bar.update(1), force=force)
+    from ..parallel import progress_callback
+
+    with progress_callback("writing series", progress) as update:
+        done = [0]
+
+        def step(_label: str) -> None:
+            done[0] += 1
+            if update is not None:
+                update(done[0], plan.n_series)
+
+        summary = write_sample(plan, out, progress=step, force=force)
     seconds = time.perf_counter() - start
     click.echo(
         f"wrote {summary.series} series ({summary.files} files) for {len(summary.patient_ids)} patients, "
