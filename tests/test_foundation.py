@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import doctest
 import tomllib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -180,7 +181,7 @@ def test_every_command_has_help():
         assert "Usage:" in res.output
 
 
-RECIPES = sorted((__import__("pathlib").Path(__file__).parent.parent / "recipes").glob("*.toml"))
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.toml"))
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
@@ -242,3 +243,71 @@ def test_recipe_check_lists_every_error(tmp_path):
     keys = ["unknown section [nosuch]", "geometry.orientation", "intensity.lower/upper", "shards.level"]
     assert len(fails) == 4 and all(f"FAIL {bad}: " in f for f in fails)
     assert all(any(k in f for f in fails) for k in keys)
+
+
+def _bad_path_cases(tmp: Path) -> list[list[str]]:
+    """Every command with a missing input, a file where a folder must be, or an output under a file."""
+    missing, afile = tmp / "missing", tmp / "afile"
+    raw = tmp / "raw"
+    raw.mkdir(exist_ok=True)
+    afile.write_text("not a folder")
+    recipe = str(RECIPES[0])
+    return [
+        ["convert", str(missing), str(tmp / "o.zarr"), "--workers", "0", "--no-progress"],
+        ["convert", str(raw), str(afile / "o.zarr"), "--workers", "0", "--no-progress"],
+        [
+            "rebuild",
+            "--recipe",
+            recipe,
+            "--raw",
+            str(missing),
+            "--annotations",
+            str(raw),
+            "--out",
+            str(tmp / "r"),
+        ],
+        [
+            "rebuild",
+            "--recipe",
+            recipe,
+            "--raw",
+            str(raw),
+            "--annotations",
+            str(raw),
+            "--out",
+            str(afile / "r"),
+        ],
+        ["scan", str(missing), "--no-progress"],
+        ["scan", str(raw), "--out", str(afile / "x.csv"), "--no-progress"],
+        ["shards", str(missing), str(raw), str(tmp / "s"), "--no-progress"],
+        ["shards", str(raw), str(raw), str(afile / "s"), "--no-progress"],
+        ["validate", str(missing)],
+        ["validate", str(raw)],
+        ["export", str(missing), str(tmp / "e")],
+        ["export", str(raw), str(afile / "e")],
+        ["boxes", str(missing)],
+        ["boxes", str(raw), "--no-progress"],
+        ["score", str(missing), str(raw)],
+        ["score", str(afile), str(missing)],
+        ["preview", str(missing), "--first"],
+        ["preview", str(raw), "--first", "-o", str(afile / "x.png")],
+        ["synth", str(afile / "s"), "--size", "small"],
+        ["recipe", "show", str(missing)],
+        ["recipe", "check", str(afile)],
+    ]
+
+
+def test_every_command_on_bad_paths_says_one_line_and_never_a_traceback(tmp_path, capsys):
+    """No traceback, ever (issue 18, point 6): each command on bad paths exits 1 (an error) or 2 (misuse,
+    click's own check of the path) with a message naming the path."""
+    from kneeprep.cli import main
+
+    for args in _bad_path_cases(tmp_path):
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        out = capsys.readouterr()
+        text = out.err + out.out
+        assert e.value.code in (1, 2), (args, e.value.code, text)
+        assert "Traceback" not in text, (args, text)
+        named = [a for a in args if a.startswith(str(tmp_path))]
+        assert any(Path(a).name in text or str(Path(a).parent) in text for a in named), (args, text)
