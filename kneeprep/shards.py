@@ -848,6 +848,7 @@ def _build_shards(
         inputs_hash=ihash,
         progress=progress,
     )
+    mismatched = prompt_mismatches(annotations)
     by_kind: dict[str, int] = {}
     for r in rejected:
         by_kind[r.reason_kind] = by_kind.get(r.reason_kind, 0) + 1
@@ -866,9 +867,24 @@ def _build_shards(
         "codec": recipe.shards.codec,
         "seconds": round(time.perf_counter() - t0, 3),
         "rejected_items": [r.to_json() for r in rejected],
+        # the rule: a record's own prompt wins; the bank (questions.json) fills in records without one
+        "prompt_rule": "record",
+        "prompt_mismatches": len(mismatched),
+        "prompt_mismatch_examples": mismatched[:5],
     }
     _write_json_atomic(out / REPORT, report)
     return report
+
+
+def prompt_mismatches(annotations) -> list[dict[str, str]]:
+    """Records whose own prompt differs from the question bank's prompt for their question id (the record's
+    is the one written: docs/SHARDS.md, "The join"), in record order."""
+    bank = dict(annotations.questions)
+    return [
+        {"sample_id": r.sample_id, "question_id": r.question_id}
+        for r in annotations.records
+        if r.question and r.question_id in bank and bank[r.question_id] and r.question != bank[r.question_id]
+    ]
 
 
 def _pseudonymize_rejections(rejected, pseudo, annotations, attrs) -> list:

@@ -208,3 +208,34 @@ def test_shards_and_validate_report_progress_without_click(built, tmp_path):
     assert box_calls and box_calls[-1][0] == box_calls[-1][1] == len(box_calls)
     res = CliRunner().invoke(cli, ["validate", str(tmp_path / "s"), "--no-progress"])
     assert res.exit_code == 0 and "OK" in res.output
+
+
+def test_an_edited_question_bank_is_reported_when_records_carry_their_own_prompts(built, tmp_path):
+    """Which prompt wins is a rule -- the record's own -- and a bank that disagrees is reported (issue 19.9)."""
+    import shutil
+
+    from kneeprep.loader import ShardDataset
+    from kneeprep.recipe import load_recipe
+    from kneeprep.shards import build_shards
+
+    sample, out, _ = built
+    ann = tmp_path / "ann"
+    ann.mkdir()
+    for name in ("quintuples.jsonl", "split_files"):
+        src = sample / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, ann / name)
+    bank = json.loads((sample / "questions.json").read_text())
+    original = bank["1"]
+    bank["1"] = "An edited prompt for question 1."
+    (ann / "questions.json").write_text(json.dumps(bank))
+    r = build_shards(out / "volumes.zarr", ann, tmp_path / "s", load_recipe(RECIPE))
+    records = [json.loads(line) for line in (sample / "quintuples.jsonl").read_text().splitlines() if line]
+    expected = sum(1 for x in records if x["question_id"] == "1")
+    assert expected and r["prompt_rule"] == "record" and r["prompt_mismatches"] == expected
+    assert {x["question_id"] for x in r["prompt_mismatch_examples"]} == {"1"}
+    rows = [
+        s
+        for s in ShardDataset(tmp_path / "s", shuffle=False, columns=["question_id", "question"])
+        if s["question_id"] == "1"
+    ]
+    assert rows and {s["question"] for s in rows} == {original}  # the record's prompt is what was written

@@ -56,6 +56,13 @@ def shards(store, annotations, shards_dir, recipe_file, force, progress):
             click.echo(f"  ... {len(errors) - 10} more in {shards_dir}/{REPORT}")
     else:
         click.echo("rejected: 0")
+    if r.get("prompt_mismatches"):
+        click.secho(
+            f"prompts: {r['prompt_mismatches']} records carry a prompt that differs from questions.json; the "
+            f"record's prompt is written (first: {r['prompt_mismatch_examples'][0]['sample_id']}; all counted "
+            f"in {shards_dir}/{REPORT})",
+            fg="yellow",
+        )
     click.echo(
         f"shards: {r.get('shards', 0)} files, {r.get('bytes', 0) / 2**20:.1f} MiB ({r.get('codec', '?')}); "
         f"report {shards_dir}/{REPORT}"
