@@ -236,7 +236,12 @@ def _convert(info, recipe: Recipe, store: Path, mask_path, fingerprint, t0: floa
             "files": [Path(f).name for f in info.files],
             "content_hash": chash,
             "fingerprint": fingerprint,
-            "description": info.description,
+            # free text only when the recipe asks ([privacy] keep_free_text)
+            **(
+                {"description": info.description, "study_description": info.study_description}
+                if recipe.privacy.keep_free_text
+                else {}
+            ),
         },
         "dicom": dict(info.technical or {}),
         "qc": info.qc.to_json(),
@@ -302,7 +307,9 @@ def select(info, recipe: Recipe) -> ItemResult | None:
     if not re.search(recipe.select.series_description, info.description or ""):
         return ItemResult(
             info.volume_id, "skipped", "not_selected",
-            f"SeriesDescription {info.description!r} does not match select.series_description", 0.0, source,
+            f"SeriesDescription {info.description!r} does not match select.series_description"
+            if recipe.privacy.keep_free_text  # free text quoted only when the recipe asks
+            else "SeriesDescription does not match select.series_description", 0.0, source,
         )  # fmt: skip
     status = info.qc.status
     if status in ("fail", "unsupported") or (status == "warn" and recipe.select.min_qc == "ok"):

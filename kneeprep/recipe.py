@@ -142,6 +142,8 @@ class Privacy:
     #: replace patient ids in every output by a keyed hash (HMAC-SHA256, key from env var ``key_env``).
     pseudonymize_ids: bool = False
     key_env: str = "KNEEPREP_ID_KEY"
+    #: write the series' SeriesDescription and StudyDescription (free text) into volume attrs and reports
+    keep_free_text: bool = False
 
 
 @dataclass(frozen=True)
@@ -184,7 +186,10 @@ class Recipe:
     def stage_hash(self, stage: str) -> str:
         """Hash of the sections ``stage`` ("convert", "boxes", "shards") depends on."""
         d = self.to_json()
-        return _hash({k: d[k] for k in self.STAGES[stage]})
+        parts = {k: d[k] for k in self.STAGES[stage]}
+        if stage == "convert" and self.privacy.keep_free_text:  # the one privacy setting the store depends on
+            parts["privacy.keep_free_text"] = True
+        return _hash(parts)
 
     def to_toml(self) -> str:
         """The resolved recipe as TOML (all defaults filled in)."""

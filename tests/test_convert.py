@@ -120,7 +120,9 @@ def test_selection_qc_attrs_and_no_phi(tree, tmp_path):
     assert store.list_volumes(out) == sorted([right, left])
     attrs = store.read_attrs(out, left)
     assert attrs["knee_side"] == 2 and attrs["mirrored"] is False and attrs["dtype"] == "uint16"
-    assert attrs["source"]["n_files"] == 12 and attrs["source"]["description"] == "SAG_3D_DESS_LEFT"
+    assert (
+        attrs["source"]["n_files"] == 12 and "description" not in attrs["source"]
+    )  # free text: not by default
     assert attrs["qc"]["status"] == "ok" and attrs["dicom"]["Modality"] == "MR"
     assert attrs["provenance"]["convert_hash"] == parse_recipe({}).stage_hash("convert")
     assert attrs["normalization"]["method"] == "none" and attrs["labels"] == {} and attrs["boxes"] == []
@@ -555,3 +557,36 @@ def test_report_source_is_absolute_when_raw_was_given_relative(tmp_path, monkeyp
     items = json.loads((tmp_path / "out.zarr" / "report.json").read_text())["items"]
     sources = [i["source"] for i in items if i["status"] == "written"]
     assert sources and all(Path(s).is_absolute() and Path(s).is_dir() for s in sources)
+
+
+def test_free_text_fields_stay_out_of_the_store_unless_the_recipe_asks(tmp_path):
+    """SeriesDescription, StudyDescription and ProtocolName are where sites type names (issue 19.6): read to
+    select series, written nowhere by default; `[privacy] keep_free_text = true` keeps the descriptions."""
+    from dataclasses import replace
+
+    import pydicom
+
+    from kneeprep.recipe import Recipe
+
+    tree = Tree(tmp_path / "t")
+    vid = tree.add("9000004", "RIGHT")
+    for f in tree.series[vid]["files"]:
+        ds = pydicom.dcmread(f)
+        ds.StudyDescription = "OAI^MR^ENROLLMENT^RIGHT Dr Planted Name"
+        ds.ProtocolName = "PLANTED_PROTOCOL ask Jane Roe"
+        ds.save_as(f)
+    tree.add("9000005", "LEFT", desc="LOCALIZER by Planted Tech", series="10000009")
+    recipe = Recipe()
+    run_convert(tree.raw, tmp_path / "a.zarr", recipe, workers=0)
+    blob = "".join(p.read_text(errors="ignore") for p in (tmp_path / "a.zarr").rglob("*.json"))
+    assert '"qc"' in blob  # the attrs are there, without the free text
+    for planted in ("Planted", "PLANTED_PROTOCOL", "Jane Roe", "SAG_3D_DESS_RIGHT"):
+        assert planted not in blob, planted
+    keep = replace(recipe, privacy=replace(recipe.privacy, keep_free_text=True))
+    assert keep.stage_hash("convert") != recipe.stage_hash("convert")  # a switch re-converts the volumes
+    run_convert(tree.raw, tmp_path / "b.zarr", keep, workers=0)
+    attrs = store.read_attrs(tmp_path / "b.zarr", vid)
+    assert attrs["source"]["description"] == "SAG_3D_DESS_RIGHT"
+    assert attrs["source"]["study_description"].endswith("Dr Planted Name")
+    report = (tmp_path / "b.zarr" / "report.json").read_text()
+    assert "LOCALIZER by Planted Tech" in report and "PLANTED_PROTOCOL" not in report

@@ -50,14 +50,16 @@ TECHNICAL_KEYWORDS: tuple[str, ...] = (
     "RescaleIntercept",  # (0028,1052)
     "RescaleType",  # (0028,1054)
     "ImageType",  # (0008,0008)
-    "SeriesDescription",  # (0008,103E)
-    "StudyDescription",  # (0008,1030)
-    "ProtocolName",  # (0018,1030)
     "BodyPartExamined",  # (0018,0015)
     "Laterality",  # (0020,0060)
     "PatientPosition",  # (0018,5100)
     "SOPClassUID",  # (0008,0016) -- a class, not an instance: identifies the kind of object only
 )
+
+#: Free-text fields where sites routinely type names or notes (PS3.15's basic profile removes or cleans them):
+#: read to select series and find the visit, never written to an output unless a recipe sets
+#: ``[privacy] keep_free_text = true`` (then SeriesDescription and StudyDescription go to ``source``).
+FREE_TEXT_KEYWORDS: tuple[str, ...] = ("SeriesDescription", "StudyDescription", "ProtocolName")
 
 #: Transfer syntax (0002,0010) is in the file meta group; stored under this key.
 TRANSFER_SYNTAX_KEY = "TransferSyntaxUID"
