@@ -242,9 +242,8 @@ def parse_recipe(data: dict[str, Any]) -> Recipe:
         "splits": Splits,
         "privacy": Privacy,
     }
-    errors: list[
-        str
-    ] = []  # every problem is reported, not only the first (a section that fails keeps its defaults)
+    # every problem is reported, not only the first (a section that fails keeps its defaults)
+    errors: list[str] = []
     for section, value in data.items():
         try:
             if section in simple:

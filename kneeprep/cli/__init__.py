@@ -118,9 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     except KneeprepError as e:
         click.secho(f"error: {e}", fg="red", err=True)
         sys.exit(1)
-    except (
-        OSError
-    ) as e:  # a path the system refused (a file where a folder must be, no permission, disk full)
+    except OSError as e:
+        # a path the system refused: a file where a folder must be, no permission, disk full
         where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
         click.secho(f"error: {where + ': ' if where else ''}{e.strerror or e}", fg="red", err=True)
         sys.exit(1)
