@@ -458,12 +458,6 @@ class _Manifest:
             self.saved = time.monotonic()
 
 
-def _locked(out: Path):
-    from .store import store_lock
-
-    return store_lock(out, what="export", name=LOCK)
-
-
 def run_export(
     source: str | os.PathLike,
     out: str | os.PathLike,
@@ -486,6 +480,7 @@ def run_export(
     (e.g. ``"../data/"`` for the published scripts' working directory). ``workers=0`` runs in this process.
     """
     from .parallel import executor, progress_iter
+    from .store import store_lock
 
     if layout not in LAYOUTS:
         raise ValidationError(f"layout {layout!r}: known layouts are {', '.join(LAYOUTS)}")
@@ -508,7 +503,7 @@ def run_export(
         "layout": layout, "answer": answer, "path_prefix": path_prefix, "workers": workers,
         "scheduler": scheduler, "kneeprep_version": __version__,
     })  # fmt: skip
-    with _locked(out):
+    with store_lock(out, what="export", name=LOCK):
         report.context["cleaned"] = [str(p.relative_to(out)) for p in _clean_partials(out)]
         plan = (
             _plan_shards(src, out, store, label_layer)

@@ -451,10 +451,10 @@ def decode_image(
     if out is not None and (out.shape != shape or out.dtype != dt or not out.flags.c_contiguous):
         raise ValueError(f"out is {out.shape} {out.dtype}, the volume {shape} {dt}")
     if codec == "raw":
-        a = np.frombuffer(image, dtype=dt)
-        if a.size != math.prod(shape):
-            raise ValidationError(f"{a.nbytes} image bytes do not hold shape {list(shape)} x {dtype}")
-        a = a.reshape(shape)
+        got, need = memoryview(image).nbytes, math.prod(shape) * dt.itemsize
+        if got != need:
+            raise ValidationError(f"{got} image bytes, shape {list(shape)} x {dtype} needs {need}")
+        a = np.frombuffer(image, dtype=dt).reshape(shape)
         if out is not None:
             np.copyto(out, a)
             a = out
@@ -705,19 +705,13 @@ def _validate_file(p: Path, rel: str, e: dict, patients: dict[str, set[str]], de
 
 def _check_image(rel: str, where: str, image, dtype: str, shape, codec: str = "raw") -> list[Problem]:
     try:
-        dt = np.dtype(dtype)
+        np.dtype(dtype)
     except TypeError:
         return [Problem(rel, "image", f"{where}: image_dtype {dtype!r} is not a numpy dtype")]
-    if codec != "raw":  # decode it: the frame's sizes, and that it decompresses
-        try:
-            decode_image(image, dtype, shape, codec)
-        except ValidationError as e:
-            return [Problem(rel, "image", f"{where}: {e}")]
-        return []
-    n = image.size
-    expected = int(np.prod(shape)) * dt.itemsize
-    if n != expected:
-        return [Problem(rel, "image", f"{where}: {n} image bytes, shape {shape} x {dtype} needs {expected}")]
+    try:  # raw: the byte count (a view, nothing copied); Blosc: the frame's sizes, and that it decompresses
+        decode_image(image, dtype, shape, codec)
+    except ValidationError as e:
+        return [Problem(rel, "image", f"{where}: {e}")]
     return []
 
 

@@ -123,11 +123,6 @@ class SlabPool:
 
     # -- slabs ---------------------------------------------------------------------------------------------
 
-    @property
-    def nbytes(self) -> int:
-        """Shared memory this pool holds now."""
-        return sum(HEADER + s.capacity for s in self.slabs.values())
-
     def alloc(self, volume_id: str, shape: tuple, dtype: np.dtype) -> SlabArray:
         nbytes = math.prod(shape) * np.dtype(dtype).itemsize
         slab = self._take(nbytes)
@@ -172,12 +167,6 @@ class SlabPool:
         self._next_id += 1
         self.slabs[slab.id] = slab
         return slab
-
-    def close(self) -> None:
-        with self._lock:
-            for s in self.slabs.values():
-                s.close()
-            self.slabs.clear()
 
     # -- batches -------------------------------------------------------------------------------------------
 
@@ -238,7 +227,6 @@ class WireBatch:
                 slabs.append((sid, gen, tuple(shape), dtype, HEADER + s.capacity, fd))
         return _rebuild, (
             pool.token,
-            pool.pid,
             slabs,
             self.image_index,
             self.fields,
@@ -254,9 +242,7 @@ class WireBatch:
             for sid, _, _, _ in self.volumes:
                 maps[sid] = pool.slabs[sid].map
         slabs = [(sid, gen, tuple(shape), dtype, 0, None) for sid, gen, shape, dtype in self.volumes]
-        return _rebuild(
-            pool.token, pool.pid, slabs, self.image_index, self.fields, self.volume_major, self.finish
-        )
+        return _rebuild(pool.token, slabs, self.image_index, self.fields, self.volume_major, self.finish)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -303,9 +289,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _rebuild(token, pid, slabs, image_index, fields, volume_major, finish):
+def _rebuild(token, slabs, image_index, fields, volume_major, finish):
     with _RECEIVER_LOCK:
-        if token not in _MAPPINGS:
+        if token not in _MAPPINGS:  # a token is "<worker pid>-<random>"
             for other in [t for t in _MAPPINGS if not _alive(int(t.split("-")[0]))]:
                 del _MAPPINGS[other]  # mappings of exited workers: their memory goes back to the system
             _MAPPINGS[token] = {}
