@@ -1,6 +1,6 @@
 """Boxes of every region of a full-size knee mask: kneeprep's one pass vs a naive ``np.nonzero`` per region.
 
-The mask is 160x384x384 (the native DESS grid) with the 32 labels of ``kneeprep.anatomy.SAMPLE_LABELS``
+The mask is 160x384x384 (the native DESS grid) with the 32 labels of ``kneeprep.moaks.anatomy.SAMPLE_LABELS``
 painted as ellipsoids and slabs of knee-like sizes (bones split into MOAKS subregions, thin cartilage plates,
 small menisci, an effusion); the regions are all of the default recipe's (32 labels + 9 unions). The naive
 competitor is what one writes first: for each region ``np.nonzero(np.isin(mask, ids))`` then min/max/mean per
@@ -20,7 +20,7 @@ REPEATS = 3
 
 def knee_mask(shape=SHAPE, seed: int = 0) -> np.ndarray:
     """A uint8 mask with every ``SAMPLE_LABELS`` id as a blob of plausible size (painted in its own block)."""
-    from kneeprep.anatomy import SAMPLE_LABELS
+    from kneeprep.moaks.anatomy import SAMPLE_LABELS
 
     rng = np.random.default_rng(seed)
     by_name = {n: i for i, n in SAMPLE_LABELS.items()}

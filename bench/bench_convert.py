@@ -36,10 +36,10 @@ _MEMORY_CHILD = r"""
 import json, sys
 from pathlib import Path
 from kneeprep.dicom import scan_tree
-from kneeprep.pipeline import convert_series
+from kneeprep.stages.convert import convert_series
 from kneeprep.recipe import load_recipe
-from kneeprep import store
-import kneeprep.masks, kneeprep.boxes, kneeprep.transforms, zarr, SimpleITK  # imports before the baseline
+from kneeprep.formats import store
+import kneeprep.formats.masks, kneeprep.boxes, kneeprep.transforms, zarr, SimpleITK  # imports before the baseline
 def hwm():  # VmHWM belongs to this process's own address space (ru_maxrss would include the parent's at fork)
     return int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1])
 folder, out, recipe_file, mask = sys.argv[1:5]

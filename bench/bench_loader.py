@@ -78,10 +78,10 @@ def touch(img) -> int:
 
 
 def write_kneeprep(root: Path, vols: dict[str, np.ndarray], codec: str, level: int = 3) -> Path:
+    from kneeprep.formats.quintuples import Quintuple
+    from kneeprep.formats.shard_writer import write_shards
     from kneeprep.geometry import Geometry
-    from kneeprep.quintuples import Quintuple
     from kneeprep.recipe import Recipe, Shards, Splits
-    from kneeprep.shards import write_shards
 
     recipe = Recipe(splits=Splits(source="generated"), shards=Shards(codec=codec, level=level))
     geom = Geometry(SHAPE, (0.7, 0.3646, 0.3646), np.diag([0.7, 0.3646, 0.3646, 1.0]))
@@ -213,7 +213,7 @@ def _loader(kind: str, path: Path, vids: list[str], workers: int, volume_major: 
         common["persistent_workers"] = True
     if kind == "kneeprep":
         from kneeprep.loader import ShardDataset
-        from kneeprep.torchdata import make_loader
+        from kneeprep.loader.torchdata import make_loader
 
         # a window of one volume's samples: with 8 volumes the default 256-sample window spans most of the
         # split; at real scale (thousands of volumes) it is a sliver of each worker's block, as one volume here

@@ -1,23 +1,5 @@
-"""3D boxes of labelled regions, computed in one pass over a label array.
-
-Box convention (``docs/DESIGN.md``, "Conventions")
---------------------------------------------------
-* Boxes are in **voxel indices of the stored volume**, in **array order** ``(z, y, x)`` (SimpleITK's
-  ``GetArrayFromImage`` order; for the sagittal DESS axis 0 runs across the 160 slices).
-* ``Box.voxels`` is **half-open**: ``[z0, y0, x0, z1, y1, x1]`` with ``labels[z0:z1, y0:y1, x0:x1]`` exactly
-  the smallest block holding every voxel of the region (plus the margin, if any). Upper bounds are exclusive.
-* ``Box.list_form`` is the 3DReasonKnee form ``[start_slice, end_slice, x_min, x_max, y_min, y_max]`` with
-  **inclusive** bounds: ``[z0, z1 - 1, x0, x1 - 1, y0, y1 - 1]``.
-* ``Box.normalized`` is ``[z0/nz, y0/ny, x0/nx, z1/nz, y1/ny, x1/nx]`` (half-open, in ``[0, 1]``).
-* Voxel centres sit at integer indices, so voxel ``i`` covers ``[i - 0.5, i + 0.5)``; ``Box.centroid`` (the mean
-  index of the region's voxels) uses the same coordinates. ``Box.center_lps`` is the world (LPS, mm) position of
-  the box's centre, index ``((z0 + z1 - 1) / 2, ...)``, through the geometry's ``affine_lps``; ``Box.size_mm`` is
-  the box's extent along each array axis, ``(z1 - z0) * spacing_z, ...``.
-* A margin of ``margin_mm`` grows the box by ``ceil(margin_mm / spacing)`` voxels on both sides of each axis,
-  clipped to the volume. It changes ``voxels`` and every form derived from it, never ``voxel_count`` or
-  ``centroid`` (those describe the mask itself).
-* An empty region gives **no box**: ``empty=True`` and ``voxels``, ``list_form``, ``normalized``, ``size_mm``,
-  ``center_lps`` and ``centroid`` all ``None``; never an invented box.
+"""3D boxes of labelled regions, computed in one pass over a label array (the box type and its forms:
+:mod:`kneeprep.formats.box`).
 
 How the single pass works
 -------------------------
@@ -33,152 +15,20 @@ are exact without touching the array again. Stats of blocks of one volume merge 
 
 from __future__ import annotations
 
-import contextlib
-import json
-import math
-import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from .errors import AnnotationError, MaskError
-from .geometry import Geometry
+from kneeprep.errors import AnnotationError, MaskError
+from kneeprep.formats.box import Box, margin_voxels, voxels_to_list_form, voxels_to_normalized
+from kneeprep.geometry import Geometry
+from kneeprep.moaks.anatomy import QUESTIONS
 
 #: label arrays whose ids all lie in ``0..DIRECT_MAX_ID`` are histogrammed by raw id; others are first
 #: mapped to compact codes (a lookup table, or a sorted search for very wide id ranges).
 DIRECT_MAX_ID = 1023
 _LUT_MAX_RANGE = 1 << 20
-
-BOXES_TABLE = "boxes.parquet"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the record
-
-
-@dataclass(frozen=True)
-class Box:
-    """The box of one named region of one label array (conventions: module docstring)."""
-
-    region: str
-    label_ids: tuple[int, ...]
-    #: half-open ``(z0, y0, x0, z1, y1, x1)`` in array order; None when empty.
-    voxels: tuple[int, int, int, int, int, int] | None
-    voxel_count: int
-    #: mean array index ``(z, y, x)`` of the region's voxels; None when empty.
-    centroid: tuple[float, float, float] | None
-    #: box extent along array axes ``(z, y, x)`` in mm; None when empty or without a geometry.
-    size_mm: tuple[float, float, float] | None
-    #: world (LPS, mm) centre of the box; None when empty or without a geometry.
-    center_lps: tuple[float, float, float] | None
-    #: ``(z0/nz, y0/ny, x0/nx, z1/nz, y1/ny, x1/nx)``; None when empty.
-    normalized: tuple[float, float, float, float, float, float] | None
-    #: 3DReasonKnee ``(start_slice, end_slice, x_min, x_max, y_min, y_max)``, inclusive; None when empty.
-    list_form: tuple[int, int, int, int, int, int] | None
-    empty: bool
-    margin_mm: float = 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        def lst(v):
-            return None if v is None else list(v)
-
-        return {
-            "region": self.region,
-            "label_ids": list(self.label_ids),
-            "voxels": lst(self.voxels),
-            "voxel_count": self.voxel_count,
-            "centroid": lst(self.centroid),
-            "size_mm": lst(self.size_mm),
-            "center_lps": lst(self.center_lps),
-            "normalized": lst(self.normalized),
-            "list_form": lst(self.list_form),
-            "empty": self.empty,
-            "margin_mm": self.margin_mm,
-        }
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> Box:
-        def tup(key, kind):
-            v = d.get(key)
-            return None if v is None else tuple(kind(x) for x in v)
-
-        return cls(
-            region=str(d["region"]),
-            label_ids=tuple(int(x) for x in d["label_ids"]),
-            voxels=tup("voxels", int),
-            voxel_count=int(d["voxel_count"]),
-            centroid=tup("centroid", float),
-            size_mm=tup("size_mm", float),
-            center_lps=tup("center_lps", float),
-            normalized=tup("normalized", float),
-            list_form=tup("list_form", int),
-            empty=bool(d["empty"]),
-            margin_mm=float(d.get("margin_mm", 0.0)),
-        )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# conversions between box forms (pure; used by scoring and export)
-
-
-def voxels_to_list_form(voxels: Sequence[int]) -> tuple[int, int, int, int, int, int]:
-    """Half-open ``[z0, y0, x0, z1, y1, x1]`` -> 3DReasonKnee inclusive ``[start, end, x_min, x_max, y_min, y_max]``.
-
-    >>> voxels_to_list_form([10, 20, 30, 15, 40, 31])
-    (10, 14, 30, 30, 20, 39)
-    """
-    z0, y0, x0, z1, y1, x1 = (int(v) for v in voxels)
-    if not (z0 < z1 and y0 < y1 and x0 < x1):
-        raise ValueError(f"voxels {list(voxels)}: a half-open box needs z0 < z1, y0 < y1, x0 < x1")
-    return (z0, z1 - 1, x0, x1 - 1, y0, y1 - 1)
-
-
-def list_form_to_voxels(list_form: Sequence[int]) -> tuple[int, int, int, int, int, int]:
-    """3DReasonKnee inclusive ``[start, end, x_min, x_max, y_min, y_max]`` -> half-open ``[z0, y0, x0, z1, y1, x1]``.
-
-    >>> list_form_to_voxels([10, 14, 30, 30, 20, 39])
-    (10, 20, 30, 15, 40, 31)
-    """
-    s, e, xa, xb, ya, yb = (int(v) for v in list_form)
-    if not (s <= e and xa <= xb and ya <= yb):
-        raise ValueError(f"list form {list(list_form)}: needs start <= end, x_min <= x_max, y_min <= y_max")
-    return (s, ya, xa, e + 1, yb + 1, xb + 1)
-
-
-def voxels_to_normalized(voxels: Sequence[int], shape: Sequence[int]) -> tuple[float, ...]:
-    """Half-open voxels -> ``[z0/nz, y0/ny, x0/nx, z1/nz, y1/ny, x1/nx]``.
-
-    >>> voxels_to_normalized([0, 96, 0, 80, 384, 192], (160, 384, 384))
-    (0.0, 0.25, 0.0, 0.5, 1.0, 0.5)
-    """
-    n = [float(s) for s in shape] * 2
-    return tuple(float(v) / d for v, d in zip(voxels, n, strict=True))
-
-
-def normalized_to_voxels(normalized: Sequence[float], shape: Sequence[int]) -> tuple[int, ...]:
-    """``[0, 1]``-normalized box -> half-open voxels on a grid of ``shape`` (rounded to the nearest index).
-
-    >>> normalized_to_voxels((0.0, 0.25, 0.0, 0.5, 1.0, 0.5), (160, 384, 384))
-    (0, 96, 0, 80, 384, 192)
-    """
-    n = list(shape) * 2
-    return tuple(int(round(float(v) * d)) for v, d in zip(normalized, n, strict=True))
-
-
-def margin_voxels(margin_mm: float, spacing: Sequence[float]) -> tuple[int, int, int]:
-    """Voxels added on each side per array axis for a margin in mm: ``ceil(margin_mm / spacing)``.
-
-    >>> margin_voxels(1.0, (0.7, 0.3646, 0.3646))
-    (2, 3, 3)
-    >>> margin_voxels(0.7, (0.7, 0.35, 1.0))
-    (1, 2, 1)
-    """
-    if margin_mm < 0:
-        raise ValueError(f"margin_mm must be >= 0, got {margin_mm}")
-    return tuple(int(math.ceil(margin_mm / float(s) - 1e-9)) if margin_mm else 0 for s in spacing)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -417,8 +267,6 @@ def question_box(
     ``"region <name> is empty in this mask"`` (or ``"... has no box in this volume"`` when the volume's boxes were
     computed without that region).
     """
-    from .anatomy import QUESTIONS
-
     qid = str(question_id)
     if qid not in recipe.questions:
         raise AnnotationError(
@@ -441,157 +289,3 @@ def question_box(
 def boxes_hash(recipe) -> str:
     """The ``provenance.boxes_hash`` of boxes computed with ``recipe`` (its ``labels`` and ``boxes`` sections)."""
     return recipe.stage_hash("boxes")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the store side: boxes.parquet and `kneeprep boxes`
-
-
-def boxes_schema():
-    """The Arrow schema of ``<store>/boxes.parquet`` (one row per volume and region)."""
-    import pyarrow as pa
-
-    i32 = pa.list_(pa.int32())
-    f64 = pa.list_(pa.float64())
-    return pa.schema(
-        [
-            pa.field("volume_id", pa.string(), nullable=False),
-            pa.field("region", pa.string(), nullable=False),
-            pa.field("label_ids", i32, nullable=False),
-            pa.field("empty", pa.bool_(), nullable=False),
-            pa.field("voxel_count", pa.int64(), nullable=False),
-            pa.field("voxels", i32),  # half-open [z0, y0, x0, z1, y1, x1]
-            pa.field("list_form", i32),  # [start_slice, end_slice, x_min, x_max, y_min, y_max], inclusive
-            pa.field("normalized", f64),
-            pa.field("size_mm", f64),
-            pa.field("center_lps", f64),
-            pa.field("centroid", f64),
-            pa.field("margin_mm", pa.float64(), nullable=False),
-        ]
-    )
-
-
-def write_boxes_table(store_path: str | os.PathLike) -> Path:
-    """Write ``<store>/boxes.parquet`` from every complete volume's ``kneeprep.boxes`` attrs; return its path.
-
-    Written to a ``.partial`` file and renamed, so readers never see half a table.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from . import store
-
-    store_path = Path(store_path)
-    schema = boxes_schema()
-    rows = []
-    for vid in sorted(store.list_volumes(store_path)):
-        attrs = store.read_attrs(store_path, vid)
-        for b in attrs.get("boxes") or []:
-            d = Box.from_json(b).to_json()
-            rows.append({"volume_id": attrs.get("volume_id", vid), **d})
-    table = pa.Table.from_pylist(rows, schema=schema) if rows else schema.empty_table()
-    out = store_path / BOXES_TABLE
-    tmp = out.with_name(out.name + ".partial")
-    pq.write_table(table, tmp)
-    os.replace(tmp, out)
-    return out
-
-
-@dataclass(frozen=True)
-class BoxesSummary:
-    """What :func:`recompute_store_boxes` did."""
-
-    volumes: int
-    boxes: int
-    empty: int
-    #: volume id -> {label id: voxel count} of labels in no region.
-    unknown_labels: dict[str, dict[int, int]]
-    #: ``(volume_id, kind, message)`` of volumes whose boxes could not be recomputed.
-    failures: tuple[tuple[str, str, str], ...]
-    table: str
-    boxes_hash: str
-    #: volumes left as they were (``stale_only``: boxes already made with this recipe, or no labels).
-    unchanged: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in ("volumes", "boxes", "empty", "table", "boxes_hash", "unchanged")}
-        d["unknown_labels"] = {v: {str(i): c for i, c in u.items()} for v, u in self.unknown_labels.items()}
-        d["failures"] = [list(f) for f in self.failures]
-        return json.loads(json.dumps(d))
-
-
-def recompute_store_boxes(
-    store_path: str | os.PathLike,
-    recipe,
-    *,
-    lock: bool = True,
-    stale_only: bool = False,
-    progress: Callable[[int, int], None] | None = None,
-) -> BoxesSummary:
-    """Recompute every volume's boxes from its stored labels (layer ``recipe.masks.name``) with ``recipe``.
-
-    With ``stale_only``, volumes whose ``provenance.boxes_hash`` already equals this recipe's boxes-stage hash,
-    and volumes without that label layer, are left alone (counted in ``unchanged``); ``boxes.parquet`` is
-    rewritten only if some volume changed or it is missing.
-
-    Updates the volume attrs ``boxes`` and ``provenance.boxes_hash``, rewrites ``boxes.parquet`` and returns a
-    summary. A volume that fails (no labels, bad geometry) is recorded in ``failures``, never raised. Holds the
-    store's writer lock (:func:`kneeprep.store.store_lock`) unless ``lock=False`` (a caller already holding it).
-    ``progress(done, total)`` is called after each volume.
-    """
-    from . import store
-
-    store_path = Path(store_path)
-    store.list_volumes(store_path)  # a missing store is an error before anything is locked or written
-    with store.store_lock(store_path) if lock else contextlib.nullcontext():
-        return _recompute(store_path, recipe, stale_only, progress)
-
-
-def _recompute(store_path: Path, recipe, stale_only: bool = False, progress=None) -> BoxesSummary:
-    from . import store
-    from .errors import KneeprepError
-
-    regions = recipe.labels.region_labels()
-    h = boxes_hash(recipe)
-    n_vol = n_box = n_empty = n_same = 0
-    unknown: dict[str, dict[int, int]] = {}
-    failures = []
-    vids = sorted(store.list_volumes(store_path))
-    for done, vid in enumerate(vids):
-        if progress is not None and done:
-            progress(done, len(vids))
-        try:
-            attrs = store.read_attrs(store_path, vid)
-            if stale_only and (
-                (attrs.get("provenance") or {}).get("boxes_hash") == h
-                or recipe.masks.name not in store.label_names(store_path, vid)
-            ):
-                n_same += 1
-                continue
-            geometry = Geometry.from_json(attrs["geometry"])
-            labels = np.asarray(store.read_labels(store_path, vid, recipe.masks.name))
-            stats = label_stats(labels)
-            boxes = boxes_from_stats(stats, regions, geometry, recipe.boxes.margin_mm)
-            provenance = dict(attrs.get("provenance") or {})
-            provenance["boxes_hash"] = h
-            store.update_attrs(
-                store_path, vid, {"boxes": [b.to_json() for b in boxes.values()], "provenance": provenance}
-            )
-        except KneeprepError as e:
-            failures.append((vid, e.kind, str(e)))
-            continue
-        except KeyError as e:
-            failures.append((vid, "store", f"{store_path / vid}: attrs lack {e}"))
-            continue
-        n_vol += 1
-        n_box += sum(not b.empty for b in boxes.values())
-        n_empty += sum(b.empty for b in boxes.values())
-        u = stats.unknown_labels(regions)
-        if u:
-            unknown[vid] = u
-    if progress is not None and vids:
-        progress(len(vids), len(vids))
-    table = store_path / BOXES_TABLE
-    if n_vol or failures or not table.is_file():
-        table = write_boxes_table(store_path)
-    return BoxesSummary(n_vol, n_box, n_empty, unknown, tuple(failures), str(table), h, n_same)

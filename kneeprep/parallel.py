@@ -309,7 +309,7 @@ def executor(
         workers = None
     if not scheduler and workers == 0:
         # this process is the only worker: its chunk compression may use every core
-        from .store import CODEC_THREADS_ENV as env
+        from kneeprep.formats.store import CODEC_THREADS_ENV as env
 
         previous = os.environ.get(env)
         os.environ.setdefault(env, str(default_workers()))
@@ -363,9 +363,9 @@ def dask_client(n_workers: int | None = None, scheduler: str | None = None) -> I
     import dask
 
     n = n_workers or default_workers()
-    # cores a worker may use for its own threads (Blosc chunk compression, kneeprep.store.codec_threads),
+    # cores a worker may use for its own threads (Blosc chunk compression, kneeprep.formats.store.codec_threads),
     # and the mark that makes kneeprep.warm leave Ctrl-C to this process
-    from .store import CODEC_THREADS_ENV
+    from kneeprep.formats.store import CODEC_THREADS_ENV
 
     environ = {**WORKER_MALLOC_ENV, CODEC_THREADS_ENV: max(1, default_workers() // n), LOCAL_WORKER_ENV: 1}
     with (

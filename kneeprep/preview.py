@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .geometry import Geometry
+from kneeprep.geometry import Geometry
 
 # 5x7 bitmap font: 7 rows of 5 bits per glyph. Lower case is drawn as upper case.
 _GLYPHS = {

@@ -27,7 +27,7 @@ import hmac
 import os
 from collections.abc import Iterable, Mapping
 
-from .errors import RecipeError
+from kneeprep.errors import RecipeError
 
 #: hex digits of the HMAC kept as the pseudonym (64 bits: no collision among millions of patients).
 DIGITS = 16
@@ -93,7 +93,7 @@ class Pseudonymizer:
         return text
 
     def quintuple(self, q):
-        """A :class:`~kneeprep.quintuples.Quintuple` with its sample, volume and patient ids replaced."""
+        """A :class:`~kneeprep.formats.quintuples.Quintuple` with its sample, volume and patient ids replaced."""
         if self.key is None:
             return q
         return dataclasses.replace(

@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .anatomy import DEFAULT_QUESTION_REGIONS, SAMPLE_LABELS, SAMPLE_REGION_GROUPS
-from .errors import InputNotFoundError, RecipeError
+from kneeprep.errors import InputNotFoundError, RecipeError
+from kneeprep.moaks.anatomy import DEFAULT_QUESTION_REGIONS, SAMPLE_LABELS, SAMPLE_REGION_GROUPS
 
 _ORIENT_RE = re.compile(r"^(?=.*[LR])(?=.*[AP])(?=.*[SI])[LRAPSI]{3}$")
 

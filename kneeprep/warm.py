@@ -22,8 +22,10 @@ import pydicom.filereader  # noqa: F401
 import SimpleITK as sitk
 import zarr  # noqa: F401
 
-from . import boxes, dicom, masks, pipeline, store, transforms  # noqa: F401
-from .parallel import LOCAL_WORKER_ENV
+from kneeprep import boxes, dicom, transforms  # noqa: F401
+from kneeprep.formats import masks, store  # noqa: F401
+from kneeprep.parallel import LOCAL_WORKER_ENV
+from kneeprep.stages import convert  # noqa: F401
 
 # SimpleITK loads its compiled module on first attribute use
 sitk.Image  # noqa: B018

@@ -72,9 +72,9 @@ def shards(tmp_path_factory):
     """12 train volumes x 3 quintuples (36 samples) in several shards, about one volume per row group."""
     from test_shards import FakeData
 
-    from kneeprep.quintuples import build_quintuples
+    from kneeprep.formats.quintuples import build_quintuples
+    from kneeprep.formats.shard_writer import write_shards
     from kneeprep.recipe import Shards
-    from kneeprep.shards import write_shards
 
     data = FakeData(n_patients=12)
     recipe = data.recipe.__class__(splits=data.recipe.splits, shards=Shards(target_bytes=20000, codec="lz4"))
@@ -89,9 +89,9 @@ def shards(tmp_path_factory):
 @pytest.fixture(scope="session")
 def blosc_shards(shards, tmp_path_factory):
     """The same quintuples as ``shards`` with Blosc-compressed volumes (compressed in this process)."""
-    from kneeprep.quintuples import build_quintuples
+    from kneeprep.formats.quintuples import build_quintuples
+    from kneeprep.formats.shard_writer import write_shards
     from kneeprep.recipe import Shards
-    from kneeprep.shards import write_shards
 
     _, _, data = shards
     recipe = data.recipe.__class__(

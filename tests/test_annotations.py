@@ -9,8 +9,9 @@ import json
 
 import pytest
 
-from kneeprep import annotations
-from kneeprep.annotations import (
+from kneeprep.errors import AnnotationError
+from kneeprep.formats import annotations
+from kneeprep.formats.annotations import (
     AnnotationRecord,
     read_annotations,
     read_question_bank,
@@ -20,10 +21,9 @@ from kneeprep.annotations import (
     volume_id_from_image_path,
     write_quintuples_jsonl,
 )
-from kneeprep.errors import AnnotationError
-from kneeprep.severity import Grade
-from kneeprep.severity import resolve_question as find_question
-from kneeprep.splits import SPLIT_COLUMNS, write_split_csv
+from kneeprep.formats.splits import SPLIT_COLUMNS, write_split_csv
+from kneeprep.moaks.severity import Grade
+from kneeprep.moaks.severity import resolve_question as find_question
 
 VID = "9027422_00M_20041222_10312706_2"
 IMAGE = "../data/images/9027422/00M/20041222_10312706_2.nii.gz"

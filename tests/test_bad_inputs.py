@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 from dicom_fixtures import OAI_SERIES, SHAPE, SPACING, clean_geometry, make_fixture
 
-from kneeprep import store
+from kneeprep.formats import store
+from kneeprep.formats.splits import SPLIT_COLUMNS
 from kneeprep.geometry import Geometry, lps_to_ras
-from kneeprep.rebuild import rebuild
 from kneeprep.recipe import load_recipe
-from kneeprep.splits import SPLIT_COLUMNS
+from kneeprep.stages.rebuild import rebuild
 
 ROOT = Path(__file__).parent.parent
 RECIPE = ROOT / "recipes" / "3dreasonknee.toml"

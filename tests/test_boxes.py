@@ -11,16 +11,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kneeprep import boxes as kb
-from kneeprep.boxes import (
-    Box,
-    boxes_for_volume,
-    compute_boxes,
-    label_stats,
-    list_form_to_voxels,
-    question_box,
-    voxels_to_list_form,
-)
+from kneeprep.boxes import boxes_for_volume, compute_boxes, label_stats, question_box
 from kneeprep.errors import AnnotationError, MaskError
+from kneeprep.formats.box import (
+    Box,
+    boxes_schema,
+    list_form_to_voxels,
+    normalized_to_voxels,
+    voxels_to_list_form,
+    voxels_to_normalized,
+)
 from kneeprep.geometry import Geometry
 from kneeprep.recipe import Recipe
 
@@ -231,7 +231,7 @@ def test_list_form_round_trips(z0, y0, x0, dz, dy, dx):
     assert lf[1] - lf[0] + 1 == dz and lf[3] - lf[2] + 1 == dx and lf[5] - lf[4] + 1 == dy
     assert list_form_to_voxels(lf) == v
     shape = (z0 + dz, y0 + dy, x0 + dx)
-    assert kb.normalized_to_voxels(kb.voxels_to_normalized(v, shape), shape) == v
+    assert normalized_to_voxels(voxels_to_normalized(v, shape), shape) == v
 
 
 def test_bad_forms_are_refused():
@@ -290,8 +290,10 @@ def test_json_round_trip(labels):
 
 
 def test_doctests():
-    r = doctest.testmod(kb)
-    assert r.attempted >= 6 and r.failed == 0
+    from kneeprep.formats import box as box_mod
+
+    results = [doctest.testmod(m) for m in (kb, box_mod)]
+    assert sum(r.attempted for r in results) >= 6 and not any(r.failed for r in results)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -400,7 +402,7 @@ def kb_boxes(margin):
 
 
 def test_question_box_and_its_reasons():
-    from kneeprep.anatomy import QUESTIONS
+    from kneeprep.moaks.anatomy import QUESTIONS
 
     r = Recipe()
     labels = np.zeros((6, 6, 6), np.uint8)
@@ -424,7 +426,7 @@ def test_question_box_and_its_reasons():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# CLI (the store side is tested once kneeprep.store exists)
+# CLI (the store side is tested once kneeprep.formats.store exists)
 
 
 def test_cli_boxes_help_and_misuse(tmp_path):
@@ -456,7 +458,7 @@ def test_full_size_knee_mask_matches_naive():
 
 
 def _store_with_volumes(tmp_path, recipe):
-    from kneeprep import store
+    from kneeprep.formats import store
 
     root = store.init_store(tmp_path / "volumes.zarr")
     regions = recipe.labels.region_labels()
@@ -478,9 +480,9 @@ def _store_with_volumes(tmp_path, recipe):
 def test_recompute_store_boxes_updates_attrs_and_table(tmp_path):
     import pyarrow.parquet as pq
 
-    from kneeprep import store
-    from kneeprep.boxes import recompute_store_boxes
+    from kneeprep.formats import store
     from kneeprep.recipe import Boxes
+    from kneeprep.stages.boxes import recompute_store_boxes
 
     recipe = Recipe(boxes=Boxes(margin_mm=0.5))
     root, g, arrays = _store_with_volumes(tmp_path, recipe)
@@ -501,7 +503,7 @@ def test_recompute_store_boxes_updates_attrs_and_table(tmp_path):
         want = [b.to_json() for b in boxes_for_volume(lab, g, recipe)]
         assert attrs["boxes"] == want
     table = pq.read_table(summary.table)
-    assert table.schema.equals(kb.boxes_schema())
+    assert table.schema.equals(boxes_schema())
     assert table.num_rows == 2 * n_regions
     rows = table.to_pylist()
     tmc = next(
@@ -516,8 +518,8 @@ def test_recompute_store_boxes_updates_attrs_and_table(tmp_path):
 
 
 def test_recompute_records_a_volume_without_labels(tmp_path):
-    from kneeprep import store
-    from kneeprep.boxes import recompute_store_boxes, write_boxes_table
+    from kneeprep.formats import store
+    from kneeprep.stages.boxes import recompute_store_boxes, write_boxes_table
 
     recipe = Recipe()
     root, g, _ = _store_with_volumes(tmp_path, recipe)
@@ -550,7 +552,7 @@ def test_cli_boxes_on_a_store(tmp_path):
     assert r.exit_code == 0, r.output
     assert "2 volumes: 4 boxes" in r.output and "unknown labels 200 (1 voxels)" in r.output
     assert (root / "boxes.parquet").is_file()
-    from kneeprep import store
+    from kneeprep.formats import store
 
     vid = store.list_volumes(root)[0]
     assert {b["margin_mm"] for b in store.read_attrs(root, vid)["boxes"]} == {1.0}

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from kneeprep import store
 from kneeprep.cli import cli
 from kneeprep.dicom import scan_tree
+from kneeprep.formats import store
+from kneeprep.formats.splits import SPLIT_COLUMNS
 from kneeprep.geometry import Geometry, affine_from_itk, index_to_world, lps_to_ras
-from kneeprep.pipeline import convert_series, run_convert
 from kneeprep.recipe import parse_recipe
-from kneeprep.splits import SPLIT_COLUMNS
+from kneeprep.stages.convert import convert_series, run_convert
 from kneeprep.synth import write_series
 from kneeprep.transforms import apply_mirror, apply_orient, plan_mirror, plan_orient
 from kneeprep.transforms.orient import permute_flip
@@ -142,7 +142,7 @@ def test_resume_skips_unchanged_and_redoes_changed(tree, tmp_path):
     recipe = parse_recipe({})
     assert run_convert(tree.raw, out, recipe, workers=0, progress=False).counts["written"] == 2
     # the task hashes the files while it reads them: the same hash as hashing them on their own
-    from kneeprep.pipeline import content_hash
+    from kneeprep.stages.convert import content_hash
 
     assert store.read_attrs(out, a)["source"]["content_hash"] == content_hash(
         scan_tree(tree.raw).series[0].files
@@ -194,7 +194,7 @@ def test_scan_hands_out_each_series_when_its_folder_is_read(tree):
 
 def test_a_rerun_with_dask_plans_each_series_once(tree, tmp_path, monkeypatch):
     # the series handed out during the scan are planned (stat of every file, stored attrs) then, not again
-    import kneeprep.pipeline as pipeline
+    import kneeprep.stages.convert as pipeline
 
     ids = [tree.add("9000001", "RIGHT"), tree.add("9000002", "LEFT")]
     out = tmp_path / "v.zarr"

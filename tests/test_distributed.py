@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kneeprep import store
-from kneeprep.pipeline import run_convert
+from kneeprep.formats import store
 from kneeprep.recipe import load_recipe
+from kneeprep.stages.convert import run_convert
 
 ROOT = Path(__file__).parent.parent
 RECIPE = ROOT / "recipes" / "3dreasonknee.toml"
@@ -34,7 +34,7 @@ DEADLINE = 120
 _HOOK = """
 import os, time
 from pathlib import Path
-import kneeprep.pipeline as p
+import kneeprep.stages.convert as p
 if not getattr(p, "_busy_hook", False):  # dask may run a preload file more than once
     p._busy_hook = True
     _convert_series = p.convert_series

@@ -15,14 +15,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from kneeprep.annotations import read_annotations, read_training_items
 from kneeprep.cli import cli
-from kneeprep.export import MANIFEST, answer_text, run_export, volume_file_name, write_nifti
-from kneeprep.geometry import Geometry, affine_from_itk, world_to_index
-from kneeprep.severity import Grade, parse_answer, to_published
-from kneeprep.shards import iter_quintuples
-from kneeprep.splits import SPLITS, read_split_csvs
-from kneeprep.store import (
+from kneeprep.formats.annotations import read_annotations, read_training_items
+from kneeprep.formats.shard_reader import iter_quintuples
+from kneeprep.formats.splits import SPLITS, read_split_csvs
+from kneeprep.formats.store import (
     list_volumes,
     read_attrs,
     read_labels,
@@ -30,6 +27,9 @@ from kneeprep.store import (
     update_attrs,
     write_volume,
 )
+from kneeprep.geometry import Geometry, affine_from_itk, world_to_index
+from kneeprep.moaks.severity import Grade, parse_answer, to_published
+from kneeprep.stages.export import MANIFEST, answer_text, run_export, volume_file_name, write_nifti
 
 ROOT = Path(__file__).parent.parent
 RECIPE = ROOT / "recipes" / "3dreasonknee.toml"
@@ -167,8 +167,8 @@ def test_answer_json_canonical_and_path_prefix(built, tmp_path):
 
 
 def test_answer_text_round_trips_awkward_steps():
-    from kneeprep.annotations import split_reasoning
-    from kneeprep.severity import find_answer_json
+    from kneeprep.formats.annotations import split_reasoning
+    from kneeprep.moaks.severity import find_answer_json
 
     steps = [
         "3.5 mm extrusion, e.g. medial.",
@@ -268,7 +268,7 @@ def test_rerun_skips_unchanged_and_rewrites_changed(built, tmp_path):
     assert third.context["cleaned"] == ["images/leftover.partial.nii.gz"]
     assert not (out / "split_files").exists()  # a store holds no splits
     # a volume gone from the input: its files go too
-    from kneeprep.store import delete_volume
+    from kneeprep.formats.store import delete_volume
 
     delete_volume(store2, vids[2])
     fourth = run_export(store2, out, workers=0, progress=False)

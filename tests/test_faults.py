@@ -31,11 +31,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kneeprep import store
 from kneeprep.errors import StoreError
-from kneeprep.pipeline import run_convert
+from kneeprep.files import sha256_file
+from kneeprep.formats import store
+from kneeprep.formats.shard_schema import MANIFEST
 from kneeprep.recipe import load_recipe
-from kneeprep.shards import MANIFEST, build_shards, sha256_file, validate_shards
+from kneeprep.stages.convert import run_convert
+from kneeprep.stages.shards import build_shards
+from kneeprep.stages.validate import validate_shards
 
 ROOT = Path(__file__).parent.parent
 RECIPE = ROOT / "recipes" / "3dreasonknee.toml"
@@ -88,7 +91,8 @@ def store_files(p: Path) -> set[str]:
 _SLOW = textwrap.dedent(
     """
     import sys, time
-    from kneeprep import store, shards
+    from kneeprep.formats import shard_writer as shards
+    from kneeprep.formats import store
     delay = float(sys.argv[1])
     _write_array, _write_group = store._write_array, shards._ShardWriter.write_group
     def slow_array(*a, **k):
@@ -236,7 +240,7 @@ def test_shards_killed_at_a_random_point_then_rerun_is_byte_identical(
 
 _DIE_HOOK = """
 import os
-import kneeprep.pipeline as p
+import kneeprep.stages.convert as p
 if not getattr(p, "_die_hook", False):  # dask may run a preload file more than once
     p._die_hook = True
     _convert_series = p.convert_series
@@ -286,7 +290,7 @@ def test_a_worker_dying_on_one_series_reports_it_and_the_run_ends(small_sample, 
 
 _SLOW_HOOK = """
 import time
-import kneeprep.pipeline as p
+import kneeprep.stages.convert as p
 if not getattr(p, "_slow_hook", False):  # dask may run a preload file more than once
     p._slow_hook = True
     _convert_series = p.convert_series

@@ -11,9 +11,11 @@ import pytest
 from click.testing import CliRunner
 
 import kneeprep
-from kneeprep import anatomy, geometry, splits
+from kneeprep import geometry
 from kneeprep.cli import COMMANDS, cli
 from kneeprep.errors import AnnotationError, KneeprepError, RecipeError
+from kneeprep.formats import splits
+from kneeprep.moaks import anatomy
 from kneeprep.recipe import Recipe, load_recipe, parse_recipe
 
 

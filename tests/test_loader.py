@@ -185,7 +185,7 @@ def test_blosc_shards_through_a_forked_dataloader(shards, blosc_shards):
     torch = pytest.importorskip("torch")
     import multiprocessing
 
-    from kneeprep.torchdata import make_loader
+    from kneeprep.loader.torchdata import make_loader
 
     _, train, data = shards
     ds = ShardDataset(blosc_shards, seed=2, columns=["sample_id", "volume_id", "image"])
@@ -210,7 +210,7 @@ def test_torch_dataloader_two_workers_batches_and_resume(shards, start_method):
     torch = pytest.importorskip("torch")
     import multiprocessing
 
-    from kneeprep.torchdata import make_loader
+    from kneeprep.loader.torchdata import make_loader
 
     path, train, data = shards
     ds = ShardDataset(path, seed=4, columns=["sample_id", "volume_id", "image", "box_voxels"])
@@ -246,7 +246,7 @@ def test_without_cuda_the_gpu_path_degrades_to_cpu_tensors_without_warnings(shar
     torch = pytest.importorskip("torch")
     import warnings
 
-    from kneeprep.torchdata import DeviceFeeder, make_loader
+    from kneeprep.loader.torchdata import DeviceFeeder, make_loader
 
     if torch.cuda.is_available():
         pytest.skip("this checks the CPU-only fallback; the machine has CUDA")

@@ -8,8 +8,8 @@ import pytest
 import SimpleITK as sitk
 
 from kneeprep.errors import InputNotFoundError, MaskError
+from kneeprep.formats.masks import load_mask_onto, place_mask, read_mask
 from kneeprep.geometry import Geometry, affine_from_itk, index_to_world, lps_to_ras, world_to_index
-from kneeprep.masks import load_mask_onto, place_mask, read_mask
 from kneeprep.transforms.orient import permute_flip
 
 LABEL_MAP = {1: "femur", 2: "tibia", 3: "femoral cartilage"}

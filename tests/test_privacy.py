@@ -22,13 +22,15 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from kneeprep.card import write_card
 from kneeprep.cli import cli, main
 from kneeprep.errors import RecipeError
+from kneeprep.formats.card import write_card
+from kneeprep.formats.shard_schema import MANIFEST
+from kneeprep.formats.splits import read_split_csvs
 from kneeprep.privacy import Pseudonymizer
 from kneeprep.recipe import load_recipe
-from kneeprep.shards import MANIFEST, build_shards, validate_shards
-from kneeprep.splits import read_split_csvs
+from kneeprep.stages.shards import build_shards
+from kneeprep.stages.validate import validate_shards
 from kneeprep.synth import PHI_MARKERS
 
 ROOT = Path(__file__).parent.parent

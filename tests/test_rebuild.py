@@ -159,7 +159,7 @@ def test_a_second_shards_run_into_the_same_directory_is_refused(built, capsys):
     """Two `kneeprep shards` runs at once used to share .partial names and corrupt a shard (issue 19, point 1):
     while one run holds the shards directory, another stops before any work, naming it."""
     from kneeprep.cli import main
-    from kneeprep.store import store_lock
+    from kneeprep.formats.store import store_lock
 
     sample, out, _ = built
     shards = out / "shards"
@@ -180,7 +180,8 @@ def test_a_second_shards_run_into_the_same_directory_is_refused(built, capsys):
 def test_shards_and_validate_report_progress_without_click(built, tmp_path):
     """The stages call a plain progress(done, total) callback; the CLI draws it (issue 18, point 6)."""
     from kneeprep.recipe import load_recipe
-    from kneeprep.shards import build_shards, validate_shards
+    from kneeprep.stages.shards import build_shards
+    from kneeprep.stages.validate import validate_shards
 
     sample, out, _ = built
     calls: list[tuple[int, int]] = []
@@ -196,7 +197,7 @@ def test_shards_and_validate_report_progress_without_click(built, tmp_path):
     seen: list[tuple[int, int]] = []
     assert validate_shards(tmp_path / "s", progress=lambda d, t: seen.append((d, t))) == []
     assert seen[-1] == (r["shards"], r["shards"]) and len(seen) == r["shards"]
-    from kneeprep.boxes import recompute_store_boxes
+    from kneeprep.stages.boxes import recompute_store_boxes
 
     box_calls: list[tuple[int, int]] = []
     recompute_store_boxes(
@@ -216,7 +217,7 @@ def test_an_edited_question_bank_is_reported_when_records_carry_their_own_prompt
 
     from kneeprep.loader import ShardDataset
     from kneeprep.recipe import load_recipe
-    from kneeprep.shards import build_shards
+    from kneeprep.stages.shards import build_shards
 
     sample, out, _ = built
     ann = tmp_path / "ann"

@@ -9,27 +9,27 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kneeprep import score as score_mod
 from kneeprep.errors import AnnotationError
-from kneeprep.score import (
+from kneeprep.formats import box as box_mod
+from kneeprep.formats.box import iou, list_form_to_voxels, voxels_to_list_form
+from kneeprep.moaks.severity import make_severity, resolve_question
+from kneeprep.stages import score as score_mod
+from kneeprep.stages.score import (
     Prediction,
     TruthRecord,
-    iou,
-    list_to_voxels,
     parse_box,
     parse_prediction,
     read_predictions,
     score,
-    voxels_to_list,
 )
-from kneeprep.severity import make_severity, resolve_question
 
 VID = "9027422_00M_20041222_10312706_2"
 
 
-def test_doctests():
-    r = doctest.testmod(score_mod)
-    assert r.attempted >= 3 and r.failed == 0
+@pytest.mark.parametrize("module", [score_mod, box_mod])
+def test_doctests(module):
+    r = doctest.testmod(module)
+    assert r.attempted >= (3 if module is box_mod else 0) and r.failed == 0
 
 
 # -- boxes -------------------------------------------------------------------------------------------------
@@ -38,10 +38,10 @@ def test_doctests():
 def test_list_form_to_half_open_and_back():
     # list [start, end, x_min, x_max, y_min, y_max] inclusive -> [z0, y0, x0, z1, y1, x1] half-open:
     # z0 = 5, z1 = 7 + 1; y0 = 30, y1 = 39 + 1; x0 = 10, x1 = 20 + 1
-    assert list_to_voxels([5, 7, 10, 20, 30, 39]) == (5, 30, 10, 8, 40, 21)
-    assert voxels_to_list((5, 30, 10, 8, 40, 21)) == [5, 7, 10, 20, 30, 39]
+    assert list_form_to_voxels([5, 7, 10, 20, 30, 39]) == (5, 30, 10, 8, 40, 21)
+    assert voxels_to_list_form((5, 30, 10, 8, 40, 21)) == (5, 7, 10, 20, 30, 39)
     # a one-voxel box: start == end in the list form, z1 = z0 + 1 in the half-open form
-    assert list_to_voxels([3, 3, 4, 4, 5, 5]) == (3, 5, 4, 4, 6, 5)
+    assert list_form_to_voxels([3, 3, 4, 4, 5, 5]) == (3, 5, 4, 4, 6, 5)
 
 
 @given(
@@ -50,7 +50,7 @@ def test_list_form_to_half_open_and_back():
 )
 def test_box_forms_round_trip(lo, size):
     vox = (lo[0], lo[1], lo[2], lo[0] + size[0], lo[1] + size[1], lo[2] + size[2])
-    assert list_to_voxels(voxels_to_list(vox)) == vox
+    assert list_form_to_voxels(voxels_to_list_form(vox)) == vox
 
 
 @pytest.mark.parametrize(
@@ -58,7 +58,7 @@ def test_box_forms_round_trip(lo, size):
 )
 def test_bad_list_boxes(bad):
     with pytest.raises(AnnotationError):
-        list_to_voxels(bad)
+        list_form_to_voxels(bad)
 
 
 def test_iou_disjoint_nested_overlapping_identical():
@@ -257,14 +257,19 @@ def test_read_predictions_jsonl_reports_bad_lines(tmp_path):
 def _write_tiny_shards(out):
     import numpy as np
 
+    from kneeprep.formats.box import Box
+    from kneeprep.formats.quintuples import Quintuple
+    from kneeprep.formats.shard_writer import write_shards
     from kneeprep.geometry import Geometry
-    from kneeprep.quintuples import QBox, Quintuple
     from kneeprep.recipe import Recipe
-    from kneeprep.shards import write_shards
 
     geom = Geometry((4, 6, 8), (0.7, 0.36, 0.36), np.diag([0.7, 0.36, 0.36, 1.0]))
-    box = QBox(
+    box = Box(
         region="femur medial central",
+        label_ids=(),
+        voxel_count=None,
+        centroid=None,
+        empty=False,
         voxels=(0, 0, 0, 2, 6, 8),
         list_form=(0, 1, 0, 7, 0, 5),
         normalized=(0.0, 0.0, 0.0, 0.5, 1.0, 1.0),

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kneeprep.anatomy import COMPONENTS, QUESTIONS, find_question
 from kneeprep.errors import AnnotationError
-from kneeprep.severity import (
+from kneeprep.moaks.anatomy import COMPONENTS, QUESTIONS, find_question
+from kneeprep.moaks.severity import (
     PUBLISHED_KEYS,
     Grade,
     allowed_components,

@@ -1,7 +1,7 @@
-"""Quintuples, shards, manifest and validation (kneeprep.quintuples, kneeprep.shards, `kneeprep shards|validate`).
+"""Quintuples, shards, manifest and validation (kneeprep.formats.quintuples, kneeprep.shards, `kneeprep shards|validate`).
 
 The fixtures are in-memory fakes of the volume store and annotation set (same records and attrs as
-``kneeprep.store`` / ``kneeprep.annotations`` produce), so these tests do not depend on DICOM conversion.
+``kneeprep.formats.store`` / ``kneeprep.formats.annotations`` produce), so these tests do not depend on DICOM conversion.
 """
 
 from __future__ import annotations
@@ -14,24 +14,18 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from kneeprep.annotations import AnnotationRecord, AnnotationSet, RecordError, compact_json
 from kneeprep.boxes import compute_boxes
 from kneeprep.errors import ValidationError
+from kneeprep.formats.annotations import AnnotationRecord, AnnotationSet, RecordError, compact_json
+from kneeprep.formats.quintuples import BENIGN_KINDS, build_quintuples, generate_patient_splits
+from kneeprep.formats.shard_reader import iter_quintuples, read_manifest
+from kneeprep.formats.shard_schema import MANIFEST, QUINTUPLE_COLUMNS, SCHEMA
+from kneeprep.formats.shard_writer import quintuple_from_row, write_shards
+from kneeprep.formats.splits import SplitRow, make_volume_id
 from kneeprep.geometry import Geometry
-from kneeprep.quintuples import BENIGN_KINDS, build_quintuples, generate_patient_splits
+from kneeprep.moaks.severity import allowed_components, make_severity, to_published
 from kneeprep.recipe import Recipe, Shards, Splits
-from kneeprep.severity import allowed_components, make_severity, to_published
-from kneeprep.shards import (
-    MANIFEST,
-    QUINTUPLE_COLUMNS,
-    SCHEMA,
-    iter_quintuples,
-    quintuple_from_row,
-    read_manifest,
-    validate_shards,
-    write_shards,
-)
-from kneeprep.splits import SplitRow, make_volume_id
+from kneeprep.stages.validate import validate_shards
 
 #: question ids used by the fakes: BML femur medial trochlea, cartilage patella medial, a periarticular
 #: question (no box region), and a BML question whose region is empty in every fake mask (-> no_box).
@@ -309,7 +303,8 @@ def test_blosc_shards_deterministic_whatever_the_thread_count(data, tmp_path):
 
 
 def test_validate_catches_blosc_frame_of_the_wrong_size(data, tmp_path):
-    from kneeprep.shards import _check_image, decode_image, encode_image
+    from kneeprep.formats.shard_schema import decode_image, encode_image
+    from kneeprep.stages.validate import _check_image
 
     img = data.volumes[next(iter(data.volumes))][0]
     frame, codec = encode_image(img, "blosc-lz4", 5)
@@ -443,9 +438,9 @@ def test_validate_without_manifest(tmp_path):
 @pytest.fixture(scope="module")
 def on_disk(data, tmp_path_factory):
     """The fake data as a real volume store and annotation directory."""
-    from kneeprep.annotations import write_quintuples_jsonl
-    from kneeprep.splits import write_split_csv
-    from kneeprep.store import init_store, write_volume
+    from kneeprep.formats.annotations import write_quintuples_jsonl
+    from kneeprep.formats.splits import write_split_csv
+    from kneeprep.formats.store import init_store, write_volume
 
     root = tmp_path_factory.mktemp("cli")
     store = init_store(root / "volumes.zarr")

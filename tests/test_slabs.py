@@ -14,7 +14,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from kneeprep import slabs
+from kneeprep.loader import slabs
 from kneeprep.loader import ShardDataset
 
 
@@ -187,7 +187,7 @@ def test_no_shared_memory_left_after_a_worker_is_killed(shards):
 
 def test_torch_dataloader_worker_killed_mid_epoch_leaves_no_shared_memory(shards):
     pytest.importorskip("torch")
-    from kneeprep.torchdata import make_loader
+    from kneeprep.loader.torchdata import make_loader
 
     path, _, _ = shards
     before = _shm()

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import zarr
 
-from kneeprep import store
 from kneeprep.errors import InputNotFoundError, StoreError
+from kneeprep.formats import store
 from kneeprep.geometry import Geometry, affine_from_itk
 
 LABEL_MAP = {1: "femur", 2: "tibia"}
@@ -121,7 +121,7 @@ def test_a_killed_writer_leaves_nothing_listed_and_the_next_run_cleans_up(st):
     # The child is SIGKILLed after the image array is written, before the rename: no cleanup code runs.
     script = f"""
 import os, signal, numpy as np
-from kneeprep import store
+from kneeprep.formats import store
 from kneeprep.geometry import Geometry
 real = store._write_array
 def write_then_die(group, name, data):

@@ -87,8 +87,8 @@ from pathlib import Path  # noqa: E402
 
 import nibabel as nib  # noqa: E402
 
-from kneeprep.anatomy import COMPONENTS, QUESTIONS, SAMPLE_LABELS  # noqa: E402
-from kneeprep.splits import SPLIT_COLUMNS, read_split_csvs  # noqa: E402
+from kneeprep.formats.splits import SPLIT_COLUMNS, read_split_csvs  # noqa: E402
+from kneeprep.moaks.anatomy import COMPONENTS, QUESTIONS, SAMPLE_LABELS  # noqa: E402
 from kneeprep.synth import PHI_MARKERS, generate  # noqa: E402
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])

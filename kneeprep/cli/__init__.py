@@ -18,7 +18,7 @@ import sys
 
 import click
 
-from .. import __version__
+from kneeprep import __version__
 
 #: command name -> (module under kneeprep.cli, attribute, one-line help shown by `kneeprep --help`)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -99,7 +99,7 @@ def cli():
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ..errors import KneeprepError
+    from kneeprep.errors import KneeprepError
 
     try:
         # without standalone mode click *returns* the code of ctx.exit(n) / raise Exit(n) instead of raising

@@ -21,9 +21,9 @@ def boxes(store, recipe_file, progress):
     Updates each volume's `boxes` attrs and `provenance.boxes_hash`, rewrites STORE/boxes.parquet and
     prints a summary. Exit code 1 when some volume could not be processed (listed in the summary).
     """
-    from ..boxes import recompute_store_boxes
-    from ..parallel import progress_callback
-    from ..recipe import load_recipe
+    from kneeprep.parallel import progress_callback
+    from kneeprep.recipe import load_recipe
+    from kneeprep.stages.boxes import recompute_store_boxes
 
     recipe = load_recipe(recipe_file)
     with progress_callback("boxes", progress, unit="volumes") as update:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from . import dask_options
+from kneeprep.cli import dask_options
 
 
 @click.command()
@@ -44,9 +44,9 @@ def convert(ctx, raw, out, recipe_file, annotations, masks, workers, scheduler, 
     report is written to OUT/report.json and summarized here. Exit code 1 if any series failed, or if no
     series was written or left unchanged (none found, or every one refused or not selected).
     """
-    from ..pipeline import run_convert
-    from ..recipe import load_recipe
-    from ..store import REPORT_FILE
+    from kneeprep.formats.store import REPORT_FILE
+    from kneeprep.recipe import load_recipe
+    from kneeprep.stages.convert import run_convert
 
     recipe = load_recipe(recipe_file)
     report = run_convert(

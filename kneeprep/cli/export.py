@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from . import dask_options
+from kneeprep.cli import dask_options
 
 
 @click.command()
@@ -66,7 +66,7 @@ def export(
     and masks only. One task per volume; a re-run skips volumes whose source is unchanged. Exit code 1 if
     any volume failed (listed in OUT/report.json).
     """
-    from ..export import run_export, summary
+    from kneeprep.stages.export import run_export, summary
 
     report = run_export(
         source, out, layout=layout, store=store, label_layer=label_layer, answer=answer, path_prefix=path_prefix,

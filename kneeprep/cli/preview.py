@@ -25,9 +25,9 @@ def preview(store, volume_id, first, region, output, size):
     (sagittal: anterior left; coronal/axial: patient right on the left). Use it to check by eye that
     image, mask and boxes line up.
     """
-    from ..errors import InputNotFoundError
-    from ..preview import render_planes, write_png
-    from ..store import label_names, list_volumes, read_attrs, read_labels, read_volume
+    from kneeprep.errors import InputNotFoundError
+    from kneeprep.formats.store import label_names, list_volumes, read_attrs, read_labels, read_volume
+    from kneeprep.preview import render_planes, write_png
 
     ids = list_volumes(store)
     if first:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from . import dask_options
+from kneeprep.cli import dask_options
 
 _DIR = click.Path(exists=True, file_okay=False)
 
@@ -59,9 +59,9 @@ def rebuild(recipe_file, raw, annotations, masks, out, workers, scheduler, progr
     """
     if workers is not None and scheduler:
         raise click.UsageError("--workers and --scheduler exclude each other")
-    from ..rebuild import REPORT
-    from ..rebuild import rebuild as run
-    from ..recipe import load_recipe
+    from kneeprep.recipe import load_recipe
+    from kneeprep.stages.rebuild import REPORT
+    from kneeprep.stages.rebuild import rebuild as run
 
     recipe = load_recipe(recipe_file)
     click.echo(f"recipe {recipe.name!r} ({recipe.hash}) from {recipe_file}")

@@ -24,7 +24,7 @@ def show(file):
 
     Without FILE, print the defaults.
     """
-    from ..recipe import load_recipe
+    from kneeprep.recipe import load_recipe
 
     r = load_recipe(file)
     click.echo(f"# recipe {r.name!r}  hash {r.hash}")
@@ -40,8 +40,8 @@ def check(files):
 
     Exit code 0 when every file is valid, 1 otherwise.
     """
-    from ..errors import KneeprepError
-    from ..recipe import load_recipe
+    from kneeprep.errors import KneeprepError
+    from kneeprep.recipe import load_recipe
 
     bad = 0
     for f in files:

@@ -47,7 +47,7 @@ def series_row(s) -> dict:
 
 def write_table(rows: list[dict], out: Path) -> None:
     """Write rows as Parquet (``.parquet``) or CSV (``.csv``), atomically (``.partial`` then rename)."""
-    from ..errors import StoreError
+    from kneeprep.errors import StoreError
 
     tmp = out.with_name(out.name + ".partial")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -113,9 +113,9 @@ def scan(raw: Path, out: Path | None, recipe_path: Path | None, quiet: bool, pro
     Prints a table and a summary. QC failures are information: the exit code is 0 whenever the scan ran,
     1 on an error (unreadable RAW, unwritable --out).
     """
-    from ..dicom import scan_tree
-    from ..parallel import progress_callback
-    from ..recipe import load_recipe
+    from kneeprep.dicom import scan_tree
+    from kneeprep.parallel import progress_callback
+    from kneeprep.recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
     with progress_callback("scan", progress, unit="files") as scanned:

@@ -16,11 +16,11 @@ TRUTH_COLUMNS = (
 
 
 def truth_from_row(row: dict):
-    """A shard row (dict from ``kneeprep.shards.iter_quintuples``) as a :class:`kneeprep.score.TruthRecord`.
+    """A shard row (dict from ``kneeprep.formats.shard_reader.iter_quintuples``) as a :class:`kneeprep.stages.score.TruthRecord`.
     The per-region tables group by the question's box region, else its MOAKS region, else "whole knee"."""
-    from ..anatomy import QUESTIONS
-    from ..score import TruthRecord
-    from ..severity import severity_from_json
+    from kneeprep.moaks.anatomy import QUESTIONS
+    from kneeprep.moaks.severity import severity_from_json
+    from kneeprep.stages.score import TruthRecord
 
     qid = str(row["question_id"])
     q = QUESTIONS.get(qid)
@@ -61,9 +61,9 @@ def score(predictions: str, shards: str, split: str, out: str | None) -> None:
     import json
     from pathlib import Path
 
-    from ..score import read_predictions
-    from ..score import score as score_fn
-    from ..shards import iter_quintuples
+    from kneeprep.formats.shard_reader import iter_quintuples
+    from kneeprep.stages.score import read_predictions
+    from kneeprep.stages.score import score as score_fn
 
     preds, errors = read_predictions(predictions)
     rows = iter_quintuples(shards, split=None if split == "all" else split, columns=list(TRUTH_COLUMNS))

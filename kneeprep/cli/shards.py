@@ -29,9 +29,10 @@ def shards(store, annotations, shards_dir, recipe_file, force, progress):
     unknown question, volume in no split); rejections of kind `no_box` (the question's region has no voxels
     in that volume's mask) are facts of the data and keep exit code 0.
     """
-    from ..parallel import progress_callback
-    from ..recipe import load_recipe
-    from ..shards import REPORT, build_shards
+    from kneeprep.formats.shard_schema import REPORT
+    from kneeprep.parallel import progress_callback
+    from kneeprep.recipe import load_recipe
+    from kneeprep.stages.shards import build_shards
 
     recipe = load_recipe(recipe_file)
     with progress_callback("shards", progress, unit="volumes") as update:
@@ -83,8 +84,9 @@ def validate(shards_dir, no_decode, progress):
 
     Prints every problem found; exit code 1 if there is any.
     """
-    from ..parallel import progress_callback
-    from ..shards import read_manifest, validate_shards
+    from kneeprep.formats.shard_reader import read_manifest
+    from kneeprep.parallel import progress_callback
+    from kneeprep.stages.validate import validate_shards
 
     with progress_callback("validate", progress, unit="shards") as update:
         problems = validate_shards(shards_dir, decode=not no_decode, progress=update)

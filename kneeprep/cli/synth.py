@@ -42,13 +42,13 @@ def synth(out: Path, patients: int, size: str, seed: int, force: bool, progress:
     coronal MPR reformat (COR_MPR_RIGHT|LEFT). Headers carry fake identifying data (see
     kneeprep.synth.PHI_MARKERS) so privacy checks have something to find.
     """
-    from ..synth import plan_sample, write_sample
+    from kneeprep.synth import plan_sample, write_sample
 
     if out.is_dir() and any(out.iterdir()) and not force:
         raise click.UsageError(f"{out}: not empty (pass --force to write the sample into it anyway)")
     plan = plan_sample(patients, size, seed)
     start = time.perf_counter()
-    from ..parallel import progress_callback
+    from kneeprep.parallel import progress_callback
 
     with progress_callback("writing series", progress) as update:
         done = [0]

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DicomError
+from kneeprep.errors import DicomError
 
 PIXEL_DATA = 0x7FE00010
 #: Transfer syntaxes whose PixelData is native (not encapsulated): (uid, byte order).

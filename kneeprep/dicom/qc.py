@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..recipe import QC
-from .headers import SliceHeader
+from kneeprep.dicom.headers import SliceHeader
+from kneeprep.recipe import QC
 
 STATUSES = ("ok", "warn", "fail", "unsupported")
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DicomError, GeometryError, InputNotFoundError, UnsupportedSeriesError
-from ..geometry import Geometry
-from .headers import NATIVE_SYNTAXES, PIXEL_DATA
-from .scan import SeriesInfo
+from kneeprep.dicom.headers import NATIVE_SYNTAXES, PIXEL_DATA
+from kneeprep.dicom.scan import SeriesInfo
+from kneeprep.errors import DicomError, GeometryError, InputNotFoundError, UnsupportedSeriesError
+from kneeprep.geometry import Geometry
 
 RLE_LOSSLESS = "1.2.840.10008.1.2.5"
 
@@ -142,7 +142,7 @@ def _read_slice_fast(path: Path, data: bytes) -> _Slice | None:
     """The slice in ``data`` (the whole file) when it is a plain single-frame Little Endian file with native
     pixels, decoded without pydicom; ``None`` for anything else (pydicom then reads it and words any error).
     Gives exactly what the pydicom path gives (tested on the same files)."""
-    from .headers import _UNDEFINED, _parse_fast, _Unusual, _Values
+    from kneeprep.dicom.headers import _UNDEFINED, _parse_fast, _Unusual, _Values
 
     try:
         ts, raw, tell, length = _parse_fast(data, len(data))

@@ -6,7 +6,7 @@ than ``split_orientation_atol``, e.g. a three-plane localizer) is split into par
 :class:`SeriesInfo` (the largest part keeps the plain volume id, the others get ``.2``, ``.3``, ... on the
 series folder). Small orientation differences within a part are a QC failure, not a split.
 
-Volume ids (``kneeprep.splits.make_volume_id``): from the OAI layout
+Volume ids (``kneeprep.formats.splits.make_volume_id``): from the OAI layout
 ``<visit>/<release>/<patient>/<YYYYMMDD>/<8-digit series>/<file>`` when the series' first file sits in one
 (``id_source="path"``); otherwise from tags (``id_source="tags"``): PatientID (0010,0020), the visit from
 ClinicalTrialTimePointID (0012,0051) or the StudyDescription ``OAI^MR^<visit>^...``, StudyDate (0008,0020),
@@ -26,13 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputNotFoundError
-from ..geometry import Geometry, orientation_code
-from ..recipe import QC
-from ..splits import make_volume_id, visit_to_time
-from .fields import knee_side, technical_fields, visit_from_text
-from .headers import DicomError, NotDicomError, SliceHeader, read_header
-from .qc import Finding, QCVerdict, check_series
+from kneeprep.dicom.fields import knee_side, technical_fields, visit_from_text
+from kneeprep.dicom.headers import DicomError, NotDicomError, SliceHeader, read_header
+from kneeprep.dicom.qc import Finding, QCVerdict, check_series
+from kneeprep.errors import InputNotFoundError
+from kneeprep.formats.splits import make_volume_id, visit_to_time
+from kneeprep.geometry import Geometry, orientation_code
+from kneeprep.recipe import QC
 
 _VISIT_DIR = re.compile(r"^\d{1,3}m$", re.IGNORECASE)
 _RELEASE_DIR = re.compile(r"^\d+\.[A-Z]\.\d+$", re.IGNORECASE)

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .dicom_writer import make_uid, write_series
-from .sample import GRIDS, PHI_MARKERS, SamplePlan, SampleSummary, plan_sample, write_sample
+from kneeprep.synth.dicom_writer import make_uid, write_series
+from kneeprep.synth.sample import GRIDS, PHI_MARKERS, SamplePlan, SampleSummary, plan_sample, write_sample
 
 __all__ = [
     "GRIDS",

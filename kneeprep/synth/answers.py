@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..anatomy import COMPONENTS, QUESTIONS, Question
+from kneeprep.moaks.anatomy import COMPONENTS, QUESTIONS, Question
 
 _WHAT = {
     "bml": "the bone marrow lesion (BML) in the {r} subregion",

@@ -29,8 +29,8 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from ..errors import DicomError
-from ..geometry import Geometry
+from kneeprep.errors import DicomError
+from kneeprep.geometry import Geometry
 
 #: UID root for everything the sample writes (pydicom's documented example root, ``2.25``-free and stable).
 UID_PREFIX = "1.2.826.0.1.3680043.8.498."

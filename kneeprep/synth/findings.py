@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..anatomy import (
+from kneeprep.moaks.anatomy import (
     BML_REGIONS,
     CARTILAGE_PLATES,
     CARTILAGE_REGIONS,
@@ -32,7 +32,7 @@ from ..anatomy import (
     OSTEOPHYTE_LOCATIONS,
     QUESTIONS,
 )
-from .phantom import (
+from kneeprep.synth.phantom import (
     LABEL,
     Anatomy,
     Ball,

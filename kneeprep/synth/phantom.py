@@ -7,7 +7,7 @@ knee (its medial side faces the patient's left, +x) and ``-1`` for a left knee. 
 oblique to this frame; painting works on any :class:`~kneeprep.geometry.Geometry`.
 
 **Painting.** A :class:`Canvas` holds two ``uint8`` arrays on the grid: ``labels`` (the mask, label map
-:data:`kneeprep.anatomy.SAMPLE_LABELS`) and ``tissue`` (what the image shows, :class:`Tissue`). Each shape is
+:data:`kneeprep.moaks.anatomy.SAMPLE_LABELS`) and ``tissue`` (what the image shows, :class:`Tissue`). Each shape is
 evaluated only inside the index block that bounds it, in chunks of slices, so memory and time stay
 proportional to the shape, not to the volume. Later paints overwrite earlier ones.
 
@@ -28,8 +28,8 @@ from enum import IntEnum
 
 import numpy as np
 
-from ..anatomy import SAMPLE_LABELS
-from ..geometry import Geometry
+from kneeprep.geometry import Geometry
+from kneeprep.moaks.anatomy import SAMPLE_LABELS
 
 #: label name -> label value of the sample's label map.
 LABEL: dict[str, int] = {name: value for value, name in SAMPLE_LABELS.items()}

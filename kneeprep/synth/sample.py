@@ -5,7 +5,7 @@ Layout written under ``OUT`` (``docs/DESIGN.md``, "Annotation directory")::
     raw/00m/0.C.2/<patient 7 digits>/<YYYYMMDD>/<8-digit series>/001, 002, ...   extensionless DICOM
     raw/00m/0.C.2/contents.0C2.csv        Folder,ParticipantID,StudyDate,Barcode,StudyDescription,SeriesDescription
     masks/knee_NNN.nii.gz                 one label map per DESS series (RAS, NIfTI's own voxel order)
-    masks/labels.json                     {"1": "patella medial", ...}  (kneeprep.anatomy.SAMPLE_LABELS)
+    masks/labels.json                     {"1": "patella medial", ...}  (kneeprep.moaks.anatomy.SAMPLE_LABELS)
     split_files/{train,val,test}_split.csv   the published columns; paths relative to OUT
     questions.json                        {"1": prompt, ..., "69": prompt}
     quintuples.jsonl                      kneeprep JSONL, one line per (volume, question)
@@ -27,14 +27,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..anatomy import SAMPLE_LABELS
-from ..errors import StoreError
-from ..geometry import Geometry, lps_to_ras
-from ..splits import SPLITS, make_volume_id, visit_to_time, write_split_csv
-from . import answers as qa
-from .dicom_writer import make_uid, write_series
-from .findings import KneeTargets, draw_targets, effusion_size, meniscus_shifts, place_and_grade
-from .phantom import Anatomy, Canvas, KneeFrame, paint_anatomy, synthesize_image
+from kneeprep.errors import StoreError
+from kneeprep.formats.splits import SPLITS, make_volume_id, visit_to_time, write_split_csv
+from kneeprep.geometry import Geometry, lps_to_ras
+from kneeprep.moaks.anatomy import SAMPLE_LABELS
+from kneeprep.synth import answers as qa
+from kneeprep.synth.dicom_writer import make_uid, write_series
+from kneeprep.synth.findings import KneeTargets, draw_targets, effusion_size, meniscus_shifts, place_and_grade
+from kneeprep.synth.phantom import Anatomy, Canvas, KneeFrame, paint_anatomy, synthesize_image
 
 VISIT = "00m"
 RELEASE = "0.C.2"
@@ -559,7 +559,7 @@ def write_sample(
         write_split_csv(root / "split_files" / f"{split}_split.csv", split_rows[split])
     _write_json(root / "questions.json", bank)
     _write_text(root / "quintuples.jsonl", "".join(json.dumps(r, sort_keys=False) + "\n" for r in quintuples))
-    from .. import __version__
+    from kneeprep import __version__
 
     _write_json(
         root / "truth.json",

@@ -16,10 +16,10 @@ the volume's attributes, so ``apply_*(raw, geometry, Params.from_json(attrs[...]
 volume. No function here reads files, knows about Dask or about the recipe file format.
 """
 
-from .mirror import MirrorParams, apply_mirror, plan_mirror
-from .normalize import NormalizeParams, apply_normalize, plan_normalize
-from .orient import OrientParams, apply_orient, plan_orient
-from .resample import ResampleParams, apply_resample, plan_resample
+from kneeprep.transforms.mirror import MirrorParams, apply_mirror, plan_mirror
+from kneeprep.transforms.normalize import NormalizeParams, apply_normalize, plan_normalize
+from kneeprep.transforms.orient import OrientParams, apply_orient, plan_orient
+from kneeprep.transforms.resample import ResampleParams, apply_resample, plan_resample
 
 __all__ = [
     "MirrorParams",

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..geometry import Geometry
-from .orient import permute_flip
+from kneeprep.geometry import Geometry
+from kneeprep.transforms.orient import permute_flip
 
 LEFT = 2
 

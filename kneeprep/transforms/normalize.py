@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..errors import RecipeError
+from kneeprep.errors import RecipeError
 
 _AUTO_INT = ("uint8", "int8", "uint16", "int16", "uint32", "int32")
 _SLAB = 16  # slices per pass when accumulating statistics or scaling, to bound float temporaries

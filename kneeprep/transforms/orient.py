@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import GeometryError
-from ..geometry import Geometry
+from kneeprep.errors import GeometryError
+from kneeprep.geometry import Geometry
 
 #: letter -> (world axis 0=x/1=y/2=z in LPS, sign)
 LETTER_AXIS = {"L": (0, 1), "R": (0, -1), "P": (1, 1), "A": (1, -1), "S": (2, 1), "I": (2, -1)}

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import GeometryError
-from ..geometry import Geometry
+from kneeprep.errors import GeometryError
+from kneeprep.geometry import Geometry
 
 INTERPOLATORS = ("linear", "bspline", "nearest")
 

@@ -3,8 +3,8 @@
 ``run_convert`` (the driver) scans the raw tree, selects series by the recipe, resolves each volume's mask,
 decides what is already done, and maps :func:`convert_series` over the rest -- one task per series, on local
 worker processes or a Dask cluster (:mod:`kneeprep.parallel`). Each task reads its series, transforms it,
-places its mask, computes boxes, writes its own volume atomically (:mod:`kneeprep.store`) and returns a small
-:class:`~kneeprep.report.ItemResult`; a task never raises: a :class:`~kneeprep.errors.KneeprepError` becomes a
+places its mask, computes boxes, writes its own volume atomically (:mod:`kneeprep.formats.store`) and returns a small
+:class:`~kneeprep.formats.report.ItemResult`; a task never raises: a :class:`~kneeprep.errors.KneeprepError` becomes a
 ``failed`` record of its kind, anything else a ``failed`` record of kind ``unexpected``.
 
 Per series (``convert_series``)::
@@ -34,10 +34,10 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import FORMAT_VERSION, __version__
-from .errors import InputNotFoundError, KneeprepError, RecipeError
-from .recipe import Recipe
-from .report import ItemResult, RunReport
+from kneeprep import FORMAT_VERSION, __version__
+from kneeprep.errors import InputNotFoundError, KneeprepError, RecipeError
+from kneeprep.formats.report import ItemResult, RunReport
+from kneeprep.recipe import Recipe
 
 #: The record a convert task returns (status written/skipped/failed, kind, message, timings in ``details``).
 ConvertResult = ItemResult
@@ -137,9 +137,9 @@ def convert_series(
 
 
 def _convert(info, recipe: Recipe, store: Path, mask_path, fingerprint, t0: float) -> ItemResult:
-    from . import store as vstore
-    from .dicom import read_series
-    from .transforms import (
+    from kneeprep.dicom import read_series
+    from kneeprep.formats import store as vstore
+    from kneeprep.transforms import (
         apply_mirror,
         apply_normalize,
         apply_orient,
@@ -190,8 +190,8 @@ def _convert(info, recipe: Recipe, store: Path, mask_path, fingerprint, t0: floa
     # a series converted with QC warnings (a duplicate slice dropped, a renamed id ...) says so in the report
     warnings += [f"QC warn: {r}" for r in info.qc.reasons] if info.qc.status == "warn" else []
     if mask_path:
-        from .boxes import boxes_for_volume
-        from .masks import file_hash, load_mask_onto
+        from kneeprep.boxes import boxes_for_volume
+        from kneeprep.formats.masks import file_hash, load_mask_onto
 
         t = time.perf_counter()
         placed = load_mask_onto(mask_path, geometry, recipe.labels.map)
@@ -265,7 +265,7 @@ def _convert(info, recipe: Recipe, store: Path, mask_path, fingerprint, t0: floa
 
 
 def _stored_attrs(store: Path, volume_id: str) -> dict | None:
-    from . import store as vstore
+    from kneeprep.formats import store as vstore
 
     try:
         return vstore.read_attrs(store, volume_id)
@@ -345,7 +345,7 @@ def mask_finder(recipe: Recipe, annotations=None, masks=None):
                 "--masks needs --annotations (split CSVs with label_filepath) or a recipe masks.pattern"
             )
         return lambda info: None
-    from .splits import read_split_csvs
+    from kneeprep.formats.splits import read_split_csvs
 
     rows = {row.volume_id: row for row in read_split_csvs(annotations) if row.label_filepath}
 
@@ -400,7 +400,7 @@ class _Planner:
 def _previously_revised(store: Path) -> dict[str, str]:
     """``context.revised`` of the store's last convert report: provisional series (volume id -> input
     fingerprint) that the finished scan contradicted."""
-    from .store import REPORT_FILE
+    from kneeprep.formats.store import REPORT_FILE
 
     try:
         revised = json.loads((store / REPORT_FILE).read_text()).get("context", {}).get("revised") or {}
@@ -430,9 +430,9 @@ def run_convert(
     returned, and a volume written early for a series that no longer exists, or is no longer to be converted,
     is deleted. ``context.revised`` lists those provisional series (volume id -> input fingerprint); the next
     run does not convert them early again."""
-    from . import store as vstore
-    from .dicom import scan_tree
-    from .parallel import executor, progress_callback, progress_iter
+    from kneeprep.dicom import scan_tree
+    from kneeprep.formats import store as vstore
+    from kneeprep.parallel import executor, progress_callback, progress_iter
 
     raw, store = Path(raw), Path(store)
     if not raw.is_dir():
@@ -533,7 +533,7 @@ def run_convert(
         finally:
             stream.cancel()  # nothing is left running on an error (a no-op after a full run)
         if any(r.status == "written" for r in report.items):
-            from .boxes import write_boxes_table
+            from kneeprep.stages.boxes import write_boxes_table
 
             report.context["boxes_table"] = str(write_boxes_table(store))
         report.finish().write(store / vstore.REPORT_FILE)

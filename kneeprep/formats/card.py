@@ -12,8 +12,8 @@ import json
 import os
 from pathlib import Path
 
-from . import __version__
-from .anatomy import FINDINGS
+from kneeprep import __version__
+from kneeprep.moaks.anatomy import FINDINGS
 
 CARD = "README.md"
 
@@ -30,7 +30,8 @@ def write_card(shards_dir: str | os.PathLike, recipe, *, extra: dict | None = No
     """Write ``shards_dir/README.md`` from the manifest, the shards' question columns and the recipe."""
     import pyarrow.parquet as pq
 
-    from .shards import SCHEMA, read_manifest
+    from kneeprep.formats.shard_reader import read_manifest
+    from kneeprep.formats.shard_schema import SCHEMA
 
     d = Path(shards_dir)
     manifest = read_manifest(d)
@@ -94,7 +95,7 @@ def write_card(shards_dir: str | os.PathLike, recipe, *, extra: dict | None = No
         'volume = np.frombuffer(data, first["image_dtype"]).reshape(first["image_shape"])',
         "```",
         "",
-        'With kneeprep: `kneeprep.loader.ShardDataset(path, split="train")` (shuffling, exact partitioning over '
+        'With kneeprep: `kneeprep.loader.dataset.ShardDataset(path, split="train")` (shuffling, exact partitioning over '
         "ranks and workers, resumable). Boxes: `box_voxels` is half-open `[z0, y0, x0, z1, y1, x1]` in array "
         "order; `box_list_form` the 3DReasonKnee `[start_slice, end_slice, x_min, x_max, y_min, y_max]` "
         "(inclusive). World coordinates: `image_affine_lps` (row-major 4×4, LPS mm).",
@@ -148,6 +149,6 @@ def write_card(shards_dir: str | os.PathLike, recipe, *, extra: dict | None = No
 
 
 def _sha256(path: Path) -> str:
-    from .shards import sha256_file
+    from kneeprep.files import sha256_file
 
     return sha256_file(path)

@@ -47,10 +47,10 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .errors import GeometryError, InputNotFoundError, KneeprepError, StoreError, ValidationError
-from .report import ItemResult, RunReport
-from .splits import SPLITS, parse_volume_id
+from kneeprep import __version__
+from kneeprep.errors import GeometryError, InputNotFoundError, KneeprepError, StoreError, ValidationError
+from kneeprep.formats.report import ItemResult, RunReport
+from kneeprep.formats.splits import SPLITS, parse_volume_id
 
 #: Version of what export writes; part of every source key, so a change of it rewrites every volume.
 EXPORT_VERSION = 1
@@ -187,7 +187,7 @@ class _Plan:
 
 def _store_info(store: Path) -> tuple[set[str], dict[str, str]]:
     """The complete volumes of a store and the raw series folder of each, from its last convert report."""
-    from .store import REPORT_FILE, list_volumes
+    from kneeprep.formats.store import REPORT_FILE, list_volumes
 
     vids = set(list_volumes(store))
     raw: dict[str, str] = {}
@@ -203,7 +203,7 @@ def _store_info(store: Path) -> tuple[set[str], dict[str, str]]:
 
 def _mask_layer(store: Path, vid: str, layer: str | None) -> tuple[str | None, str | None]:
     """(layer to export or None, warning or None)."""
-    from .store import label_names
+    from kneeprep.formats.store import label_names
 
     names = label_names(store, vid)
     if not names:
@@ -218,8 +218,8 @@ def _mask_layer(store: Path, vid: str, layer: str | None) -> tuple[str | None, s
 def _plan_shards(shards: Path, out: Path, store: Path | None, layer: str | None) -> _Plan:
     import pyarrow.parquet as pq
 
-    from .shards import read_manifest
-    from .store import read_attrs
+    from kneeprep.formats.shard_reader import read_manifest
+    from kneeprep.formats.store import read_attrs
 
     m = read_manifest(shards)
     store_vids, raw = _store_info(store) if store else (set(), {})
@@ -256,7 +256,7 @@ def _plan_shards(shards: Path, out: Path, store: Path | None, layer: str | None)
 
 
 def _plan_store(store: Path, out: Path, layer: str | None) -> _Plan:
-    from .store import read_attrs
+    from kneeprep.formats.store import read_attrs
 
     vids, raw = _store_info(store)
     tasks, warnings = [], {}
@@ -296,11 +296,11 @@ def export_volume(task: VolumeTask) -> ItemResult:
 
 
 def _export_volume(task: VolumeTask) -> dict[str, Any]:
-    from . import store as vstore
+    from kneeprep.formats import store as vstore
 
     vid, out = task.volume_id, Path(task.out_dir)
     if task.shard is not None:
-        from .shards import read_row_group
+        from kneeprep.formats.shard_reader import read_row_group
 
         rows, volumes = read_row_group(task.shard, task.row_group, columns=["image", "image_affine_lps"])
         if vid not in volumes:
@@ -351,7 +351,7 @@ def answer_text(reasoning, answer: Any) -> str:
 
 def _answer_object(row: dict, mode: str) -> tuple[Any, bool]:
     """The answer JSON object of a shard row and whether it had to be rebuilt from the severity."""
-    from .severity import Grade, parse_answer, to_published
+    from kneeprep.moaks.severity import Grade, parse_answer, to_published
 
     severity = tuple(Grade(**g) for g in row["severity"])
     if mode == "original":
@@ -375,8 +375,8 @@ def _write_annotations(
     masks: dict[str, str | None], answer: str, prefix: str,
 ) -> dict[str, Any]:  # fmt: skip
     """Split CSVs, per-split training items and the question bank for the exported volumes."""
-    from .shards import iter_quintuples
-    from .splits import write_split_csv
+    from kneeprep.formats.shard_reader import iter_quintuples
+    from kneeprep.formats.splits import write_split_csv
 
     for split in SPLITS:
         rows = []
@@ -479,8 +479,8 @@ def run_export(
     training items (:data:`ANSWER_MODES`); ``path_prefix`` is prepended to every path in the CSVs and items
     (e.g. ``"../data/"`` for the published scripts' working directory). ``workers=0`` runs in this process.
     """
-    from .parallel import executor, progress_iter
-    from .store import store_lock
+    from kneeprep.formats.store import store_lock
+    from kneeprep.parallel import executor, progress_iter
 
     if layout not in LAYOUTS:
         raise ValidationError(f"layout {layout!r}: known layouts are {', '.join(LAYOUTS)}")

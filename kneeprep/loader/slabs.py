@@ -29,7 +29,7 @@ mappings and returns to the system when the last process holding one exits -- af
 SIGKILL of any process alike. The training process drops the mappings of workers that have exited when the
 next worker registers (:func:`release_mappings` drops them all).
 
-This module needs no torch: :mod:`kneeprep.torchdata` turns the received arrays into tensors.
+This module needs no torch: :mod:`kneeprep.loader.torchdata` turns the received arrays into tensors.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class SlabPool:
     """The worker side: slabs to decode volumes into, and the batches that describe them.
 
     One pool per worker process (:func:`worker_pool`). ``alloc`` is a
-    :data:`kneeprep.shards.VolumeAllocator`; :meth:`batch` turns samples whose images came from ``alloc``
+    :data:`kneeprep.formats.shard_reader.VolumeAllocator`; :meth:`batch` turns samples whose images came from ``alloc``
     into a :class:`WireBatch`.
     """
 
@@ -254,7 +254,7 @@ _FINISHERS: dict[str, Callable[[dict[str, Any]], Any]] = {}
 
 
 def register_finisher(name: str, fn: Callable[[dict[str, Any]], Any]) -> None:
-    """``fn(batch_dict)`` builds what the training loop receives (``kneeprep.torchdata`` registers "torch")."""
+    """``fn(batch_dict)`` builds what the training loop receives (``kneeprep.loader.torchdata`` registers "torch")."""
     _FINISHERS[name] = fn
 
 
@@ -330,7 +330,7 @@ def release_mappings() -> None:
 def iter_batches(
     dataset, worker: int, num_workers: int, batch_size: int, pool: SlabPool, finish: str = "numpy"
 ) -> Iterator[WireBatch]:
-    """Worker ``worker``'s batches of a :class:`kneeprep.loader.ShardDataset`, decoded into ``pool``: the
+    """Worker ``worker``'s batches of a :class:`kneeprep.loader.dataset.ShardDataset`, decoded into ``pool``: the
     batches a DataLoader of ``batch_size`` would form from the worker's samples (items when volume-major)."""
     records: list[dict] = []
     for r in dataset.iter_worker(worker, num_workers, batch_size, alloc=pool.alloc):

@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .errors import InputNotFoundError
-from .recipe import Recipe
+from kneeprep import __version__
+from kneeprep.errors import InputNotFoundError
+from kneeprep.recipe import Recipe
 
 REPORT = "report.json"
 
@@ -98,12 +98,14 @@ def rebuild(
     echo=print,
 ) -> RebuildReport:
     """Run scan → convert → boxes → shards → validate → card; returns (and writes) the rebuild report."""
-    from .boxes import recompute_store_boxes
-    from .card import write_card
-    from .parallel import progress_callback
-    from .pipeline import run_convert
-    from .privacy import Pseudonymizer
-    from .shards import build_shards, read_manifest, validate_shards
+    from kneeprep.formats.card import write_card
+    from kneeprep.formats.shard_reader import read_manifest
+    from kneeprep.parallel import progress_callback
+    from kneeprep.privacy import Pseudonymizer
+    from kneeprep.stages.boxes import recompute_store_boxes
+    from kneeprep.stages.convert import run_convert
+    from kneeprep.stages.shards import build_shards
+    from kneeprep.stages.validate import validate_shards
 
     out = Path(out)
     for name, p in (("raw", raw), ("annotations", annotations), ("masks", masks)):
@@ -202,6 +204,6 @@ def _write_json(p: Path, obj: Any) -> None:
 
 
 def _file_sha(p: Path) -> str | None:
-    from .shards import sha256_file
+    from kneeprep.files import sha256_file
 
     return sha256_file(p) if p.is_file() else None

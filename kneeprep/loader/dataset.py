@@ -51,8 +51,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputNotFoundError, ValidationError
-from .shards import SCHEMA, VolumeAllocator, read_manifest, read_row_group
+from kneeprep.errors import InputNotFoundError, ValidationError
+from kneeprep.formats.shard_reader import VolumeAllocator, read_manifest, read_row_group
+from kneeprep.formats.shard_schema import SCHEMA
 
 _BOX_FIELDS = ("region", "voxels", "list_form", "normalized", "size_mm", "center_lps")
 
@@ -267,7 +268,7 @@ class ShardDataset:
         it after a resumed state's ``consumed`` samples is cut into batches, and worker ``w`` yields batches
         ``w, w + K, w + 2K, ...`` -- exactly what the DataLoader's round-robin asks of it, so the output
         continues the same order. From the start of an epoch these are the worker's contiguous block.
-        ``alloc`` gives the arrays volumes are decoded into (:func:`kneeprep.shards.read_row_group`).
+        ``alloc`` gives the arrays volumes are decoded into (:func:`kneeprep.formats.shard_reader.read_row_group`).
         """
         if not 0 <= worker < num_workers:
             raise ValueError(f"worker must be in 0..{num_workers - 1}, got {worker}")

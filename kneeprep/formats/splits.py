@@ -11,7 +11,7 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import AnnotationError, InputNotFoundError
+from kneeprep.errors import AnnotationError, InputNotFoundError
 
 SPLITS = ("train", "val", "test")
 SPLIT_COLUMNS = (

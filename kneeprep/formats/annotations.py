@@ -1,6 +1,6 @@
 """Readers for annotations: the published formats and kneeprep's own JSONL (``docs/FORMATS.md`` has all of them).
 
-* split CSVs -- :func:`kneeprep.splits.read_split_csvs` (reused as is);
+* split CSVs -- :func:`kneeprep.formats.splits.read_split_csvs` (reused as is);
 * the question bank JSON ``{"1": "<prompt>", ...}`` -- :func:`read_question_bank`;
 * published training items ``[{image, prompt, answer[, final_diagnosis]}]`` -- :func:`read_training_items`;
 * kneeprep JSONL, one quintuple annotation per line -- :func:`read_quintuples_jsonl`;
@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .anatomy import QUESTIONS
-from .errors import AnnotationError, InputNotFoundError
-from .severity import Severity, find_answer_json, parse_answer
-from .splits import SplitRow, parse_volume_id, read_split_csvs
+from kneeprep.errors import AnnotationError, InputNotFoundError
+from kneeprep.formats.splits import SplitRow, parse_volume_id, read_split_csvs
+from kneeprep.moaks.anatomy import QUESTIONS
+from kneeprep.moaks.severity import Severity, find_answer_json, parse_answer
 
 
 class RecordError(NamedTuple):

@@ -1,8 +1,8 @@
 """Graded answers (MOAKS severity) in one canonical form, and the parser for the published answer JSON.
 
 A **severity** is a tuple of :class:`Grade` records ``(finding, region, component, grade)``: ``finding`` one of
-:data:`kneeprep.anatomy.FINDINGS`, ``region`` the question's region (``""`` for whole-knee findings),
-``component`` a canonical name from :data:`kneeprep.anatomy.COMPONENTS`, ``grade`` an int in ``0..max``. Grades
+:data:`kneeprep.moaks.anatomy.FINDINGS`, ``region`` the question's region (``""`` for whole-knee findings),
+``component`` a canonical name from :data:`kneeprep.moaks.anatomy.COMPONENTS`, ``grade`` an int in ``0..max``. Grades
 are ordered as the question lists its components (then, for ligaments, the published extra fields), so two
 severities of the same answer compare equal.
 
@@ -11,7 +11,7 @@ severities of the same answer compare equal.
 * the wrapper ``MOAKS_scores``, ``MOAKS_grade`` or none; other top-level keys (``"bbox"``, ...) are ignored;
 * a grade as a bare integer or ``{"grade": n}`` (either form for any one-component question);
 * answer keys spaced or snake_case, any case (``"femur medial central BML"`` = ``"Femur_Medial_Central_BML"``),
-  including the published bank's spellings that differ from :mod:`kneeprep.anatomy`'s answer keys
+  including the published bank's spellings that differ from :mod:`kneeprep.moaks.anatomy`'s answer keys
   (``"medial meniscus anterior extrusion"``, ``"pes_anserine_bursitis_presence"``, ...);
 * component keys in the published spelling or the canonical name, any case, spaces or underscores;
 * text: the JSON after the last ``Final diagnosis:``, else inside the last fenced block (```` ```json ````),
@@ -29,8 +29,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .anatomy import COMPONENTS, FINDINGS, QUESTIONS, Question, find_question
-from .errors import AnnotationError
+from kneeprep.errors import AnnotationError
+from kneeprep.moaks.anatomy import COMPONENTS, FINDINGS, QUESTIONS, Question, find_question
 
 
 @dataclass(frozen=True)

@@ -50,9 +50,9 @@ from typing import Any
 
 import numpy as np
 
-from . import FORMAT_VERSION
-from .errors import InputNotFoundError, StoreError
-from .geometry import Geometry
+from kneeprep import FORMAT_VERSION
+from kneeprep.errors import InputNotFoundError, StoreError
+from kneeprep.geometry import Geometry
 
 WORK_DIR = ".kneeprep-tmp"
 LOCK_FILE = ".kneeprep-lock"

@@ -8,7 +8,7 @@ Box conventions (``docs/DESIGN.md``): kneeprep boxes are voxel indices of the st
 Definitions (all pure functions of predictions and truth):
 
 * **Diagnostic accuracy** -- each graded component of a truth answer is one trial; it is correct when the
-  prediction parses (:func:`kneeprep.severity.parse_answer` with the truth's question id) and gives the same
+  prediction parses (:func:`kneeprep.moaks.severity.parse_answer` with the truth's question id) and gives the same
   grade for that component. A missing prediction, an unparseable answer or a missing component makes the
   component wrong; missing and unparseable answers are also counted separately. ``answer_accuracy`` is the
   share of answers with every component right. Both are reported overall, per finding family, per region and
@@ -28,11 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .anatomy import FINDINGS
-from .errors import AnnotationError, InputNotFoundError
-from .severity import Severity, find_answer_json, parse_answer
-
-Box = tuple[int, int, int, int, int, int]
+from kneeprep.errors import AnnotationError, InputNotFoundError
+from kneeprep.formats.box import Voxels, check_voxels, iou, list_form_to_voxels
+from kneeprep.moaks.anatomy import FINDINGS
+from kneeprep.moaks.severity import Severity, find_answer_json, parse_answer
 
 #: keys under which a predicted box is looked for (case-insensitive), in this order.
 BOX_KEYS = ("box", "bbox", "bounding_box", "box_voxels")
@@ -44,80 +43,19 @@ MAX_LISTED = 100
 # Boxes
 
 
-def list_to_voxels(lst: Iterable[int]) -> Box:
-    """3DReasonKnee list form (inclusive) to kneeprep half-open voxels.
-
-    >>> list_to_voxels([10, 19, 100, 149, 200, 239])
-    (10, 200, 100, 20, 240, 150)
-    """
-    s, e, x0, x1, y0, y1 = _six_ints(lst)
-    if not (s <= e and x0 <= x1 and y0 <= y1) or min(s, x0, y0) < 0:
-        raise AnnotationError(
-            f"list-form box {list(lst)}: needs 0 <= start <= end, x_min <= x_max, y_min <= y_max"
-        )
-    return (s, y0, x0, e + 1, y1 + 1, x1 + 1)
-
-
-def voxels_to_list(box: Iterable[int]) -> list[int]:
-    """kneeprep half-open voxels to the 3DReasonKnee list form (inclusive).
-
-    >>> voxels_to_list((10, 200, 100, 20, 240, 150))
-    [10, 19, 100, 149, 200, 239]
-    """
-    z0, y0, x0, z1, y1, x1 = _check_voxels(box)
-    return [z0, z1 - 1, x0, x1 - 1, y0, y1 - 1]
-
-
-def _six_ints(values: Any) -> Box:
-    if isinstance(values, str | bytes) or not isinstance(values, Iterable):
-        raise AnnotationError(f"box must be a list of 6 integers, got {values!r}"[:200])
-    out = []
-    for v in values:
-        if isinstance(v, float) and v.is_integer():
-            v = int(v)
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise AnnotationError(f"box must be a list of 6 integers, got {values!r}"[:200])
-        out.append(v)
-    if len(out) != 6:
-        raise AnnotationError(f"box must be a list of 6 integers, got {len(out)} values")
-    return tuple(out)  # type: ignore[return-value]
-
-
-def _check_voxels(box: Iterable[int]) -> Box:
-    b = _six_ints(box)
-    if not (0 <= b[0] < b[3] and 0 <= b[1] < b[4] and 0 <= b[2] < b[5]):
-        raise AnnotationError(f"half-open box {list(b)}: needs 0 <= z0 < z1, 0 <= y0 < y1, 0 <= x0 < x1")
-    return b
-
-
-def box_volume(box: Box) -> int:
-    return max(0, box[3] - box[0]) * max(0, box[4] - box[1]) * max(0, box[5] - box[2])
-
-
-def iou(a: Box, b: Box) -> float:
-    """True IoU of two half-open voxel boxes: voxels in both over voxels in either.
-
-    >>> iou((0, 0, 0, 2, 2, 2), (1, 1, 1, 3, 3, 3))  # 1 shared voxel, 8 + 8 - 1 = 15 in the union
-    0.06666666666666667
-    """
-    inter = box_volume(tuple(max(a[i], b[i]) for i in range(3)) + tuple(min(a[i], b[i]) for i in range(3, 6)))
-    union = box_volume(a) + box_volume(b) - inter
-    return inter / union if union else 0.0
-
-
-def parse_box(value: Any) -> Box:
+def parse_box(value: Any) -> Voxels:
     """A predicted box: a list is the 3DReasonKnee list form; ``{"voxels": [...]}`` is kneeprep's half-open
     form (``{"list": [...]}`` is accepted for the list form)."""
     if isinstance(value, Mapping):
         keys = {str(k).lower(): v for k, v in value.items()}
         if "voxels" in keys:
-            return _check_voxels(keys["voxels"])
+            return check_voxels(keys["voxels"])
         if "list" in keys:
-            return list_to_voxels(keys["list"])
+            return list_form_to_voxels(keys["list"])
         raise AnnotationError(
             f"box object needs 'voxels' (half-open) or 'list' (inclusive), got keys {list(value)}"
         )
-    return list_to_voxels(value)
+    return list_form_to_voxels(value)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -131,7 +69,7 @@ class Prediction:
     ``box_error`` says why a box that was given could not be read (the box then counts as missing)."""
 
     answer: Any
-    box: Box | None = None
+    box: Voxels | None = None
     box_error: str | None = None
 
 
@@ -142,10 +80,10 @@ class TruthRecord:
     finding: str
     region: str  # the region the per-region tables group by
     severity: Severity
-    box: Box | None = None  # half-open voxels, or None when the question has no box
+    box: Voxels | None = None  # half-open voxels, or None when the question has no box
 
 
-def _find_box(obj: Mapping) -> tuple[Box | None, str | None]:
+def _find_box(obj: Mapping) -> tuple[Voxels | None, str | None]:
     lower = {str(k).lower(): v for k, v in obj.items()}
     for k in BOX_KEYS:
         if k in lower and lower[k] is not None:

@@ -1,7 +1,7 @@
-"""PyTorch glue for :class:`kneeprep.loader.ShardDataset` (needs the ``torch`` extra).
+"""PyTorch glue for :class:`kneeprep.loader.dataset.ShardDataset` (needs the ``torch`` extra).
 
     from kneeprep.loader import ShardDataset
-    from kneeprep.torchdata import DeviceFeeder, make_loader
+    from kneeprep.loader.torchdata import DeviceFeeder, make_loader
 
     ds = ShardDataset("shards", split="train", seed=0, rank=rank, world_size=world_size)
     dl = make_loader(ds, batch_size=4, num_workers=2)          # a torch DataLoader of VolumeBatch
@@ -14,7 +14,7 @@
 
 **Batches are built in the workers** (:class:`TorchShardDataset` yields whole batches; the DataLoader runs with
 ``batch_size=None``) and each **distinct volume crosses to the training process once**: workers decode into
-shared-memory slabs and send descriptors (:mod:`kneeprep.slabs`), the training process wraps the slab as a
+shared-memory slabs and send descriptors (:mod:`kneeprep.loader.slabs`), the training process wraps the slab as a
 tensor without copying. A :class:`VolumeBatch` holds
 
 * ``volumes``: the U distinct volumes of the batch, each a ``(z, y, x)`` tensor (zero-copy views of the slabs);
@@ -51,13 +51,13 @@ try:
     from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 except ImportError as e:  # pragma: no cover - exercised only without torch
     raise ImportError(
-        "kneeprep.torchdata needs PyTorch, an optional extra: pip install 'kneeprep[torch]'"
+        "kneeprep.loader.torchdata needs PyTorch, an optional extra: pip install 'kneeprep[torch]'"
     ) from e
 
 import numpy as np
 
-from . import slabs
-from .loader import ShardDataset
+from kneeprep.loader import slabs
+from kneeprep.loader import ShardDataset
 
 
 class TorchShardDataset(IterableDataset):
@@ -67,7 +67,7 @@ class TorchShardDataset(IterableDataset):
     order :meth:`ShardDataset.iter_worker` defines, so the training loop sees the same batches as with a
     sample-level DataLoader of the same ``batch_size``. Use it with ``DataLoader(batch_size=None)``
     (:func:`make_loader` does). ``max_slabs`` / ``wait_s``: each worker's shared-memory pool
-    (:mod:`kneeprep.slabs`).
+    (:mod:`kneeprep.loader.slabs`).
     """
 
     def __init__(

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputNotFoundError, MaskError
-from .geometry import Geometry
-from .transforms.resample import resample_onto
+from kneeprep.errors import InputNotFoundError, MaskError
+from kneeprep.geometry import Geometry
+from kneeprep.transforms.resample import resample_onto
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ def _same_voxels(labels: np.ndarray, geometry: Geometry, target: Geometry) -> np
     """``labels`` in ``target``'s voxel order when both grids have the same voxel centres (identical, or the
     axes permuted/flipped, as a mask saved by another tool usually is), else ``None``. Exact and much
     faster than resampling."""
-    from .transforms.orient import axis_code, permute_flip, plan_orient
+    from kneeprep.transforms.orient import axis_code, permute_flip, plan_orient
 
     if sorted(labels.shape) != sorted(target.shape):
         return None

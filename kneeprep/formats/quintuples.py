@@ -24,7 +24,7 @@ from ``splits.seed`` and ``splits.ratios`` over the sorted patient ids. A patien
 
 Quintuples carry the real ids (they are joined with the store, which is keyed by them); the recipe's
 ``privacy.pseudonymize_ids`` is applied where they are published (:mod:`kneeprep.privacy`, in
-:func:`kneeprep.shards.build_shards`).
+:func:`kneeprep.stages.shards.build_shards`).
 """
 
 from __future__ import annotations
@@ -35,42 +35,15 @@ from typing import Any
 
 import numpy as np
 
-from .errors import RecipeError, ValidationError
-from .severity import Grade
-from .splits import SPLITS, parse_volume_id
+from kneeprep.boxes import question_box
+from kneeprep.errors import RecipeError, ValidationError
+from kneeprep.formats.box import Box
+from kneeprep.formats.splits import SPLITS, parse_volume_id
+from kneeprep.moaks.severity import Grade
 
 #: Rejection kinds that are facts of the data rather than errors: ``kneeprep shards`` still exits 0.
 BENIGN_KINDS = frozenset({"no_box"})
 REJECTION_KINDS = ("volume_missing", "volume_failed", "annotation", "unknown_question", "no_split", "no_box")
-
-
-@dataclass(frozen=True)
-class QBox:
-    """The box a quintuple's question gets, in every form (conventions in ``docs/DESIGN.md``).
-
-    ``voxels`` is half-open ``(z0, y0, x0, z1, y1, x1)`` in the stored volume's array order; ``list_form`` the
-    inclusive 3DReasonKnee ``(start_slice, end_slice, x_min, x_max, y_min, y_max)``; ``normalized`` is
-    ``(z0/nz, y0/ny, x0/nx, z1/nz, y1/ny, x1/nx)``; ``size_mm`` in array order; ``center_lps`` in LPS mm.
-    """
-
-    region: str
-    voxels: tuple[int, int, int, int, int, int]
-    list_form: tuple[int, int, int, int, int, int]
-    normalized: tuple[float, float, float, float, float, float]
-    size_mm: tuple[float, float, float]
-    center_lps: tuple[float, float, float]
-
-    @classmethod
-    def from_box(cls, b) -> QBox:
-        """From a non-empty :class:`kneeprep.boxes.Box` (made with a geometry)."""
-        return cls(
-            region=b.region,
-            voxels=tuple(int(v) for v in b.voxels),
-            list_form=tuple(int(v) for v in b.list_form),
-            normalized=tuple(float(v) for v in b.normalized),
-            size_mm=tuple(float(v) for v in b.size_mm),
-            center_lps=tuple(float(v) for v in b.center_lps),
-        )
 
 
 @dataclass(frozen=True)
@@ -82,12 +55,13 @@ class Quintuple:
     patient_id: str
     split: str
     question_id: str
-    #: the finding type of the question (``kneeprep.anatomy.FINDINGS`` key, e.g. ``"bml"``).
+    #: the finding type of the question (``kneeprep.moaks.anatomy.FINDINGS`` key, e.g. ``"bml"``).
     question_type: str
     #: the MOAKS region the question asks about (``""`` for whole-knee findings).
     question_region: str
     question: str
-    box: QBox | None
+    #: the question's box (:meth:`kneeprep.formats.box.Box.extent`: no label ids, count or centroid)
+    box: Box | None
     #: true when the quintuple has no box; ``box_reason`` says why.
     box_empty: bool
     box_reason: str | None
@@ -113,9 +87,9 @@ def build_quintuples(
 ) -> tuple[list[Quintuple], list[Rejected]]:
     """Join annotation records with volume attributes into quintuples.
 
-    ``annotations`` is a ``kneeprep.annotations.AnnotationSet`` (``records``, split rows, question bank,
+    ``annotations`` is a ``kneeprep.formats.annotations.AnnotationSet`` (``records``, split rows, question bank,
     per-record ``errors``); ``volumes_attrs`` maps volume id -> the volume group's ``kneeprep`` attrs (as
-    ``kneeprep.store.read_attrs`` returns them). Returns quintuples sorted by (split, volume id, question id)
+    ``kneeprep.formats.store.read_attrs`` returns them). Returns quintuples sorted by (split, volume id, question id)
     and rejections sorted by sample id. Raises :class:`ValidationError` if a patient falls in two splits.
     """
     records = list(annotations.records)
@@ -168,7 +142,7 @@ def build_quintuples(
                 Rejected(rec.sample_id, kind, f"volume {rec.volume_id}, question {rec.question_id}: {reason}")
             )
             continue
-        from .anatomy import QUESTIONS
+        from kneeprep.moaks.anatomy import QUESTIONS
 
         q = QUESTIONS.get(rec.question_id)
         out.append(
@@ -211,19 +185,17 @@ def _qkey(qid: str) -> tuple[int, str]:
 
 def question_box_json(
     boxes: Iterable[Mapping[str, Any]], recipe, question_id: str
-) -> tuple[QBox | None, str | None, str | None]:
+) -> tuple[Box | None, str | None, str | None]:
     """The box of ``question_id`` from a volume's ``boxes`` attribute (``Box.to_json()`` dicts), through
     :func:`kneeprep.boxes.question_box`: ``(box, reason, rejection kind)``.
 
     * the recipe gives the question no region -> ``(None, reason, None)``: a row with no box;
     * the region has no box, or an empty one, in this volume -> ``(None, reason, "no_box")``: rejected;
-    * else ``(QBox, None, None)``.
+    * else ``(box.extent(), None, None)``.
     """
-    from .boxes import Box, question_box
-
     box, reason = question_box([Box.from_json(b) for b in boxes], recipe, question_id)
     if box is not None:
-        return QBox.from_box(box), None, None
+        return box.extent(), None, None
     return None, reason, (None if not recipe.questions.get(question_id) else "no_box")
 
 

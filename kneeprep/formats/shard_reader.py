@@ -1,0 +1,111 @@
+"""Reading shards: the manifest, one row group with its volumes decoded once, every row in order.
+
+Needs pyarrow and numpy only (numcodecs for Blosc volumes); the loader (:mod:`kneeprep.loader`) builds on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from kneeprep.errors import InputNotFoundError, ValidationError
+from kneeprep.formats.shard_schema import MANIFEST, QUINTUPLE_COLUMNS, SCHEMA, SCHEMA_VERSION, decode_image
+
+
+def read_manifest(shards_dir: str | os.PathLike) -> dict[str, Any]:
+    p = Path(shards_dir) / MANIFEST
+    if not p.is_file():
+        raise InputNotFoundError(f"{p}: no manifest (not a shards directory, or its writing did not finish)")
+    try:
+        m = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValidationError(f"{p}: not valid JSON: {e}") from e
+    if m.get("schema_version") != SCHEMA_VERSION:
+        raise ValidationError(
+            f"{p}: schema version {m.get('schema_version')!r}, this kneeprep reads {SCHEMA_VERSION}"
+        )
+    return m
+
+
+#: ``alloc(volume_id, shape, dtype)`` -> a writable C-contiguous array to decode that volume into
+VolumeAllocator = Callable[[str, tuple, np.dtype], np.ndarray]
+
+
+def read_row_group(
+    path: str | os.PathLike | pq.ParquetFile, index: int, columns=None, alloc: VolumeAllocator | None = None
+) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Rows of one row group as dicts (without ``image``) and its volumes decoded once: ``{volume_id: array}``.
+
+    ``columns`` limits the row columns (``volume_id`` is always read); images are read only when ``columns``
+    is None or names ``image``. ``alloc`` gives the array each volume is decoded into (a shared-memory slab:
+    :mod:`kneeprep.loader.slabs`); without it raw volumes are views of the Parquet buffers and Blosc ones new arrays.
+    """
+    pf = path if isinstance(path, pq.ParquetFile) else pq.ParquetFile(path)
+    want_image = columns is None or "image" in columns
+    row_cols = list(
+        dict.fromkeys(
+            ["volume_id", *[c for c in (SCHEMA.names if columns is None else columns) if c != "image"]]
+        )
+    )
+    extra = ["image", "image_dtype", "image_shape", "image_codec"] if want_image else []
+    t = pf.read_row_group(index, columns=list(dict.fromkeys(row_cols + extra)))
+    volumes: dict[str, np.ndarray] = {}
+    if want_image:
+        vids = t.column("volume_id").to_pylist()
+        dts = t.column("image_dtype").to_pylist()
+        shapes = t.column("image_shape").to_pylist()
+        codecs = t.column("image_codec").to_pylist()
+        for i, buf in enumerate(_binary_values(t.column("image"))):
+            if buf is not None:
+                out = None if alloc is None else alloc(vids[i], tuple(shapes[i]), np.dtype(dts[i]))
+                volumes[vids[i]] = decode_image(buf, dts[i], shapes[i], codecs[i], out=out)
+    rows = t.select(row_cols).to_pylist()
+    return rows, volumes
+
+
+def _binary_values(col: pa.ChunkedArray) -> list[pa.Buffer | None]:
+    """The values of a (large_)binary column as zero-copy buffer slices (``col[i]`` would copy each value)."""
+    out: list[pa.Buffer | None] = []
+    for chunk in col.chunks:
+        validity, offsets, data = chunk.buffers()
+        n, o = len(chunk), chunk.offset
+        offs = np.frombuffer(offsets, np.int64 if pa.types.is_large_binary(chunk.type) else np.int32)[
+            o : o + n + 1
+        ]
+        valid = (
+            np.ones(n, bool)
+            if validity is None or chunk.null_count == 0
+            else np.unpackbits(np.frombuffer(validity, np.uint8), bitorder="little")[o : o + n].astype(bool)
+        )
+        for i in range(n):
+            out.append(data.slice(int(offs[i]), int(offs[i + 1] - offs[i])) if valid[i] else None)
+    return out
+
+
+def iter_quintuples(
+    shards_dir: str | os.PathLike, split: str | None = None, columns=None
+) -> Iterator[dict[str, Any]]:
+    """Every row of the shards as a dict, in manifest order (split, then shard, then row).
+
+    ``columns`` defaults to the quintuple columns (no volume); include ``"image"`` to get the decoded volume
+    (a read-only numpy array shared by the rows of the same volume) under ``image``.
+    """
+    m = read_manifest(shards_dir)
+    cols = list(columns) if columns is not None else list(QUINTUPLE_COLUMNS)
+    for e in m["shards"]:
+        if split is not None and e["split"] != split:
+            continue
+        pf = pq.ParquetFile(Path(shards_dir) / e["path"], memory_map=True)
+        for g in range(pf.num_row_groups):
+            rows, volumes = read_row_group(pf, g, columns=cols)
+            for r in rows:
+                if "image" in cols:
+                    r["image"] = volumes[r["volume_id"]]
+                yield {k: r[k] for k in cols}

@@ -1,0 +1,137 @@
+"""The boxes stage: every volume's boxes recomputed from its stored labels, and ``<store>/boxes.parquet``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from kneeprep import files
+from kneeprep.boxes import boxes_from_stats, boxes_hash, label_stats
+from kneeprep.errors import KneeprepError
+from kneeprep.formats import store
+from kneeprep.formats.box import BOXES_TABLE, Box, boxes_schema
+from kneeprep.geometry import Geometry
+
+
+def write_boxes_table(store_path: str | os.PathLike) -> Path:
+    """Write ``<store>/boxes.parquet`` from every complete volume's ``kneeprep.boxes`` attrs; return its path
+    (atomically: readers never see half a table)."""
+    store_path = Path(store_path)
+    schema = boxes_schema()
+    rows = []
+    for vid in sorted(store.list_volumes(store_path)):
+        attrs = store.read_attrs(store_path, vid)
+        for b in attrs.get("boxes") or []:
+            d = Box.from_json(b).to_json()
+            rows.append({"volume_id": attrs.get("volume_id", vid), **d})
+    table = pa.Table.from_pylist(rows, schema=schema) if rows else schema.empty_table()
+    out = store_path / BOXES_TABLE
+    with files.atomic_path(out) as tmp:
+        pq.write_table(table, tmp)
+    return out
+
+    return out
+
+
+@dataclass(frozen=True)
+class BoxesSummary:
+    """What :func:`recompute_store_boxes` did."""
+
+    volumes: int
+    boxes: int
+    empty: int
+    #: volume id -> {label id: voxel count} of labels in no region.
+    unknown_labels: dict[str, dict[int, int]]
+    #: ``(volume_id, kind, message)`` of volumes whose boxes could not be recomputed.
+    failures: tuple[tuple[str, str, str], ...]
+    table: str
+    boxes_hash: str
+    #: volumes left as they were (``stale_only``: boxes already made with this recipe, or no labels).
+    unchanged: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in ("volumes", "boxes", "empty", "table", "boxes_hash", "unchanged")}
+        d["unknown_labels"] = {v: {str(i): c for i, c in u.items()} for v, u in self.unknown_labels.items()}
+        d["failures"] = [list(f) for f in self.failures]
+        return json.loads(json.dumps(d))
+
+
+def recompute_store_boxes(
+    store_path: str | os.PathLike,
+    recipe,
+    *,
+    lock: bool = True,
+    stale_only: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> BoxesSummary:
+    """Recompute every volume's boxes from its stored labels (layer ``recipe.masks.name``) with ``recipe``.
+
+    With ``stale_only``, volumes whose ``provenance.boxes_hash`` already equals this recipe's boxes-stage hash,
+    and volumes without that label layer, are left alone (counted in ``unchanged``); ``boxes.parquet`` is
+    rewritten only if some volume changed or it is missing.
+
+    Updates the volume attrs ``boxes`` and ``provenance.boxes_hash``, rewrites ``boxes.parquet`` and returns a
+    summary. A volume that fails (no labels, bad geometry) is recorded in ``failures``, never raised. Holds the
+    store's writer lock (:func:`kneeprep.files.lock`) unless ``lock=False`` (a caller already holding it).
+    ``progress(done, total)`` is called after each volume.
+    """
+    store_path = Path(store_path)
+    store.list_volumes(store_path)  # a missing store is an error before anything is locked or written
+    with files.lock(store_path) if lock else contextlib.nullcontext():
+        return _recompute(store_path, recipe, stale_only, progress)
+
+
+def _recompute(store_path: Path, recipe, stale_only: bool = False, progress=None) -> BoxesSummary:
+    regions = recipe.labels.region_labels()
+    h = boxes_hash(recipe)
+    n_vol = n_box = n_empty = n_same = 0
+    unknown: dict[str, dict[int, int]] = {}
+    failures = []
+    vids = sorted(store.list_volumes(store_path))
+    for done, vid in enumerate(vids):
+        if progress is not None and done:
+            progress(done, len(vids))
+        try:
+            attrs = store.read_attrs(store_path, vid)
+            if stale_only and (
+                (attrs.get("provenance") or {}).get("boxes_hash") == h
+                or recipe.masks.name not in store.label_names(store_path, vid)
+            ):
+                n_same += 1
+                continue
+            geometry = Geometry.from_json(attrs["geometry"])
+            labels = np.asarray(store.read_labels(store_path, vid, recipe.masks.name))
+            stats = label_stats(labels)
+            boxes = boxes_from_stats(stats, regions, geometry, recipe.boxes.margin_mm)
+            provenance = dict(attrs.get("provenance") or {})
+            provenance["boxes_hash"] = h
+            store.update_attrs(
+                store_path, vid, {"boxes": [b.to_json() for b in boxes.values()], "provenance": provenance}
+            )
+        except KneeprepError as e:
+            failures.append((vid, e.kind, str(e)))
+            continue
+        except KeyError as e:
+            failures.append((vid, "store", f"{store_path / vid}: attrs lack {e}"))
+            continue
+        n_vol += 1
+        n_box += sum(not b.empty for b in boxes.values())
+        n_empty += sum(b.empty for b in boxes.values())
+        u = stats.unknown_labels(regions)
+        if u:
+            unknown[vid] = u
+    if progress is not None and vids:
+        progress(len(vids), len(vids))
+    table = store_path / BOXES_TABLE
+    if n_vol or failures or not table.is_file():
+        table = write_boxes_table(store_path)
+    return BoxesSummary(n_vol, n_box, n_empty, unknown, tuple(failures), str(table), h, n_same)
