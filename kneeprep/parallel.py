@@ -26,11 +26,8 @@ import concurrent.futures
 import contextlib
 import logging
 import os
-import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
-
-import click
 
 log = logging.getLogger(__name__)
 
@@ -410,53 +407,3 @@ def _environ_restored(names: Sequence[str]) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-@contextlib.contextmanager
-def progress_callback(
-    label: str, enabled: bool = True, unit: str = ""
-) -> Iterator[Callable[[int, int], None] | None]:
-    """A ``progress(done, total)`` callback drawing a click progress bar on stderr (``None`` when disabled);
-    the bar appears at the first call, when the total is known."""
-    if not enabled:
-        yield None
-        return
-    bar = None
-
-    def update(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True)
-            if unit:
-                bar.format_progress_line = _with_unit(bar.format_progress_line, unit)
-            bar.__enter__()
-        bar.update(done - bar.pos)
-
-    try:
-        yield update
-    finally:
-        if bar is not None:
-            bar.__exit__(None, None, None)
-
-
-def _with_unit(format_line: Callable[[], str], unit: str) -> Callable[[], str]:
-    return lambda: f"{format_line()} {unit}"
-
-
-def progress_iter(
-    results: Iterable[Any], total: int, label: str, enabled: bool = True, item_name=None
-) -> Iterator[Any]:
-    """Wrap an iterator of completed results in a click progress bar on stderr (nothing when disabled)."""
-    if not enabled or total == 0:
-        yield from results
-        return
-    with click.progressbar(
-        length=total,
-        label=label,
-        file=sys.stderr,
-        item_show_func=(lambda r: item_name(r) if r is not None and item_name else None),
-        show_pos=True,
-    ) as bar:
-        for r in results:
-            bar.update(1, r)
-            yield r

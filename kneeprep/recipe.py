@@ -14,7 +14,7 @@ import hashlib
 import json
 import re
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -422,8 +422,6 @@ def _validate(r: Recipe) -> list[str]:
 
 
 def _with(r: Recipe, **changes) -> Recipe:
-    from dataclasses import replace
-
     return replace(r, **changes)
 
 

@@ -160,7 +160,6 @@ def runs(small_sample, tmp_path_factory):
         base,
         masks=small_sample,
         workers=0,
-        progress=False,
         echo=lambda *_: None,
     )
 
@@ -185,7 +184,6 @@ def runs(small_sample, tmp_path_factory):
             out,
             masks=root / "in",
             workers=0,
-            progress=False,
             echo=lambda *_: None,
         )
     finally:

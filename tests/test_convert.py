@@ -112,7 +112,7 @@ def test_selection_qc_attrs_and_no_phi(tree, tmp_path):
     f = tree.series[broken]["files"][5]
     os.truncate(f, f.stat().st_size - 200)  # scan's QC fails this series
     out = tmp_path / "v.zarr"
-    report = run_convert(tree.raw, out, parse_recipe({}), workers=0, progress=False)
+    report = run_convert(tree.raw, out, parse_recipe({}), workers=0)
     by_id = {r.item: r for r in report.items}
     assert report.counts == {"written": 2, "skipped": 2, "failed": 0}
     assert by_id[broken].kind == "qc" and "truncated" in by_id[broken].message
@@ -140,42 +140,35 @@ def test_resume_skips_unchanged_and_redoes_changed(tree, tmp_path):
     b = tree.add("9000002", "LEFT")
     out = tmp_path / "v.zarr"
     recipe = parse_recipe({})
-    assert run_convert(tree.raw, out, recipe, workers=0, progress=False).counts["written"] == 2
+    assert run_convert(tree.raw, out, recipe, workers=0).counts["written"] == 2
     # the task hashes the files while it reads them: the same hash as hashing them on their own
     from kneeprep.stages.convert import content_hash
 
     assert store.read_attrs(out, a)["source"]["content_hash"] == content_hash(
         scan_tree(tree.raw).series[0].files
     )
-    again = run_convert(tree.raw, out, recipe, workers=0, progress=False)
+    again = run_convert(tree.raw, out, recipe, workers=0)
     assert {(r.item, r.status, r.kind) for r in again.items} == {
         (a, "skipped", "unchanged"),
         (b, "skipped", "unchanged"),
     }
     # a shard-only recipe change does not touch volumes
     assert (
-        run_convert(tree.raw, out, parse_recipe({"shards": {"level": 9}}), workers=0, progress=False).counts[
-            "written"
-        ]
-        == 0
+        run_convert(tree.raw, out, parse_recipe({"shards": {"level": 9}}), workers=0).counts["written"] == 0
     )
     # touched but identical bytes: the content hash says unchanged; the fingerprint is refreshed
     f = tree.series[a]["files"][0]
     os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
-    touched = {r.item: r for r in run_convert(tree.raw, out, recipe, workers=0, progress=False).items}
+    touched = {r.item: r for r in run_convert(tree.raw, out, recipe, workers=0).items}
     assert touched[a].status == "skipped" and "fingerprint refreshed" in touched[a].message
-    assert (
-        run_convert(tree.raw, out, recipe, workers=0, progress=False).counts["skipped"] == 2
-    )  # cheap path again
+    assert run_convert(tree.raw, out, recipe, workers=0).counts["skipped"] == 2  # cheap path again
     # new pixel values in one series: that volume alone is redone and replaced
     tree.add("9000002", "LEFT", seed=5)
-    redo = {r.item: r for r in run_convert(tree.raw, out, recipe, workers=0, progress=False).items}
+    redo = {r.item: r for r in run_convert(tree.raw, out, recipe, workers=0).items}
     assert redo[b].status == "written" and redo[b].details["replaced"] and redo[a].status == "skipped"
     assert np.array_equal(store.read_volume(out, b)[0], tree.series[b]["array"])
     # a convert-stage recipe change redoes everything
-    lps = run_convert(
-        tree.raw, out, parse_recipe({"geometry": {"orientation": "LPS"}}), workers=0, progress=False
-    )
+    lps = run_convert(tree.raw, out, parse_recipe({"geometry": {"orientation": "LPS"}}), workers=0)
     assert lps.counts["written"] == 2
     assert store.read_attrs(out, a)["geometry"]["orientation"] == "LPS"
 
@@ -198,13 +191,13 @@ def test_a_rerun_with_dask_plans_each_series_once(tree, tmp_path, monkeypatch):
 
     ids = [tree.add("9000001", "RIGHT"), tree.add("9000002", "LEFT")]
     out = tmp_path / "v.zarr"
-    assert run_convert(tree.raw, out, parse_recipe({}), workers=1, progress=False).counts["written"] == 2
+    assert run_convert(tree.raw, out, parse_recipe({}), workers=1).counts["written"] == 2
     calls = []
     fingerprint = pipeline.input_fingerprint
     monkeypatch.setattr(
         pipeline, "input_fingerprint", lambda info, m: calls.append(info.volume_id) or fingerprint(info, m)
     )
-    again = run_convert(tree.raw, out, parse_recipe({}), workers=1, progress=False)
+    again = run_convert(tree.raw, out, parse_recipe({}), workers=1)
     assert again.counts == {"written": 0, "skipped": 2, "failed": 0}
     assert sorted(calls) == sorted(ids)
 
@@ -245,8 +238,8 @@ def test_early_conversion_is_redone_when_the_finished_scan_disagrees(tree, tmp_p
     # result must be what a run that scans everything first gives (workers=0 does: it never runs ahead).
     make(tree, which)
     recipe = parse_recipe({})
-    ahead = run_convert(tree.raw, tmp_path / "ahead.zarr", recipe, workers=1, progress=False)
-    serial = run_convert(tree.raw, tmp_path / "serial.zarr", recipe, workers=0, progress=False)
+    ahead = run_convert(tree.raw, tmp_path / "ahead.zarr", recipe, workers=1)
+    serial = run_convert(tree.raw, tmp_path / "serial.zarr", recipe, workers=0)
     assert ahead.context.get("revised"), "the case must exercise the redo"
     assert "revised" not in serial.context
     summary = lambda rep: sorted((r.item, r.status, r.kind) for r in rep.items)  # noqa: E731
@@ -261,7 +254,7 @@ def test_early_conversion_is_redone_when_the_finished_scan_disagrees(tree, tmp_p
         assert store.read_attrs(tmp_path / "ahead.zarr", vid)["source"]["n_files"] == a.shape[0]
     assert ahead.context["converted_early"] >= 1
     # a re-run finds everything done and converts no provisional series again (it remembers them)
-    again = run_convert(tree.raw, tmp_path / "ahead.zarr", recipe, workers=1, progress=False)
+    again = run_convert(tree.raw, tmp_path / "ahead.zarr", recipe, workers=1)
     assert again.counts["written"] == 0 and again.context["converted_early"] == 0
     assert again.context["revised"] == ahead.context["revised"]
 
@@ -280,11 +273,11 @@ def test_interrupted_write_leaves_no_visible_volume_and_next_run_cleans(tree, tm
 
     monkeypatch.setattr(store, "_write_array", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run_convert(tree.raw, out, parse_recipe({}), workers=0, progress=False)
+        run_convert(tree.raw, out, parse_recipe({}), workers=0)
     assert store.list_volumes(out) == []
     assert json.loads((out / store.REPORT_FILE).read_text())["context"]["interrupted"] is True
     monkeypatch.setattr(store, "_write_array", real)
-    report = run_convert(tree.raw, out, parse_recipe({}), workers=0, progress=False)
+    report = run_convert(tree.raw, out, parse_recipe({}), workers=0)
     assert report.context["cleaned_work_area"] == ["stale.1234.partial"]
     assert store.list_volumes(out) == [a] and list((out / store.WORK_DIR).iterdir()) == []
 
@@ -295,7 +288,7 @@ def test_masks_follow_image_through_orient_mirror_and_resample(tree, tmp_path):
     ann = tree.write_splits({left: tree.add_mask(left), right: tree.add_mask(right)})
     out = tmp_path / "v.zarr"
     recipe = parse_recipe({"geometry": {"orientation": "LPS", "mirror_left": True}})
-    report = run_convert(tree.raw, out, recipe, annotations=ann, workers=0, progress=False)
+    report = run_convert(tree.raw, out, recipe, annotations=ann, workers=0)
     assert report.counts["written"] == 2, report.table()
     s = tree.series[left]
     img, g = apply_orient(s["array"], s["geometry"], plan_orient(s["geometry"], "LPS"))
@@ -326,7 +319,7 @@ def test_masks_follow_image_through_orient_mirror_and_resample(tree, tmp_path):
     assert (out / "boxes.parquet").is_file()
     # fixed shape: labels are the nearest-neighbour lookup of the mask at the new voxel centres
     small = parse_recipe({"geometry": {"shape": [8, 8, 16]}})  # no target centre exactly half-way between two
-    run_convert(tree.raw, out, small, annotations=ann, workers=0, progress=False)
+    run_convert(tree.raw, out, small, annotations=ann, workers=0)
     s = tree.series[right]
     stored, sg = store.read_volume(out, right)
     assert stored.shape == (8, 8, 16)
@@ -343,9 +336,7 @@ def test_mask_failures_are_per_series(tree, tmp_path):
     ann = tree.write_splits(
         {ok: tree.add_mask(ok), far: tree.add_mask(far, shift_mm=400), lost: "masks/missing.nii.gz"}
     )
-    report = run_convert(
-        tree.raw, tmp_path / "v.zarr", parse_recipe({}), annotations=ann, workers=0, progress=False
-    )
+    report = run_convert(tree.raw, tmp_path / "v.zarr", parse_recipe({}), annotations=ann, workers=0)
     by_id = {r.item: r for r in report.items}
     assert by_id[ok].status == "written"
     assert (by_id[far].status, by_id[far].kind) == ("failed", "mask") and "does not overlap" in by_id[
@@ -363,10 +354,10 @@ def test_a_bad_mask_pattern_is_a_recipe_error_before_any_work(tree, tmp_path):
     tree.add("9000001", "RIGHT")
     recipe = parse_recipe({"masks": {"pattern": "masks/{volume_id}_{nope}.nii.gz"}})
     with pytest.raises(RecipeError, match=r"masks.pattern .*nope"):
-        run_convert(tree.raw, tmp_path / "v.zarr", recipe, workers=0, progress=False)
+        run_convert(tree.raw, tmp_path / "v.zarr", recipe, workers=0)
     assert not (tmp_path / "v.zarr").exists()  # refused before the store was made
     ok = parse_recipe({"masks": {"pattern": "masks/{patient_id}/{knee_side:d}.nii.gz"}})  # format specs work
-    assert run_convert(tree.raw, tmp_path / "w.zarr", ok, workers=0, progress=False).counts["written"] == 1
+    assert run_convert(tree.raw, tmp_path / "w.zarr", ok, workers=0).counts["written"] == 1
 
 
 def test_a_series_changed_after_the_scan_fails_alone(tree, tmp_path):
@@ -464,7 +455,7 @@ def test_oracle_dcm2niix_oblique_and_left_knee(tree, tmp_path, geometry):
     left = tree.add("9000002", "LEFT", direction=tilt(-4, 9) @ PIR)
     out = tmp_path / "v.zarr"
     recipe = parse_recipe({"geometry": geometry, "intensity": {"method": "none"}})
-    assert run_convert(tree.raw, out, recipe, workers=0, progress=False).counts["written"] == 2
+    assert run_convert(tree.raw, out, recipe, workers=0).counts["written"] == 2
     for vid in (oblique, left):
         image, g = store.read_volume(out, vid)
         if geometry.get("orientation"):
@@ -481,9 +472,7 @@ def test_oracle_on_the_synth_sample(small_sample, tmp_path, orientation):
     truth = json.loads((small_sample / "truth.json").read_text())["volumes"]
     out = tmp_path / "v.zarr"
     recipe = parse_recipe({"geometry": {"orientation": orientation}, "intensity": {"method": "none"}})
-    report = run_convert(
-        small_sample / "raw", out, recipe, annotations=small_sample, workers=0, progress=False
-    )
+    report = run_convert(small_sample / "raw", out, recipe, annotations=small_sample, workers=0)
     assert report.counts["failed"] == 0, report.table()
     assert set(truth) <= set(store.list_volumes(out))
     right = max(

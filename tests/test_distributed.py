@@ -131,7 +131,7 @@ def cluster(tmp_path):
 def test_convert_on_a_cluster_that_loses_a_worker_mid_run(small_sample, cluster, tmp_path):
     local = tmp_path / "local.zarr"
     rep = run_convert(small_sample / "raw", local, load_recipe(RECIPE), annotations=small_sample, masks=small_sample,
-                      workers=0, progress=False)  # fmt: skip
+                      workers=0)  # fmt: skip
     assert rep.counts["written"] == 5
 
     out = tmp_path / "cluster.zarr"

@@ -148,7 +148,7 @@ def test_training_items_are_the_published_form(built):
 def test_answer_json_canonical_and_path_prefix(built, tmp_path):
     store, shards, _, _ = built
     out = tmp_path / "data"
-    rep = run_export(shards, out, answer="canonical", path_prefix="../data/", workers=0, progress=False)
+    rep = run_export(shards, out, answer="canonical", path_prefix="../data/", workers=0)
     assert rep.context["annotations"]["answers_from_severity"] == 0
     rows = {r["sample_id"]: r for r in _shard_rows(shards)}
     records, errors = read_training_items(out / "val.json", json.loads((out / "questions.json").read_text()))
@@ -249,10 +249,10 @@ def test_rerun_skips_unchanged_and_rewrites_changed(built, tmp_path):
     store2 = tmp_path / "volumes.zarr"
     shutil.copytree(store, store2)
     out = tmp_path / "ex"
-    first = run_export(store2, out, workers=0, progress=False)
+    first = run_export(store2, out, workers=0)
     assert first.counts == {"written": 5, "skipped": 0, "failed": 0}
     before = _mtimes(out)
-    again = run_export(store2, out, workers=0, progress=False)
+    again = run_export(store2, out, workers=0)
     assert again.counts == {"written": 0, "skipped": 5, "failed": 0} and _mtimes(out) == before
     vids = list_volumes(store2)
     update_attrs(
@@ -260,7 +260,7 @@ def test_rerun_skips_unchanged_and_rewrites_changed(built, tmp_path):
     )  # a new source
     (out / "images" / volume_file_name(vids[1])).unlink()  # a missing output
     (out / "images" / "leftover.partial.nii.gz").write_bytes(b"x")  # an interrupted write
-    third = run_export(store2, out, workers=0, progress=False)
+    third = run_export(store2, out, workers=0)
     assert sorted(r.item for r in third.items if r.status == "written") == sorted(vids[:2])
     after = _mtimes(out)
     changed = {k for k in after if after[k] != before.get(k)}
@@ -271,7 +271,7 @@ def test_rerun_skips_unchanged_and_rewrites_changed(built, tmp_path):
     from kneeprep.formats.store import delete_volume
 
     delete_volume(store2, vids[2])
-    fourth = run_export(store2, out, workers=0, progress=False)
+    fourth = run_export(store2, out, workers=0)
     assert fourth.context["removed"] == [vids[2]]
     assert not (out / "images" / volume_file_name(vids[2])).exists()
     assert vids[2] not in json.loads((out / MANIFEST).read_text())["volumes"]
@@ -329,11 +329,11 @@ def test_not_an_input(tmp_path, small_sample, capsys):
         in capsys.readouterr().err
     )
     with pytest.raises(FileNotFoundError, match="neither a shards directory"):
-        run_export(small_sample, tmp_path / "o", workers=0, progress=False)
+        run_export(small_sample, tmp_path / "o", workers=0)
     assert not (tmp_path / "o").exists()
 
 
 def test_store_option_needs_shards_input(built, tmp_path):
     store, _, _, _ = built
     with pytest.raises(ValueError, match="--store only adds masks"):
-        run_export(store, tmp_path / "o", store=store, workers=0, progress=False)
+        run_export(store, tmp_path / "o", store=store, workers=0)

@@ -190,12 +190,18 @@ def test_shards_and_validate_report_progress_without_click(built, tmp_path):
         sample,
         tmp_path / "s",
         load_recipe(RECIPE),
-        progress=lambda d, t: calls.append((d, t)),
+        progress=lambda task, d, t, item: calls.append((d, t)) if task == "shards" and item else None,
     )
     n = sum(r["volumes"].values())
     assert calls == [(i, n) for i in range(1, n + 1)]
     seen: list[tuple[int, int]] = []
-    assert validate_shards(tmp_path / "s", progress=lambda d, t: seen.append((d, t))) == []
+    assert (
+        validate_shards(
+            tmp_path / "s",
+            progress=lambda task, d, t, item: seen.append((d, t)) if task == "validate" and item else None,
+        )
+        == []
+    )
     assert seen[-1] == (r["shards"], r["shards"]) and len(seen) == r["shards"]
     from kneeprep.stages.boxes import recompute_store_boxes
 
@@ -204,7 +210,7 @@ def test_shards_and_validate_report_progress_without_click(built, tmp_path):
         out / "volumes.zarr",
         load_recipe(RECIPE),
         stale_only=True,
-        progress=lambda d, t: box_calls.append((d, t)),
+        progress=lambda task, d, t, item: box_calls.append((d, t)) if task == "boxes" else None,
     )
     assert box_calls and box_calls[-1][0] == box_calls[-1][1] == len(box_calls)
     res = CliRunner().invoke(cli, ["validate", str(tmp_path / "s"), "--no-progress"])

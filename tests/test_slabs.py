@@ -14,8 +14,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from kneeprep.loader import slabs
-from kneeprep.loader import ShardDataset
+from kneeprep.loader import ShardDataset, slabs
 
 
 def _batches(ds, w, k, b):

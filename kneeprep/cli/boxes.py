@@ -21,13 +21,13 @@ def boxes(store, recipe_file, progress):
     Updates each volume's `boxes` attrs and `provenance.boxes_hash`, rewrites STORE/boxes.parquet and
     prints a summary. Exit code 1 when some volume could not be processed (listed in the summary).
     """
-    from kneeprep.parallel import progress_callback
+    from kneeprep.cli.progress import bars
     from kneeprep.recipe import load_recipe
     from kneeprep.stages.boxes import recompute_store_boxes
 
     recipe = load_recipe(recipe_file)
-    with progress_callback("boxes", progress, unit="volumes") as update:
-        s = recompute_store_boxes(store, recipe, progress=update)
+    with bars(progress) as p:
+        s = recompute_store_boxes(store, recipe, progress=p)
     click.echo(
         f"{s.volumes} volumes: {s.boxes} boxes, {s.empty} empty regions "
         f"(recipe {recipe.name!r}, boxes hash {s.boxes_hash})"

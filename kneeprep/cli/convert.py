@@ -44,21 +44,17 @@ def convert(ctx, raw, out, recipe_file, annotations, masks, workers, scheduler, 
     report is written to OUT/report.json and summarized here. Exit code 1 if any series failed, or if no
     series was written or left unchanged (none found, or every one refused or not selected).
     """
+    from kneeprep.cli.progress import bars
     from kneeprep.formats.store import REPORT_FILE
     from kneeprep.recipe import load_recipe
     from kneeprep.stages.convert import run_convert
 
     recipe = load_recipe(recipe_file)
-    report = run_convert(
-        raw,
-        out,
-        recipe,
-        annotations=annotations,
-        masks=masks,
-        workers=workers,
-        scheduler=scheduler,
-        progress=progress,
-    )
+    with bars(progress) as p:
+        report = run_convert(
+            raw, out, recipe, annotations=annotations, masks=masks, workers=workers, scheduler=scheduler,
+            progress=p,
+        )  # fmt: skip
     click.echo(report.table())
     click.echo(f"report: {click.format_filename(str(out))}/{REPORT_FILE}")
     if report.nothing_usable:

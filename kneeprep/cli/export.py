@@ -66,12 +66,14 @@ def export(
     and masks only. One task per volume; a re-run skips volumes whose source is unchanged. Exit code 1 if
     any volume failed (listed in OUT/report.json).
     """
+    from kneeprep.cli.progress import bars
     from kneeprep.stages.export import run_export, summary
 
-    report = run_export(
-        source, out, layout=layout, store=store, label_layer=label_layer, answer=answer, path_prefix=path_prefix,
-        workers=workers, scheduler=scheduler, progress=progress, force=force,
-    )  # fmt: skip
+    with bars(progress) as p:
+        report = run_export(
+            source, out, layout=layout, store=store, label_layer=label_layer, answer=answer,
+            path_prefix=path_prefix, workers=workers, scheduler=scheduler, progress=p, force=force,
+        )  # fmt: skip
     click.echo(report.table())
     click.echo(summary(report))
     if report.failed:

@@ -59,23 +59,18 @@ def rebuild(recipe_file, raw, annotations, masks, out, workers, scheduler, progr
     """
     if workers is not None and scheduler:
         raise click.UsageError("--workers and --scheduler exclude each other")
+    from kneeprep.cli.progress import bars
     from kneeprep.recipe import load_recipe
     from kneeprep.stages.rebuild import REPORT
     from kneeprep.stages.rebuild import rebuild as run
 
     recipe = load_recipe(recipe_file)
     click.echo(f"recipe {recipe.name!r} ({recipe.hash}) from {recipe_file}")
-    rep = run(
-        recipe,
-        raw,
-        annotations,
-        out,
-        masks=masks,
-        workers=workers,
-        scheduler=scheduler,
-        progress=progress,
-        echo=click.echo,
-    )
+    with bars(progress) as p:
+        rep = run(
+            recipe, raw, annotations, out, masks=masks, workers=workers, scheduler=scheduler, progress=p,
+            echo=click.echo,
+        )  # fmt: skip
     c = rep.stages["convert"]["counts"]
     sh = rep.stages["shards"]
     click.echo("")

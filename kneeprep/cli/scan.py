@@ -113,13 +113,13 @@ def scan(raw: Path, out: Path | None, recipe_path: Path | None, quiet: bool, pro
     Prints a table and a summary. QC failures are information: the exit code is 0 whenever the scan ran,
     1 on an error (unreadable RAW, unwritable --out).
     """
+    from kneeprep.cli.progress import bars, ticker
     from kneeprep.dicom import scan_tree
-    from kneeprep.parallel import progress_callback
     from kneeprep.recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
-    with progress_callback("scan", progress, unit="files") as scanned:
-        result = scan_tree(raw, recipe.qc, scanned)
+    with bars(progress) as p:
+        result = scan_tree(raw, recipe.qc, ticker(p, "scan"))
     rows = [series_row(s) for s in result.series]
     if not quiet:
         _print_table(rows)

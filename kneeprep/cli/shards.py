@@ -29,14 +29,14 @@ def shards(store, annotations, shards_dir, recipe_file, force, progress):
     unknown question, volume in no split); rejections of kind `no_box` (the question's region has no voxels
     in that volume's mask) are facts of the data and keep exit code 0.
     """
+    from kneeprep.cli.progress import bars
     from kneeprep.formats.shard_schema import REPORT
-    from kneeprep.parallel import progress_callback
     from kneeprep.recipe import load_recipe
     from kneeprep.stages.shards import build_shards
 
     recipe = load_recipe(recipe_file)
-    with progress_callback("shards", progress, unit="volumes") as update:
-        r = build_shards(store, annotations, shards_dir, recipe, force=force, progress=update)
+    with bars(progress) as p:
+        r = build_shards(store, annotations, shards_dir, recipe, force=force, progress=p)
     if r.get("up_to_date"):
         click.echo(
             f"shards in {shards_dir} are up to date (same inputs, shards recipe hash {r.get('recipe_hash', '?')}): "
@@ -84,12 +84,12 @@ def validate(shards_dir, no_decode, progress):
 
     Prints every problem found; exit code 1 if there is any.
     """
+    from kneeprep.cli.progress import bars
     from kneeprep.formats.shard_reader import read_manifest
-    from kneeprep.parallel import progress_callback
     from kneeprep.stages.validate import validate_shards
 
-    with progress_callback("validate", progress, unit="shards") as update:
-        problems = validate_shards(shards_dir, decode=not no_decode, progress=update)
+    with bars(progress) as p:
+        problems = validate_shards(shards_dir, decode=not no_decode, progress=p)
     for p in problems:
         click.secho(str(p), fg="red")
     if problems:

@@ -48,15 +48,15 @@ def synth(out: Path, patients: int, size: str, seed: int, force: bool, progress:
         raise click.UsageError(f"{out}: not empty (pass --force to write the sample into it anyway)")
     plan = plan_sample(patients, size, seed)
     start = time.perf_counter()
-    from kneeprep.parallel import progress_callback
+    from kneeprep.cli.progress import bars
 
-    with progress_callback("writing series", progress) as update:
+    with bars(progress) as p:
         done = [0]
 
-        def step(_label: str) -> None:
+        def step(label: str) -> None:
             done[0] += 1
-            if update is not None:
-                update(done[0], plan.n_series)
+            if p is not None:
+                p("writing series", done[0], plan.n_series, label)
 
         summary = write_sample(plan, out, progress=step, force=force)
     seconds = time.perf_counter() - start

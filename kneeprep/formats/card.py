@@ -12,7 +12,12 @@ import json
 import os
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from kneeprep import __version__
+from kneeprep.files import sha256_file
+from kneeprep.formats.shard_reader import read_manifest
+from kneeprep.formats.shard_schema import SCHEMA
 from kneeprep.moaks.anatomy import FINDINGS
 
 CARD = "README.md"
@@ -28,10 +33,6 @@ LICENCE = """\
 
 def write_card(shards_dir: str | os.PathLike, recipe, *, extra: dict | None = None) -> Path:
     """Write ``shards_dir/README.md`` from the manifest, the shards' question columns and the recipe."""
-    import pyarrow.parquet as pq
-
-    from kneeprep.formats.shard_reader import read_manifest
-    from kneeprep.formats.shard_schema import SCHEMA
 
     d = Path(shards_dir)
     manifest = read_manifest(d)
@@ -149,6 +150,4 @@ def write_card(shards_dir: str | os.PathLike, recipe, *, extra: dict | None = No
 
 
 def _sha256(path: Path) -> str:
-    from kneeprep.files import sha256_file
-
     return sha256_file(path)

@@ -13,14 +13,17 @@ ids present in the mask but absent from the label map are reported in :attr:`Pla
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+import SimpleITK as sitk
 
 from kneeprep.errors import InputNotFoundError, MaskError
+from kneeprep.files import sha256_file
 from kneeprep.geometry import Geometry
+from kneeprep.transforms.orient import axis_code, permute_flip, plan_orient
 from kneeprep.transforms.resample import resample_onto
 
 
@@ -52,8 +55,6 @@ class PlacedMask:
 
 def read_mask(path: str | Path) -> tuple[np.ndarray, Geometry]:
     """Read a label image: ``(array in (z, y, x) order as an unsigned integer type, Geometry in LPS)``."""
-    import SimpleITK as sitk
-
     p = Path(path)
     if not p.is_file():
         raise InputNotFoundError(f"{p}: mask file not found")
@@ -86,8 +87,6 @@ def _refuse_nonfinite_nifti(p: Path) -> None:
     a NaN over a label would otherwise erase that label's voxels without a word."""
     if not p.name.lower().endswith((".nii", ".nii.gz")):
         return
-    import nibabel as nib
-
     try:
         raw = np.asarray(nib.load(str(p)).dataobj)
     except Exception as e:  # noqa: BLE001 - any reader failure is reported as the file's problem
@@ -142,19 +141,13 @@ def load_mask_onto(path: str | Path, target: Geometry, label_map: dict[int, str]
 
 def file_hash(path: str | Path) -> str:
     """sha256 of a file's bytes (hex, 16 chars), the mask's content hash in the volume attributes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    return sha256_file(path)[:16]
 
 
 def _same_voxels(labels: np.ndarray, geometry: Geometry, target: Geometry) -> np.ndarray | None:
     """``labels`` in ``target``'s voxel order when both grids have the same voxel centres (identical, or the
     axes permuted/flipped, as a mask saved by another tool usually is), else ``None``. Exact and much
     faster than resampling."""
-    from kneeprep.transforms.orient import axis_code, permute_flip, plan_orient
-
     if sorted(labels.shape) != sorted(target.shape):
         return None
     params = plan_orient(geometry, axis_code(target.affine_lps))

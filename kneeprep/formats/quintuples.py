@@ -39,6 +39,7 @@ from kneeprep.boxes import question_box
 from kneeprep.errors import RecipeError, ValidationError
 from kneeprep.formats.box import Box
 from kneeprep.formats.splits import SPLITS, parse_volume_id
+from kneeprep.moaks.anatomy import QUESTIONS
 from kneeprep.moaks.severity import Grade
 
 #: Rejection kinds that are facts of the data rather than errors: ``kneeprep shards`` still exits 0.
@@ -142,8 +143,6 @@ def build_quintuples(
                 Rejected(rec.sample_id, kind, f"volume {rec.volume_id}, question {rec.question_id}: {reason}")
             )
             continue
-        from kneeprep.moaks.anatomy import QUESTIONS
-
         q = QUESTIONS.get(rec.question_id)
         out.append(
             Quintuple(

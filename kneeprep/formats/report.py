@@ -19,9 +19,12 @@ import json
 import os
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from kneeprep.files import write_text
 
 STATUSES = ("written", "skipped", "failed")
 #: at most this many item rows in the printed table (failures first); the JSON has them all.
@@ -70,6 +73,10 @@ class RunReport:
 
     def add(self, result: ItemResult) -> None:
         self.items.append(result)
+
+    def add_all(self, results: Iterable[ItemResult]) -> None:
+        for r in results:
+            self.items.append(r)
 
     def finish(self) -> RunReport:
         self.finished = time.time()
@@ -130,13 +137,8 @@ class RunReport:
         return r
 
     def write(self, path: str | os.PathLike) -> Path:
-        """Write the JSON atomically (``.partial`` + rename)."""
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".partial")
-        tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, p)
-        return p
+        """Write the JSON atomically (:func:`kneeprep.files.write_text`)."""
+        return write_text(path, json.dumps(self.to_json(), indent=1) + "\n")
 
     def table(self, max_rows: int = TABLE_ROWS) -> str:
         """Counts per status and kind, then item rows (failures first, then QC skips, then the rest)."""

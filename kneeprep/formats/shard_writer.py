@@ -7,6 +7,7 @@ comes last, so a directory without ``manifest.json`` is not a complete set of sh
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterable
 from itertools import groupby
@@ -19,7 +20,7 @@ import pyarrow.parquet as pq
 
 from kneeprep import __version__
 from kneeprep.errors import StoreError, ValidationError
-from kneeprep.files import sha256_file, write_json
+from kneeprep.files import atomic_path, remove_partials, sha256_file, write_json
 from kneeprep.formats.box import Box
 from kneeprep.formats.quintuples import Quintuple, quintuple_order
 from kneeprep.formats.shard_schema import (
@@ -36,8 +37,8 @@ from kneeprep.moaks.severity import Grade
 
 #: ``read_volume(volume_id) -> (image, geometry)``; ``geometry`` a ``Geometry`` or its ``to_json()`` dict.
 VolumeReader = Callable[[str], tuple[np.ndarray, Any]]
-#: ``progress(done, total)``: how far a long job is (the caller draws it; this module prints nothing)
-Progress = Callable[[int, int], None]
+#: ``progress(task, done, total, item)``: how far a long job is (:class:`kneeprep.stages.harness.Progress`)
+Progress = Callable[..., None]
 
 
 def write_shards(
@@ -56,7 +57,8 @@ def write_shards(
     each volume is read once with ``read_volume``. Shards are cut once a file reaches
     ``recipe.shards.target_bytes`` (always after a whole row group); row groups after
     ``min(row_group_bytes, target_bytes)`` uncompressed image bytes (whole volumes, at least one). Old shards not in the new manifest are
-    removed after the manifest is written. ``progress(done, total)`` is called after each volume read.
+    removed after the manifest is written. ``progress("shards", done, total, volume_id)`` is called after each
+    volume read.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -66,10 +68,10 @@ def write_shards(
     total = len({(q.split, q.volume_id) for q in qs})
     done = [0]
 
-    def volume_done() -> None:
+    def volume_done(vid: str) -> None:
         done[0] += 1
-        if progress is not None:
-            progress(done[0], total)
+        if progress:
+            progress("shards", done[0], total, vid)
 
     try:
         for split, split_rows in groupby(qs, key=lambda q: q.split):
@@ -111,8 +113,7 @@ def write_shards(
 
 
 def _remove_partials(out: Path) -> None:
-    for p in out.glob("*/part-*.parquet.partial"):
-        p.unlink(missing_ok=True)
+    remove_partials(out, "*/*")
 
 
 def _write_split(
@@ -122,7 +123,7 @@ def _write_split(
     read_volume: VolumeReader,
     spec,
     row_group_bytes: int,
-    volume_done: Callable[[], None] = lambda: None,
+    volume_done: Callable[[str], None] = lambda vid: None,
 ) -> list[dict]:
     (out / split).mkdir(exist_ok=True)
     volumes = [(vid, list(g)) for vid, g in groupby(rows, key=lambda q: q.volume_id)]
@@ -154,7 +155,7 @@ def _write_split(
             flush()  # a row group holds whole volumes up to row_group_bytes, at least one
         group.append((qs, image, geom))
         group_bytes += image.nbytes
-        volume_done()
+        volume_done(vid)
     flush()
     if writer is not None:
         entries.append(writer.close())
@@ -167,7 +168,8 @@ class _ShardWriter:
     def __init__(self, out: Path, rel: str, split: str, spec):
         self.out, self.rel, self.split, self.spec = out, rel, split, spec
         self.final = out / rel
-        self.tmp = self.final.with_name(self.final.name + ".partial")
+        self._atomic = atomic_path(self.final)  # renamed into place by close(), removed on any error
+        self.tmp = self._atomic.__enter__()
         self.sink = pa.OSFile(str(self.tmp), "wb")
         codec = PARQUET_CODECS[spec.codec]
         compression = {n: "ZSTD" for n in SCHEMA.names} | {"image": codec}
@@ -193,10 +195,17 @@ class _ShardWriter:
         try:
             self.writer.write_table(table, row_group_size=table.num_rows)
         except (OSError, pa.ArrowException) as e:  # ENOSPC, EFBIG, EIO ...: name the file
+            self.abort()
             raise StoreError(f"{self.final}: could not write the shard: {e}") from e
         self.rows += table.num_rows
         self.volumes += len(group)
         self.row_group_rows.append(table.num_rows)
+
+    def abort(self) -> None:
+        """Remove the temporary file (after an error; nothing under the final name)."""
+        with contextlib.suppress(Exception):
+            self.sink.close()
+        self._atomic.__exit__(RuntimeError, RuntimeError("shard aborted"), None)  # removes the temporary file
 
     def tell(self) -> int:
         return self.sink.tell()
@@ -205,9 +214,10 @@ class _ShardWriter:
         try:
             self.writer.close()
             self.sink.close()
-            os.replace(self.tmp, self.final)
         except (OSError, pa.ArrowException) as e:
+            self.abort()
             raise StoreError(f"{self.final}: could not finish the shard: {e}") from e
+        self._atomic.__exit__(None, None, None)  # fsync + rename
         return {
             "path": self.rel,
             "split": self.split,

@@ -37,6 +37,7 @@ the exact geometry is ``kneeprep.geometry.affine_lps``.
 
 from __future__ import annotations
 
+import colorsys
 import contextlib
 import fcntl
 import json
@@ -49,6 +50,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import zarr
+from numcodecs import blosc
+from zarr.codecs import BloscCodec
 
 from kneeprep import FORMAT_VERSION
 from kneeprep.errors import InputNotFoundError, StoreError
@@ -95,8 +99,6 @@ def _blosc_threads(n: int) -> Iterator[None]:
     if n <= 1:
         yield
         return
-    from numcodecs import blosc
-
     previous = blosc.use_threads, blosc.get_nthreads()
     blosc.use_threads = True
     blosc.set_nthreads(n)
@@ -108,8 +110,6 @@ def _blosc_threads(n: int) -> Iterator[None]:
 
 
 def _codec():
-    from zarr.codecs import BloscCodec
-
     return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
 
 
@@ -130,8 +130,6 @@ def choose_chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, int, int]
 
 def init_store(path: str | os.PathLike) -> Path:
     """Create the store's root group if needed; refuse a directory that is something else."""
-    import zarr
-
     p = Path(path)
     meta = p / "zarr.json"
     if meta.is_file():
@@ -222,8 +220,6 @@ def write_volume(
     ``attrs`` are the ``kneeprep`` attributes (JSON-able; ``geometry`` is filled in from ``geometry``);
     ``labels`` maps a layer name to ``(label array on the same grid, label map)``.
     """
-    import zarr
-
     root = Path(store)
     if not (root / "zarr.json").is_file():
         raise StoreError(f"{root}: not an initialised volume store (call init_store first)")
@@ -326,8 +322,6 @@ def delete_volume(store: str | os.PathLike, volume_id: str) -> None:
 
 def open_image(store: str | os.PathLike, volume_id: str):
     """The image as a lazy ``zarr.Array`` (read-only)."""
-    import zarr
-
     return zarr.open_array(str(volume_path(store, volume_id) / "image"), mode="r")
 
 
@@ -344,8 +338,6 @@ def label_names(store: str | os.PathLike, volume_id: str) -> list[str]:
 
 def read_labels(store: str | os.PathLike, volume_id: str, name: str | None = None) -> np.ndarray:
     """A label layer (default: the only or first one) as an array on the image grid."""
-    import zarr
-
     names = label_names(store, volume_id)
     if not names:
         raise InputNotFoundError(f"{Path(store) / volume_id}: the volume has no label layers")
@@ -367,8 +359,6 @@ def update_attrs(store: str | os.PathLike, volume_id: str, changes: Mapping[str,
 
     The group's ``zarr.json`` is rewritten atomically (zarr's local store writes a temporary file and links
     it into place); one writer per store at a time (:func:`store_lock`)."""
-    import zarr
-
     p = volume_path(store, volume_id)
     new = _jsonable({**read_attrs(store, volume_id), **changes})
     _refuse_phi(new, p)
@@ -427,8 +417,6 @@ def _ome_label(name: str, geometry: Geometry, label_map: Mapping[int, str]) -> d
 
 def _colour(label: int) -> list[int]:
     """A stable, well-spread colour per label id (golden-angle hues)."""
-    import colorsys
-
     r, g, b = colorsys.hsv_to_rgb((label * 0.618033988749895) % 1.0, 0.75, 0.95)
     return [int(r * 255), int(g * 255), int(b * 255), 255]
 

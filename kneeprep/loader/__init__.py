@@ -7,7 +7,7 @@ DataLoader side (:mod:`kneeprep.loader.torchdata`: ``make_loader``, ``TorchShard
 
 from __future__ import annotations
 
-from kneeprep.loader import ShardDataset
+from kneeprep.loader.dataset import ShardDataset
 
 _TORCH_NAMES = ("DeviceFeeder", "TorchShardDataset", "VolumeBatch", "make_loader")
 

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from kneeprep.errors import InputNotFoundError, ValidationError
 from kneeprep.formats.shard_reader import VolumeAllocator, read_manifest, read_row_group
@@ -118,8 +119,6 @@ class ShardDataset:
         self._consumed = 0
 
     def _read_volume_rows(self) -> list[list[int]]:
-        import pyarrow.parquet as pq
-
         out: list[list[int]] = []
         files: dict[str, pq.ParquetFile] = {}
         try:
@@ -281,8 +280,6 @@ class ShardDataset:
     def _materialize(self, seq: np.ndarray, alloc: VolumeAllocator | None = None) -> Iterator[dict[str, Any]]:
         """Samples (or volume-major items) for a sequence of (unit, row or item), reading each needed row group
         once while it is in use."""
-        import pyarrow.parquet as pq
-
         if len(seq) == 0:
             return
         remaining = np.bincount(seq[:, 0], minlength=len(self.units))

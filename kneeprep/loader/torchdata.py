@@ -57,7 +57,7 @@ except ImportError as e:  # pragma: no cover - exercised only without torch
 import numpy as np
 
 from kneeprep.loader import slabs
-from kneeprep.loader import ShardDataset
+from kneeprep.loader.dataset import ShardDataset
 
 
 class TorchShardDataset(IterableDataset):

@@ -11,7 +11,7 @@ Canonical severity: every graded answer becomes a list of ``(finding, region, co
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # ----------------------------------------------------------------------------------------------------------
 # MOAKS subregions
@@ -232,8 +232,6 @@ def _build_bank() -> dict[str, Question]:
 
 
 def _replace(q: Question, **changes) -> Question:
-    from dataclasses import replace
-
     return replace(q, **changes)
 
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from kneeprep.errors import KneeprepError
 from kneeprep.formats import store
 from kneeprep.formats.box import BOXES_TABLE, Box, boxes_schema
 from kneeprep.geometry import Geometry
+from kneeprep.stages.harness import Progress, Stage
 
 
 def write_boxes_table(store_path: str | os.PathLike) -> Path:
@@ -71,7 +70,7 @@ def recompute_store_boxes(
     *,
     lock: bool = True,
     stale_only: bool = False,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> BoxesSummary:
     """Recompute every volume's boxes from its stored labels (layer ``recipe.masks.name``) with ``recipe``.
 
@@ -82,15 +81,17 @@ def recompute_store_boxes(
     Updates the volume attrs ``boxes`` and ``provenance.boxes_hash``, rewrites ``boxes.parquet`` and returns a
     summary. A volume that fails (no labels, bad geometry) is recorded in ``failures``, never raised. Holds the
     store's writer lock (:func:`kneeprep.files.lock`) unless ``lock=False`` (a caller already holding it).
-    ``progress(done, total)`` is called after each volume.
+    ``progress("boxes", done, total, volume_id)`` is called after each volume.
     """
     store_path = Path(store_path)
     store.list_volumes(store_path)  # a missing store is an error before anything is locked or written
-    with files.lock(store_path) if lock else contextlib.nullcontext():
-        return _recompute(store_path, recipe, stale_only, progress)
+    with Stage(
+        "boxes", store_path, partials=("*boxes.parquet*",), report_name=None, progress=progress, lock=lock
+    ) as st:
+        return _recompute(store_path, recipe, stale_only, st)
 
 
-def _recompute(store_path: Path, recipe, stale_only: bool = False, progress=None) -> BoxesSummary:
+def _recompute(store_path: Path, recipe, stale_only: bool, st: Stage) -> BoxesSummary:
     regions = recipe.labels.region_labels()
     h = boxes_hash(recipe)
     n_vol = n_box = n_empty = n_same = 0
@@ -98,8 +99,8 @@ def _recompute(store_path: Path, recipe, stale_only: bool = False, progress=None
     failures = []
     vids = sorted(store.list_volumes(store_path))
     for done, vid in enumerate(vids):
-        if progress is not None and done:
-            progress(done, len(vids))
+        if done:
+            st.tick("boxes", done, len(vids), vids[done - 1])
         try:
             attrs = store.read_attrs(store_path, vid)
             if stale_only and (
@@ -129,8 +130,8 @@ def _recompute(store_path: Path, recipe, stale_only: bool = False, progress=None
         u = stats.unknown_labels(regions)
         if u:
             unknown[vid] = u
-    if progress is not None and vids:
-        progress(len(vids), len(vids))
+    if vids:
+        st.tick("boxes", len(vids), len(vids), vids[-1])
     table = store_path / BOXES_TABLE
     if n_vol or failures or not table.is_file():
         table = write_boxes_table(store_path)

@@ -31,13 +31,32 @@ import os
 import re
 import time
 import traceback
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from kneeprep import FORMAT_VERSION, __version__
+from kneeprep.boxes import boxes_for_volume
+from kneeprep.dicom import read_series, scan_tree
 from kneeprep.errors import InputNotFoundError, KneeprepError, RecipeError
+from kneeprep.files import sha256_file
+from kneeprep.formats import store as vstore
+from kneeprep.formats.masks import file_hash, load_mask_onto
 from kneeprep.formats.report import ItemResult, RunReport
+from kneeprep.formats.splits import read_split_csvs
 from kneeprep.recipe import Recipe
+from kneeprep.stages.boxes import write_boxes_table
+from kneeprep.stages.harness import Progress, Stage
+from kneeprep.transforms import (
+    apply_mirror,
+    apply_normalize,
+    apply_orient,
+    apply_resample,
+    plan_mirror,
+    plan_normalize,
+    plan_orient,
+    plan_resample,
+)
 
 #: The record a convert task returns (status written/skipped/failed, kind, message, timings in ``details``).
 ConvertResult = ItemResult
@@ -90,9 +109,7 @@ def content_hash(files, mask_path: str | os.PathLike | None = None) -> str:
 def _hash_file(h, p: Path) -> None:
     h.update(p.name.encode() + b"\0")
     try:
-        with open(p, "rb") as fh:
-            while block := fh.read(1 << 20):
-                h.update(block)
+        sha256_file(p, h)
     except OSError as e:
         raise InputNotFoundError(f"{p}: cannot read input ({e.strerror})") from None
 
@@ -137,19 +154,6 @@ def convert_series(
 
 
 def _convert(info, recipe: Recipe, store: Path, mask_path, fingerprint, t0: float) -> ItemResult:
-    from kneeprep.dicom import read_series
-    from kneeprep.formats import store as vstore
-    from kneeprep.transforms import (
-        apply_mirror,
-        apply_normalize,
-        apply_orient,
-        apply_resample,
-        plan_mirror,
-        plan_normalize,
-        plan_orient,
-        plan_resample,
-    )
-
     vid = info.volume_id
     source = _source(info)
     convert_hash = recipe.stage_hash("convert")
@@ -190,9 +194,6 @@ def _convert(info, recipe: Recipe, store: Path, mask_path, fingerprint, t0: floa
     # a series converted with QC warnings (a duplicate slice dropped, a renamed id ...) says so in the report
     warnings += [f"QC warn: {r}" for r in info.qc.reasons] if info.qc.status == "warn" else []
     if mask_path:
-        from kneeprep.boxes import boxes_for_volume
-        from kneeprep.formats.masks import file_hash, load_mask_onto
-
         t = time.perf_counter()
         placed = load_mask_onto(mask_path, geometry, recipe.labels.map)
         layers[recipe.masks.name] = (placed.labels, recipe.labels.map)
@@ -265,8 +266,6 @@ def _convert(info, recipe: Recipe, store: Path, mask_path, fingerprint, t0: floa
 
 
 def _stored_attrs(store: Path, volume_id: str) -> dict | None:
-    from kneeprep.formats import store as vstore
-
     try:
         return vstore.read_attrs(store, volume_id)
     except InputNotFoundError:
@@ -345,8 +344,6 @@ def mask_finder(recipe: Recipe, annotations=None, masks=None):
                 "--masks needs --annotations (split CSVs with label_filepath) or a recipe masks.pattern"
             )
         return lambda info: None
-    from kneeprep.formats.splits import read_split_csvs
-
     rows = {row.volume_id: row for row in read_split_csvs(annotations) if row.label_filepath}
 
     def by_split(info) -> Path | KneeprepError | None:
@@ -400,13 +397,89 @@ class _Planner:
 def _previously_revised(store: Path) -> dict[str, str]:
     """``context.revised`` of the store's last convert report: provisional series (volume id -> input
     fingerprint) that the finished scan contradicted."""
-    from kneeprep.formats.store import REPORT_FILE
-
     try:
-        revised = json.loads((store / REPORT_FILE).read_text()).get("context", {}).get("revised") or {}
+        revised = json.loads((store / vstore.REPORT_FILE).read_text()).get("context", {}).get("revised") or {}
     except (OSError, ValueError, AttributeError):
         return {}
     return {str(k): str(v) for k, v in revised.items()} if isinstance(revised, dict) else {}
+
+
+class EarlyStarts:
+    """Series converted while the scan still runs, and what the finished scan says of them.
+
+    The scan hands out *provisional* series (:func:`kneeprep.dicom.scan_tree`'s ``on_series``, once the folder
+    holding one has been read); :meth:`start` plans each and submits its task at once. The finished scan is
+    authoritative (:meth:`reconcile`): an early task stands when the final series equals the provisional one;
+    otherwise its result is dropped when it returns and a redo follows -- or, when the series no longer exists
+    or is no longer to be converted, what the early task wrote is deleted (:meth:`results`). ``revised`` (volume
+    id -> input fingerprint) lists the contradicted early tasks; the next run does not start them early again
+    (``held_back``).
+    """
+
+    def __init__(self, plan: _Planner, stream, held_back: dict[str, str]):
+        self.plan, self.stream, self.held_back = plan, stream, held_back
+        #: volume id -> (provisional series, the plan made for it)
+        self.provisional: dict[str, tuple[object, ConvertTask | ItemResult]] = {}
+        #: ids submitted before the scan finished
+        self.submitted: set[str] = set()
+        #: early tasks the finished scan contradicts -> their input fingerprint
+        self.revised: dict[str, str] = {}
+        #: volume id -> its redo once the early task has returned (None: delete what that task wrote)
+        self.after: dict[str, ConvertTask | None] = {}
+
+    def start(self, info) -> None:
+        decision = self.plan(info)
+        self.provisional[info.volume_id] = (info, decision)
+        if isinstance(decision, ConvertTask) and self.held_back.get(info.volume_id) != decision.fingerprint:
+            self.stream.submit(decision)
+            self.submitted.add(info.volume_id)
+
+    def reconcile(self, final: dict[str, object], report: RunReport) -> int:
+        """Plan every series of the finished scan (``final``: volume id -> series) against what started early,
+        submit what is left, add the skipped/failed records to ``report``; returns how many results to await."""
+        early = self.submitted
+        self.revised.update(
+            (v, d.fingerprint)
+            for v, (i, d) in self.provisional.items()
+            if isinstance(d, ConvertTask) and final.get(v) != i
+        )
+        n_tasks = len(early)
+        for vid, info in final.items():
+            if vid in early and vid not in self.revised:
+                continue  # submitted early, and right
+            seen, decision = self.provisional.get(vid, (None, None))
+            if seen != info or vid in early:  # not planned while scanning, or planned for another series
+                decision = self.plan(info, redo=vid in early)
+            if vid in early:
+                self.after[vid] = decision if isinstance(decision, ConvertTask) else None
+            if isinstance(decision, ConvertTask):
+                if vid not in early:
+                    self.stream.submit(decision)
+                    n_tasks += 1
+            else:
+                report.add(decision)
+                n_tasks -= vid in early
+        for vid in early - final.keys():
+            self.after[vid] = None
+            n_tasks -= 1
+        return n_tasks
+
+    def results(self, results: Iterable[ItemResult], store: Path) -> Iterator[ItemResult]:
+        """The results to report: an early task's result that the scan overruled is dropped, then its redo is
+        submitted or its volume deleted."""
+        for r in results:
+            if r.item in self.after:
+                redo = self.after.pop(r.item)
+                if redo is not None:
+                    self.stream.submit(redo)
+                elif r.status == "written":
+                    vstore.delete_volume(store, r.item)
+                continue
+            yield r
+
+    def stands(self, r: ItemResult) -> bool:
+        """Whether a result taken after an interrupt counts (not an overruled early task's)."""
+        return r.item not in self.after and r.item not in self.revised
 
 
 def run_convert(
@@ -418,22 +491,14 @@ def run_convert(
     masks: str | os.PathLike | None = None,
     workers: int | None = None,
     scheduler: str | None = None,
-    progress: bool = True,
+    progress: Progress | None = None,
 ) -> RunReport:
     """Convert every selected series under ``raw`` into ``store``; returns the report (also written to
-    ``<store>/report.json``). ``workers=0`` runs in this process without Dask.
+    ``<store>/report.json``). ``workers=0`` runs in this process without Dask. ``progress``: see
+    :class:`kneeprep.stages.harness.Progress` (tasks ``scan`` and ``convert``).
 
-    With Dask, conversion overlaps the scan: a series is submitted as soon as the folder holding it has been
-    read (:func:`kneeprep.dicom.scan_tree`'s provisional series; ``context.converted_early`` counts them). The
-    finished scan is authoritative: a series that changed after its early submission (its UID continues in a
-    later folder, or its volume id collided with a later series) is converted again once the early task has
-    returned, and a volume written early for a series that no longer exists, or is no longer to be converted,
-    is deleted. ``context.revised`` lists those provisional series (volume id -> input fingerprint); the next
-    run does not convert them early again."""
-    from kneeprep.dicom import scan_tree
-    from kneeprep.formats import store as vstore
-    from kneeprep.parallel import executor, progress_callback, progress_iter
-
+    With Dask, conversion overlaps the scan (:class:`EarlyStarts`; ``context.converted_early`` counts the
+    series started early, ``context.revised`` those the finished scan overruled)."""
     raw, store = Path(raw), Path(store)
     if not raw.is_dir():
         raise InputNotFoundError(f"{raw}: raw DICOM folder not found (or not a directory)")
@@ -441,108 +506,53 @@ def run_convert(
         if p is not None and not Path(p).is_dir():
             raise InputNotFoundError(f"{p}: {name} directory not found")
     plan = _Planner(recipe, store, annotations, masks)
-    report = RunReport(
-        "convert",
-        {
-            "raw": str(raw), "store": str(store), "annotations": str(annotations) if annotations else None,
-            "masks": str(masks) if masks else None, "recipe_name": recipe.name, "recipe_hash": recipe.hash,
-            "convert_hash": plan.convert_hash, "recipe_file": recipe.source_path, "workers": workers,
-            "scheduler": scheduler, "kneeprep_version": __version__,
-        },
-    )  # fmt: skip
+    context = {
+        "raw": str(raw), "store": str(store), "annotations": str(annotations) if annotations else None,
+        "masks": str(masks) if masks else None, "recipe_name": recipe.name, "recipe_hash": recipe.hash,
+        "convert_hash": plan.convert_hash, "recipe_file": recipe.source_path, "workers": workers,
+        "scheduler": scheduler, "kneeprep_version": __version__,
+    }  # fmt: skip
     vstore.init_store(store)
-    # the cluster starts in the background while this process scans (parallel.executor)
-    with vstore.store_lock(store), executor(workers, scheduler) as ex:
+    # the volumes' own temporary groups live in the work area (vstore.clean_work_area): no partial globs here
+    with Stage(
+        "convert", store, partials=(), report_name=vstore.REPORT_FILE, context=context, progress=progress,
+        workers=workers, scheduler=scheduler,
+    ) as st:  # fmt: skip
+        report = st.report
         report.context["cleaned_work_area"] = vstore.clean_work_area(store)
+        ex = st.executor()  # the cluster starts in the background while this process scans
         stream = ex.stream(_run_task, on_error=_task_lost, recipe=recipe, store_path=str(store))
-        held_back = _previously_revised(store)
-        # what the scan handed out early: volume id -> (provisional series, the plan made for it)
-        provisional: dict[str, tuple[object, ConvertTask | ItemResult]] = {}
-        early: set[str] = set()  # the ids submitted before the scan finished
-        revised: dict[str, str] = {}  # planned tasks the finished scan contradicts -> their input fingerprint
-        # volume id -> its redo, once the early task has returned (None: delete what that task wrote)
-        after_early: dict[str, ConvertTask | None] = {}
+        early = EarlyStarts(plan, stream, _previously_revised(store))
 
-        def start_early(info) -> None:
-            decision = plan(info)
-            provisional[info.volume_id] = (info, decision)
-            if isinstance(decision, ConvertTask) and held_back.get(info.volume_id) != decision.fingerprint:
-                stream.submit(decision)
-                early.add(info.volume_id)
+        def take_finished() -> None:  # on Ctrl-C: series finished but not yet taken are in the store
+            reported = {r.item for r in report.items}
+            report.add_all(r for r in stream.drain() if r.item not in reported and early.stands(r))
 
+        st.on_interrupt(take_finished)
         try:
             t = time.perf_counter()
-            with progress_callback("scan", progress, unit="files") as scanned:
-                scan = scan_tree(raw, recipe.qc, scanned, on_series=start_early if ex.runs_ahead else None)
+            scan = scan_tree(
+                raw, recipe.qc, st.ticker("scan"), on_series=early.start if ex.runs_ahead else None
+            )
             report.context["scan_seconds"] = round(time.perf_counter() - t, 3)
             report.context["unreadable_files"] = [[str(p), r] for p, r in scan.unreadable]
-            report.context["converted_early"] = len(early)
-            # the finished scan decides; early tasks of series that changed since are followed by a redo
-            final = {info.volume_id: info for info in scan.series}
-            revised.update(
-                (v, d.fingerprint)
-                for v, (i, d) in provisional.items()
-                if isinstance(d, ConvertTask) and final.get(v) != i
-            )
-            if revised:
-                report.context["revised"] = dict(sorted(revised.items()))
-            n_tasks = len(early)
-            for vid, info in final.items():
-                if vid in early and vid not in revised:
-                    continue  # submitted early, and right
-                seen, decision = provisional.get(vid, (None, None))
-                if seen != info or vid in early:  # not planned while scanning, or planned for another series
-                    decision = plan(info, redo=vid in early)
-                if vid in early:
-                    after_early[vid] = decision if isinstance(decision, ConvertTask) else None
-                if isinstance(decision, ConvertTask):
-                    if vid not in early:
-                        stream.submit(decision)
-                        n_tasks += 1
-                else:
-                    report.add(decision)
-                    n_tasks -= vid in early
-            for vid in early - final.keys():
-                after_early[vid] = None
-                n_tasks -= 1
-
-            def reported(results):
-                for r in results:
-                    if r.item in after_early:  # the early task's result: drop it, then redo or delete
-                        redo = after_early.pop(r.item)
-                        if redo is not None:
-                            stream.submit(redo)
-                        elif r.status == "written":
-                            vstore.delete_volume(store, r.item)
-                        continue
-                    yield r
-
-            for r in progress_iter(
-                reported(stream.results()), n_tasks, "convert", progress, item_name=lambda r: r.item
-            ):
-                report.add(r)
-        except KeyboardInterrupt:
-            report.context["interrupted"] = True
-            # series finished before the interrupt whose results were not yet taken: they are in the store
-            reported_ids = {r.item for r in report.items}
-            for r in stream.drain():
-                if r.item not in reported_ids and r.item not in after_early and r.item not in revised:
-                    report.add(r)
-            report.finish().write(store / vstore.REPORT_FILE)
-            raise
+            report.context["converted_early"] = len(early.submitted)
+            n_tasks = early.reconcile({info.volume_id: info for info in scan.series}, report)
+            if early.revised:
+                report.context["revised"] = dict(sorted(early.revised.items()))
+            report.add_all(st.track(early.results(stream.results(), store), n_tasks, "convert"))
         finally:
             stream.cancel()  # nothing is left running on an error (a no-op after a full run)
         if any(r.status == "written" for r in report.items):
-            from kneeprep.stages.boxes import write_boxes_table
-
             report.context["boxes_table"] = str(write_boxes_table(store))
-        report.finish().write(store / vstore.REPORT_FILE)
+        st.finish()
     return report
 
 
 __all__ = [
     "ConvertResult",
     "ConvertTask",
+    "EarlyStarts",
     "content_hash",
     "convert_series",
     "input_fingerprint",

@@ -34,7 +34,6 @@ are removed by the next run); files of volumes no longer in the input are remove
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -46,11 +45,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
+import SimpleITK as sitk
 
 from kneeprep import __version__
 from kneeprep.errors import GeometryError, InputNotFoundError, KneeprepError, StoreError, ValidationError
+from kneeprep.files import atomic_path, write_text
+from kneeprep.formats import store as vstore
 from kneeprep.formats.report import ItemResult, RunReport
-from kneeprep.formats.splits import SPLITS, parse_volume_id
+from kneeprep.formats.shard_reader import iter_quintuples, read_manifest, read_row_group
+from kneeprep.formats.splits import SPLITS, parse_volume_id, write_split_csv
+from kneeprep.formats.store import REPORT_FILE, label_names, list_volumes, read_attrs
+from kneeprep.moaks.severity import Grade, parse_answer, to_published
+from kneeprep.stages.harness import Progress, Stage
 
 #: Version of what export writes; part of every source key, so a change of it rewrites every volume.
 EXPORT_VERSION = 1
@@ -61,7 +68,8 @@ MANIFEST = "export_manifest.json"
 REPORT = "report.json"
 QUESTIONS = "questions.json"
 LOCK = ".kneeprep-export-lock"
-PARTIAL_SUFFIX = ".partial.nii.gz"
+#: where a killed run can leave temporary files (:func:`kneeprep.files.atomic_path`), cleaned under the lock
+PARTIALS = ("*", "split_files/*", "images/**/*", "masks/**/*")
 #: the export manifest is saved at most this often while volumes complete (and always at the end).
 SAVE_EVERY_S = 2.0
 
@@ -98,8 +106,6 @@ def write_nifti(path: str | os.PathLike, array: np.ndarray, affine_lps) -> int:
     ``affine_lps`` (not :func:`kneeprep.geometry.itk_from_affine`, which is for the numpy order); SimpleITK
     turns LPS into RAS itself and nibabel's affine is ``diag(-1, -1, 1, 1) @ affine_lps`` (float32 precision).
     """
-    import SimpleITK as sitk
-
     final = Path(path)
     a = np.asarray(affine_lps, dtype=np.float64)
     spacing = np.linalg.norm(a[:3, :3], axis=0)
@@ -112,14 +118,10 @@ def write_nifti(path: str | os.PathLike, array: np.ndarray, affine_lps) -> int:
     image.SetDirection((a[:3, :3] / spacing[None, :]).ravel().tolist())
     if not final.name.endswith(".nii.gz"):
         raise StoreError(f"{final}: NIfTI outputs must end in .nii.gz")
-    tmp = final.with_name(final.name[: -len(".nii.gz")] + PARTIAL_SUFFIX)
     try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        sitk.WriteImage(image, str(tmp), True)
-        os.replace(tmp, final)
-    except (OSError, RuntimeError) as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        with atomic_path(final) as tmp:
+            sitk.WriteImage(image, str(tmp), True)
+    except RuntimeError as e:  # SimpleITK's; an OSError is already a StoreError naming the file
         raise StoreError(f"{final}: could not write the NIfTI: {e}") from e
     return final.stat().st_size
 
@@ -187,8 +189,6 @@ class _Plan:
 
 def _store_info(store: Path) -> tuple[set[str], dict[str, str]]:
     """The complete volumes of a store and the raw series folder of each, from its last convert report."""
-    from kneeprep.formats.store import REPORT_FILE, list_volumes
-
     vids = set(list_volumes(store))
     raw: dict[str, str] = {}
     rep = store / REPORT_FILE
@@ -203,8 +203,6 @@ def _store_info(store: Path) -> tuple[set[str], dict[str, str]]:
 
 def _mask_layer(store: Path, vid: str, layer: str | None) -> tuple[str | None, str | None]:
     """(layer to export or None, warning or None)."""
-    from kneeprep.formats.store import label_names
-
     names = label_names(store, vid)
     if not names:
         return None, f"no label layer in {store / vid}: no mask"
@@ -216,10 +214,6 @@ def _mask_layer(store: Path, vid: str, layer: str | None) -> tuple[str | None, s
 
 
 def _plan_shards(shards: Path, out: Path, store: Path | None, layer: str | None) -> _Plan:
-    import pyarrow.parquet as pq
-
-    from kneeprep.formats.shard_reader import read_manifest
-    from kneeprep.formats.store import read_attrs
 
     m = read_manifest(shards)
     store_vids, raw = _store_info(store) if store else (set(), {})
@@ -256,8 +250,6 @@ def _plan_shards(shards: Path, out: Path, store: Path | None, layer: str | None)
 
 
 def _plan_store(store: Path, out: Path, layer: str | None) -> _Plan:
-    from kneeprep.formats.store import read_attrs
-
     vids, raw = _store_info(store)
     tasks, warnings = [], {}
     for vid in sorted(vids):
@@ -296,12 +288,8 @@ def export_volume(task: VolumeTask) -> ItemResult:
 
 
 def _export_volume(task: VolumeTask) -> dict[str, Any]:
-    from kneeprep.formats import store as vstore
-
     vid, out = task.volume_id, Path(task.out_dir)
     if task.shard is not None:
-        from kneeprep.formats.shard_reader import read_row_group
-
         rows, volumes = read_row_group(task.shard, task.row_group, columns=["image", "image_affine_lps"])
         if vid not in volumes:
             raise ValidationError(f"{task.shard}: row group {task.row_group} holds no image of volume {vid}")
@@ -351,8 +339,6 @@ def answer_text(reasoning, answer: Any) -> str:
 
 def _answer_object(row: dict, mode: str) -> tuple[Any, bool]:
     """The answer JSON object of a shard row and whether it had to be rebuilt from the severity."""
-    from kneeprep.moaks.severity import Grade, parse_answer, to_published
-
     severity = tuple(Grade(**g) for g in row["severity"])
     if mode == "original":
         try:
@@ -364,20 +350,11 @@ def _answer_object(row: dict, mode: str) -> tuple[Any, bool]:
     return to_published(severity, row["question_id"]), mode == "original"
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _write_annotations(
     shards: Path, out: Path, exported: set[str], split_of: dict[str, str], raw: dict[str, str],
     masks: dict[str, str | None], answer: str, prefix: str,
 ) -> dict[str, Any]:  # fmt: skip
     """Split CSVs, per-split training items and the question bank for the exported volumes."""
-    from kneeprep.formats.shard_reader import iter_quintuples
-    from kneeprep.formats.splits import write_split_csv
-
     for split in SPLITS:
         rows = []
         for vid in sorted(v for v in exported if split_of.get(v) == split):
@@ -393,10 +370,8 @@ def _write_annotations(
     items: dict[str, int] = {}
     rebuilt = 0
     for split in SPLITS:
-        final = out / f"{split}.json"
-        tmp = final.with_name(final.name + ".partial")
         n = 0
-        with tmp.open("w", encoding="utf-8") as fh:
+        with atomic_path(out / f"{split}.json") as tmp, tmp.open("w", encoding="utf-8") as fh:
             fh.write("[")
             for row in iter_quintuples(shards, split=split):
                 if row["volume_id"] not in exported:
@@ -411,12 +386,9 @@ def _write_annotations(
                 fh.write(("\n" if n == 0 else ",\n") + json.dumps(item, ensure_ascii=False))
                 n += 1
             fh.write("\n]\n")
-        os.replace(tmp, final)
         items[split] = n
     order = sorted(bank, key=lambda q: (0, int(q), q) if q.isdigit() else (1, 0, q))
-    _write_text_atomic(
-        out / QUESTIONS, json.dumps({q: bank[q] for q in order}, indent=1, ensure_ascii=False) + "\n"
-    )
+    write_text(out / QUESTIONS, json.dumps({q: bank[q] for q in order}, indent=1, ensure_ascii=False) + "\n")
     return {"items": items, "answers_from_severity": rebuilt, "questions": len(bank),
             "questions_with_several_prompts": sorted(conflicts)}  # fmt: skip
 
@@ -454,7 +426,7 @@ class _Manifest:
     def save(self, force: bool = True) -> None:
         if force or time.monotonic() - self.saved > SAVE_EVERY_S:
             body = self.head | {"volumes": dict(sorted(self.volumes.items()))}
-            _write_text_atomic(self.path, json.dumps(body, indent=1) + "\n")
+            write_text(self.path, json.dumps(body, indent=1) + "\n")
             self.saved = time.monotonic()
 
 
@@ -469,7 +441,7 @@ def run_export(
     path_prefix: str = "",
     workers: int | None = None,
     scheduler: str | None = None,
-    progress: bool = True,
+    progress: Progress | None = None,
     force: bool = False,
 ) -> RunReport:
     """Export ``source`` (shards directory or volume store) to ``out`` in ``layout``; returns the run report
@@ -479,9 +451,6 @@ def run_export(
     training items (:data:`ANSWER_MODES`); ``path_prefix`` is prepended to every path in the CSVs and items
     (e.g. ``"../data/"`` for the published scripts' working directory). ``workers=0`` runs in this process.
     """
-    from kneeprep.formats.store import store_lock
-    from kneeprep.parallel import executor, progress_iter
-
     if layout not in LAYOUTS:
         raise ValidationError(f"layout {layout!r}: known layouts are {', '.join(LAYOUTS)}")
     if answer not in ANSWER_MODES:
@@ -498,13 +467,17 @@ def run_export(
             raise ValidationError(f"{store}: not a volume store (it holds shards)")
     if out == src or out == store:
         raise ValidationError(f"{out}: the export directory must not be the input")
-    report = RunReport("export", {
+    context = {
         "input": str(src), "input_kind": kind, "store": str(store) if store else None, "out": str(out),
         "layout": layout, "answer": answer, "path_prefix": path_prefix, "workers": workers,
         "scheduler": scheduler, "kneeprep_version": __version__,
-    })  # fmt: skip
-    with store_lock(out, what="export", name=LOCK):
-        report.context["cleaned"] = [str(p.relative_to(out)) for p in _clean_partials(out)]
+    }  # fmt: skip
+    with Stage(
+        "export", out, what="export", lock_name=LOCK, partials=PARTIALS, report_name=REPORT, context=context,
+        progress=progress, workers=workers, scheduler=scheduler,
+    ) as st:  # fmt: skip
+        report = st.report
+        report.context["cleaned"] = st.cleaned
         plan = (
             _plan_shards(src, out, store, label_layer)
             if kind == "shards"
@@ -521,21 +494,15 @@ def run_export(
             else:
                 report.add(ItemResult(t.volume_id, "skipped", "unchanged", "source unchanged", 0.0,
                                       t.shard or t.store or "", tuple(plan.warnings.get(t.volume_id, ())), e))  # fmt: skip
-        try:
-            with executor(workers, scheduler) if todo else contextlib.nullcontext() as ex:
-                results = ex.map_unordered(export_volume, todo) if todo else iter(())
-                for r in progress_iter(results, len(todo), "export", progress, item_name=lambda r: r.item):
-                    if plan.warnings.get(r.item):
-                        r = dataclasses.replace(r, warnings=(*r.warnings, *plan.warnings[r.item]))
-                    report.add(r)
-                    if r.status == "written":
-                        manifest.volumes[r.item] = r.details
-                        manifest.save(force=False)
-        except KeyboardInterrupt:
-            manifest.save()
-            report.context["interrupted"] = True
-            report.finish().write(out / REPORT)
-            raise
+        st.on_interrupt(manifest.save)
+        results = st.executor().map_unordered(export_volume, todo) if todo else iter(())
+        for r in st.track(results, len(todo), "export"):
+            if plan.warnings.get(r.item):
+                r = dataclasses.replace(r, warnings=(*r.warnings, *plan.warnings[r.item]))
+            report.add(r)
+            if r.status == "written":
+                manifest.volumes[r.item] = r.details
+                manifest.save(force=False)
         manifest.save()
         done = {r.item: r.details for r in report.items if r.status != "failed"}
         report.context["volumes"] = {
@@ -551,19 +518,8 @@ def run_export(
             )
             report.context["outputs"] |= {"split_files": str(out / "split_files"), "questions": str(out / QUESTIONS),
                                           "items": {s: str(out / f"{s}.json") for s in SPLITS}}  # fmt: skip
-        report.finish().write(out / REPORT)
+        st.finish()
     return report
-
-
-def _clean_partials(out: Path) -> list[Path]:
-    """Remove ``*.partial.nii.gz`` (and ``*.partial`` JSON/CSV) left by an interrupted run."""
-    found = [
-        p for d in ("images", "masks") if (out / d).is_dir() for p in (out / d).rglob("*" + PARTIAL_SUFFIX)
-    ]
-    found += [p for p in [*out.glob("*.partial"), *out.glob("split_files/*.partial")]]
-    for p in found:
-        p.unlink(missing_ok=True)
-    return sorted(found)
 
 
 def _remove_stale(out: Path, manifest: _Manifest, current: set[str]) -> list[str]:

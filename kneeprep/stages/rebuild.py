@@ -31,7 +31,16 @@ from typing import Any
 
 from kneeprep import __version__
 from kneeprep.errors import InputNotFoundError
+from kneeprep.files import sha256_file, write_json
+from kneeprep.formats.card import write_card
+from kneeprep.formats.shard_reader import read_manifest
+from kneeprep.privacy import Pseudonymizer
 from kneeprep.recipe import Recipe
+from kneeprep.stages.boxes import recompute_store_boxes
+from kneeprep.stages.convert import run_convert
+from kneeprep.stages.harness import Progress
+from kneeprep.stages.shards import build_shards
+from kneeprep.stages.validate import validate_shards
 
 REPORT = "report.json"
 
@@ -94,18 +103,10 @@ def rebuild(
     masks: str | os.PathLike | None = None,
     workers: int | None = None,
     scheduler: str | None = None,
-    progress: bool = True,
+    progress: Progress | None = None,
     echo=print,
 ) -> RebuildReport:
     """Run scan → convert → boxes → shards → validate → card; returns (and writes) the rebuild report."""
-    from kneeprep.formats.card import write_card
-    from kneeprep.formats.shard_reader import read_manifest
-    from kneeprep.parallel import progress_callback
-    from kneeprep.privacy import Pseudonymizer
-    from kneeprep.stages.boxes import recompute_store_boxes
-    from kneeprep.stages.convert import run_convert
-    from kneeprep.stages.shards import build_shards
-    from kneeprep.stages.validate import validate_shards
 
     out = Path(out)
     for name, p in (("raw", raw), ("annotations", annotations), ("masks", masks)):
@@ -137,8 +138,7 @@ def rebuild(
     echo(conv.table())
 
     t = stage("boxes")
-    with progress_callback("boxes", progress, unit="volumes") as update:
-        bs = recompute_store_boxes(store, recipe, stale_only=True, progress=update)
+    bs = recompute_store_boxes(store, recipe, stale_only=True, progress=progress)
     rep.seconds["boxes"] = time.perf_counter() - t
     rep.stages["boxes"] = bs.to_json()
     echo(
@@ -149,8 +149,7 @@ def rebuild(
         echo(f"  {vid} [{kind}]: {msg}")
 
     t = stage("shards")
-    with progress_callback("shards", progress, unit="volumes") as update:
-        sh = build_shards(store, annotations, shards_dir, recipe, progress=update)
+    sh = build_shards(store, annotations, shards_dir, recipe, progress=progress)
     rep.seconds["shards"] = time.perf_counter() - t
     rep.stages["shards"] = {k: v for k, v in sh.items() if k != "rejected_items"} | {
         "report": str(shards_dir / "report.json")
@@ -172,8 +171,7 @@ def rebuild(
         rep.stages["validate"] = last | {"skipped": True}
         echo("validate: skipped (shards unchanged since they were last validated)")
     else:
-        with progress_callback("validate", progress, unit="shards") as update:
-            problems = validate_shards(shards_dir, progress=update)
+        problems = validate_shards(shards_dir, progress=progress)
         rep.stages["validate"] = {
             "problems": [str(p) for p in problems],
             "manifest_sha256": manifest_sha,
@@ -186,7 +184,7 @@ def rebuild(
     card = write_card(shards_dir, recipe, extra={"rebuild_report": str(out / REPORT)})
     rep.stages["card"] = {"path": str(card)}
     rep.seconds["card"] = time.perf_counter() - t
-    _write_json(out / REPORT, rep.to_json())
+    write_json(out / REPORT, rep.to_json(), sort_keys=False, default=str)
     return rep
 
 
@@ -197,13 +195,5 @@ def _read_json(p: Path) -> dict | None:
         return None
 
 
-def _write_json(p: Path, obj: Any) -> None:
-    tmp = p.with_name(p.name + ".partial")
-    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n", encoding="utf-8")
-    tmp.replace(p)
-
-
 def _file_sha(p: Path) -> str | None:
-    from kneeprep.files import sha256_file
-
     return sha256_file(p) if p.is_file() else None

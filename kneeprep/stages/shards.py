@@ -12,15 +12,16 @@ from pathlib import Path
 from typing import Any
 
 from kneeprep.errors import InputNotFoundError, ValidationError
-from kneeprep.files import lock, sha256_file, write_json
+from kneeprep.files import sha256_file, write_json
 from kneeprep.formats.annotations import read_annotations
 from kneeprep.formats.quintuples import BENIGN_KINDS, build_quintuples
 from kneeprep.formats.shard_reader import read_manifest
 from kneeprep.formats.shard_schema import REPORT
-from kneeprep.formats.shard_writer import Progress, write_shards
+from kneeprep.formats.shard_writer import write_shards
 from kneeprep.formats.splits import SPLITS
 from kneeprep.formats.store import list_volumes, read_attrs, read_volume
 from kneeprep.privacy import Pseudonymizer
+from kneeprep.stages.harness import Progress, Stage
 
 
 def inputs_hash(
@@ -70,7 +71,10 @@ def build_shards(
     out = Path(out_dir)
     # one writer per shards directory: two runs at once wrote the same .partial files and deleted each
     # other's (a corrupt shard, issue 19); the second now stops before any work
-    with lock(out, what="shards directory"):
+    # the shards stage writes its own report.json (format: docs/SHARDS.md)
+    with Stage(
+        "shards", out, what="shards directory", partials=("*", "*/*"), report_name=None, progress=progress
+    ):
         return _build_shards(store, annotations_dir, out, recipe, pseudo, force, t0, progress)
 
 

@@ -14,7 +14,7 @@ from kneeprep.errors import InputNotFoundError, ValidationError
 from kneeprep.files import sha256_file
 from kneeprep.formats.shard_reader import _binary_values, read_manifest
 from kneeprep.formats.shard_schema import MANIFEST, SCHEMA, SCHEMA_VERSION, decode_image
-from kneeprep.formats.shard_writer import Progress
+from kneeprep.stages.harness import Progress
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ def validate_shards(
     counts; the Arrow schema; rows sorted by volume with the image on each volume's first row in the same
     row group; every volume decodes to its declared shape and dtype (``decode``); every box inside its
     volume and consistent with its list form; each row's split matches its directory; no patient in two splits.
-    ``progress(done, total)`` is called after each shard file.
+    ``progress("validate", done, total, path)`` is called after each shard file.
     """
     d = Path(shards_dir)
     try:
@@ -54,8 +54,8 @@ def validate_shards(
     patients: dict[str, set[str]] = {}
     entries = m.get("shards", [])
     for done, e in enumerate(entries):
-        if progress is not None and done:
-            progress(done, len(entries))
+        if progress and done:
+            progress("validate", done, len(entries), entries[done - 1]["path"])
         rel = e["path"]
         p = d / rel
         if not p.is_file():
@@ -71,8 +71,8 @@ def validate_shards(
             )
             continue  # the content is not what was written: do not trust it further
         problems += _validate_file(p, rel, e, patients, decode)
-    if progress is not None and entries:
-        progress(len(entries), len(entries))
+    if progress and entries:
+        progress("validate", len(entries), len(entries), entries[-1]["path"])
     for patient, splits in sorted(patients.items()):
         if len(splits) > 1:
             problems.append(

@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 
+from kneeprep import __version__
 from kneeprep.errors import StoreError
 from kneeprep.formats.splits import SPLITS, make_volume_id, visit_to_time, write_split_csv
 from kneeprep.geometry import Geometry, lps_to_ras
@@ -376,8 +378,6 @@ def write_mask(labels: np.ndarray, geometry: Geometry, path: Path) -> None:
     reoriented with ``SimpleITK.DICOMOrient(image, "RAS")`` (ITK axis 0 toward Right, 1 toward Anterior, 2
     toward Superior), so its NIfTI affine is close to a positive diagonal; the affine carries the exact
     (oblique) world position. Written to a ``.partial`` name, then renamed."""
-    import SimpleITK as sitk
-
     image = sitk.GetImageFromArray(labels)
     geometry.apply_to_sitk(image)
     image = sitk.DICOMOrient(image, "RAS")
@@ -559,8 +559,6 @@ def write_sample(
         write_split_csv(root / "split_files" / f"{split}_split.csv", split_rows[split])
     _write_json(root / "questions.json", bank)
     _write_text(root / "quintuples.jsonl", "".join(json.dumps(r, sort_keys=False) + "\n" for r in quintuples))
-    from kneeprep import __version__
-
     _write_json(
         root / "truth.json",
         {

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import SimpleITK as sitk
 
 from kneeprep.errors import GeometryError
 from kneeprep.geometry import Geometry
@@ -91,8 +92,6 @@ def resample_onto(array: np.ndarray, geometry: Geometry, target: Geometry, inter
     Points outside the source grid get 0. Integer input comes back in its own dtype (rounded and clipped
     unless ``nearest``); float input as float32.
     """
-    import SimpleITK as sitk
-
     if array.shape != geometry.shape:
         raise GeometryError(f"array shape {array.shape} differs from geometry shape {geometry.shape}")
     integer = np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_
