@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .anatomy import DEFAULT_QUESTION_REGIONS, SAMPLE_LABELS, SAMPLE_REGION_GROUPS
-from .errors import InputNotFoundError, RecipeError
+from .errors import RecipeError
 
 _ORIENT_RE = re.compile(r"^(?=.*[LR])(?=.*[AP])(?=.*[SI])[LRAPSI]{3}$")
 
@@ -205,12 +205,13 @@ def _hash(obj) -> str:
 
 
 def load_recipe(path: str | Path | None) -> Recipe:
-    """Read a recipe file; ``None`` gives the defaults."""
+    """Read a recipe file, or a packaged recipe by name (``"3dreasonknee"``, see :mod:`kneeprep.recipes`);
+    ``None`` gives the defaults."""
     if path is None:
         return Recipe()
-    p = Path(path)
-    if not p.is_file():
-        raise InputNotFoundError(f"{p}: recipe file not found")
+    from .recipes import resolve
+
+    p = resolve(path)
     try:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:

@@ -32,7 +32,7 @@ from kneeprep.store import (
 )
 
 ROOT = Path(__file__).parent.parent
-RECIPE = ROOT / "recipes" / "3dreasonknee.toml"
+RECIPE = ROOT / "kneeprep" / "recipes" / "3dreasonknee.toml"
 
 
 def _invoke(*args):

@@ -38,7 +38,7 @@ from kneeprep.recipe import load_recipe
 from kneeprep.shards import MANIFEST, build_shards, sha256_file, validate_shards
 
 ROOT = Path(__file__).parent.parent
-RECIPE = ROOT / "recipes" / "3dreasonknee.toml"
+RECIPE = ROOT / "kneeprep" / "recipes" / "3dreasonknee.toml"
 PYTHON = sys.executable
 #: every subprocess here ends within this many seconds or the test fails (and the process group is killed).
 DEADLINE = 120

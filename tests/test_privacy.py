@@ -32,7 +32,7 @@ from kneeprep.splits import read_split_csvs
 from kneeprep.synth import PHI_MARKERS
 
 ROOT = Path(__file__).parent.parent
-RECIPE = ROOT / "recipes" / "3dreasonknee.toml"
+RECIPE = ROOT / "kneeprep" / "recipes" / "3dreasonknee.toml"
 KEY_ENV = "KNEEPREP_ID_KEY"
 
 
