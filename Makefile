@@ -36,7 +36,7 @@ venv: $(VENV)/.stamp-test
 demo: $(VENV)/.stamp-base
 	@# the sample is made once (same seed, same bytes); a re-run of `make demo` resumes the rebuild
 	test -f $(DEMO)/sample/truth.json || $(BIN)/kneeprep synth $(DEMO)/sample --patients 3 --size full --seed 0
-	$(BIN)/kneeprep rebuild --recipe recipes/3dreasonknee.toml --raw $(DEMO)/sample/raw \
+	$(BIN)/kneeprep rebuild --recipe 3dreasonknee --raw $(DEMO)/sample/raw \
 	    --annotations $(DEMO)/sample --masks $(DEMO)/sample --out $(DEMO) --workers $(WORKERS)
 	$(BIN)/kneeprep preview $(DEMO)/volumes.zarr --first --region "femur medial central" -o $(DEMO)/preview.png
 	@echo
@@ -44,7 +44,7 @@ demo: $(VENV)/.stamp-base
 	@echo "Report: $(DEMO)/report.json   QA picture: $(DEMO)/preview.png   Dataset card: $(DEMO)/shards/README.md"
 
 shards: $(VENV)/.stamp-base
-	$(BIN)/kneeprep shards $(DEMO)/volumes.zarr $(DEMO)/sample $(DEMO)/shards --recipe recipes/3dreasonknee.toml
+	$(BIN)/kneeprep shards $(DEMO)/volumes.zarr $(DEMO)/sample $(DEMO)/shards --recipe 3dreasonknee
 	$(BIN)/kneeprep validate $(DEMO)/shards
 
 test: $(VENV)/.stamp-test

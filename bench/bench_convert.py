@@ -148,10 +148,10 @@ def run(workdir: Path) -> str:
     trees = {"half": (workdir / "half" / "raw", n_half), "whole": (sample / "raw", n)}
     raw_mb = 2 * 160 * 384 * 384 / 2**20  # uint16 volume
 
-    recipes = {"exact values": ROOT / "recipes" / "3dreasonknee.toml"}
+    recipes = {"exact values": ROOT / "kneeprep" / "recipes" / "3dreasonknee.toml"}
     pct = workdir / "percentile.toml"
     pct.write_text(
-        (ROOT / "recipes" / "3dreasonknee.toml")
+        (ROOT / "kneeprep" / "recipes" / "3dreasonknee.toml")
         .read_text()
         .replace('method = "none"', 'method = "percentile"')
     )

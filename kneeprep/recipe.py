@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from kneeprep.errors import InputNotFoundError, RecipeError
+from kneeprep.errors import RecipeError
 from kneeprep.moaks.anatomy import DEFAULT_QUESTION_REGIONS, SAMPLE_LABELS, SAMPLE_REGION_GROUPS
 
 _ORIENT_RE = re.compile(r"^(?=.*[LR])(?=.*[AP])(?=.*[SI])[LRAPSI]{3}$")
@@ -205,12 +205,13 @@ def _hash(obj) -> str:
 
 
 def load_recipe(path: str | Path | None) -> Recipe:
-    """Read a recipe file; ``None`` gives the defaults."""
+    """Read a recipe file, or a packaged recipe by name (``"3dreasonknee"``, see :mod:`kneeprep.recipes`);
+    ``None`` gives the defaults."""
     if path is None:
         return Recipe()
-    p = Path(path)
-    if not p.is_file():
-        raise InputNotFoundError(f"{p}: recipe file not found")
+    from kneeprep.recipes import resolve
+
+    p = resolve(path)
     try:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:

@@ -29,7 +29,7 @@ from kneeprep.recipe import load_recipe
 from kneeprep.stages.rebuild import rebuild
 
 ROOT = Path(__file__).parent.parent
-RECIPE = ROOT / "recipes" / "3dreasonknee.toml"
+RECIPE = ROOT / "kneeprep" / "recipes" / "3dreasonknee.toml"
 
 #: DICOM defect fixture -> the patient folder it is moved to (its volume id is <pid>_00M_20040909_10693717_1)
 DICOM_DEFECTS = {

@@ -27,7 +27,7 @@ from kneeprep.recipe import load_recipe
 from kneeprep.stages.convert import run_convert
 
 ROOT = Path(__file__).parent.parent
-RECIPE = ROOT / "recipes" / "3dreasonknee.toml"
+RECIPE = ROOT / "kneeprep" / "recipes" / "3dreasonknee.toml"
 DASK = str(Path(sys.executable).parent / "dask")
 DEADLINE = 120
 

@@ -32,7 +32,7 @@ from kneeprep.moaks.severity import Grade, parse_answer, to_published
 from kneeprep.stages.export import MANIFEST, answer_text, run_export, volume_file_name, write_nifti
 
 ROOT = Path(__file__).parent.parent
-RECIPE = ROOT / "recipes" / "3dreasonknee.toml"
+RECIPE = ROOT / "kneeprep" / "recipes" / "3dreasonknee.toml"
 
 
 def _invoke(*args):

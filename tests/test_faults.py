@@ -41,7 +41,7 @@ from kneeprep.stages.shards import build_shards
 from kneeprep.stages.validate import validate_shards
 
 ROOT = Path(__file__).parent.parent
-RECIPE = ROOT / "recipes" / "3dreasonknee.toml"
+RECIPE = ROOT / "kneeprep" / "recipes" / "3dreasonknee.toml"
 PYTHON = sys.executable
 #: every subprocess here ends within this many seconds or the test fails (and the process group is killed).
 DEADLINE = 120

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import re
 import tomllib
 from pathlib import Path
 
@@ -183,7 +184,7 @@ def test_every_command_has_help():
         assert "Usage:" in res.output
 
 
-RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.toml"))
+RECIPES = sorted((Path(__file__).parent.parent / "kneeprep" / "recipes").glob("*.toml"))
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
@@ -213,6 +214,67 @@ def test_recipe_cli_show_and_check(tmp_path):
     res = runner.invoke(cli, ["recipe", "check", str(RECIPES[0]), str(bad)])
     assert res.exit_code == 1
     assert "intensity.method" in res.output and "ok" in res.output
+
+
+def test_packaged_recipes_are_usable_by_name(tmp_path, monkeypatch):
+    """`--recipe 3dreasonknee`, `recipe show NAME`, `recipe list` (issue 22, point 4); a path still works and an
+    existing file wins over a name."""
+    from kneeprep import recipes
+
+    assert recipes.names() == ["3dreasonknee", "m3d-32x256x256"] == [p.stem for p in RECIPES]
+    assert (
+        load_recipe("3dreasonknee") == load_recipe(RECIPES[0])
+        and load_recipe("3dreasonknee").name == "3dreasonknee"
+    )
+    runner = CliRunner()
+    by_name = runner.invoke(cli, ["recipe", "show", "m3d-32x256x256"])
+    assert by_name.exit_code == 0 and "shape = [32, 256, 256]" in by_name.output
+    assert by_name.output == runner.invoke(cli, ["recipe", "show", str(RECIPES[1])]).output
+    listed = runner.invoke(cli, ["recipe", "list"])
+    assert listed.exit_code == 0
+    rows = [line.split("\t") for line in listed.output.splitlines()]
+    assert [r[0] for r in rows] == recipes.names() and all(Path(r[2]).is_file() for r in rows)
+    assert runner.invoke(cli, ["recipe", "check", "3dreasonknee", "m3d-32x256x256"]).exit_code == 0
+    # a file of that name in the working folder is a path, and wins
+    monkeypatch.chdir(tmp_path)
+    Path("3dreasonknee").write_text('[recipe]\nname = "mine"\n')
+    assert load_recipe("3dreasonknee").name == "mine"
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (
+            "nosuch",
+            "unknown recipe 'nosuch': no such file, nor a packaged recipe (known: 3dreasonknee, m3d-32x256x256)",
+        ),
+        (
+            "old/recipes/3dreasonknee.toml",
+            "old/recipes/3dreasonknee.toml: recipe file not found; the packaged one is --recipe 3dreasonknee",
+        ),
+        (
+            "missing.toml",
+            "missing.toml: recipe file not found (packaged recipes: 3dreasonknee, m3d-32x256x256)",
+        ),
+    ],
+)
+def test_an_unknown_recipe_is_a_one_line_usage_error_listing_the_names(value, expected, capsys):
+    from kneeprep.cli import main
+
+    for args in (
+        ["recipe", "show", value],
+        ["rebuild", "--recipe", value, "--raw", ".", "--annotations", ".", "--out", "o"],
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        err = capsys.readouterr().err
+        assert e.value.code == 2, (args, err)
+        label = "'RECIPE'" if args[0] == "recipe" else "'--recipe'"
+        errors = [line for line in err.splitlines() if line.startswith("Error:")]
+        assert errors == [f"Error: Invalid value for {label}: {expected}"], err
+        assert "Traceback" not in err
+    with pytest.raises(FileNotFoundError, match=re.escape(expected)):
+        load_recipe(value)
 
 
 def test_an_output_path_under_a_file_is_one_line_not_a_traceback(tmp_path, capsys):

@@ -34,7 +34,7 @@ from kneeprep.stages.validate import validate_shards
 from kneeprep.synth import PHI_MARKERS
 
 ROOT = Path(__file__).parent.parent
-RECIPE = ROOT / "recipes" / "3dreasonknee.toml"
+RECIPE = ROOT / "kneeprep" / "recipes" / "3dreasonknee.toml"
 KEY_ENV = "KNEEPREP_ID_KEY"
 
 

@@ -15,7 +15,7 @@ from kneeprep.cli import cli
 from kneeprep.recipe import load_recipe
 
 ROOT = Path(__file__).parent.parent
-RECIPE = ROOT / "recipes" / "3dreasonknee.toml"
+RECIPE = ROOT / "kneeprep" / "recipes" / "3dreasonknee.toml"
 
 
 def _rebuild(sample: Path, out: Path, recipe: Path = RECIPE):

@@ -251,6 +251,57 @@ def test_read_predictions_jsonl_reports_bad_lines(tmp_path):
     ]
 
 
+def _zero_shot(model: str, question: str, result) -> dict:
+    """One record as the published zero-shot scripts (3DReasonKnee code/zero_shot/*.py) write it."""
+    return {
+        "question": question,
+        f"{model}_result": result,
+        f"{model}_total_tokens": 5000,
+        f"{model}_completion_tokens": 900,
+        f"{model}_prompt_tokens": 4100,
+        f"{model}_reasoning_tokens": 0,
+    }
+
+
+def test_zero_shot_result_records_are_read_as_they_are(tmp_path):
+    """Issue 22, point 5: the answer under `<model>_result` -- an object (o1, JSON mode), the scripts'
+    `{"response": text}` when the text did not decode, `{"error": ...}` when the call failed."""
+    ost = 'I see a large spur. ```json\n{"MOAKS_scores": {"tibia lateral osteophyte": {"grade": 3}}}\n```'
+    f = tmp_path / "results_qwen25vl_zeroshot.json"
+    f.write_text(
+        json.dumps(
+            {
+                f"A_{Q_OST.id}": _zero_shot("qwen25vl", "In this DESS MRI ...", {"response": ost}),
+                f"B_{Q_OST.id}": _zero_shot(
+                    "qwen25vl", "...", {"MOAKS_scores": {"tibia lateral osteophyte": 0}}
+                ),
+                f"A_{Q_EFF.id}": _zero_shot("qwen25vl", "...", {"error": "CUDA out of memory"}),
+                f"A_{Q_BML.id}": _zero_shot(
+                    "O1", "...", {"femur medial central BML": {}, "bbox": [0, 9, 0, 9, 0, 9]}
+                )
+                | {"qwen25vl_result": {}},
+            },
+            indent=2,
+        )
+    )
+    preds, errors = read_predictions(f)
+    assert errors == [] and len(preds) == 4
+    assert preds[f"A_{Q_OST.id}"].answer == ost and preds[f"A_{Q_OST.id}"].answer_error is None
+    assert preds[f"B_{Q_OST.id}"].answer == {"MOAKS_scores": {"tibia lateral osteophyte": 0}}
+    assert "CUDA out of memory" in preds[f"A_{Q_EFF.id}"].answer_error
+    assert "several result keys" in preds[f"A_{Q_BML.id}"].answer_error
+    r = score(preds, _truth())
+    # OST A (3) and B (0) right from the unwrapped results; EFF: the call failed; BML A: two models; BML B: missing
+    assert r.by_family["osteophyte"].correct_answers == 2 and r.by_family["osteophyte"].unparseable == 0
+    assert (r.overall.unparseable, r.overall.missing, r.overall.correct_components) == (2, 1, 2)
+    reasons = {e["sample_id"]: e["reason"] for e in r.unparseable_examples}
+    assert "CUDA out of memory" in reasons[f"A_{Q_EFF.id}"] and "qwen25vl_result" in reasons[f"A_{Q_BML.id}"]
+    # a box inside the result is found, as anywhere else
+    assert parse_prediction(_zero_shot("o1", "?", {"tibia lateral osteophyte": 1, "bbox": [1, 2, 3, 4, 5, 6]})).box == (
+        1, 5, 3, 3, 7, 5,
+    )  # fmt: skip
+
+
 # -- the CLI, end to end on real shards ----------------------------------------------------------------------
 
 
@@ -336,6 +387,35 @@ def test_cli_scores_shards_end_to_end(tmp_path):
     )
     assert rep["localization"]["overall"]["mean_iou"] == pytest.approx(0.5)
     assert "family bml" in res.output and rep["split"] == "test"
+    # the same answers as the published zero-shot scripts write them: read as they are, 4/4 right
+    zero_shot = tmp_path / "results_o1_zeroshot.json"
+    bml = {"Size of BML (including cyst)": 1, "Number of BML within subregion": 1}
+    zero_shot.write_text(
+        json.dumps(
+            {
+                f"{VID}_{Q_BML.id}": _zero_shot(
+                    "o1",
+                    "In this DESS MRI ...",
+                    {
+                        "MOAKS_scores": {
+                            "femur medial central BML": bml | {"% of lesion that is BML (excluding cyst)": 1}
+                        }
+                    },
+                ),
+                f"{VID}_{Q_OST.id}": _zero_shot(
+                    "o1",
+                    "...",
+                    {"response": 'Grade 2. {"MOAKS_scores": {"tibia lateral osteophyte": {"grade": 2}}}'},
+                ),
+            },
+            indent=2,
+        )
+    )
+    res = CliRunner().invoke(cli, ["score", str(zero_shot), str(shards), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    overall = json.loads(out.read_text())["accuracy"]["overall"]
+    assert (overall["components"], overall["correct_components"], overall["unparseable"]) == (4, 4, 0)
+    assert overall["answers"] == overall["correct_answers"] == 2
     # the train split has no quintuples: a usage error
     res = CliRunner().invoke(cli, ["score", str(preds), str(shards), "--split", "train"])
     assert res.exit_code == 2 and "no quintuples" in res.output

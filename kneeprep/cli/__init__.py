@@ -37,7 +37,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "Check shards against their manifest: schema, checksums, boxes, volumes.",
     ),
     "rebuild": ("rebuild", "rebuild", "Run the whole recipe: scan, convert, boxes, shards, validate."),
-    "recipe": ("recipe", "recipe", "Show or check a recipe file."),
+    "recipe": ("recipe", "recipe", "List the packaged recipes; show or check a recipe (file or name)."),
     "preview": ("preview", "preview", "Draw mid-planes of a volume with its mask outline and box (PNG)."),
     "export": ("export", "export", "Export volumes and annotations to the published 3DReasonKnee layout."),
     "score": ("score", "score", "Score model predictions the ReasonKnee-Bench way (grades and 3D IoU)."),
@@ -59,6 +59,27 @@ def dask_options(f):
         default=None,
         help="Local Dask worker processes (default: one per core); 0 runs in this process without Dask.",
     )(f)
+
+
+class RecipeType(click.ParamType):
+    """A recipe option or argument: a TOML file's path, or a packaged recipe's name (``3dreasonknee``).
+
+    Converts to the file's path; an unknown name or a missing file is a usage error (exit 2), one line
+    naming the value and the packaged names."""
+
+    name = "recipe"
+
+    def convert(self, value, param, ctx):
+        from kneeprep.errors import InputNotFoundError
+        from kneeprep.recipes import resolve
+
+        try:
+            return resolve(value)
+        except InputNotFoundError as e:
+            self.fail(str(e), param, ctx)
+
+
+RECIPE = RecipeType()
 
 
 class LazyGroup(click.Group):
@@ -89,7 +110,7 @@ def cli():
     Typical flow (or all of it at once with `kneeprep rebuild`):
       kneeprep synth sample/                       # an OAI-like sample, if you have no OAI data
       kneeprep scan sample/raw                     # what series are there, and are they sound?
-      kneeprep convert sample/raw out/volumes.zarr --recipe recipes/3dreasonknee.toml
+      kneeprep convert sample/raw out/volumes.zarr --recipe 3dreasonknee
       kneeprep shards out/volumes.zarr sample out/shards
       kneeprep validate out/shards
 

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import click
 
+from kneeprep.cli import RECIPE
+
 
 @click.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.option(
     "--recipe",
     "recipe_file",
-    type=click.Path(exists=True, dir_okay=False),
+    type=RECIPE,
     default=None,
-    help="Recipe TOML whose [labels] regions and [boxes] margin to use (default: the built-in defaults).",
+    help="Recipe (TOML file or packaged name) whose [labels] regions and [boxes] margin to use "
+    "(default: the built-in defaults).",
 )
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar (volumes) on stderr.")
 def boxes(store, recipe_file, progress):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from kneeprep.cli import dask_options
+from kneeprep.cli import RECIPE, dask_options
 
 
 @click.command()
@@ -13,9 +13,10 @@ from kneeprep.cli import dask_options
 @click.option(
     "--recipe",
     "recipe_file",
-    type=click.Path(exists=True, dir_okay=False),
+    type=RECIPE,
     default=None,
-    help="Recipe TOML ([select], [geometry], [intensity], [masks], [labels] ...); default: built-in defaults.",
+    help="Recipe: a TOML file or a packaged name, e.g. 3dreasonknee ([select], [geometry], [intensity], "
+    "[masks], [labels] ...); default: built-in defaults.",
 )
 @click.option(
     "--annotations",

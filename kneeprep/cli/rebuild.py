@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from kneeprep.cli import dask_options
+from kneeprep.cli import RECIPE, dask_options
 
 _DIR = click.Path(exists=True, file_okay=False)
 
@@ -13,9 +13,9 @@ _DIR = click.Path(exists=True, file_okay=False)
 @click.option(
     "--recipe",
     "recipe_file",
-    type=click.Path(exists=True, dir_okay=False),
+    type=RECIPE,
     required=True,
-    help="Recipe TOML, e.g. recipes/3dreasonknee.toml.",
+    help="Recipe: a packaged name (3dreasonknee, m3d-32x256x256; `kneeprep recipe list`) or a TOML file.",
 )
 @click.option(
     "--raw", type=_DIR, required=True, help="Raw DICOM tree (OAI layout or any folder of DICOM files)."

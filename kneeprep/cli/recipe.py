@@ -1,28 +1,40 @@
-"""``kneeprep recipe show|check``: look at and validate recipe files."""
+"""``kneeprep recipe list|show|check``: the packaged recipes; look at and validate recipes."""
 
 from __future__ import annotations
 
 import click
 
-_FILE = click.Path(exists=True, dir_okay=False)
+from kneeprep.cli import RECIPE
 
 
 @click.group()
 def recipe():
-    """Show or check a recipe (TOML: every choice a build makes).
+    """List the packaged recipes; show or check a recipe (TOML: every choice a build makes).
 
-    A recipe has the sections [recipe], [select], [qc], [geometry], [intensity], [masks], [labels],
-    [boxes], [questions], [shards], [splits], [privacy]; every key is optional. See recipes/*.toml for
+    A recipe is a TOML file's path or a packaged recipe's name (`kneeprep recipe list`), wherever a command
+    takes one. It has the sections [recipe], [select], [qc], [geometry], [intensity], [masks], [labels],
+    [boxes], [questions], [shards], [splits], [privacy]; every key is optional. The packaged files are
     commented examples.
     """
 
 
-@recipe.command()
-@click.argument("file", type=_FILE, required=False)
-def show(file):
-    """Print the resolved recipe FILE (all defaults filled in) as TOML, with its hashes.
+@recipe.command("list")
+def list_():
+    """List the packaged recipes: name, description and file (copy the file to make your own)."""
+    from kneeprep.recipe import load_recipe
+    from kneeprep.recipes import names, packaged
 
-    Without FILE, print the defaults.
+    for name in names():
+        r = load_recipe(packaged(name))
+        click.echo(f"{name}\t{r.description}\t{packaged(name)}")
+
+
+@recipe.command()
+@click.argument("file", metavar="RECIPE", type=RECIPE, required=False)
+def show(file):
+    """Print RECIPE (a file or a packaged name) resolved, all defaults filled in, as TOML, with its hashes.
+
+    Without RECIPE, print the defaults.
     """
     from kneeprep.recipe import load_recipe
 
@@ -34,9 +46,10 @@ def show(file):
 
 
 @recipe.command()
-@click.argument("files", type=_FILE, nargs=-1, required=True)
+@click.argument("files", metavar="RECIPE...", type=RECIPE, nargs=-1, required=True)
 def check(files):
-    """Validate recipe FILES: unknown keys and bad values are reported with the key and the reason.
+    """Validate recipes (files or packaged names): unknown keys and bad values are reported with the key
+    and the reason.
 
     Exit code 0 when every file is valid, 1 otherwise.
     """

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from kneeprep.cli import RECIPE
+
 #: Columns of the table file (one row per series); list values are joined with " | ".
 SCAN_COLUMNS = (
     "volume_id", "patient_id", "time", "study_folder", "series_folder", "knee_side", "description",
@@ -96,8 +98,8 @@ def _out_path(ctx, param, value):
     metavar="FILE.parquet|FILE.csv",
     help="Also write one row per series here.",
 )
-@click.option("--recipe", "recipe_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Recipe whose [qc] tolerances to use (default: built-in defaults).")  # fmt: skip
+@click.option("--recipe", "recipe_path", type=RECIPE,
+              help="Recipe (file or packaged name) whose [qc] tolerances to use (default: built-in defaults).")  # fmt: skip
 @click.option("--quiet", "-q", is_flag=True, help="Print only the summary, not the per-series table.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar (files read) on stderr.")
 def scan(raw: Path, out: Path | None, recipe_path: Path | None, quiet: bool, progress: bool) -> None:

@@ -52,7 +52,9 @@ def score(predictions: str, shards: str, split: str, out: str | None) -> None:
     Sample id: <patient_id>_<time>_<study_folder>_<series_folder>_<knee_side>_<question_id>.
     A prediction is the model's answer (text with JSON, possibly fenced or after "Final diagnosis:", or an
     object), optionally with a box under "box"/"bbox": [start_slice, end_slice, x_min, x_max, y_min, y_max]
-    (inclusive) or {"voxels": [z0, y0, x0, z1, y1, x1]} (half-open). docs/FORMATS.md has the details.
+    (inclusive) or {"voxels": [z0, y0, x0, z1, y1, x1]} (half-open). The published zero-shot scripts'
+    result files are read as they are: {sample_id: {"question": ..., "<model>_result": answer, ...}}.
+    docs/FORMATS.md has the details.
 
     Prints accuracy per finding family and region, and 3D IoU per region. Exit code 1 when lines of the
     predictions file could not be read (they are listed in the report); wrong or unparseable answers are

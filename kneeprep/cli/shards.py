@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from kneeprep.cli import RECIPE
+
 
 @click.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
@@ -12,9 +14,10 @@ import click
 @click.option(
     "--recipe",
     "recipe_file",
-    type=click.Path(exists=True, dir_okay=False),
+    type=RECIPE,
     default=None,
-    help="Recipe TOML ([questions], [shards], [splits], [privacy] are used; default: built-in defaults).",
+    help="Recipe, a TOML file or a packaged name ([questions], [shards], [splits], [privacy] are used; "
+    "default: built-in defaults).",
 )
 @click.option("--force", is_flag=True, help="Rewrite the shards even when inputs and recipe are unchanged.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar (volumes) on stderr.")

@@ -37,6 +37,9 @@ from kneeprep.moaks.severity import Severity, find_answer_json, parse_answer
 BOX_KEYS = ("box", "bbox", "bounding_box", "box_voxels")
 #: how many unparseable answers are listed (with their reason) in the report; all are counted.
 MAX_LISTED = 100
+#: the published zero-shot scripts (3DReasonKnee ``code/zero_shot/*.py``) store each answer as
+#: ``{"question": ..., "<model>_result": <answer>, "<model>_total_tokens": ..., ...}``; the suffix, any case.
+RESULT_SUFFIX = "_result"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -66,11 +69,13 @@ def parse_box(value: Any) -> Voxels:
 class Prediction:
     """A model's output for one sample: the answer (text or object, as given) and its box, if any.
 
-    ``box_error`` says why a box that was given could not be read (the box then counts as missing)."""
+    ``box_error`` says why a box that was given could not be read (the box then counts as missing);
+    ``answer_error``, when set, why there is no answer to parse (the answer then counts as unparseable)."""
 
     answer: Any
     box: Voxels | None = None
     box_error: str | None = None
+    answer_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -94,9 +99,31 @@ def _find_box(obj: Mapping) -> tuple[Voxels | None, str | None]:
     return None, None
 
 
+def _zero_shot_result(value: Mapping) -> Prediction | None:
+    """A record of the published zero-shot scripts, ``{"question", "<model>_result", ...}``: the prediction is
+    the ``*_result`` value. The scripts' own fallbacks are understood: ``{"response": text}`` (the model's
+    text did not decode as JSON) is the text, ``{"error": message}`` (the model call failed) no answer."""
+    keys = [k for k in value if isinstance(k, str) and k.lower().endswith(RESULT_SUFFIX)]
+    if not keys:
+        return None
+    if len(keys) > 1:
+        return Prediction(None, answer_error=f"several result keys {keys}: cannot tell which model's answer")
+    result = value[keys[0]]
+    if isinstance(result, Mapping) and set(result) == {"response"} and isinstance(result["response"], str):
+        result = result["response"]
+    elif isinstance(result, Mapping) and set(result) == {"error"}:
+        return Prediction(None, answer_error=f"{keys[0]} is an error, not an answer: {result['error']}"[:300])
+    elif isinstance(result, Mapping) and not result:
+        return Prediction(None, answer_error=f"{keys[0]} is empty")
+    return parse_prediction(result)
+
+
 def parse_prediction(value: Any) -> Prediction:
     """One prediction value: answer text (the box, if any, is looked for in its JSON), an answer object with
-    a box key beside the grades, or ``{"answer": ..., "box": ...}``."""
+    a box key beside the grades, ``{"answer": ..., "box": ...}``, or a published zero-shot record
+    ``{"question": ..., "<model>_result": <answer text or object>, ...}``."""
+    if isinstance(value, Mapping) and "answer" not in value and (zs := _zero_shot_result(value)) is not None:
+        return zs
     if isinstance(value, Mapping) and "answer" in value:
         box, err = _find_box(value)
         if box is None and err is None and isinstance(value["answer"], Mapping):
@@ -114,7 +141,8 @@ def parse_prediction(value: Any) -> Prediction:
 
 
 def read_predictions(path: str | Path) -> tuple[dict[str, Prediction], list[tuple[str, str, str]]]:
-    """Read predictions: a JSON object ``{sample_id: value}`` or JSONL lines ``{"sample_id", "answer",
+    """Read predictions: a JSON object ``{sample_id: value}`` (the published zero-shot scripts' result files
+    as they are, among others: see :func:`parse_prediction`) or JSONL lines ``{"sample_id", "answer",
     "box"?}``. Returns predictions and ``(source "file:line", kind, message)`` for lines that could not be
     read; a sample id given twice keeps the first."""
     p = Path(path)
@@ -320,6 +348,8 @@ def score(predictions: Mapping[str, Prediction], truth: Iterable[TruthRecord]) -
                 g.missing += 1
         else:
             try:
+                if pred.answer_error is not None:
+                    raise AnnotationError(pred.answer_error)
                 got = {gr.component: gr.grade for gr in parse_answer(pred.answer, t.question_id)}
             except AnnotationError as e:
                 for g in groups:
