@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kneeprep.files import write_bytes
 from kneeprep.geometry import Geometry
 
 # 5x7 bitmap font: 7 rows of 5 bits per glyph. Lower case is drawn as upper case.
@@ -113,12 +114,7 @@ def write_png(path: str | Path, rgb: np.ndarray) -> Path:
         + chunk(b"IDAT", zlib.compress(raw, 6))
         + chunk(b"IEND", b"")
     )
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".partial")
-    tmp.write_bytes(png)
-    tmp.replace(p)
-    return p
+    return write_bytes(path, png)
 
 
 def _outline(mask2d: np.ndarray) -> np.ndarray:

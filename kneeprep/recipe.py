@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from kneeprep.dicom.qc import QC  # the series checklist's tolerances belong to the reader
 from kneeprep.errors import RecipeError
 from kneeprep.moaks.anatomy import DEFAULT_QUESTION_REGIONS, SAMPLE_LABELS, SAMPLE_REGION_GROUPS
 
@@ -32,20 +33,6 @@ class Select:
     series_description: str = r"^SAG_3D_DESS_(RIGHT|LEFT)$"
     #: "ok": only series whose QC verdict is ok; "warn": also those with warnings. Failed never convert.
     min_qc: str = "warn"
-
-
-@dataclass(frozen=True)
-class QC:
-    """Tolerances of the series checklist (scan)."""
-
-    #: max |slice gap - median gap| / median gap before a series counts as irregular.
-    slice_spacing_rtol: float = 0.01
-    #: max deviation (dot-product units) between slices' orientation vectors.
-    orientation_atol: float = 1e-4
-    #: max relative difference between slices' PixelSpacing.
-    pixel_spacing_rtol: float = 1e-4
-    #: fewest slices a series needs to be a volume.
-    min_slices: int = 8
 
 
 @dataclass(frozen=True)

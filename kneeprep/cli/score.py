@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from kneeprep.files import write_text
+
 TRUTH_COLUMNS = (
     "sample_id",
     "question_id",
@@ -61,7 +63,6 @@ def score(predictions: str, shards: str, split: str, out: str | None) -> None:
     scores, not failures.
     """
     import json
-    from pathlib import Path
 
     from kneeprep.formats.shard_reader import iter_quintuples
     from kneeprep.stages.score import read_predictions
@@ -78,11 +79,7 @@ def score(predictions: str, shards: str, split: str, out: str | None) -> None:
     for s, k, m in errors[:20]:
         click.echo(f"{s}: {k}: {m}", err=True)
     if out:
-        p = Path(out)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".partial")
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(p)
+        p = write_text(out, json.dumps(data, indent=2) + "\n")
         click.echo(f"report: {p}")
     if errors:
         raise click.exceptions.Exit(1)

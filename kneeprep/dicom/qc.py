@@ -1,6 +1,6 @@
 """The series checklist: from the headers of one series to slices in position order and a QC verdict.
 
-Pure functions of :class:`~kneeprep.dicom.headers.SliceHeader` lists and a :class:`kneeprep.recipe.QC`
+Pure functions of :class:`~kneeprep.dicom.headers.SliceHeader` lists and a :class:`QC`
 (the tolerances); nothing here touches files. The checklist follows highdicom's: one series UID, one frame
 of reference, consistent orientation, identical pixel spacing, regular slice spacing -- each failure
 names the offending values and the tolerance.
@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 
 from kneeprep.dicom.headers import SliceHeader
-from kneeprep.recipe import QC
 
 STATUSES = ("ok", "warn", "fail", "unsupported")
 
@@ -38,6 +37,20 @@ ENHANCED_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image Storage",
     "1.2.840.10008.5.1.4.1.1.130": "Enhanced PET Image Storage",
 }
+
+
+@dataclass(frozen=True)
+class QC:
+    """Tolerances of the series checklist (scan)."""
+
+    #: max |slice gap - median gap| / median gap before a series counts as irregular.
+    slice_spacing_rtol: float = 0.01
+    #: max deviation (dot-product units) between slices' orientation vectors.
+    orientation_atol: float = 1e-4
+    #: max relative difference between slices' PixelSpacing.
+    pixel_spacing_rtol: float = 1e-4
+    #: fewest slices a series needs to be a volume.
+    min_slices: int = 8
 
 
 @dataclass(frozen=True)

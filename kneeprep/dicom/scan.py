@@ -28,11 +28,10 @@ import numpy as np
 
 from kneeprep.dicom.fields import knee_side, technical_fields, visit_from_text
 from kneeprep.dicom.headers import DicomError, NotDicomError, SliceHeader, read_header
-from kneeprep.dicom.qc import Finding, QCVerdict, check_series
+from kneeprep.dicom.qc import QC, Finding, QCVerdict, check_series
 from kneeprep.errors import InputNotFoundError
 from kneeprep.formats.splits import make_volume_id, visit_to_time
 from kneeprep.geometry import Geometry, orientation_code
-from kneeprep.recipe import QC
 
 _VISIT_DIR = re.compile(r"^\d{1,3}m$", re.IGNORECASE)
 _RELEASE_DIR = re.compile(r"^\d+\.[A-Z]\.\d+$", re.IGNORECASE)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from kneeprep.errors import AnnotationError, InputNotFoundError
+from kneeprep.files import atomic_path
 from kneeprep.formats.splits import SplitRow, parse_volume_id, read_split_csvs
 from kneeprep.moaks.anatomy import QUESTIONS
 from kneeprep.moaks.severity import Severity, find_answer_json, parse_answer
@@ -407,14 +408,10 @@ def _jsonl_record(line: str, where: str) -> AnnotationRecord:
 
 
 def write_quintuples_jsonl(path: str | Path, records: Iterable[AnnotationRecord]) -> None:
-    """Write records as kneeprep JSONL, atomically (``.partial`` then rename)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".partial")
-    with tmp.open("w", encoding="utf-8") as fh:
+    """Write records as kneeprep JSONL, atomically (:func:`kneeprep.files.atomic_path`)."""
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
         for r in records:
             fh.write(compact_json(r.to_json()) + "\n")
-    tmp.replace(p)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from kneeprep import __version__
-from kneeprep.files import sha256_file
+from kneeprep.files import sha256_file, write_text
 from kneeprep.formats.shard_reader import read_manifest
 from kneeprep.formats.shard_schema import SCHEMA
 from kneeprep.moaks.anatomy import FINDINGS
@@ -115,7 +115,7 @@ def write_card(shards_dir: str | os.PathLike, recipe, *, extra: dict | None = No
         "convert_stage_hash": recipe.stage_hash("convert"),
         "boxes_stage_hash": recipe.stage_hash("boxes"),
         "inputs_hash": manifest.get("inputs_hash"),
-        "manifest_sha256": _sha256(d / "manifest.json"),
+        "manifest_sha256": sha256_file(d / "manifest.json"),
         **(extra or {}),
     }
     pseudo = (
@@ -142,12 +142,4 @@ def write_card(shards_dir: str | os.PathLike, recipe, *, extra: dict | None = No
         "```",
         "",
     ]
-    out = d / CARD
-    tmp = out.with_name(out.name + ".partial")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    tmp.replace(out)
-    return out
-
-
-def _sha256(path: Path) -> str:
-    return sha256_file(path)
+    return write_text(d / CARD, "\n".join(lines))

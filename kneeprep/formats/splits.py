@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kneeprep.errors import AnnotationError, InputNotFoundError
+from kneeprep.files import atomic_path
 
 SPLITS = ("train", "val", "test")
 SPLIT_COLUMNS = (
@@ -118,12 +119,8 @@ def read_split_csvs(directory: str | Path) -> list[SplitRow]:
 
 def write_split_csv(path: str | Path, rows: list[dict]) -> None:
     """Write rows (dicts with the published columns) as a split CSV, atomically."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".partial")
-    with tmp.open("w", newline="", encoding="utf-8") as fh:
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=SPLIT_COLUMNS, lineterminator="\n")
         w.writeheader()
         for r in rows:
             w.writerow({c: r[c] for c in SPLIT_COLUMNS})
-    tmp.replace(p)

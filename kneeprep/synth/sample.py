@@ -30,6 +30,7 @@ import SimpleITK as sitk
 
 from kneeprep import __version__
 from kneeprep.errors import StoreError
+from kneeprep.files import atomic_path, write_text
 from kneeprep.formats.splits import SPLITS, make_volume_id, visit_to_time, write_split_csv
 from kneeprep.geometry import Geometry, lps_to_ras
 from kneeprep.moaks.anatomy import SAMPLE_LABELS
@@ -381,10 +382,8 @@ def write_mask(labels: np.ndarray, geometry: Geometry, path: Path) -> None:
     image = sitk.GetImageFromArray(labels)
     geometry.apply_to_sitk(image)
     image = sitk.DICOMOrient(image, "RAS")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name.replace(".nii.gz", ".partial.nii.gz"))
-    sitk.WriteImage(image, str(tmp), useCompression=True)
-    tmp.replace(path)
+    with atomic_path(path, fsync=False) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=True)
 
 
 def write_sample(
@@ -598,10 +597,7 @@ def _contents_row(patient: PatientPlan, knee: KneePlan, kind: str, description: 
 
 
 def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, text, fsync=False)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -609,10 +605,7 @@ def _write_json(path: Path, obj) -> None:
 
 
 def _write_csv(path: Path, columns, rows) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    with tmp.open("w", newline="", encoding="utf-8") as fh:
+    with atomic_path(path, fsync=False) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=columns, lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
-    tmp.replace(path)
