@@ -211,7 +211,12 @@ def _assert_same_world_values(nifti: Path, array: np.ndarray, affine_lps: np.nda
 
 def test_exported_images_and_masks_match_the_store_in_world_space(built):
     store, _, out, _ = built
-    for vid in list_volumes(store):
+    vids = list_volumes(store)
+    assert len(vids) >= 2  # an empty store would pass the loop below without checking anything
+    assert sorted(p.name for p in (out / "images").rglob("*.nii.gz")) == sorted(
+        volume_file_name(v).split("/")[-1] for v in vids
+    )
+    for vid in vids:
         image, geom = read_volume(store, vid)
         img = _assert_same_world_values(out / "images" / volume_file_name(vid), image, geom.affine_lps)
         assert np.allclose(img.affine, np.diag([-1.0, -1.0, 1.0, 1.0]) @ geom.affine_lps, atol=1e-3)
