@@ -50,7 +50,7 @@ import numpy as np
 from . import __version__
 from .errors import GeometryError, InputNotFoundError, KneeprepError, StoreError, ValidationError
 from .report import ItemResult, RunReport
-from .splits import SPLITS, parse_volume_id
+from .splits import SPLITS, image_set_suffix, parse_volume_id
 
 #: Version of what export writes; part of every source key, so a change of it rewrites every volume.
 EXPORT_VERSION = 1
@@ -77,7 +77,10 @@ def volume_file_name(volume_id: str) -> str:
     '9027422/00M/20041222_10312706_2.nii.gz'
     """
     p = parse_volume_id(volume_id)
-    return f"{p['patient_id']}/{p['time']}/{p['study_folder']}_{p['series_folder']}_{p['knee_side']}.nii.gz"
+    s = f"_{image_set_suffix(volume_id)}" if image_set_suffix(volume_id) else ""  # one echo, time point ...
+    return (
+        f"{p['patient_id']}/{p['time']}/{p['study_folder']}_{p['series_folder']}_{p['knee_side']}{s}.nii.gz"
+    )
 
 
 def image_relpath(volume_id: str) -> str:

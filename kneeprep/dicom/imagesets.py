@@ -19,6 +19,7 @@ a series no key partitions cleanly is refused whole with the reason: never a mix
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -68,6 +69,21 @@ class ImageSet:
         values = [list(v) if isinstance(v, tuple) else v for v in self.values]
         return {"attributes": list(self.attributes), "values": values, "suffix": self.suffix,
                 "index": self.index, "count": self.count}  # fmt: skip
+
+
+def image_set_selected(image_set: dict | None, rule: str) -> bool:
+    """Whether recipe ``select.image_sets`` (``rule``) keeps this image set (``SeriesInfo.image_set``):
+    "all", "first" (index 1), or a regex matched in full against the suffix. A whole series always is.
+
+    >>> s = {"suffix": "e2", "index": 2}
+    >>> image_set_selected(s, "all"), image_set_selected(s, "first"), image_set_selected(s, "e1|e2")
+    (True, False, True)
+    """
+    if image_set is None or rule == "all":
+        return True
+    if rule == "first":
+        return image_set["index"] == 1
+    return re.fullmatch(rule, image_set["suffix"]) is not None
 
 
 def _identity(h: SliceHeader) -> tuple:
@@ -166,7 +182,7 @@ def split_image_sets(headers: Sequence[SliceHeader], qc: QC) -> tuple[list[Image
         f"{a[1] if enhanced else a[0]} {len({a[2](h) for h in headers})} values" for a in varying
     )
     return whole, Finding(
-        "fail",
+        "unsupported",
         f"image sets do not partition: slice positions hold up to {k} distinct images and no attribute "
         f"(echo, temporal position, diffusion b-value/direction, complex component, image type, or a pair of "
         f"them) splits them into {k} sets of one image per position (varying: {seen}); refused, not mixed",
