@@ -26,6 +26,8 @@ $(VENV)/.stamp-base: pyproject.toml | $(BIN)/python
 	@touch $@
 $(VENV)/.stamp-test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@# test data only: heudiconv's tests/data holds a Siemens XA30 enhanced MR (its dependencies are not needed)
+	$(BIN)/python -m pip install --quiet --no-deps heudiconv
 	@touch $@ $(VENV)/.stamp-base
 $(VENV)/.stamp-bench: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test,bench,torch]'

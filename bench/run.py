@@ -5,7 +5,7 @@ under ``workdir``, runs kneeprep and the competitor side by side in the same pro
 goes, and returns a Markdown section (a table with the measured numbers and ratios, plus a few lines on what was
 measured). Benchmarks are never tests: no goal here fails a build; the ratios are recorded for people to read.
 
-    python -m bench.run [--only convert,boxes] [--out bench/RESULTS.md]
+    python -m bench.run [--only convert,enhanced,boxes] [--out bench/RESULTS.md]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCHES = ("convert", "boxes", "loader")
+BENCHES = ("convert", "enhanced", "boxes", "loader")
 
 
 def machine() -> str:

@@ -33,6 +33,10 @@ class Select:
     series_description: str = r"^SAG_3D_DESS_(RIGHT|LEFT)$"
     #: "ok": only series whose QC verdict is ok; "warn": also those with warnings. Failed never convert.
     min_qc: str = "warn"
+    #: a series split into image sets (echoes, time points, b-values, magnitude/phase; volume id suffix
+    #: ``_e2`` ...): "all" converts every set, "first" only the first (lowest echo, time, b-value), anything
+    #: else is a regex matched in full against the suffix (``"e1|e2"``, ``"b0|b1000-d.*"``).
+    image_sets: str = "all"
 
 
 @dataclass(frozen=True)
@@ -166,13 +170,19 @@ class Recipe:
         d["labels"]["regions"] = {k: list(v) for k, v in sorted(self.labels.regions.items())}
         return json.loads(json.dumps(d))  # tuples -> lists
 
+    def _hashed(self) -> dict[str, Any]:
+        d = self.to_json()
+        if d["select"]["image_sets"] == "all":  # the default: recipes written before it keep their hashes
+            del d["select"]["image_sets"]
+        return d
+
     @property
     def hash(self) -> str:
-        return _hash(self.to_json())
+        return _hash(self._hashed())
 
     def stage_hash(self, stage: str) -> str:
         """Hash of the sections ``stage`` ("convert", "boxes", "shards") depends on."""
-        d = self.to_json()
+        d = self._hashed()
         parts = {k: d[k] for k in self.STAGES[stage]}
         if stage == "convert" and self.privacy.keep_free_text:  # the one privacy setting the store depends on
             parts["privacy.keep_free_text"] = True
@@ -352,10 +362,14 @@ def _validate(r: Recipe) -> list[str]:
         section, name = key.split(".")
         if d[section][name] not in choices:
             errs.append(f"{key}: expected one of {', '.join(map(repr, choices))}, got {d[section][name]!r}")
-    try:
-        re.compile(r.select.series_description)
-    except re.error as e:
-        errs.append(f"select.series_description: not a valid regex: {e}")
+    for key, value in (
+        ("series_description", r.select.series_description),
+        ("image_sets", r.select.image_sets),
+    ):
+        try:
+            re.compile(value)
+        except re.error as e:
+            errs.append(f"select.{key}: not a valid regex (nor 'all' / 'first'): {e}")
     g = r.geometry
     if g.orientation != "native" and not _ORIENT_RE.match(g.orientation):
         errs.append(

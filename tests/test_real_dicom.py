@@ -143,8 +143,9 @@ def test_truncated_real_file_detected_from_header(tmp_path):
     "source, reason",
     [
         (
-            "emri_small.dcm",
-            "enhanced multi-frame object (Enhanced MR Image Storage, 10 frames in emri_small.dcm)",
+            "emri_small.dcm",  # enhanced MR whose functional groups were stripped (anonymized): no geometry
+            "no patient geometry: ImagePositionPatient (0020,0032), ImageOrientationPatient (0020,0037), "
+            "PixelSpacing (0028,0030) absent (enhanced multi-frame object, Enhanced MR Image Storage, 10 frames",
         ),
         ("liver_1frame.dcm", "not a cross-sectional image: SOP class Segmentation Storage"),
         ("test-SR.dcm", "not a cross-sectional image: SOP class Comprehensive SR Storage"),

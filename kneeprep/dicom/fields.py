@@ -150,3 +150,29 @@ def visit_from_text(text: str) -> str:
         if m:
             return f"{int(m.group(1)):02d}M"
     return ""
+
+
+#: ImageType (0008,0008) values (from the third on) that name the complex component of the image
+_COMPONENTS = {
+    "M": "MAGNITUDE", "MAGNITUDE": "MAGNITUDE", "M_FFE": "MAGNITUDE", "M_SE": "MAGNITUDE", "M_IR": "MAGNITUDE",
+    "P": "PHASE", "PHASE": "PHASE", "P_FFE": "PHASE", "P_SE": "PHASE", "P_IR": "PHASE",
+    "R": "REAL", "REAL": "REAL", "R_FFE": "REAL", "R_SE": "REAL", "R_IR": "REAL",
+    "I": "IMAGINARY", "IMAGINARY": "IMAGINARY", "I_FFE": "IMAGINARY", "I_SE": "IMAGINARY", "I_IR": "IMAGINARY",
+}  # fmt: skip
+
+
+def complex_component(declared: str, image_type: tuple[str, ...]) -> str:
+    """MAGNITUDE, PHASE, REAL or IMAGINARY: ComplexImageComponent (0008,9208) when given (enhanced objects),
+    else the first ImageType (0008,0008) value from the third on that names one (Siemens ``M``/``P``, Philips
+    ``M_FFE``/``P_FFE``); ``""`` when neither says.
+
+    >>> complex_component("", ("ORIGINAL", "PRIMARY", "P", "ND")), complex_component("MAGNITUDE", ())
+    ('PHASE', 'MAGNITUDE')
+    """
+    declared = (declared or "").strip().upper()
+    if declared and declared != "MIXED":
+        return declared
+    for v in image_type[2:]:
+        if v in _COMPONENTS:
+            return _COMPONENTS[v]
+    return ""

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from kneeprep.dicom.fields import complex_component
 from kneeprep.errors import DicomError
 
 PIXEL_DATA = 0x7FE00010
@@ -65,6 +66,23 @@ class SliceHeader:
     mosaic_images: int  # Siemens NumberOfImagesInMosaic (0019,100A), 0 if absent
     has_pixels: bool
     pixel_problem: str  # "" or why the pixel data cannot be complete (truncated / short)
+    # what tells the images at one position apart (kneeprep.dicom.imagesets); enhanced frames set them from
+    # their functional groups (kneeprep.dicom.enhanced)
+    echo_number: int | None = None  # EchoNumbers (0018,0086)
+    echo_time: float | None = None  # EchoTime (0018,0081); EffectiveEchoTime (0018,9082) of a frame
+    temporal_position: int | None = (
+        None  # TemporalPositionIdentifier (0020,0100); TemporalPositionIndex (0020,9128)
+    )
+    trigger_time: float | None = None  # TriggerTime (0018,1060)
+    b_value: float | None = None  # DiffusionBValue (0018,9087)
+    b_direction: tuple[float, ...] | None = None  # DiffusionGradientOrientation (0018,9089)
+    complex_component: str = ""  # ComplexImageComponent (0008,9208), else from ImageType: MAGNITUDE/PHASE/...
+    frame: int | None = None  # 1-based frame number in a multi-frame file; None for a single-frame file
+
+    @property
+    def label(self) -> str:
+        """The file name, with the frame number for a frame of a multi-frame file (for messages)."""
+        return self.path.name if self.frame is None else f"{self.path.name} frame {self.frame}"
 
 
 def looks_like_dicom(head: bytes) -> bool:
@@ -117,6 +135,7 @@ _WANTED = frozenset({
     0x00100020, 0x00120051, 0x00180088, 0x0020000E, 0x00200011, 0x00200013, 0x00200032, 0x00200037,
     0x00200052, 0x00200060, 0x00200062, 0x00280002, 0x00280008, 0x00280010, 0x00280011, 0x00280030,
     0x00280100, 0x00280101, 0x00280103, 0x00281052, 0x00281053,
+    0x00180081, 0x00180086, 0x00181060, 0x00189087, 0x00189089, 0x00200100, 0x00089208,
 })  # fmt: skip
 _HEAD_BYTES = 1 << 14  # a typical MR header fits; more is read when it does not
 
@@ -304,6 +323,24 @@ class _Values:
             raise _Unusual
         return x
 
+    def opt_int(self, tag: int) -> int | None:  # one IS value, None when absent or empty
+        text = self.integer(tag)
+        return int(text) if text else None
+
+    def opt_number(self, tag: int) -> float | None:  # one DS value, None when absent or empty
+        return self.number(tag, None)
+
+    def fd(self, tag: int, n: int) -> tuple[float, ...] | None:  # FD (binary doubles): None unless n values
+        import struct
+
+        raw = self.raw.get(tag)
+        if raw is None or len(raw) != 8 * n:
+            return None
+        out = struct.unpack(f"<{n}d", raw)
+        if any(x != x or x in (float("inf"), float("-inf")) for x in out):
+            raise _Unusual
+        return out
+
     def floats(self, tag: int, n: int) -> tuple[float, ...] | None:  # DS: None when absent, empty or not n
         vals = self._numbers(tag)
         if not vals:
@@ -359,6 +396,13 @@ def _header_from_values(p: Path, size: int, ts: str, raw: dict[int, bytes], tell
         mosaic_images=mosaic,
         has_pixels=tell is not None,
         pixel_problem=problem,
+        echo_number=v.opt_int(0x00180086),
+        echo_time=v.opt_number(0x00180081),
+        temporal_position=v.opt_int(0x00200100),
+        trigger_time=v.opt_number(0x00181060),
+        b_value=(v.fd(0x00189087, 1) or (None,))[0],
+        b_direction=v.fd(0x00189089, 3),
+        complex_component=complex_component(v.text(0x00089208), image_type),
     )
 
 
@@ -484,4 +528,25 @@ def _slice_header(p: Path, ds, size: int) -> SliceHeader:
         mosaic_images=mosaic,
         has_pixels=has_pixels,
         pixel_problem=problem,
+        echo_number=_opt(ds, "EchoNumbers", int),
+        echo_time=_opt(ds, "EchoTime", float),
+        temporal_position=_opt(ds, "TemporalPositionIdentifier", int),
+        trigger_time=_opt(ds, "TriggerTime", float),
+        b_value=_opt(ds, "DiffusionBValue", float),
+        b_direction=_floats(ds.get("DiffusionGradientOrientation"), 3),
+        complex_component=complex_component(str(ds.get("ComplexImageComponent", "") or ""), image_type),
     )
+
+
+def _opt(ds, keyword: str, kind):
+    """One value of ``keyword`` as ``kind`` (int or float); None when absent, empty, multi-valued or bad."""
+    from pydicom.multival import MultiValue
+
+    value = ds.get(keyword)
+    if value is None or value == "" or isinstance(value, MultiValue | list | tuple):
+        return None
+    try:
+        x = kind(value)
+    except (TypeError, ValueError):
+        return None
+    return None if isinstance(x, float) and (x != x or x in (float("inf"), float("-inf"))) else x

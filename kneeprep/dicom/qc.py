@@ -7,7 +7,9 @@ names the offending values and the tolerance.
 
 Verdicts, from best to worst: ``ok``; ``warn`` (usable, but something was dropped or looks odd);
 ``fail`` (the slices do not form one faithful regular grid); ``unsupported`` (a kind of object kneeprep
-does not convert: mosaic, enhanced multi-frame, single file, no pixel data, non-image SOP class).
+does not convert: mosaic, colour, single image, no pixel data, non-image SOP class). The frames of an enhanced
+multi-frame object are checked as slices (one header per frame, :mod:`kneeprep.dicom.enhanced`); messages
+name them ``<file> frame <n>``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ ENHANCED_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
     "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image Storage",
     "1.2.840.10008.5.1.4.1.1.130": "Enhanced PET Image Storage",
+    "1.2.840.10008.5.1.4.1.1.128.1": "Legacy Converted Enhanced PET Image Storage",
 }
 
 
@@ -113,8 +116,8 @@ def _fmt(v: Sequence[float]) -> str:
     return "[" + ", ".join(f"{x:.6g}" for x in v) + "]"
 
 
-def _names(paths: Sequence[Path], limit: int = 3) -> str:
-    names = [p.name for p in paths]
+def _names(items: Sequence, limit: int = 3) -> str:
+    names = [x.label if isinstance(x, SliceHeader) else x.name for x in items]
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
 
@@ -124,18 +127,10 @@ def kind_findings(headers: Sequence[SliceHeader]) -> list[Finding]:
     h = headers[0]
     out: list[Finding] = []
     sop = h.sop_class_uid
-    if sop in ENHANCED_SOP_CLASSES:
-        out.append(
-            Finding(
-                "unsupported",
-                f"enhanced multi-frame object ({ENHANCED_SOP_CLASSES[sop]}, {h.n_frames} frames in {h.path.name}): "
-                "per-frame geometry lives in functional groups, which kneeprep does not read",
-            )
-        )
-    elif sop and sop not in STACKABLE_SOP_CLASSES:
+    if sop and sop not in STACKABLE_SOP_CLASSES and sop not in ENHANCED_SOP_CLASSES:
         out.append(Finding("unsupported", f"not a cross-sectional image: SOP class {_sop_name(sop)} ({sop})"))
     if not all(x.has_pixels for x in headers):
-        missing = [x.path for x in headers if not x.has_pixels]
+        missing = [x for x in headers if not x.has_pixels]
         out.append(
             Finding("unsupported", f"no pixel data (PixelData (7FE0,0010) absent) in {_names(missing)}")
         )
@@ -170,9 +165,16 @@ def kind_findings(headers: Sequence[SliceHeader]) -> list[Finding]:
             if not ok
         ]
         if absent:
-            out.append(Finding("unsupported", f"no patient geometry: {', '.join(absent)} absent"))
+            where = (
+                f" (enhanced multi-frame object, {ENHANCED_SOP_CLASSES[sop]}, {h.n_frames} frames in {h.label}: "
+                "no per-frame or shared functional groups hold them)"
+                if sop in ENHANCED_SOP_CLASSES
+                else ""
+            )
+            out.append(Finding("unsupported", f"no patient geometry: {', '.join(absent)} absent{where}"))
     if len(headers) == 1 and not any(f.status == "unsupported" and "multi-frame" in f.text for f in out):
-        out.append(Finding("unsupported", f"single file ({h.path.name}): one 2D image is not a volume"))
+        what = "one frame" if h.frame is not None else "single file"
+        out.append(Finding("unsupported", f"{what} ({h.label}): one 2D image is not a volume"))
     return out
 
 
@@ -206,8 +208,8 @@ def consistency_findings(headers: Sequence[SliceHeader], qc: QC) -> list[Finding
                 Finding(
                     "fail",
                     f"inconsistent orientation: ImageOrientationPatient (0020,0037) varies by up to {dev[worst]:.3g} "
-                    f"(tolerance orientation_atol {qc.orientation_atol:g}): {headers[worst].path.name} "
-                    f"{_fmt(iops[worst])} vs {ref.path.name} {_fmt(iops[0])}",
+                    f"(tolerance orientation_atol {qc.orientation_atol:g}): {headers[worst].label} "
+                    f"{_fmt(iops[worst])} vs {ref.label} {_fmt(iops[0])}",
                 )
             )
     if all(h.pixel_spacing is not None for h in headers):
@@ -219,7 +221,7 @@ def consistency_findings(headers: Sequence[SliceHeader], qc: QC) -> list[Finding
                 Finding(
                     "fail",
                     f"inconsistent pixel spacing: PixelSpacing (0028,0030) {_fmt(ps[worst])} in "
-                    f"{headers[worst].path.name} vs {_fmt(ps[0])} in {ref.path.name} (relative difference "
+                    f"{headers[worst].label} vs {_fmt(ps[0])} in {ref.label} (relative difference "
                     f"{rel[worst]:.3g} > pixel_spacing_rtol {qc.pixel_spacing_rtol:g})",
                 )
             )
@@ -250,13 +252,13 @@ def order_slices(headers: Sequence[SliceHeader], qc: QC) -> Stack:
         return Stack(
             tuple(headers),
             findings=(
-                Finding("fail", f"degenerate ImageOrientationPatient {_fmt(iop)} in {headers[0].path.name}"),
+                Finding("fail", f"degenerate ImageOrientationPatient {_fmt(iop)} in {headers[0].label}"),
             ),
         )
     normal = normal / norm
     ipp = np.array([h.ipp for h in headers], dtype=np.float64)
     d = ipp @ normal
-    order = np.lexsort(([str(h.path) for h in headers], d))
+    order = np.lexsort(([f"{h.path}\0{h.frame or 0:09d}" for h in headers], d))
     hs = [headers[i] for i in order]
     d = d[order]
     ipp = ipp[order]
@@ -280,14 +282,14 @@ def order_slices(headers: Sequence[SliceHeader], qc: QC) -> Stack:
         if len(g) == 1:
             keep.append(g[0])
             continue
-        uids = {hs[i].sop_instance_uid for i in g}
+        uids = {(hs[i].sop_instance_uid, hs[i].frame) for i in g}
         if len(uids) == 1:
             k = g[0]  # same instance written twice: the first by file name (lexsort tie-break)
             for i in g[1:]:
                 dropped.append(
                     (
                         hs[i].path,
-                        f"duplicate of {hs[k].path.name}: same SOPInstanceUID at {d[k]:.4g} mm; kept the first by file name",
+                        f"duplicate of {hs[k].label}: same SOPInstanceUID at {d[k]:.4g} mm; kept the first by file name",
                     )
                 )
             copies.append(g)
@@ -297,6 +299,7 @@ def order_slices(headers: Sequence[SliceHeader], qc: QC) -> Stack:
                 key=lambda i: (
                     hs[i].instance_number if hs[i].instance_number is not None else -1,
                     str(hs[i].path),
+                    hs[i].frame or 0,
                 ),
             )
             for i in g:
@@ -304,8 +307,8 @@ def order_slices(headers: Sequence[SliceHeader], qc: QC) -> Stack:
                     dropped.append(
                         (
                             hs[i].path,
-                            f"same position ({d[k]:.4g} mm) as {hs[k].path.name} with a different SOPInstanceUID; "
-                            f"kept {hs[k].path.name}, the higher InstanceNumber ({hs[k].instance_number})",
+                            f"same position ({d[k]:.4g} mm) as {hs[k].label} with a different SOPInstanceUID; "
+                            f"kept {hs[k].label}, the higher InstanceNumber ({hs[k].instance_number})",
                         )
                     )
             distinct.append(g)
@@ -317,7 +320,7 @@ def order_slices(headers: Sequence[SliceHeader], qc: QC) -> Stack:
             Finding(
                 "warn",
                 f"duplicate slices: {n_extra} extra cop{'y' if n_extra == 1 else 'ies'} of the same instance dropped "
-                f"(e.g. {hs[g[1]].path.name} duplicates {hs[g[0]].path.name} at {d[g[0]]:.4g} mm)",
+                f"(e.g. {hs[g[1]].label} duplicates {hs[g[0]].label} at {d[g[0]]:.4g} mm)",
             )
         )
     if distinct:
@@ -337,7 +340,7 @@ def order_slices(headers: Sequence[SliceHeader], qc: QC) -> Stack:
                 Finding(
                     "fail",
                     f"duplicate slice positions: {len(distinct)} position(s) hold more than one distinct image "
-                    f"(e.g. {_names([hs[i].path for i in g])} at {d[g[0]]:.4g} mm)",
+                    f"(e.g. {_names([hs[i] for i in g])} at {d[g[0]]:.4g} mm)",
                 )
             )
     hs = [hs[i] for i in keep]
@@ -359,7 +362,7 @@ def order_slices(headers: Sequence[SliceHeader], qc: QC) -> Stack:
             idx = np.flatnonzero(is_gap)
             missing = int((whole[idx] - 1).sum())
             where = "; ".join(
-                f"{int(whole[i] - 1)} between {hs[i].path.name} ({d[i]:.4g} mm) and {hs[i + 1].path.name} "
+                f"{int(whole[i] - 1)} between {hs[i].label} ({d[i]:.4g} mm) and {hs[i + 1].label} "
                 f"({d[i + 1]:.4g} mm), a {steps[i]:.4g} mm step"
                 for i in idx[:3]
             )
@@ -379,7 +382,7 @@ def order_slices(headers: Sequence[SliceHeader], qc: QC) -> Stack:
                     "fail",
                     f"non-uniform slice spacing: steps {steps.min():.4g}..{steps.max():.4g} mm, max deviation "
                     f"{dev[i]:.4g} mm ({dev[i] / nominal:.2%}) from the median {nominal:.4g} mm between "
-                    f"{hs[i].path.name} and {hs[i + 1].path.name} > slice_spacing_rtol {qc.slice_spacing_rtol:g}",
+                    f"{hs[i].label} and {hs[i + 1].label} > slice_spacing_rtol {qc.slice_spacing_rtol:g}",
                 )
             )
             geometry_ok = False
@@ -434,7 +437,7 @@ def check_series(headers: Sequence[SliceHeader], qc: QC) -> Stack:
         findings.append(
             Finding(
                 "fail",
-                f"{len(broken)} file(s) with incomplete pixel data dropped: {broken[0].path.name}: {broken[0].pixel_problem}",
+                f"{len(broken)} file(s) with incomplete pixel data dropped: {broken[0].label}: {broken[0].pixel_problem}",
             )
         )
     if any(f.status == "unsupported" for f in findings) or not usable:

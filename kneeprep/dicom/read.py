@@ -352,6 +352,9 @@ def read_series(
     object), if given, takes each file's name, a NUL and its bytes in slice order as they are read (the
     convert task's content hash, without a second pass over the files).
 
+    Enhanced multi-frame series (``info.frames``) are read by :func:`kneeprep.dicom.enhanced.read_frames`:
+    the same contract, positions and rescale taken per frame from the functional groups.
+
     Raises :class:`~kneeprep.errors.UnsupportedSeriesError` for an unsupported verdict,
     :class:`~kneeprep.errors.GeometryError` when the slices do not form one regular grid (gap, duplicate,
     tilt, inconsistent orientation), :class:`~kneeprep.errors.DicomError` naming the file that cannot be read.
@@ -365,17 +368,22 @@ def read_series(
     bad = [r for r in info.qc.reasons if r.startswith(_GEOMETRY_FAILURES)]
     if bad:
         raise GeometryError(f"{where}: slices do not form one regular grid: {bad[0]}")
-    volume, slices = _read_stack(info.files, hasher)
+    if getattr(info, "frames", None) is not None:  # enhanced multi-frame: slices are frames of the files
+        from kneeprep.dicom.enhanced import read_frames
+
+        volume, ipps, labels = read_frames(info, hasher)
+    else:
+        volume, slices = _read_stack(info.files, hasher)
+        ipps, labels = [s.ipp for s in slices], [str(p) for p in info.files]
     if volume.shape != geo.shape:
         raise GeometryError(f"{where}: read shape {volume.shape} differs from the scanned {geo.shape}")
-    expected = geo.index_to_world(
-        np.stack([np.arange(len(slices)), np.zeros(len(slices)), np.zeros(len(slices))], axis=1)
-    )
+    n = volume.shape[0]
+    expected = geo.index_to_world(np.stack([np.arange(n), np.zeros(n), np.zeros(n)], axis=1))
     tol = position_tolerance * geo.spacing[0]
-    for k, (path, s) in enumerate(zip(info.files, slices, strict=True)):
-        if s.ipp is None or np.linalg.norm(np.subtract(s.ipp, expected[k])) > tol:
+    for k, (label, ipp) in enumerate(zip(labels, ipps, strict=True)):
+        if ipp is None or np.linalg.norm(np.subtract(ipp, expected[k])) > tol:
             raise GeometryError(
-                f"{path}: ImagePositionPatient (0020,0032) {s.ipp} is not where the scan put slice {k} "
+                f"{label}: ImagePositionPatient (0020,0032) {ipp} is not where the scan put slice {k} "
                 f"({[round(v, 4) for v in expected[k].tolist()]}, tolerance {tol:.3g} mm): changed since the scan?"
             )
     return volume, geo

@@ -13,6 +13,11 @@ ClinicalTrialTimePointID (0012,0051) or the StudyDescription ``OAI^MR^<visit>^..
 SeriesNumber (0020,0011); a missing part becomes ``NA``, and ``_``, ``/`` or spaces inside a part become
 ``-`` so the id still splits into five parts. Knee side 0 (unknown) stays 0 in the id. Ids are unique within
 one scan: a later series whose id collides gets a ``.2``, ``.3`` ... suffix on its series folder and a warning.
+
+Enhanced multi-frame files contribute one header per frame (:mod:`kneeprep.dicom.enhanced`); a series record
+then lists each file once in ``files`` and its slices as ``frames`` (file index, 1-based frame number). A part
+whose positions hold several images is split into image sets (:mod:`kneeprep.dicom.imagesets`): each set is a
+series record of its own, its volume id ending in ``_<suffix>`` (``..._2_e2``) and ``image_set`` saying which.
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
+from kneeprep.dicom.enhanced import frame_headers
 from kneeprep.dicom.fields import knee_side, technical_fields, visit_from_text
 from kneeprep.dicom.headers import DicomError, NotDicomError, SliceHeader, read_header
-from kneeprep.dicom.qc import QC, Finding, QCVerdict, check_series
+from kneeprep.dicom.imagesets import ImageSet, split_image_sets
+from kneeprep.dicom.qc import ENHANCED_SOP_CLASSES, QC, Finding, QCVerdict, check_series
 from kneeprep.errors import InputNotFoundError
 from kneeprep.formats.splits import make_volume_id, visit_to_time
 from kneeprep.geometry import Geometry, orientation_code
@@ -72,6 +79,11 @@ class SeriesInfo:
     qc: QCVerdict
     id_source: str = "path"
     technical: dict | None = None
+    #: enhanced multi-frame series: the slices as (index into ``files``, 1-based frame number), in position
+    #: order; None for classic series (one file per slice, ``files`` in position order)
+    frames: tuple[tuple[int, int], ...] | None = None
+    #: one image set of a series split by echo, time, diffusion or component (ImageSet.to_json()), else None
+    image_set: dict | None = None
 
     @property
     def geometry(self) -> Geometry | None:
@@ -91,6 +103,7 @@ class SeriesInfo:
         d["orientation"] = list(self.orientation) if self.orientation is not None else None
         d["affine_lps"] = [list(r) for r in self.affine_lps] if self.affine_lps is not None else None
         d["qc"] = self.qc.to_json()
+        d["frames"] = [list(f) for f in self.frames] if self.frames is not None else None
         return d
 
     @classmethod
@@ -102,6 +115,8 @@ class SeriesInfo:
         d["orientation"] = tuple(d["orientation"]) if d["orientation"] is not None else None
         d["affine_lps"] = tuple(tuple(r) for r in d["affine_lps"]) if d["affine_lps"] is not None else None
         d["qc"] = QCVerdict.from_json(d["qc"])
+        if d.get("frames") is not None:
+            d["frames"] = tuple((int(a), int(b)) for a, b in d["frames"])
         return cls(**d)
 
 
@@ -196,7 +211,8 @@ def scan_tree(
         for path in files:
             n += 1
             try:
-                here.append(read_header(path))
+                h = read_header(path)
+                here += frame_headers(h) if h.sop_class_uid in ENHANCED_SOP_CLASSES and h.has_pixels else [h]
             except NotDicomError as e:
                 if path.suffix.lower() == ".dcm":
                     lost_here.append((path, f"named .dcm but {str(e).split(': ', 1)[-1]}"))
@@ -237,7 +253,7 @@ def _describe(
     groups: dict[str, list[SliceHeader]] = defaultdict(list)
     for h in headers:
         groups[_group_key(h)].append(h)
-    todo: list[tuple[list[SliceHeader], list[Finding], int]] = []
+    todo: list[tuple[list[SliceHeader], list[Finding], int, ImageSet | None]] = []
     for _key, members in sorted(groups.items(), key=lambda kv: str(min(h.path for h in kv[1]))):
         parts = split_series(members, split_orientation_atol)
         for i, part in enumerate(parts):
@@ -254,10 +270,15 @@ def _describe(
                         f"or orientation: split into {len(parts)} series, this is part {i + 1} ({len(part)} files)",
                     )
                 )
-            todo.append((part, extra, i + 1 if len(parts) > 1 else 0))
+            sets, refused = split_image_sets(part, qc)
+            for s in sets:
+                more = [refused] if refused is not None else []
+                todo.append(
+                    (list(s.headers), extra + more, i + 1 if len(parts) > 1 else 0, s if s.suffix else None)
+                )
 
     owners: dict[Path, set[int]] = defaultdict(set)
-    for i, (part, _, _) in enumerate(todo):
+    for i, (part, _, _, _) in enumerate(todo):
         for h in part:
             owners[h.path.parent].add(i)
     lost: dict[int, list[tuple[Path, str]]] = defaultdict(list)
@@ -265,7 +286,7 @@ def _describe(
         if path not in not_slices and len(owners.get(path.parent, ())) == 1:
             lost[next(iter(owners[path.parent]))].append((path, reason))
     series: list[SeriesInfo] = []
-    for i, (part, extra, part_index) in enumerate(todo):
+    for i, (part, extra, part_index, image_set) in enumerate(todo):
         if lost[i]:
             p, r = lost[i][0]
             extra.append(
@@ -273,7 +294,7 @@ def _describe(
                     "fail", f"{len(lost[i])} unreadable file(s) in the series folder dropped: {p.name}: {r}"
                 )
             )
-        series.append(_series_info(part, qc, extra, part_index, tuple(lost[i]), technical_cache))
+        series.append(_series_info(part, qc, extra, part_index, tuple(lost[i]), technical_cache, image_set))
     return _unique_ids(series)
 
 
@@ -347,6 +368,7 @@ def _series_info(
     part_index: int,
     lost: tuple[tuple[Path, str], ...],
     technical_cache: dict[Path, dict | None] | None = None,
+    image_set: ImageSet | None = None,
 ) -> SeriesInfo:
     stack = check_series(headers, qc)
     first = stack.slices[0] if stack.slices else sorted(headers, key=lambda h: str(h.path))[0]
@@ -373,10 +395,17 @@ def _series_info(
         except Exception:  # the header was read once already; a second failure only loses these fields
             cache[first.path] = None
     technical = cache[first.path]
+    files = tuple(h.path for h in stack.slices)
+    frames = None
+    if any(h.frame is not None for h in stack.slices):
+        files = tuple(dict.fromkeys(files))
+        where = {p: k for k, p in enumerate(files)}
+        frames = tuple((where[h.path], h.frame or 1) for h in stack.slices)
     return SeriesInfo(
         volume_id=make_volume_id(
             ids["patient_id"], ids["time"], ids["study_folder"], ids["series_folder"], side
-        ),
+        )
+        + (f"_{image_set.suffix}" if image_set is not None else ""),
         patient_id=ids["patient_id"],
         time=ids["time"],
         study_folder=ids["study_folder"],
@@ -386,7 +415,7 @@ def _series_info(
         study_description=first.study_description,
         series_uid=first.series_uid,
         frame_of_reference_uid=first.frame_uid,
-        files=tuple(h.path for h in stack.slices),
+        files=files,
         dropped=stack.dropped + lost,
         rows=first.rows,
         cols=first.cols,
@@ -399,6 +428,8 @@ def _series_info(
         qc=QCVerdict.from_findings([*extra, *stack.findings]),
         id_source=source,
         technical=technical,
+        frames=frames,
+        image_set=image_set.to_json() if image_set is not None else None,
     )
 
 
@@ -411,6 +442,7 @@ def _unique_ids(series: list[SeriesInfo]) -> list[SeriesInfo]:
         if n > 1:
             folder = f"{s.series_folder}.{n}"
             vid = make_volume_id(s.patient_id, s.time, s.study_folder, folder, s.knee_side)
+            vid += f"_{s.image_set['suffix']}" if s.image_set else ""
             reason = f"volume id {s.volume_id} is taken by another series (two series in one folder?); renamed {vid}"
             s = replace(
                 s,

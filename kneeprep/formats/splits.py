@@ -3,11 +3,14 @@
 A volume id is ``<patient_id>_<time>_<study_folder>_<series_folder>_<knee_side>``, e.g.
 ``9027422_00M_20041222_10312706_2`` (time as in the CSVs, knee side as the OAI code: 1 right, 2 left) --
 the key the published baseline scripts use, so annotations and predictions join without a lookup table.
+One image set of a series split by echo, time point, diffusion or complex component (multi-echo, DWI,
+magnitude + phase; ``kneeprep.dicom.imagesets``) adds ``_<suffix>``: ``9027422_00M_20041222_10312706_2_e2``.
 """
 
 from __future__ import annotations
 
 import csv
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,13 +40,29 @@ def make_volume_id(patient_id: str, time: str, study_folder: str, series_folder:
     return f"{patient_id}_{time}_{study_folder}_{series_folder}_{int(knee_side)}"
 
 
+#: an image-set suffix (``e2``, ``t3``, ``b1000-d2``, ``phase``, ``e2-phase``): kneeprep.dicom.imagesets
+IMAGE_SET_SUFFIX = re.compile(r"^[a-z]+[0-9.]*(-[a-z]+[0-9.]*)*$")
+
+
+def image_set_suffix(volume_id: str) -> str:
+    """The image-set suffix of a volume id (``""`` for a whole series).
+
+    >>> image_set_suffix("9027422_00M_20041222_10312706_2_e2"), image_set_suffix("9027422_00M_20041222_10312706_2")
+    ('e2', '')
+    """
+    parts = volume_id.split("_")
+    return parts[5] if len(parts) == 6 and IMAGE_SET_SUFFIX.match(parts[5]) else ""
+
+
 def parse_volume_id(volume_id: str) -> dict[str, str | int]:
-    """The parts of a volume id.
+    """The parts of a volume id (an image-set suffix is accepted and not returned: :func:`image_set_suffix`).
 
     >>> parse_volume_id("9027422_00M_20041222_10312706_2")["knee_side"]
     2
     """
     parts = volume_id.split("_")
+    if image_set_suffix(volume_id):
+        parts = parts[:5]
     if len(parts) != 5 or parts[4] not in ("1", "2"):
         raise AnnotationError(f"{volume_id!r}: not a volume id <patient>_<time>_<study>_<series>_<side 1|2>")
     return dict(zip(SPLIT_COLUMNS[:4], parts[:4], strict=True)) | {"knee_side": int(parts[4])}

@@ -38,6 +38,7 @@ from pathlib import Path
 from kneeprep import FORMAT_VERSION, __version__
 from kneeprep.boxes import boxes_for_volume
 from kneeprep.dicom import read_series, scan_tree
+from kneeprep.dicom.imagesets import image_set_selected
 from kneeprep.errors import InputNotFoundError, KneeprepError, RecipeError
 from kneeprep.files import sha256_file
 from kneeprep.formats import store as vstore
@@ -245,6 +246,7 @@ def _convert(info, recipe: Recipe, store: Path, mask_path, fingerprint, t0: floa
             ),
         },
         "dicom": dict(info.technical or {}),
+        "image_set": getattr(info, "image_set", None),  # which echo / time point / ... (docs/DESIGN.md)
         "qc": info.qc.to_json(),
         "labels": label_attrs,
         "boxes": boxes,
@@ -310,6 +312,11 @@ def select(info, recipe: Recipe) -> ItemResult | None:
             if recipe.privacy.keep_free_text  # free text quoted only when the recipe asks
             else "SeriesDescription does not match select.series_description", 0.0, source,
         )  # fmt: skip
+
+    image_set = getattr(info, "image_set", None)
+    if not image_set_selected(image_set, recipe.select.image_sets):
+        why = f"image set {image_set['suffix']} ({image_set['index']} of {image_set['count']}) not selected by select.image_sets"
+        return ItemResult(info.volume_id, "skipped", "not_selected", why, 0.0, source)
     status = info.qc.status
     if status in ("fail", "unsupported") or (status == "warn" and recipe.select.min_qc == "ok"):
         why = f"QC {status}: {info.qc.first_reason}" if info.qc.first_reason else f"QC {status}"

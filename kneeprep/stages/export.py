@@ -54,7 +54,7 @@ from kneeprep.files import atomic_path, write_text
 from kneeprep.formats import store as vstore
 from kneeprep.formats.report import ItemResult, RunReport
 from kneeprep.formats.shard_reader import iter_quintuples, read_manifest, read_row_group
-from kneeprep.formats.splits import SPLITS, parse_volume_id, write_split_csv
+from kneeprep.formats.splits import SPLITS, image_set_suffix, parse_volume_id, write_split_csv
 from kneeprep.formats.store import REPORT_FILE, label_names, list_volumes, read_attrs
 from kneeprep.moaks.severity import Grade, parse_answer, to_published
 from kneeprep.stages.harness import Progress, Stage
@@ -85,7 +85,10 @@ def volume_file_name(volume_id: str) -> str:
     '9027422/00M/20041222_10312706_2.nii.gz'
     """
     p = parse_volume_id(volume_id)
-    return f"{p['patient_id']}/{p['time']}/{p['study_folder']}_{p['series_folder']}_{p['knee_side']}.nii.gz"
+    s = f"_{image_set_suffix(volume_id)}" if image_set_suffix(volume_id) else ""  # one echo, time point ...
+    return (
+        f"{p['patient_id']}/{p['time']}/{p['study_folder']}_{p['series_folder']}_{p['knee_side']}{s}.nii.gz"
+    )
 
 
 def image_relpath(volume_id: str) -> str:
