@@ -159,13 +159,13 @@ def test_a_second_shards_run_into_the_same_directory_is_refused(built, capsys):
     """Two `kneeprep shards` runs at once used to share .partial names and corrupt a shard (issue 19, point 1):
     while one run holds the shards directory, another stops before any work, naming it."""
     from kneeprep.cli import main
-    from kneeprep.formats.store import store_lock
+    from kneeprep.files import lock
 
     sample, out, _ = built
     shards = out / "shards"
     before = _mtimes(shards)
     args = ["shards", str(out / "volumes.zarr"), str(sample), str(shards), "--recipe", str(RECIPE), "--force"]
-    with store_lock(shards, what="shards directory"), pytest.raises(SystemExit) as exit_:  # a run in progress
+    with lock(shards, what="shards directory"), pytest.raises(SystemExit) as exit_:  # a run in progress
         main(args)
     err = capsys.readouterr().err
     assert exit_.value.code == 1

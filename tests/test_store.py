@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import zarr
 
+from kneeprep import files
 from kneeprep.errors import InputNotFoundError, StoreError
 from kneeprep.formats import store
 from kneeprep.geometry import Geometry, affine_from_itk
@@ -139,7 +140,7 @@ store.write_volume({str(st)!r}, "v", np.ones((4, 8, 8), np.uint16), g, {{}})
     assert store.list_volumes(st) == []
     with pytest.raises(InputNotFoundError):
         store.read_attrs(st, "v")
-    with store.store_lock(st):
+    with files.lock(st):
         assert store.clean_work_area(st) == [leftovers[0].name]
     assert list((st / store.WORK_DIR).iterdir()) == []
 
@@ -175,11 +176,11 @@ def test_listing_ignores_work_area_and_foreign_entries(st):
 
 
 def test_lock_init_and_bad_inputs(tmp_path, st):
-    with store.store_lock(st):
+    with files.lock(st):
         with pytest.raises(StoreError, match="another kneeprep run"):
-            with store.store_lock(st):
+            with files.lock(st):
                 pass
-    with store.store_lock(st):  # released again
+    with files.lock(st):  # released again
         pass
     other = tmp_path / "elsewhere"
     other.mkdir()

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import colorsys
 import contextlib
-import fcntl
 import json
 import math
 import os
@@ -56,10 +55,10 @@ from zarr.codecs import BloscCodec
 
 from kneeprep import FORMAT_VERSION
 from kneeprep.errors import InputNotFoundError, StoreError
+from kneeprep.files import LOCK_FILE
 from kneeprep.geometry import Geometry
 
 WORK_DIR = ".kneeprep-tmp"
-LOCK_FILE = ".kneeprep-lock"
 REPORT_FILE = "report.json"
 ROOT_ATTRS = {"format_version": FORMAT_VERSION, "kind": "volume_store"}
 #: bytes of uncompressed data per chunk we aim for (rounded to a power-of-two number of slices).
@@ -170,29 +169,10 @@ def volume_path(store: str | os.PathLike, volume_id: str) -> Path:
     return p
 
 
-@contextlib.contextmanager
-def store_lock(store: str | os.PathLike, what: str = "store", name: str = LOCK_FILE) -> Iterator[Path]:
-    """Hold an exclusive lock on an output directory (the store, a shards directory: ``what``) for a whole
-    run; a second run writing the same directory fails fast with a ``StoreError`` naming it."""
-    p = Path(store)
-    p.mkdir(parents=True, exist_ok=True)
-    fh = open(p / name, "a+")  # noqa: SIM115 - held for the whole context
-    try:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StoreError(
-                f"{p}: another kneeprep run is writing to this {what} ({name} is locked)"
-            ) from None
-        yield p
-    finally:
-        fh.close()
-
-
 def clean_work_area(store: str | os.PathLike) -> list[str]:
     """Remove leftovers of interrupted writes (``.partial``/``.old`` in the work area); returns their names.
 
-    Call only while holding :func:`store_lock` (no writer is active then)."""
+    Call only while holding the store's lock (:func:`kneeprep.files.lock`) (no writer is active then)."""
     work = Path(store) / WORK_DIR
     if not work.is_dir():
         return []
@@ -358,7 +338,7 @@ def update_attrs(store: str | os.PathLike, volume_id: str, changes: Mapping[str,
     """Replace top-level ``kneeprep`` attribute keys (e.g. ``boxes`` after a recompute); returns the new attrs.
 
     The group's ``zarr.json`` is rewritten atomically (zarr's local store writes a temporary file and links
-    it into place); one writer per store at a time (:func:`store_lock`)."""
+    it into place); one writer per store at a time (:func:`kneeprep.files.lock`)."""
     p = volume_path(store, volume_id)
     new = _jsonable({**read_attrs(store, volume_id), **changes})
     _refuse_phi(new, p)
