@@ -15,7 +15,7 @@ UNITS = {"scan": "files", "convert": "series", "boxes": "volumes", "shards": "vo
 
 class Bars:
     """A ``progress`` callable: one click progress bar per task, opened at the task's first call (when its
-    total is known) and closed when another task starts or the bars are closed."""
+    total is known) and closed when the task is done, another task starts, or the bars are closed."""
 
     def __init__(self) -> None:
         self.task: str | None = None
@@ -33,6 +33,8 @@ class Bars:
             self.bar.__enter__()
         self.bar.length = max(total, 1)
         self.bar.update(done - self.bar.pos, item or None)
+        if done >= total:
+            self.close()  # a finished task's bar ends its line before the stage prints its summary
 
     def close(self) -> None:
         if self.bar is not None:
