@@ -1,4 +1,4 @@
-"""Quintuples, shards, manifest and validation (kneeprep.formats.quintuples, kneeprep.shards, `kneeprep shards|validate`).
+"""Quintuples, shards, manifest and validation (kneeprep.formats.quintuples, formats.shard_*, stages.shards, stages.validate, `kneeprep shards|validate`).
 
 The fixtures are in-memory fakes of the volume store and annotation set (same records and attrs as
 ``kneeprep.formats.store`` / ``kneeprep.formats.annotations`` produce), so these tests do not depend on DICOM conversion.
