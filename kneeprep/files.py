@@ -1,6 +1,7 @@
 """Files on a local disk, written the one way kneeprep writes them: atomic, hashed, locked.
 
-- :func:`atomic_path` / :func:`write_bytes` / :func:`write_text` / :func:`write_json`: a file appears under its
+- :func:`atomic_path` / :func:`write_bytes` / :func:`write_text` / :func:`write_json` (and, for a writer that
+  spans several calls, :func:`temp_path` + :func:`publish`): a file appears under its
   final name complete or not at all. The bytes go to a temporary name unique to this writer, in the same
   folder (``.<name>.<random>.partial``), are flushed to disk (``fsync``) and renamed over the final name; on any
   error, Ctrl-C included, the temporary file is removed and the error names the final file. A killed process
@@ -32,32 +33,54 @@ PARTIAL = ".partial"
 LOCK_FILE = ".kneeprep-lock"
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; when the block ends normally, move it to ``path``.
-
-    Write the file (by any means: pyarrow, SimpleITK, ``open``) to the yielded path. It is fsynced and renamed
-    over ``path`` (``fsync=False`` for scratch files where a power loss may lose them); on an error it is
-    removed. ``OSError`` becomes ``StoreError`` naming ``path``.
-    """
+def temp_path(path: str | os.PathLike) -> Path:
+    """A temporary name for ``path``, unique to this writer, in the same folder (hidden, so readers listing the
+    folder skip it; the final suffix kept, so writers that go by the extension still work), the folder made."""
     final = Path(path)
     suffix = "".join(final.suffixes[-2:]) if final.name.endswith(".nii.gz") else final.suffix
-    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}{PARTIAL}{suffix}")
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        yield tmp
+    except OSError as e:
+        raise StoreError(f"{final}: could not write: {e.strerror or e}") from e
+    return final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}{PARTIAL}{suffix}")
+
+
+def publish(tmp: Path, path: str | os.PathLike, *, fsync: bool = True) -> None:
+    """Move the finished temporary file ``tmp`` over ``path`` (after an ``fsync`` unless ``fsync=False``);
+    ``OSError`` becomes ``StoreError`` naming ``path`` and ``tmp`` is removed."""
+    try:
         if fsync:
             fd = os.open(tmp, os.O_RDONLY)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        os.replace(tmp, final)
+        os.replace(tmp, path)
     except OSError as e:
-        raise StoreError(f"{final}: could not write: {e.strerror or e}") from e
-    finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        raise StoreError(f"{path}: could not write: {e.strerror or e}") from e
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (:func:`temp_path`); when the block ends normally, move it to
+    ``path`` (:func:`publish`).
+
+    Write the file (by any means: pyarrow, SimpleITK, ``open``) to the yielded path. It is fsynced and renamed
+    over ``path`` (``fsync=False`` for scratch files where a power loss may lose them); on an error it is
+    removed. ``OSError`` becomes ``StoreError`` naming ``path``.
+    """
+    tmp = temp_path(path)
+    try:
+        yield tmp
+    except BaseException as e:  # Ctrl-C included: nothing half-written stays behind
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(e, OSError) and not isinstance(e, StoreError):
+            raise StoreError(f"{path}: could not write: {e.strerror or e}") from e
+        raise
+    publish(tmp, path, fsync=fsync)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = True) -> Path:

@@ -53,8 +53,3 @@ def bars(enabled: bool = True) -> Iterator[Bars | None]:
         yield b
     finally:
         b.close()
-
-
-def ticker(p: Bars | None, task: str):
-    """A ``(done, total)`` callback for ``task`` from a :class:`Bars` (None when disabled)."""
-    return None if p is None else (lambda done, total: p(task, done, total))

@@ -42,8 +42,9 @@ def scan(raw: Path, out: Path | None, recipe_path: Path | None, quiet: bool, pro
     Prints a table and a summary. QC failures are information: the exit code is 0 whenever the scan ran,
     1 on an error (unreadable RAW, unwritable --out).
     """
-    from kneeprep.cli.progress import bars, ticker
+    from kneeprep.cli.progress import bars
     from kneeprep.dicom import scan_tree
+    from kneeprep.formats.report import ticker
     from kneeprep.recipe import load_recipe
 
     recipe = load_recipe(recipe_path)

@@ -36,8 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from kneeprep.dicom.fields import complex_component
-from kneeprep.dicom.headers import NATIVE_SYNTAXES, PIXEL_DATA, SliceHeader
-from kneeprep.errors import DicomError, InputNotFoundError
+from kneeprep.dicom.headers import NATIVE_SYNTAXES, PIXEL_DATA, SliceHeader, read_input
+from kneeprep.errors import DicomError
 
 RLE_LOSSLESS = "1.2.840.10008.1.2.5"
 DEFLATED = "1.2.840.10008.1.2.1.99"
@@ -175,13 +175,7 @@ def read_frames(info, hasher=None) -> tuple[np.ndarray, list[tuple[float, ...] |
     header = None
     for fi, path in enumerate(info.files):
         path = Path(path)
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise InputNotFoundError(f"{path}: cannot read input ({e.strerror or e})") from None
-        if hasher is not None:
-            hasher.update(path.name.encode() + b"\0")
-            hasher.update(data)
+        data = read_input(path, hasher)
         if fi not in wanted:
             continue
         ds, frames_all, file_header = _decode(path, data)

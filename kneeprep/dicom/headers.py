@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kneeprep.dicom.fields import complex_component
-from kneeprep.errors import DicomError
+from kneeprep.errors import DicomError, InputNotFoundError
 
 PIXEL_DATA = 0x7FE00010
 #: Transfer syntaxes whose PixelData is native (not encapsulated): (uid, byte order).
@@ -550,3 +550,16 @@ def _opt(ds, keyword: str, kind):
     except (TypeError, ValueError):
         return None
     return None if isinstance(x, float) and (x != x or x in (float("inf"), float("-inf"))) else x
+
+
+def read_input(path: Path, hasher=None) -> bytes:
+    """A DICOM file's bytes for decoding; ``hasher`` (a ``hashlib`` object), if given, is fed the file's name,
+    a NUL and the bytes (the series' content hash is computed as its files are read, once)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise InputNotFoundError(f"{path}: cannot read input ({e.strerror or e})") from None
+    if hasher is not None:
+        hasher.update(path.name.encode() + b"\0")
+        hasher.update(data)
+    return data

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kneeprep.dicom.headers import NATIVE_SYNTAXES, PIXEL_DATA
+from kneeprep.dicom.headers import NATIVE_SYNTAXES, PIXEL_DATA, read_input
 from kneeprep.dicom.scan import SeriesInfo
-from kneeprep.errors import DicomError, GeometryError, InputNotFoundError, UnsupportedSeriesError
+from kneeprep.errors import DicomError, GeometryError, UnsupportedSeriesError
 from kneeprep.geometry import Geometry
 
 RLE_LOSSLESS = "1.2.840.10008.1.2.5"
@@ -284,13 +284,7 @@ def _read_stack(paths: Sequence[str | Path], hasher=None) -> tuple[np.ndarray, l
     stack = None
     for k, p in enumerate(paths):
         p = Path(p)
-        try:
-            data = p.read_bytes()
-        except OSError as e:
-            raise InputNotFoundError(f"{p}: cannot read input ({e.strerror or e})") from None
-        if hasher is not None:
-            hasher.update(p.name.encode() + b"\0")
-            hasher.update(data)
+        data = read_input(p, hasher)
         s = _read_slice(p, data)
         del data
         if slices and s.header != slices[0].header:

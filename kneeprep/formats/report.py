@@ -22,13 +22,28 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from kneeprep.files import write_text
 
 STATUSES = ("written", "skipped", "failed")
 #: at most this many item rows in the printed table (failures first); the JSON has them all.
 TABLE_ROWS = 25
+
+
+class Progress(Protocol):
+    """``progress(task, done, total, item="")``: ``done`` of ``total`` units of ``task`` ("scan", "convert",
+    ...) are finished; ``item`` names the last one when there is a name."""
+
+    def __call__(self, task: str, done: int, total: int, item: str = "") -> None: ...
+
+
+def ticker(progress: Progress | None, task: str):
+    """A ``(done, total)`` callback reporting ``task`` to ``progress`` (for functions that take one, such as
+    :func:`kneeprep.dicom.scan_tree`); None when ``progress`` is None."""
+    if progress is None:
+        return None
+    return lambda done, total: progress(task, done, total)
 
 
 @dataclass(frozen=True)

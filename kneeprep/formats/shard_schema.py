@@ -20,7 +20,7 @@ shard is self-contained. Decode a volume with nothing but pyarrow, numpy (and nu
     np.frombuffer(buf, dtype=row["image_dtype"]).reshape(row["image_shape"])   # C order, (z, y, x)
 
 Determinism: same quintuples, volumes and recipe give byte-identical files (stable sort orders, no
-timestamps, fixed writer options). Writes are atomic (``.partial`` then rename); the manifest comes last, so
+timestamps, fixed writer options). Each file is written under a temporary name and renamed; the manifest comes last, so
 a directory without ``manifest.json`` is not a complete set of shards.
 """
 

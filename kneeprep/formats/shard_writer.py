@@ -20,9 +20,10 @@ import pyarrow.parquet as pq
 
 from kneeprep import __version__
 from kneeprep.errors import StoreError, ValidationError
-from kneeprep.files import atomic_path, remove_partials, sha256_file, write_json
+from kneeprep.files import publish, remove_partials, sha256_file, temp_path, write_json
 from kneeprep.formats.box import Box
 from kneeprep.formats.quintuples import Quintuple, quintuple_order
+from kneeprep.formats.report import Progress
 from kneeprep.formats.shard_schema import (
     MANIFEST,
     PARQUET_CODECS,
@@ -37,8 +38,6 @@ from kneeprep.moaks.severity import Grade
 
 #: ``read_volume(volume_id) -> (image, geometry)``; ``geometry`` a ``Geometry`` or its ``to_json()`` dict.
 VolumeReader = Callable[[str], tuple[np.ndarray, Any]]
-#: ``progress(task, done, total, item)``: how far a long job is (:class:`kneeprep.stages.harness.Progress`)
-Progress = Callable[..., None]
 
 
 def write_shards(
@@ -82,7 +81,9 @@ def write_shards(
                 out, split, list(split_rows), read_volume, recipe.shards, rg_bytes, volume_done
             )
     except BaseException:
-        _remove_partials(out)  # a failed or interrupted run leaves no half-written shard (and no manifest)
+        remove_partials(
+            out, "*/*"
+        )  # a failed or interrupted run leaves no half-written shard (and no manifest)
         raise
     manifest = {
         "format": "kneeprep-shards",
@@ -108,12 +109,10 @@ def write_shards(
     for p in sorted(out.glob("*/part-*.parquet")):
         if p.relative_to(out).as_posix() not in keep:
             p.unlink()
-    _remove_partials(out)  # left by a run that was killed (SIGKILL, power loss) before it could clean up
+    remove_partials(
+        out, "*/*"
+    )  # left by a run that was killed (SIGKILL, power loss) before it could clean up
     return manifest
-
-
-def _remove_partials(out: Path) -> None:
-    remove_partials(out, "*/*")
 
 
 def _write_split(
@@ -163,13 +162,13 @@ def _write_split(
 
 
 class _ShardWriter:
-    """One shard file being written under ``<name>.partial``; ``close`` renames it and returns its entry."""
+    """One shard file being written under a temporary name (:func:`kneeprep.files.temp_path`); ``close``
+    publishes it and returns its entry, an error removes it."""
 
     def __init__(self, out: Path, rel: str, split: str, spec):
         self.out, self.rel, self.split, self.spec = out, rel, split, spec
         self.final = out / rel
-        self._atomic = atomic_path(self.final)  # renamed into place by close(), removed on any error
-        self.tmp = self._atomic.__enter__()
+        self.tmp = temp_path(self.final)
         self.sink = pa.OSFile(str(self.tmp), "wb")
         codec = PARQUET_CODECS[spec.codec]
         compression = {n: "ZSTD" for n in SCHEMA.names} | {"image": codec}
@@ -205,7 +204,7 @@ class _ShardWriter:
         """Remove the temporary file (after an error; nothing under the final name)."""
         with contextlib.suppress(Exception):
             self.sink.close()
-        self._atomic.__exit__(RuntimeError, RuntimeError("shard aborted"), None)  # removes the temporary file
+        self.tmp.unlink(missing_ok=True)
 
     def tell(self) -> int:
         return self.sink.tell()
@@ -217,7 +216,7 @@ class _ShardWriter:
         except (OSError, pa.ArrowException) as e:
             self.abort()
             raise StoreError(f"{self.final}: could not finish the shard: {e}") from e
-        self._atomic.__exit__(None, None, None)  # fsync + rename
+        publish(self.tmp, self.final)  # fsync + rename (a failure removes the temporary file)
         return {
             "path": self.rel,
             "split": self.split,

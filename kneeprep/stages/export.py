@@ -28,8 +28,8 @@ baseline expects -- and its affine is ``diag(-1, -1, 1, 1) @ affine_lps`` (:func
 
 **Resuming.** Each volume has a *source key*: the shard's sha256 + volume id (+ the store attrs of its mask), or
 the store attrs of the volume. A volume whose key and output files are as recorded in ``export_manifest.json``
-is skipped; a changed one is rewritten. Writes are atomic (``*.partial.nii.gz`` renamed into place; leftovers
-are removed by the next run); files of volumes no longer in the input are removed.
+is skipped; a changed one is rewritten. Writes are atomic (:mod:`kneeprep.files`: a temporary name renamed into
+place; leftovers are removed by the next run); files of volumes no longer in the input are removed.
 """
 
 from __future__ import annotations
@@ -51,11 +51,17 @@ import SimpleITK as sitk
 from kneeprep import __version__
 from kneeprep.errors import GeometryError, InputNotFoundError, KneeprepError, StoreError, ValidationError
 from kneeprep.files import atomic_path, write_text
-from kneeprep.formats import store as vstore
 from kneeprep.formats.report import ItemResult, RunReport
 from kneeprep.formats.shard_reader import iter_quintuples, read_manifest, read_row_group
 from kneeprep.formats.splits import SPLITS, image_set_suffix, parse_volume_id, write_split_csv
-from kneeprep.formats.store import REPORT_FILE, label_names, list_volumes, read_attrs
+from kneeprep.formats.store import (
+    REPORT_FILE,
+    label_names,
+    list_volumes,
+    read_attrs,
+    read_labels,
+    read_volume,
+)
 from kneeprep.moaks.severity import Grade, parse_answer, to_published
 from kneeprep.stages.harness import Progress, Stage
 
@@ -85,7 +91,8 @@ def volume_file_name(volume_id: str) -> str:
     '9027422/00M/20041222_10312706_2.nii.gz'
     """
     p = parse_volume_id(volume_id)
-    s = f"_{image_set_suffix(volume_id)}" if image_set_suffix(volume_id) else ""  # one echo, time point ...
+    suffix = image_set_suffix(volume_id)
+    s = f"_{suffix}" if suffix else ""  # one echo, time point ...
     return (
         f"{p['patient_id']}/{p['time']}/{p['study_folder']}_{p['series_folder']}_{p['knee_side']}{s}.nii.gz"
     )
@@ -299,12 +306,12 @@ def _export_volume(task: VolumeTask) -> dict[str, Any]:
         image = volumes[vid]
         affine = np.asarray(next(r["image_affine_lps"] for r in rows if r["volume_id"] == vid)).reshape(4, 4)
     else:
-        image, geometry = vstore.read_volume(task.store, vid)
+        image, geometry = read_volume(task.store, vid)
         affine = geometry.affine_lps
     mask = None
     if task.label_layer is not None:
-        mask = vstore.read_labels(task.store, vid, task.label_layer)
-        store_affine = vstore.read_attrs(task.store, vid)["geometry"]["affine_lps"]
+        mask = read_labels(task.store, vid, task.label_layer)
+        store_affine = read_attrs(task.store, vid)["geometry"]["affine_lps"]
         if task.shard is not None and (
             mask.shape != image.shape or not np.allclose(store_affine, affine, atol=1e-4)
         ):

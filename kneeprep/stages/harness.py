@@ -17,8 +17,9 @@ It owns, for every stage:
   (:meth:`Stage.on_interrupt`, e.g. results that finished but were not yet taken), the report written, the
   ``KeyboardInterrupt`` re-raised;
 - **the executor** (:func:`kneeprep.parallel.executor`), started on first use and closed with the stage;
-- **progress**: ``progress(task, done, total, item="")`` calls, a plain callable that knows nothing of any UI
-  (the CLI draws bars: :mod:`kneeprep.cli.progress`); ``None`` is silent.
+- **progress**: ``progress(task, done, total, item="")`` calls (:class:`kneeprep.formats.report.Progress`),
+  a plain callable that knows nothing of any UI (the CLI draws bars: :mod:`kneeprep.cli.progress`); ``None``
+  is silent.
 
 Stages whose report has its own format (the shards stage's ``report.json``) pass ``report_name=None`` and
 write it themselves.
@@ -29,17 +30,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from kneeprep import files
-from kneeprep.formats.report import RunReport
-
-
-class Progress(Protocol):
-    """``progress(task, done, total, item="")``: ``done`` of ``total`` units of ``task`` ("scan", "convert",
-    ...) are finished; ``item`` names the last one when there is a name."""
-
-    def __call__(self, task: str, done: int, total: int, item: str = "") -> None: ...
+from kneeprep.formats.report import Progress, RunReport, ticker
 
 
 class Stage(contextlib.AbstractContextManager):
@@ -112,9 +106,7 @@ class Stage(contextlib.AbstractContextManager):
 
     def ticker(self, task: str) -> Callable[[int, int], None] | None:
         """A ``(done, total)`` callback for ``task`` (for functions that take one), or None when silent."""
-        if self.progress is None:
-            return None
-        return lambda done, total: self.tick(task, done, total)
+        return ticker(self.progress, task)
 
     def track(
         self, results: Iterable[Any], total: int, task: str, item=lambda r: getattr(r, "item", "")

@@ -33,12 +33,12 @@ from kneeprep import __version__
 from kneeprep.errors import InputNotFoundError
 from kneeprep.files import sha256_file, write_json
 from kneeprep.formats.card import write_card
+from kneeprep.formats.report import Progress
 from kneeprep.formats.shard_reader import read_manifest
 from kneeprep.privacy import Pseudonymizer
 from kneeprep.recipe import Recipe
 from kneeprep.stages.boxes import recompute_store_boxes
 from kneeprep.stages.convert import run_convert
-from kneeprep.stages.harness import Progress
 from kneeprep.stages.shards import build_shards
 from kneeprep.stages.validate import validate_shards
 

@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 
 from kneeprep.errors import InputNotFoundError, ValidationError
 from kneeprep.files import sha256_file
+from kneeprep.formats.report import Progress
 from kneeprep.formats.shard_reader import _binary_values, read_manifest
 from kneeprep.formats.shard_schema import MANIFEST, SCHEMA, SCHEMA_VERSION, decode_image
-from kneeprep.stages.harness import Progress
 
 
 @dataclass(frozen=True)
