@@ -21,6 +21,7 @@ from typing import Any
 from kneeprep.dicom.qc import QC  # the series checklist's tolerances belong to the reader
 from kneeprep.errors import RecipeError
 from kneeprep.moaks.anatomy import DEFAULT_QUESTION_REGIONS, SAMPLE_LABELS, SAMPLE_REGION_GROUPS
+from kneeprep.recipes import resolve
 
 _ORIENT_RE = re.compile(r"^(?=.*[LR])(?=.*[AP])(?=.*[SI])[LRAPSI]{3}$")
 
@@ -206,8 +207,6 @@ def load_recipe(path: str | Path | None) -> Recipe:
     ``None`` gives the defaults."""
     if path is None:
         return Recipe()
-    from kneeprep.recipes import resolve
-
     p = resolve(path)
     try:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
