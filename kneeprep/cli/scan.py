@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from kneeprep.cli import RECIPE
+from kneeprep.cli import RECIPE, dask_options
 from kneeprep.stages.scan import series_row, write_table
 
 
@@ -28,8 +28,13 @@ def _out_path(ctx, param, value):
 @click.option("--recipe", "recipe_path", type=RECIPE,
               help="Recipe (file or packaged name) whose [qc] tolerances to use (default: built-in defaults).")  # fmt: skip
 @click.option("--quiet", "-q", is_flag=True, help="Print only the summary, not the per-series table.")
-@click.option("--progress/--no-progress", default=True, help="Show a progress bar (files read) on stderr.")
-def scan(raw: Path, out: Path | None, recipe_path: Path | None, quiet: bool, progress: bool) -> None:
+@dask_options
+@click.option(
+    "--progress/--no-progress", default=True, help="Show a progress bar (parts of the tree read) on stderr."
+)
+def scan(
+    raw: Path, out: Path | None, recipe_path: Path | None, quiet: bool, workers, scheduler, progress: bool
+) -> None:
     """Inventory the DICOM series under RAW, reading headers only.
 
     Any layout works (extensionless files included); the OAI layout
@@ -39,17 +44,21 @@ def scan(raw: Path, out: Path | None, recipe_path: Path | None, quiet: bool, pro
     pixel spacing or size, truncated or unreadable files, too few slices; mosaics, enhanced multi-frame
     objects, single images and non-image objects are "unsupported". Tolerances come from the recipe's [qc].
 
+    The headers are read by Dask tasks, about one per patient folder (docs/SCALING.md); the result is the
+    same with any --workers or --scheduler.
+
     Prints a table and a summary. QC failures are information: the exit code is 0 whenever the scan ran,
     1 on an error (unreadable RAW, unwritable --out).
     """
     from kneeprep.cli.progress import bars
     from kneeprep.dicom import scan_tree
     from kneeprep.formats.report import ticker
+    from kneeprep.parallel import executor
     from kneeprep.recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
-    with bars(progress) as p:
-        result = scan_tree(raw, recipe.qc, ticker(p, "scan"))
+    with bars(progress) as p, executor(workers, scheduler) as ex:
+        result = scan_tree(raw, recipe.qc, ticker(p, "scan"), executor=ex)
     rows = [series_row(s) for s in result.series]
     if not quiet:
         _print_table(rows)

@@ -22,10 +22,9 @@ series record of its own, its volume id ending in ``_<suffix>`` (``..._2_e2``) a
 
 from __future__ import annotations
 
-import os
 import re
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -36,7 +35,6 @@ from kneeprep.dicom.fields import knee_side, technical_fields, visit_from_text
 from kneeprep.dicom.headers import DicomError, NotDicomError, SliceHeader, read_header
 from kneeprep.dicom.imagesets import ImageSet, split_image_sets
 from kneeprep.dicom.qc import ENHANCED_SOP_CLASSES, QC, Finding, QCVerdict, check_series
-from kneeprep.errors import InputNotFoundError
 from kneeprep.formats.splits import make_volume_id, visit_to_time
 from kneeprep.geometry import Geometry, orientation_code
 
@@ -156,105 +154,57 @@ class ScanResult:
         )
 
 
-def _walk(root: Path) -> list[tuple[Path, list[Path]]]:
-    """Every folder under ``root`` that holds files, with its files: folders and files in sorted order."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        if filenames:
-            out.append((Path(dirpath), [Path(dirpath) / f for f in sorted(filenames)]))
-    return out
+def read_folder(files: Sequence[Path]) -> tuple[list[SliceHeader], list[tuple[Path, str]], set[Path], int]:
+    """Headers of one folder's files: ``(headers, unreadable, not_slices, non_dicom_skipped)``.
+
+    A file that is not DICOM is skipped -- unless its name ends in ``.dcm``, which makes it unreadable (and one
+    of ``not_slices``: never counted as a lost slice). Enhanced multi-frame files give one header per frame."""
+    here: list[SliceHeader] = []
+    lost: list[tuple[Path, str]] = []
+    not_slices: set[Path] = set()
+    skipped = 0
+    for path in files:
+        try:
+            h = read_header(path)
+            here += frame_headers(h) if h.sop_class_uid in ENHANCED_SOP_CLASSES and h.has_pixels else [h]
+        except NotDicomError as e:
+            if path.suffix.lower() == ".dcm":
+                lost.append((path, f"named .dcm but {str(e).split(': ', 1)[-1]}"))
+                not_slices.add(path)
+            else:
+                skipped += 1
+        except DicomError as e:
+            lost.append((path, str(e).split(": ", 1)[-1] if str(e).startswith(str(path)) else str(e)))
+    return here, lost, not_slices, skipped
 
 
-def _group_key(h: SliceHeader) -> str:
+def group_key(h: SliceHeader) -> str:
+    """The series a header belongs to before splitting: its SeriesInstanceUID (or folder + SeriesNumber)."""
     return h.series_uid or f"no-uid:{h.path.parent}:{h.series_number}"
 
 
-def scan_tree(
-    root: str | Path,
-    qc: QC = QC(),  # noqa: B008 - frozen dataclass, safe as a default
-    progress: Callable[[int, int], None] | None = None,
-    *,
-    split_orientation_atol: float = 0.05,
-    on_series: Callable[[SeriesInfo], None] | None = None,
-) -> ScanResult:
-    """Scan every file under ``root`` (any layout, extensionless files included) and describe each series.
-
-    Reads headers only (PixelData deferred), one folder at a time. ``progress(done, total)`` is called every
-    256 files and at the end. A file that is not DICOM is counted in ``non_dicom_skipped`` -- unless its name
-    ends in ``.dcm``, which makes it unreadable. Unreadable files (empty, corrupt, not DICOM but named ``.dcm``)
-    are listed in ``unreadable``; when their folder holds exactly one series they are also that series'
-    ``dropped`` files and fail its QC (a non-DICOM ``.dcm`` file is never taken for a lost slice). Raises
-    :class:`~kneeprep.errors.InputNotFoundError` if ``root`` is not a directory.
-
-    ``on_series(info)``, if given, is called with a *provisional* :class:`SeriesInfo` as soon as the folder
-    holding its files has been read -- before the rest of the tree -- so a caller can start work on it early.
-    It is what the final result will say unless the series' UID continues in a later folder or its volume id
-    collides with a later series: the returned :class:`ScanResult` is authoritative, and a caller that acted on
-    a provisional series must compare it (``==``) with the final one and redo what differs.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise InputNotFoundError(f"{root}: raw DICOM folder not found (or not a directory)")
-    folders = _walk(root)
-    total = sum(len(files) for _, files in folders)
-    headers: list[SliceHeader] = []
-    unreadable: list[tuple[Path, str]] = []
-    not_slices: set[Path] = set()  # unreadable, but not DICOM at all: never counted as a lost slice
-    skipped = n = 0
-    seen: set[str] = set()  # group keys of folders already read
-    provisional_ids: set[str] = set()
-    technical: dict[Path, dict | None] = {}  # technical fields of each series' first file, read once
-    for _folder, files in folders:
-        here: list[SliceHeader] = []
-        lost_here: list[tuple[Path, str]] = []
-        for path in files:
-            n += 1
-            try:
-                h = read_header(path)
-                here += frame_headers(h) if h.sop_class_uid in ENHANCED_SOP_CLASSES and h.has_pixels else [h]
-            except NotDicomError as e:
-                if path.suffix.lower() == ".dcm":
-                    lost_here.append((path, f"named .dcm but {str(e).split(': ', 1)[-1]}"))
-                    not_slices.add(path)
-                else:
-                    skipped += 1
-            except DicomError as e:
-                lost_here.append(
-                    (path, str(e).split(": ", 1)[-1] if str(e).startswith(str(path)) else str(e))
-                )
-            if progress is not None and (n % 256 == 0 or n == total):
-                progress(n, total)
-        headers += here
-        unreadable += lost_here
-        keys = {_group_key(h) for h in here}
-        if on_series is not None and here:
-            # series first seen in this folder, as they stand now (a later folder may still add to one)
-            fresh = [h for h in here if _group_key(h) not in seen]
-            for info in _describe(fresh, lost_here, not_slices, qc, split_orientation_atol, technical):
-                if info.volume_id not in provisional_ids:  # an id taken by an earlier one: wait for the end
-                    provisional_ids.add(info.volume_id)
-                    on_series(info)
-        seen |= keys
-    series = _describe(headers, unreadable, not_slices, qc, split_orientation_atol, technical)
-    return ScanResult(root, tuple(series), skipped, tuple(unreadable), total)
-
-
-def _describe(
+def describe(
     headers: Sequence[SliceHeader],
     unreadable: Sequence[tuple[Path, str]],
     not_slices: set[Path],
     qc: QC,
     split_orientation_atol: float,
     technical_cache: dict[Path, dict | None] | None = None,
-) -> list[SeriesInfo]:
-    """Group headers into series (by UID, split by matrix size and orientation) and describe each, sorted by
-    volume id; unreadable files whose folder holds exactly one series are that series' lost files."""
+) -> list[tuple[tuple[str, str, int], SeriesInfo]]:
+    """Group headers into series (by UID, split by matrix size and orientation) and describe each;
+    unreadable files whose folder holds exactly one series are that series' lost files.
+
+    Returns ``((group key, first path of the group, order), series)`` pairs in order (groups by their first
+    path, then the group's parts and image sets), volume ids not yet made unique (:func:`unique_ids`). What it says of a group depends
+    only on the folders that hold the group's files, so any set of whole folders closed under shared groups
+    gives the same records as the whole tree (:mod:`kneeprep.dicom.scan_tasks` relies on it)."""
     groups: dict[str, list[SliceHeader]] = defaultdict(list)
     for h in headers:
-        groups[_group_key(h)].append(h)
+        groups[group_key(h)].append(h)
     todo: list[tuple[list[SliceHeader], list[Finding], int, ImageSet | None]] = []
-    for _key, members in sorted(groups.items(), key=lambda kv: str(min(h.path for h in kv[1]))):
+    keys: list[tuple[str, str, int]] = []
+    for key, members in sorted(groups.items(), key=lambda kv: str(min(h.path for h in kv[1]))):
+        first = str(min(h.path for h in members))
         parts = split_series(members, split_orientation_atol)
         for i, part in enumerate(parts):
             extra: list[Finding] = []
@@ -276,6 +226,7 @@ def _describe(
                 todo.append(
                     (list(s.headers), extra + more, i + 1 if len(parts) > 1 else 0, s if s.suffix else None)
                 )
+                keys.append((key, first, len(keys)))
 
     owners: dict[Path, set[int]] = defaultdict(set)
     for i, (part, _, _, _) in enumerate(todo):
@@ -295,7 +246,7 @@ def _describe(
                 )
             )
         series.append(_series_info(part, qc, extra, part_index, tuple(lost[i]), technical_cache, image_set))
-    return _unique_ids(series)
+    return list(zip(keys, series, strict=True))
 
 
 def split_series(headers: Sequence[SliceHeader], orientation_atol: float) -> list[list[SliceHeader]]:
@@ -433,7 +384,9 @@ def _series_info(
     )
 
 
-def _unique_ids(series: list[SeriesInfo]) -> list[SeriesInfo]:
+def unique_ids(series: list[SeriesInfo]) -> list[SeriesInfo]:
+    """The series with colliding volume ids renamed (``.2``, ``.3`` ... on the series folder, a warning),
+    sorted by volume id."""
     seen: dict[str, int] = {}
     out = []
     for s in sorted(series, key=lambda s: (-s.n_slices, str(s.files[0] if s.files else ""))):

@@ -527,7 +527,7 @@ def run_convert(
     ) as st:  # fmt: skip
         report = st.report
         report.context["cleaned_work_area"] = vstore.clean_work_area(store)
-        ex = st.executor()  # the cluster starts in the background while this process scans
+        ex = st.executor()  # the scan's tasks and the conversions run on it
         stream = ex.stream(_run_task, on_error=_task_lost, recipe=recipe, store_path=str(store))
         early = EarlyStarts(plan, stream, _previously_revised(store))
 
@@ -539,7 +539,11 @@ def run_convert(
         try:
             t = time.perf_counter()
             scan = scan_tree(
-                raw, recipe.qc, st.ticker("scan"), on_series=early.start if ex.runs_ahead else None
+                raw,
+                recipe.qc,
+                st.ticker("scan"),
+                on_series=early.start if ex.runs_ahead else None,
+                executor=ex,
             )
             report.context["scan_seconds"] = round(time.perf_counter() - t, 3)
             report.context["unreadable_files"] = [[str(p), r] for p, r in scan.unreadable]

@@ -1,0 +1,98 @@
+"""The scan as tasks (kneeprep.dicom.scan_tasks): the same result however the tree is cut into parts and
+wherever the parts run -- one task for the whole tree (what a scan in one process did), one part per folder,
+the default plan, and a Dask cluster -- also for a series whose files sit in folders of different parts."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from dicom_fixtures import FIXTURES, OAI_SERIES, make_fixture
+
+from kneeprep.dicom import scan_tasks, scan_tree
+from kneeprep.dicom.scan_tasks import plan
+
+
+def _tree(tmp_path: Path) -> Path:
+    """A series cut in two across patient folders (with an unreadable file next to its second half), a
+    folder holding two series and files at the root."""
+    root = tmp_path / "tree"
+    shutil.copytree(make_fixture("two_series_one_folder", tmp_path / "fx"), root / "two")
+    spread = make_fixture("clean", tmp_path / "spread")
+    first = spread / OAI_SERIES
+    other = spread / "00m" / "0.C.2" / "9000297" / "20040909" / "10693717"
+    other.mkdir(parents=True)
+    for f in sorted(first.iterdir())[4:]:
+        f.rename(other / f.name)
+    (other / "zz.dcm").write_bytes(b"not dicom at all")
+    shutil.copytree(spread, root / "spread")
+    (root / "notes.txt").write_text("a file at the root\n")
+    return root
+
+
+def _scan(root: Path, monkeypatch, min_parts: int, executor=None):
+    monkeypatch.setattr(scan_tasks, "MIN_PARTS", min_parts)
+    return scan_tree(root, executor=executor)
+
+
+@pytest.fixture
+def tree(tmp_path):
+    return _tree(tmp_path)
+
+
+def test_plan_lists_directories_until_there_are_enough_parts(tree):
+    assert [(p.path, p.tree) for p in plan(tree, 1)] == [(str(tree), True)]
+    parts = plan(tree, 10**6)  # every folder that holds files is its own part
+    assert all(not p.tree for p in parts)
+    assert [Path(p.path) for p in parts] == [Path(d) for d, _, f in _walk(tree) if f]
+    default = plan(tree)
+    assert 1 < len(default) and [p.index for p in default] == list(range(len(default)))
+
+
+def _walk(root):
+    import os
+
+    for d, dirs, files in os.walk(root):
+        dirs.sort()
+        yield d, dirs, files
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURES))
+def test_every_fixture_scans_the_same_in_parts(name, tmp_path, monkeypatch):
+    root = make_fixture(name, tmp_path)
+    whole = _scan(root, monkeypatch, 1)  # one task reads the whole tree in walk order
+    for n in (2, 10**6):
+        assert _scan(root, monkeypatch, n) == whole, n
+
+
+def test_the_result_does_not_depend_on_the_parts(tree, monkeypatch):
+    whole = _scan(tree, monkeypatch, 1)  # one task reads the whole tree in walk order
+    assert whole.unreadable and whole.non_dicom_skipped and len(whole.series) >= 2
+    spread = [s for s in whole.series if "spread" in str(s.files[0])]
+    assert len(spread) == 1 and len({f.parent for f in spread[0].files}) == 2  # one series, two folders
+    for n in (2, 5, 64, 10**6):
+        assert _scan(tree, monkeypatch, n) == whole, n
+
+
+def test_provisional_series_come_per_part(tree, monkeypatch):
+    monkeypatch.setattr(scan_tasks, "MIN_PARTS", 10**6)
+    seen = []
+    final = scan_tree(tree, on_series=seen.append)
+    ids = [s.volume_id for s in seen]
+    assert len(ids) == len(set(ids)) and set(ids) >= {s.volume_id for s in final.series} - {
+        s.volume_id for s in final.series if "." in s.series_folder
+    }
+    # the series cut in two is first seen with half its files; the final record has all of them
+    half = [s for s in seen if "spread" in str(s.files[0])]
+    assert half and len(half[0].files) < len(
+        next(s for s in final.series if "spread" in str(s.files[0])).files
+    )
+
+
+def test_a_dask_cluster_gives_the_same_result(tree, monkeypatch):
+    from kneeprep.parallel import executor
+
+    whole = _scan(tree, monkeypatch, 1)
+    with executor(workers=1) as ex:
+        assert _scan(tree, monkeypatch, 10**6, ex) == whole
