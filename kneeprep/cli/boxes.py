@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from kneeprep.cli import RECIPE
+from kneeprep.cli import RECIPE, dask_options
 
 
 @click.command()
@@ -17,12 +17,13 @@ from kneeprep.cli import RECIPE
     help="Recipe (TOML file or packaged name) whose [labels] regions and [boxes] margin to use "
     "(default: the built-in defaults).",
 )
+@dask_options
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar (volumes) on stderr.")
-def boxes(store, recipe_file, progress):
+def boxes(store, recipe_file, workers, scheduler, progress):
     """Recompute every volume's boxes in STORE (a volumes.zarr) from its labels.
 
     Updates each volume's `boxes` attrs and `provenance.boxes_hash`, rewrites STORE/boxes.parquet and
-    prints a summary. Exit code 1 when some volume could not be processed (listed in the summary).
+    prints a summary. One Dask task per volume (--workers, --scheduler). Exit code 1 when some volume could not be processed (listed in the summary).
     """
     from kneeprep.cli.progress import bars
     from kneeprep.recipe import load_recipe
@@ -30,7 +31,7 @@ def boxes(store, recipe_file, progress):
 
     recipe = load_recipe(recipe_file)
     with bars(progress) as p:
-        s = recompute_store_boxes(store, recipe, progress=p)
+        s = recompute_store_boxes(store, recipe, progress=p, workers=workers, scheduler=scheduler)
     click.echo(
         f"{s.volumes} volumes: {s.boxes} boxes, {s.empty} empty regions "
         f"(recipe {recipe.name!r}, boxes hash {s.boxes_hash})"

@@ -38,8 +38,6 @@ def write_boxes_table(store_path: str | os.PathLike) -> Path:
         pq.write_table(table, tmp)
     return out
 
-    return out
-
 
 @dataclass(frozen=True)
 class BoxesSummary:
@@ -71,6 +69,9 @@ def recompute_store_boxes(
     lock: bool = True,
     stale_only: bool = False,
     progress: Progress | None = None,
+    workers: int | None = 0,
+    scheduler: str | None = None,
+    executor=None,
 ) -> BoxesSummary:
     """Recompute every volume's boxes from its stored labels (layer ``recipe.masks.name``) with ``recipe``.
 
@@ -78,61 +79,91 @@ def recompute_store_boxes(
     and volumes without that label layer, are left alone (counted in ``unchanged``); ``boxes.parquet`` is
     rewritten only if some volume changed or it is missing.
 
-    Updates the volume attrs ``boxes`` and ``provenance.boxes_hash``, rewrites ``boxes.parquet`` and returns a
-    summary. A volume that fails (no labels, bad geometry) is recorded in ``failures``, never raised. Holds the
-    store's writer lock (:func:`kneeprep.files.lock`) unless ``lock=False`` (a caller already holding it).
-    ``progress("boxes", done, total, volume_id)`` is called after each volume.
+    One task per volume (:func:`recompute_volume`: the "stale?" check, the labels read and the attrs update
+    happen in the task) on ``executor``, or on one made from ``workers``/``scheduler`` (default ``workers=0``:
+    this process). Updates the volume attrs ``boxes`` and ``provenance.boxes_hash``, rewrites
+    ``boxes.parquet`` and returns a summary. A volume that fails (no labels, bad geometry) is recorded in
+    ``failures``, never raised. Holds the store's writer lock (:func:`kneeprep.files.lock`) unless
+    ``lock=False`` (a caller already holding it). ``progress("boxes", done, total, volume_id)`` is called after
+    each volume.
     """
     store_path = Path(store_path)
     store.list_volumes(store_path)  # a missing store is an error before anything is locked or written
     with Stage(
-        "boxes", store_path, partials=("*boxes.parquet*",), report_name=None, progress=progress, lock=lock
-    ) as st:
+        "boxes", store_path, partials=("*boxes.parquet*",), report_name=None, progress=progress, lock=lock,
+        workers=workers, scheduler=scheduler, executor=executor,
+    ) as st:  # fmt: skip
         return _recompute(store_path, recipe, stale_only, st)
 
 
-def _recompute(store_path: Path, recipe, stale_only: bool, st: Stage) -> BoxesSummary:
-    regions = recipe.labels.region_labels()
+@dataclass(frozen=True)
+class VolumeBoxes:
+    """What one boxes task did to one volume (a few hundred bytes back to the driver)."""
+
+    item: str
+    status: str  # "recomputed" | "unchanged" | "failed"
+    boxes: int = 0
+    empty: int = 0
+    unknown: dict[int, int] | None = None
+    failure: tuple[str, str, str] | None = None
+
+
+def recompute_volume(vid: str, store_path: str, recipe, stale_only: bool) -> VolumeBoxes:
+    """The boxes task: recompute one volume's boxes from its labels and update its attrs."""
+    root = Path(store_path)
     h = boxes_hash(recipe)
-    n_vol = n_box = n_empty = n_same = 0
-    unknown: dict[str, dict[int, int]] = {}
-    failures = []
+    try:
+        attrs = store.read_attrs(root, vid)
+        if stale_only and (
+            (attrs.get("provenance") or {}).get("boxes_hash") == h
+            or recipe.masks.name not in store.label_names(root, vid)
+        ):
+            return VolumeBoxes(vid, "unchanged")
+        regions = recipe.labels.region_labels()
+        geometry = Geometry.from_json(attrs["geometry"])
+        labels = np.asarray(store.read_labels(root, vid, recipe.masks.name))
+        stats = label_stats(labels)
+        boxes = boxes_from_stats(stats, regions, geometry, recipe.boxes.margin_mm)
+        provenance = dict(attrs.get("provenance") or {})
+        provenance["boxes_hash"] = h
+        store.update_attrs(
+            root, vid, {"boxes": [b.to_json() for b in boxes.values()], "provenance": provenance}
+        )
+    except KneeprepError as e:
+        return VolumeBoxes(vid, "failed", failure=(vid, e.kind, str(e)))
+    except KeyError as e:
+        return VolumeBoxes(vid, "failed", failure=(vid, "store", f"{root / vid}: attrs lack {e}"))
+    return VolumeBoxes(
+        vid,
+        "recomputed",
+        sum(not b.empty for b in boxes.values()),
+        sum(b.empty for b in boxes.values()),
+        stats.unknown_labels(regions) or None,
+    )
+
+
+def _lost(vid: str, exc: BaseException) -> VolumeBoxes:
+    return VolumeBoxes(vid, "failed", failure=(vid, "worker", f"{vid}: the boxes task was lost: {exc}"))
+
+
+def _recompute(store_path: Path, recipe, stale_only: bool, st: Stage) -> BoxesSummary:
     vids = sorted(store.list_volumes(store_path))
-    for done, vid in enumerate(vids):
-        if done:
-            st.tick("boxes", done, len(vids), vids[done - 1])
-        try:
-            attrs = store.read_attrs(store_path, vid)
-            if stale_only and (
-                (attrs.get("provenance") or {}).get("boxes_hash") == h
-                or recipe.masks.name not in store.label_names(store_path, vid)
-            ):
-                n_same += 1
-                continue
-            geometry = Geometry.from_json(attrs["geometry"])
-            labels = np.asarray(store.read_labels(store_path, vid, recipe.masks.name))
-            stats = label_stats(labels)
-            boxes = boxes_from_stats(stats, regions, geometry, recipe.boxes.margin_mm)
-            provenance = dict(attrs.get("provenance") or {})
-            provenance["boxes_hash"] = h
-            store.update_attrs(
-                store_path, vid, {"boxes": [b.to_json() for b in boxes.values()], "provenance": provenance}
-            )
-        except KneeprepError as e:
-            failures.append((vid, e.kind, str(e)))
-            continue
-        except KeyError as e:
-            failures.append((vid, "store", f"{store_path / vid}: attrs lack {e}"))
-            continue
-        n_vol += 1
-        n_box += sum(not b.empty for b in boxes.values())
-        n_empty += sum(b.empty for b in boxes.values())
-        u = stats.unknown_labels(regions)
-        if u:
-            unknown[vid] = u
-    if vids:
-        st.tick("boxes", len(vids), len(vids), vids[-1])
+    results = st.executor().map_unordered(
+        recompute_volume, vids, on_error=_lost, store_path=str(store_path), recipe=recipe, stale_only=stale_only
+    ) if vids else iter(())  # fmt: skip
+    done = sorted(st.track(results, len(vids), "boxes"), key=lambda r: r.item)
+    got = [r for r in done if r.status == "recomputed"]
+    failures = tuple(r.failure for r in done if r.failure is not None)
     table = store_path / BOXES_TABLE
-    if n_vol or failures or not table.is_file():
+    if got or failures or not table.is_file():
         table = write_boxes_table(store_path)
-    return BoxesSummary(n_vol, n_box, n_empty, unknown, tuple(failures), str(table), h, n_same)
+    return BoxesSummary(
+        len(got),
+        sum(r.boxes for r in got),
+        sum(r.empty for r in got),
+        {r.item: r.unknown for r in got if r.unknown},
+        failures,
+        str(table),
+        boxes_hash(recipe),
+        sum(r.status == "unchanged" for r in done),
+    )

@@ -499,9 +499,11 @@ def run_convert(
     workers: int | None = None,
     scheduler: str | None = None,
     progress: Progress | None = None,
+    executor=None,
 ) -> RunReport:
     """Convert every selected series under ``raw`` into ``store``; returns the report (also written to
-    ``<store>/report.json``). ``workers=0`` runs in this process without Dask. ``progress``: see
+    ``<store>/report.json``). ``workers=0`` runs in this process without Dask; ``executor`` (a
+    :mod:`kneeprep.parallel` executor the caller owns) overrides ``workers``/``scheduler``. ``progress``: see
     :class:`kneeprep.stages.harness.Progress` (tasks ``scan`` and ``convert``).
 
     With Dask, conversion overlaps the scan (:class:`EarlyStarts`; ``context.converted_early`` counts the
@@ -523,7 +525,7 @@ def run_convert(
     # the volumes' own temporary groups live in the work area (vstore.clean_work_area): no partial globs here
     with Stage(
         "convert", store, partials=(), report_name=vstore.REPORT_FILE, context=context, progress=progress,
-        workers=workers, scheduler=scheduler,
+        workers=workers, scheduler=scheduler, executor=executor,
     ) as st:  # fmt: skip
         report = st.report
         report.context["cleaned_work_area"] = vstore.clean_work_area(store)
@@ -532,6 +534,7 @@ def run_convert(
         early = EarlyStarts(plan, stream, _previously_revised(store))
 
         def take_finished() -> None:  # on Ctrl-C: series finished but not yet taken are in the store
+            report.context["converted_early"] = len(early.submitted)
             reported = {r.item for r in report.items}
             report.add_all(r for r in stream.drain() if r.item not in reported and early.stands(r))
 

@@ -53,6 +53,7 @@ class Stage(contextlib.AbstractContextManager):
         workers: int | None = None,
         scheduler: str | None = None,
         lock: bool = True,
+        executor=None,
     ):
         self.command, self.out = command, Path(out)
         self.what, self.lock_name, self.partials = what, lock_name, tuple(partials)
@@ -62,7 +63,8 @@ class Stage(contextlib.AbstractContextManager):
         self.cleaned: list[str] = []
         self._hooks: list[Callable[[], None]] = []
         self._stack = contextlib.ExitStack()
-        self._executor = None
+        #: an executor the caller owns (``rebuild`` runs every stage on one cluster), else started on demand
+        self._executor = executor
 
     def __enter__(self) -> Stage:
         if self._lock:
@@ -90,8 +92,9 @@ class Stage(contextlib.AbstractContextManager):
     # -- the executor ------------------------------------------------------------------------------------
 
     def executor(self):
-        """The stage's executor (:func:`kneeprep.parallel.executor` with the stage's workers/scheduler): the
-        cluster starts on the first call, in the background, and is closed when the stage ends."""
+        """The stage's executor: the one given to the stage (its owner closes it), else
+        :func:`kneeprep.parallel.executor` with the stage's workers/scheduler, started on the first call in
+        the background and closed when the stage ends."""
         if self._executor is None:
             from kneeprep.parallel import executor  # distributed is imported only by stages that need it
 

@@ -35,6 +35,7 @@ from kneeprep.files import sha256_file, write_json
 from kneeprep.formats.card import write_card
 from kneeprep.formats.report import Progress
 from kneeprep.formats.shard_reader import read_manifest
+from kneeprep.parallel import executor
 from kneeprep.privacy import Pseudonymizer
 from kneeprep.recipe import Recipe
 from kneeprep.stages.boxes import recompute_store_boxes
@@ -114,6 +115,14 @@ def rebuild(
             raise InputNotFoundError(f"{p}: {name} directory not found")
     Pseudonymizer.from_recipe(recipe)  # a missing privacy key fails now, not after the convert stage
     out.mkdir(parents=True, exist_ok=True)
+    # one cluster for every stage: started once, in the background, while the scan is planned
+    with executor(workers, scheduler) as ex:
+        return _run_stages(recipe, raw, annotations, out, masks, ex, progress, echo, workers, scheduler)
+
+
+def _run_stages(
+    recipe, raw, annotations, out: Path, masks, ex, progress, echo, workers, scheduler
+) -> RebuildReport:
     store, shards_dir = out / "volumes.zarr", out / "shards"
     previous = _read_json(out / REPORT)
     rep = RebuildReport(str(out), recipe.name, recipe.hash)
@@ -125,7 +134,7 @@ def rebuild(
     t = stage("scan + convert")
     conv = run_convert(
         raw, store, recipe, annotations=annotations, masks=masks, workers=workers, scheduler=scheduler,
-        progress=progress,
+        progress=progress, executor=ex,
     )  # fmt: skip
     cj = conv.to_json()
     rep.seconds["scan"] = cj["context"].get("scan_seconds", 0.0)
@@ -138,7 +147,7 @@ def rebuild(
     echo(conv.table())
 
     t = stage("boxes")
-    bs = recompute_store_boxes(store, recipe, stale_only=True, progress=progress)
+    bs = recompute_store_boxes(store, recipe, stale_only=True, progress=progress, executor=ex)
     rep.seconds["boxes"] = time.perf_counter() - t
     rep.stages["boxes"] = bs.to_json()
     echo(
