@@ -149,7 +149,9 @@ def rebuild(
         echo(f"  {vid} [{kind}]: {msg}")
 
     t = stage("shards")
-    sh = build_shards(store, annotations, shards_dir, recipe, progress=progress)
+    sh = build_shards(
+        store, annotations, shards_dir, recipe, workers=workers, scheduler=scheduler, progress=progress
+    )
     rep.seconds["shards"] = time.perf_counter() - t
     rep.stages["shards"] = {k: v for k, v in sh.items() if k != "rejected_items"} | {
         "report": str(shards_dir / "report.json")
@@ -171,7 +173,7 @@ def rebuild(
         rep.stages["validate"] = last | {"skipped": True}
         echo("validate: skipped (shards unchanged since they were last validated)")
     else:
-        problems = validate_shards(shards_dir, progress=progress)
+        problems = validate_shards(shards_dir, workers=workers, scheduler=scheduler, progress=progress)
         rep.stages["validate"] = {
             "problems": [str(p) for p in problems],
             "manifest_sha256": manifest_sha,
