@@ -14,6 +14,7 @@ from typing import Any
 from kneeprep.errors import InputNotFoundError, ValidationError
 from kneeprep.files import sha256_file, write_json
 from kneeprep.formats.annotations import read_annotations
+from kneeprep.formats.card import CARD, write_card
 from kneeprep.formats.quintuples import BENIGN_KINDS, build_quintuples
 from kneeprep.formats.shard_plan import volume_nbytes
 from kneeprep.formats.shard_reader import read_manifest
@@ -117,6 +118,8 @@ def _build_shards(
     if pseudo.enabled:  # shards pseudonymized with another key are not up to date
         ihash = hashlib.sha256(f"{ihash}\0{pseudo.fingerprint}".encode()).hexdigest()[:16]
     if not force and up_to_date(out, rhash, ihash):
+        if not (out / CARD).is_file():
+            write_card(out, recipe)
         previous = json.loads((out / REPORT).read_text()) if (out / REPORT).is_file() else {}
         return previous | {"up_to_date": True, "seconds": round(time.perf_counter() - t0, 3)}
     quintuples, rejected = build_quintuples(annotations, attrs, recipe)
@@ -165,6 +168,7 @@ def _build_shards(
         "prompt_mismatch_examples": mismatched[:5],
     }
     write_json(out / REPORT, report)
+    write_card(out, recipe)  # the Hub's YAML block: datasets.load_dataset(out) reads the configs
     return report
 
 
