@@ -70,10 +70,10 @@ def recipe_file(tmp_path):
 
 
 def test_shards_byte_identical_serial_local_and_external_cluster_losing_a_worker(
-    on_disk,
+    on_disk,  # noqa: F811 - the fixture imported from test_shards
     slow_cluster,
     recipe_file,
-    tmp_path,  # noqa: F811 - the imported fixture
+    tmp_path,
 ):
     store, ann, _ = on_disk
     recipe = load_recipe(recipe_file)
