@@ -29,7 +29,8 @@ def shards(store, annotations, shards_dir, recipe_file, force, workers, schedule
     \b
       SHARDS/data/<split>-NNNNN-of-NNNNN.parquet      quintuples (config "quintuples")
       SHARDS/_volumes/<split>-NNNNN-of-NNNNN.parquet  one row per volume (config "volumes")
-      SHARDS/manifest.json, SHARDS/report.json        (the card README.md: `kneeprep rebuild`)
+      SHARDS/README.md                                dataset card with the Hub YAML block (configs, features)
+      SHARDS/manifest.json, SHARDS/report.json        kneeprep's (written last / the run's summary)
 
     Splits in file names are Hugging Face's: train, validation (kneeprep's "val"), test. Shard boundaries
     are planned from the volumes' uncompressed sizes ([shards] target_bytes), then each shard is one task on
