@@ -138,7 +138,7 @@ def _build_shards(
         recipe,
         inputs_hash=ihash,
         nbytes=nbytes,
-        executor=st.executor(),
+        executor=st.executor() if quintuples else None,  # no cluster for nothing to write
         progress=st.progress,
     )
     mismatched = prompt_mismatches(annotations)
