@@ -109,7 +109,8 @@ class Boxes:
 
 @dataclass(frozen=True)
 class Shards:
-    #: target bytes per shard file (a shard holds whole volumes with all their quintuples).
+    #: uncompressed voxel bytes per shard (a shard holds whole volumes with all their quintuples; boundaries are
+    #: planned from the volumes' shapes and dtypes before writing, so a compressed shard file is smaller).
     target_bytes: int = 512 * 1024 * 1024
     #: how the voxel column is compressed (docs/SHARDS.md, "Compression"; measured in bench/bench_loader.py):
     #: "none" (the fast layout: memory-mapped, zero-copy), "blosc-lz4" / "blosc-zstd" (compact layouts: kneeprep

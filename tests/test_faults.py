@@ -94,14 +94,14 @@ _SLOW = textwrap.dedent(
     from kneeprep.formats import shard_writer as shards
     from kneeprep.formats import store
     delay = float(sys.argv[1])
-    _write_array, _write_group = store._write_array, shards._ShardWriter.write_group
+    _write_array, _write_group = store._write_array, shards._ParquetFile.write_group
     def slow_array(*a, **k):
         time.sleep(delay)
         return _write_array(*a, **k)
     def slow_group(self, *a, **k):
         _write_group(self, *a, **k)
         time.sleep(delay)
-    store._write_array, shards._ShardWriter.write_group = slow_array, slow_group
+    store._write_array, shards._ParquetFile.write_group = slow_array, slow_group
     from kneeprep.cli import main
     main(sys.argv[2:])
     """
@@ -185,16 +185,17 @@ def test_shards_killed_at_a_random_point_then_rerun_is_byte_identical(
     small = tmp_path / "small.toml"
     small.write_text(RECIPE.read_text().replace("target_bytes = 536870912", "target_bytes = 400000"))
     build_shards(clean_store, small_sample, out, load_recipe(small))
-    old_parts = {p.relative_to(out).as_posix() for p in out.glob("*/part-*.parquet")}
+    old_parts = {p.relative_to(out).as_posix() for p in out.glob("data/*.parquet")}
     assert len(old_parts) > len(json.loads((clean_shards / MANIFEST).read_text())["shards"])
 
     proc = spawn(
-        ["shards", str(clean_store), str(small_sample), str(out), "--recipe", str(RECIPE)], delay=0.25
+        ["shards", str(clean_store), str(small_sample), str(out), "--recipe", str(RECIPE), "--workers", "0"],
+        delay=0.25,
     )
     bad_manifest = []
     kill_at = None
     after = rng.uniform(0.0, 0.4)
-    start = {p: p.stat().st_mtime_ns for p in out.glob("*/part-*.parquet")}
+    start = {p: p.stat().st_mtime_ns for p in out.glob("data/*.parquet")}
     try:
         t0 = time.monotonic()
         while proc.poll() is None and time.monotonic() - t0 < DEADLINE:
@@ -209,7 +210,7 @@ def test_shards_killed_at_a_random_point_then_rerun_is_byte_identical(
                     bad_manifest.append(wrong)
             except (FileNotFoundError, ValueError):
                 pass
-            new = [p for p in out.glob("*/part-*.parquet") if start.get(p) != p.stat().st_mtime_ns]
+            new = [p for p in out.glob("data/*.parquet") if start.get(p) != p.stat().st_mtime_ns]
             if new and kill_at is None:
                 kill_at = time.monotonic() + after
             if kill_at is not None and time.monotonic() >= kill_at:
@@ -229,7 +230,7 @@ def test_shards_killed_at_a_random_point_then_rerun_is_byte_identical(
     assert rep["up_to_date"] is False and rep["errors"] == 0
     assert (out / MANIFEST).read_bytes() == (clean_shards / MANIFEST).read_bytes()
     files = lambda d: sorted(p.relative_to(d).as_posix() for p in d.glob("*/*") if p.is_file())  # noqa: E731
-    assert files(out) == files(clean_shards)  # no stale part-*.parquet, no *.partial
+    assert files(out) == files(clean_shards)  # no stale shard, no *.partial
     for rel in files(out):
         assert (out / rel).read_bytes() == (clean_shards / rel).read_bytes(), rel
     assert validate_shards(out) == []
@@ -422,7 +423,7 @@ def test_a_shard_write_error_names_the_file_and_leaves_no_partial_shard(
     out = tmp_path / "shards"
     proc = subprocess.run(
         [PYTHON, "-m", "kneeprep", "shards", str(clean_store), str(small_sample), str(out), "--recipe", str(RECIPE),
-         "--no-progress"],
+         "--no-progress", "--workers", "0"],
         capture_output=True, text=True, timeout=DEADLINE, preexec_fn=_limit_file_size(limit),
     )  # fmt: skip
     assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -430,12 +431,10 @@ def test_a_shard_write_error_names_the_file_and_leaves_no_partial_shard(
     err = proc.stderr.strip()
     assert err.startswith("error: ") and "could not write the shard" in err and "File too large" in err, err
     failing = err.split("error: ", 1)[1].split(":", 1)[0]
-    assert Path(failing).parent.parent == out and Path(failing).name.startswith("part-"), err
+    assert Path(failing).parent.parent == out and Path(failing).suffix == ".parquet", err
     assert not (out / MANIFEST).exists()
     assert list(out.glob("*/*.partial")) == []
-    for p in out.glob(
-        "*/part-*.parquet"
-    ):  # what was finished before the error is whole (same bytes as clean)
+    for p in out.glob("*/*.parquet"):  # what was finished before the error is whole (same bytes as clean)
         assert p.stat().st_size < limit
         assert p.read_bytes() == (clean_shards / p.relative_to(out)).read_bytes()
     assert [p.kind for p in validate_shards(out)] == ["manifest"]

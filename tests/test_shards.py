@@ -208,7 +208,7 @@ def test_volume_stored_once_per_shard_and_decodes(data, built):
 
     for e in manifest["shards"]:
         t = pq.read_table(out / e["path"])
-        assert t.schema.equals(SCHEMA) and t.schema.metadata[b"kneeprep.schema_version"] == b"2"
+        assert t.schema.equals(SCHEMA) and t.schema.metadata[b"kneeprep.schema_version"] == b"3"
         images = t.column("image").to_pylist()
         vids = t.column("volume_id").to_pylist()
         stored = [v for v, im in zip(vids, images, strict=True) if im is not None]
@@ -237,9 +237,15 @@ def test_shards_cut_at_target_bytes_and_row_groups_hold_whole_volumes(data, tmp_
     qs, _ = build_quintuples(data.annotations, data.attrs, recipe)
     m = write_shards(qs, data.read_volume, tmp_path, recipe)
     train = [e for e in m["shards"] if e["split"] == "train"]
-    assert len(train) > 1 and [e["path"] for e in train] == [
-        f"train/part-{i:05d}.parquet" for i in range(len(train))
+    n = len(train)
+    assert n > 1 and [e["path"] for e in train] == [
+        f"data/train-{i:05d}-of-{n:05d}.parquet" for i in range(n)
     ]
+    assert [e["volumes_path"] for e in train] == [
+        f"_volumes/train-{i:05d}-of-{n:05d}.parquet" for i in range(n)
+    ]
+    val = [e["path"] for e in m["shards"] if e["split"] == "val"]
+    assert val and all(p.startswith("data/validation-") for p in val)
     assert all(e["bytes"] >= 4000 for e in train[:-1])
     assert sum(e["rows"] for e in m["shards"]) == len(qs)
     for e in m["shards"]:
@@ -348,7 +354,7 @@ def test_manifest_contents(data, built):
     qs, _, out, manifest = built
     m = read_manifest(out)
     assert m == manifest
-    assert m["recipe_hash"] == data.recipe.stage_hash("shards") and m["schema_version"] == 2
+    assert m["recipe_hash"] == data.recipe.stage_hash("shards") and m["schema_version"] == 3
     assert {s: m["splits"][s]["rows"] for s in m["splits"]} == {
         s: sum(q.split == s for q in qs) for s in ("train", "val", "test")
     }
@@ -401,9 +407,15 @@ def test_validate_catches_wrong_checksum_in_manifest(copy_of):
 
 def test_validate_catches_missing_and_extra_shards(copy_of):
     d, m = copy_of
-    (d / m["shards"][0]["path"]).rename(d / "train" / "part-00099.parquet")
+    (d / m["shards"][0]["path"]).rename(d / "data" / "train-00099-of-00100.parquet")
+    (d / "train").mkdir()
+    (d / "train" / "part-00000.parquet").write_bytes(b"old layout")
     kinds = sorted((p.kind, p.path) for p in validate_shards(d))
-    assert kinds == [("extra", "train/part-00099.parquet"), ("missing", m["shards"][0]["path"])]
+    assert kinds == [
+        ("extra", "data/train-00099-of-00100.parquet"),
+        ("extra", "train/part-00000.parquet"),
+        ("missing", m["shards"][0]["path"]),
+    ]
 
 
 def test_validate_catches_bad_box_rows_and_split_leak(data, built, tmp_path):
@@ -465,7 +477,7 @@ def run_cli(*args):
 def test_cli_shards_then_validate_then_rerun(data, built, on_disk):
     store, ann, root = on_disk
     out = root / "shards"
-    r = run_cli("shards", store, ann, out)
+    r = run_cli("shards", store, ann, out, "--workers", "0")
     assert r.exit_code == 0, r.output
     assert "quintuples: train 24, val 6, test 6 (total 36)" in r.output
     assert "rejected: 12 (no_box 12)" in r.output
@@ -475,15 +487,15 @@ def test_cli_shards_then_validate_then_rerun(data, built, on_disk):
     )
     # the same quintuples as the in-memory join (the JSONL round trip loses nothing)
     assert [quintuple_from_row(x) for x in iter_quintuples(out)] == built[0]
-    v = run_cli("validate", out)
+    v = run_cli("validate", out, "--workers", "0")
     assert v.exit_code == 0 and "OK (" in v.output, v.output
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
-    again = run_cli("shards", store, ann, out)
+    again = run_cli("shards", store, ann, out, "--workers", "0")
     assert again.exit_code == 0 and "up to date" in again.output
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")} == before
     changed = root / "recipe.toml"
     changed.write_text('[shards]\ncodec = "lz4"\n')
-    r3 = run_cli("shards", store, ann, out, "--recipe", changed)
+    r3 = run_cli("shards", store, ann, out, "--recipe", changed, "--workers", "0")
     assert r3.exit_code == 0 and "up to date" not in r3.output and "(lz4)" in r3.output
 
 
@@ -495,11 +507,11 @@ def test_cli_exit_1_on_error_rejections_and_validate_problems(on_disk, tmp_path)
     shutil.copytree(ann, ann2)
     with (ann2 / "quintuples.jsonl").open("a") as fh:
         fh.write('{"sample_id": "x", "volume_id": "9999999_00M_20040101_10000001_1", "question_id": "3"\n')
-    r = run_cli("shards", store, ann2, tmp_path / "shards")
+    r = run_cli("shards", store, ann2, tmp_path / "shards", "--workers", "0")
     assert r.exit_code == 1 and "[annotation]" in r.output and "annotation 1" in r.output
     p = next((tmp_path / "shards").rglob("*.parquet"))
     p.write_bytes(p.read_bytes()[:-20])
-    v = run_cli("validate", tmp_path / "shards")
+    v = run_cli("validate", tmp_path / "shards", "--workers", "0")
     assert (
         v.exit_code == 1 and "[bytes]" in v.output and "[checksum]" in v.output and "problem(s)" in v.output
     )

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import click
 
 #: what each task counts, shown after the bar
-UNITS = {"scan": "files", "convert": "series", "boxes": "volumes", "shards": "volumes", "validate": "shards",
+UNITS = {"scan": "files", "convert": "series", "boxes": "volumes", "shards": "shards", "validate": "shards",
          "export": "volumes", "writing series": "series"}  # fmt: skip
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from kneeprep.cli import RECIPE
+from kneeprep.cli import RECIPE, dask_options
 
 
 @click.command()
@@ -20,10 +20,21 @@ from kneeprep.cli import RECIPE
     "default: built-in defaults).",
 )
 @click.option("--force", is_flag=True, help="Rewrite the shards even when inputs and recipe are unchanged.")
-@click.option("--progress/--no-progress", default=True, help="Show a progress bar (volumes) on stderr.")
-def shards(store, annotations, shards_dir, recipe_file, force, progress):
+@dask_options
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar (shards) on stderr.")
+def shards(store, annotations, shards_dir, recipe_file, force, workers, scheduler, progress):
     """Join the volumes of STORE (a volumes.zarr) with the annotations in ANNOTATIONS into Parquet shards
-    under SHARDS (SHARDS/<split>/part-NNNNN.parquet + manifest.json; format in docs/SHARDS.md).
+    under SHARDS, in the Hugging Face Hub layout (format in docs/SHARDS.md):
+
+    \b
+      SHARDS/data/<split>-NNNNN-of-NNNNN.parquet      quintuples (config "quintuples")
+      SHARDS/_volumes/<split>-NNNNN-of-NNNNN.parquet  one row per volume (config "volumes")
+      SHARDS/README.md                                dataset card with the Hub YAML block (configs, features)
+      SHARDS/manifest.json, SHARDS/report.json        kneeprep's (written last / the run's summary)
+
+    Splits in file names are Hugging Face's: train, validation (kneeprep's "val"), test. Shard boundaries
+    are planned from the volumes' uncompressed sizes ([shards] target_bytes), then each shard is one task on
+    the workers (--workers / --scheduler); the files are byte-identical however they run.
 
     Prints quintuples per split, rejections by reason, shards and bytes; the full list of rejected
     quintuples is in SHARDS/report.json. A re-run with the same inputs and shards-stage recipe does nothing.
@@ -37,9 +48,20 @@ def shards(store, annotations, shards_dir, recipe_file, force, progress):
     from kneeprep.recipe import load_recipe
     from kneeprep.stages.shards import build_shards
 
+    if workers is not None and scheduler:
+        raise click.UsageError("--workers and --scheduler exclude each other")
     recipe = load_recipe(recipe_file)
     with bars(progress) as p:
-        r = build_shards(store, annotations, shards_dir, recipe, force=force, progress=p)
+        r = build_shards(
+            store,
+            annotations,
+            shards_dir,
+            recipe,
+            force=force,
+            workers=workers,
+            scheduler=scheduler,
+            progress=p,
+        )
     if r.get("up_to_date"):
         click.echo(
             f"shards in {shards_dir} are up to date (same inputs, shards recipe hash {r.get('recipe_hash', '?')}): "
@@ -80,10 +102,12 @@ def shards(store, annotations, shards_dir, recipe_file, force, progress):
 @click.option(
     "--no-decode", is_flag=True, help="Skip reading the voxel bytes (checksums still read every byte)."
 )
+@dask_options
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar (shard files) on stderr.")
-def validate(shards_dir, no_decode, progress):
+def validate(shards_dir, no_decode, workers, scheduler, progress):
     """Check SHARDS against its manifest: schema version, checksums, row counts, missing or extra shards,
-    every box inside its volume, every volume decodable to its shape and dtype, no patient in two splits.
+    every box inside its volume, every volume decodable to its shape and dtype, the volumes table equal to
+    the quintuples' volumes, no patient in two splits. One task per shard (--workers / --scheduler).
 
     Prints every problem found; exit code 1 if there is any.
     """
@@ -91,8 +115,12 @@ def validate(shards_dir, no_decode, progress):
     from kneeprep.formats.shard_reader import read_manifest
     from kneeprep.stages.validate import validate_shards
 
+    if workers is not None and scheduler:
+        raise click.UsageError("--workers and --scheduler exclude each other")
     with bars(progress) as p:
-        problems = validate_shards(shards_dir, decode=not no_decode, progress=p)
+        problems = validate_shards(
+            shards_dir, decode=not no_decode, workers=workers, scheduler=scheduler, progress=p
+        )
     for p in problems:
         click.secho(str(p), fg="red")
     if problems:

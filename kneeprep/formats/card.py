@@ -16,8 +16,9 @@ import pyarrow.parquet as pq
 
 from kneeprep import __version__
 from kneeprep.files import sha256_file, write_text
+from kneeprep.formats.card_yaml import front_matter
 from kneeprep.formats.shard_reader import read_manifest
-from kneeprep.formats.shard_schema import SCHEMA
+from kneeprep.formats.shard_schema import SCHEMA, VOLUME_SCHEMA
 from kneeprep.moaks.anatomy import FINDINGS
 
 CARD = "README.md"
@@ -32,7 +33,8 @@ LICENCE = """\
 
 
 def write_card(shards_dir: str | os.PathLike, recipe, *, extra: dict | None = None) -> Path:
-    """Write ``shards_dir/README.md`` from the manifest, the shards' question columns and the recipe."""
+    """Write ``shards_dir/README.md`` from the manifest, the shards' question columns and the recipe: the
+    Hugging Face YAML block first (:func:`kneeprep.formats.card_yaml.front_matter`), then the card."""
 
     d = Path(shards_dir)
     manifest = read_manifest(d)
@@ -47,6 +49,7 @@ def write_card(shards_dir: str | os.PathLike, recipe, *, extra: dict | None = No
             boxed[split] += not empty
     splits = [s for s in ("train", "val", "test") if s in manifest["splits"]]
     lines = [
+        front_matter(manifest, f"3DReasonKnee-style knee MRI quintuples ({recipe.name})"),
         f"# Dataset card: {recipe.name}",
         "",
         "3DReasonKnee-style quintuples — (3D volume, question about a MOAKS subregion, 3D box of that region, "
@@ -81,19 +84,33 @@ def write_card(shards_dir: str | os.PathLike, recipe, *, extra: dict | None = No
         "",
         "## Reading the shards",
         "",
-        "Files: `<split>/part-NNNNN.parquet`, listed with row counts and SHA-256 checksums in `manifest.json`. "
-        "One row per quintuple. Each volume's voxels are stored once per shard, on the first row of that volume "
-        "(`image` is null on its other rows); a row group holds whole volumes. `image_codec` says how `image` "
-        "decodes: `raw` = the voxel bytes (C order); `blosc` = one Blosc frame of them (compact layouts "
-        "`blosc-lz4`/`blosc-zstd`), decoded by `numcodecs.Blosc().decode` (`pip install numcodecs`; it comes with "
-        "zarr). Without kneeprep:",
+        "Files (the Hugging Face Hub layout; kneeprep's split `val` is `validation` in file names and configs): "
+        "`data/<split>-NNNNN-of-NNNNN.parquet`, config `quintuples` (default), one row per quintuple; "
+        "`_volumes/<split>-NNNNN-of-NNNNN.parquet`, config `volumes`, one row per volume (`image`, `image_nbytes` "
+        "and the geometry; join on `volume_id`). Both are listed with row counts and SHA-256 checksums in "
+        "`manifest.json`. In `data/`, each volume's voxels are also stored once per shard, on the first row of "
+        "that volume (`image` is null on its other rows; what kneeprep's loader reads). `image_codec` says how "
+        "`image` decodes: `raw` = the voxel bytes (C order); `blosc` = one Blosc frame of them, decoded by "
+        "`numcodecs.Blosc().decode` (`pip install numcodecs`; it comes with zarr).",
+        "",
+        "```python",
+        "import datasets, kneeprep.hf",
+        'ds = datasets.load_dataset("SHARDS")                        # train / validation / test quintuples',
+        'vols = kneeprep.hf.Volumes("SHARDS", split="train")        # decoded (z, y, x) arrays by volume id, cached',
+        'ds = ds["train"].with_transform(kneeprep.hf.with_volumes(vols))   # rows get their "volume" lazily',
+        "```",
+        "",
+        "Parquet tools: point them at `data/` (quintuples) or `_volumes/` (volumes): "
+        '`pandas.read_parquet("SHARDS/data")`, `pyarrow.dataset.dataset("SHARDS/data")`, '
+        '`duckdb.sql("SELECT * FROM \'SHARDS/data/*.parquet\'")`, `polars.read_parquet("SHARDS/data/*.parquet")`; '
+        'at the root, `pyarrow.dataset.dataset("SHARDS", format="parquet", exclude_invalid_files=True)` '
+        "gives the quintuples (it skips `_volumes/` and the JSON and Markdown files). Without kneeprep:",
         "",
         "```python",
         "import numcodecs, numpy as np, pyarrow.parquet as pq",
-        'rows = pq.read_table("train/part-00000.parquet").to_pylist()',
-        'first = next(r for r in rows if r["image"] is not None)',
-        'data = numcodecs.Blosc().decode(first["image"]) if first["image_codec"] == "blosc" else first["image"]',
-        'volume = np.frombuffer(data, first["image_dtype"]).reshape(first["image_shape"])',
+        'v = pq.read_table("_volumes/train-00000-of-00001.parquet").to_pylist()[0]',
+        'data = numcodecs.Blosc().decode(v["image"]) if v["image_codec"] == "blosc" else v["image"]',
+        'volume = np.frombuffer(data, v["image_dtype"]).reshape(v["image_shape"])',
         "```",
         "",
         'With kneeprep: `kneeprep.loader.dataset.ShardDataset(path, split="train")` (shuffling, exact partitioning over '
@@ -101,12 +118,14 @@ def write_card(shards_dir: str | os.PathLike, recipe, *, extra: dict | None = No
         "order; `box_list_form` the 3DReasonKnee `[start_slice, end_slice, x_min, x_max, y_min, y_max]` "
         "(inclusive). World coordinates: `image_affine_lps` (row-major 4×4, LPS mm).",
         "",
-        f"Schema (version {manifest.get('schema_version')}):",
+        f"Schema (version {manifest.get('schema_version')}), quintuples:",
         "",
         "| column | type |",
         "|---|---|",
     ]
     lines += [f"| `{f.name}` | `{f.type}`{'' if f.nullable else ' (not null)'} |" for f in SCHEMA]
+    lines += ["", "Volumes:", "", "| column | type |", "|---|---|"]
+    lines += [f"| `{f.name}` | `{f.type}`{'' if f.nullable else ' (not null)'} |" for f in VOLUME_SCHEMA]
     prov = {
         "kneeprep_version": __version__,
         "recipe_name": recipe.name,

@@ -16,7 +16,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kneeprep.errors import InputNotFoundError, ValidationError
-from kneeprep.formats.shard_schema import MANIFEST, QUINTUPLE_COLUMNS, SCHEMA, SCHEMA_VERSION, decode_image
+from kneeprep.formats.shard_schema import (
+    MANIFEST,
+    QUINTUPLE_COLUMNS,
+    READABLE_VERSIONS,
+    SCHEMA,
+    SCHEMA_VERSION,
+    decode_image,
+)
 
 
 def read_manifest(shards_dir: str | os.PathLike) -> dict[str, Any]:
@@ -27,11 +34,18 @@ def read_manifest(shards_dir: str | os.PathLike) -> dict[str, Any]:
         m = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValidationError(f"{p}: not valid JSON: {e}") from e
-    if m.get("schema_version") != SCHEMA_VERSION:
+    if m.get("schema_version") not in READABLE_VERSIONS:
         raise ValidationError(
-            f"{p}: schema version {m.get('schema_version')!r}, this kneeprep reads {SCHEMA_VERSION}"
+            f"{p}: schema version {m.get('schema_version')!r}, this kneeprep reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))}: re-run `kneeprep shards` to rewrite the shards"
         )
     return m
+
+
+def is_legacy(manifest: dict[str, Any]) -> bool:
+    """True for a manifest of the layout before schema version 3 (``<split>/part-NNNNN.parquet``, no volumes
+    table): the loader still reads it (same rows, paths from the manifest); ``kneeprep shards`` rewrites it."""
+    return manifest.get("schema_version") != SCHEMA_VERSION
 
 
 #: ``alloc(volume_id, shape, dtype)`` -> a writable C-contiguous array to decode that volume into

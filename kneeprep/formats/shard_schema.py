@@ -1,12 +1,14 @@
 """Parquet shards of quintuples: the Arrow schema and the image codecs (what every shard reader needs).
 
-Layout (``docs/SHARDS.md`` is the user-facing description)::
+Layout (``docs/SHARDS.md`` is the user-facing description; names from :mod:`kneeprep.formats.shard_plan`)::
 
     SHARDS/
-      train/part-00000.parquet ...     rows = quintuples of one split, sorted by (volume id, question id)
-      val/…  test/…
-      manifest.json                    written last: schema version, recipe hash, per shard path/rows/sha256
-      report.json                      the last `kneeprep shards` run's summary and rejections
+      README.md                                dataset card, with the Hugging Face YAML block (configs, features)
+      data/train-00000-of-00004.parquet ...    rows = quintuples of one split, sorted by (volume id, question id)
+      data/validation-…  data/test-…           (kneeprep split "val" is Hugging Face's "validation")
+      _volumes/train-00000-of-00004.parquet …  one row per volume (VOLUME_SCHEMA), shard for shard beside data/
+      manifest.json                            written last: schema version, recipe hash, per shard paths/rows/sha256
+      report.json                              the last `kneeprep shards` run's summary and rejections
 
 **Each volume's voxels are stored once per shard.** Rows are sorted by volume; the volume's bytes sit in the
 ``image`` column of its *first* row only (null on its other rows, which Parquet stores in a few bits), and a
@@ -35,7 +37,9 @@ from numcodecs import Blosc, blosc
 from kneeprep.errors import ValidationError
 
 #: Version of the shard schema and layout; bump on any change a reader could notice.
-SCHEMA_VERSION = 2  # 2: the image_codec column (Blosc-compressed volumes)
+SCHEMA_VERSION = 3  # 2: the image_codec column (Blosc-compressed volumes); 3: Hub layout + volumes table
+#: manifest versions a reader still reads (2: ``<split>/part-NNNNN.parquet``, no volumes table; same rows)
+READABLE_VERSIONS = (2, 3)
 #: A row group holds whole volumes up to this many uncompressed image bytes (at least one volume). A full DESS
 #: volume (160x384x384 uint16, 45 MiB) gets a row group of its own: reading is as fast as with bigger groups
 #: (the cost is decoding the voxel bytes; bench/bench_loader.py), and the loader's unit of shuffling and of
@@ -94,6 +98,28 @@ SCHEMA = pa.schema(
             "image_codec 'raw': np.frombuffer(image, image_dtype).reshape(image_shape), C order (z, y, x); "
             "'blosc': the same on numcodecs.Blosc().decode(image)"
         ),
+    },
+)
+#: The volumes table (``_volumes/``): one row per volume, the same ``image`` bytes as the volume's first row in
+#: its quintuples shard, and ``image_nbytes`` = their length (a reader that strips trailing NUL bytes, such as
+#: ``datasets``' numpy formatting of binary values, pads back to it: :func:`kneeprep.hf.decode_volume`).
+VOLUME_SCHEMA = pa.schema(
+    [
+        pa.field("volume_id", pa.string(), nullable=False),
+        pa.field("patient_id", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("questions", pa.int32(), nullable=False),
+        pa.field("image", pa.large_binary(), nullable=False),
+        pa.field("image_nbytes", pa.int64(), nullable=False),
+        *(
+            SCHEMA.field(n)
+            for n in ("image_shape", "image_dtype", "image_codec", "image_spacing", "image_affine_lps")
+        ),
+    ],
+    metadata={
+        "kneeprep.schema_version": str(SCHEMA_VERSION),
+        "kneeprep.layout": "one row per volume, sorted by volume id; join quintuples on volume_id",
+        "kneeprep.image_decoding": SCHEMA.metadata[b"kneeprep.image_decoding"].decode(),
     },
 )
 IMAGE_COLUMNS = ("image", "image_shape", "image_dtype", "image_codec", "image_spacing", "image_affine_lps")

@@ -1,16 +1,21 @@
 """Writing shards: quintuples and their volumes -> Parquet files and the manifest (``docs/SHARDS.md``).
 
-Determinism: same quintuples, volumes and recipe give byte-identical files (stable sort orders, no
-timestamps, fixed writer options). Each shard is written under a temporary name and renamed; the manifest
-comes last, so a directory without ``manifest.json`` is not a complete set of shards.
+The boundaries of every shard are planned first (:func:`kneeprep.formats.shard_plan.plan_shards`, from the
+volumes' uncompressed sizes); then each shard is one independent task, :func:`write_shard`, that reads its
+volumes and writes its two files (quintuples under ``data/``, volumes under ``_volumes/``) and returns their
+sizes and checksums. Tasks run on any executor (:mod:`kneeprep.parallel`; in this process without one); the
+manifest is written last, from the task results, in plan order.
+
+Determinism: same quintuples, volumes and recipe give byte-identical files wherever the tasks run (stable sort
+orders, no timestamps, fixed writer options, Blosc on one thread). Each file is written under a temporary name
+and renamed; the manifest comes last, so a directory without ``manifest.json`` is not a complete set of shards.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterable
-from itertools import groupby
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +24,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kneeprep import __version__
-from kneeprep.errors import StoreError, ValidationError
+from kneeprep.errors import StoreError
 from kneeprep.files import publish, remove_partials, sha256_file, temp_path, write_json
 from kneeprep.formats.box import Box
-from kneeprep.formats.quintuples import Quintuple, quintuple_order
+from kneeprep.formats.quintuples import Quintuple
 from kneeprep.formats.report import Progress
+from kneeprep.formats.shard_plan import DATA_DIR, VOLUMES_DIR, ShardPlan, plan_shards
 from kneeprep.formats.shard_schema import (
     MANIFEST,
     PARQUET_CODECS,
@@ -31,13 +37,18 @@ from kneeprep.formats.shard_schema import (
     ROW_GROUP_IMAGE_BYTES,
     SCHEMA,
     SCHEMA_VERSION,
+    VOLUME_SCHEMA,
     encode_image,
 )  # fmt: skip
 from kneeprep.formats.splits import SPLITS
 from kneeprep.moaks.severity import Grade
 
-#: ``read_volume(volume_id) -> (image, geometry)``; ``geometry`` a ``Geometry`` or its ``to_json()`` dict.
+#: ``read_volume(volume_id) -> (image, geometry)``; ``geometry`` a ``Geometry`` or its ``to_json()`` dict. Must be
+#: picklable to run on Dask workers (the shards stage passes :class:`kneeprep.stages.shards.StoreVolumes`).
 VolumeReader = Callable[[str], tuple[np.ndarray, Any]]
+
+#: Shard files of the layout before schema version 3 (``<split>/part-NNNNN.parquet``), removed by a rewrite.
+LEGACY_GLOB = "*/part-*.parquet"
 
 
 def write_shards(
@@ -48,43 +59,42 @@ def write_shards(
     *,
     inputs_hash: str = "",
     row_group_bytes: int = ROW_GROUP_IMAGE_BYTES,
+    nbytes: Mapping[str, int] | None = None,
+    executor=None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Write quintuples (with their volumes) as Parquet shards under ``out_dir`` and return the manifest.
 
-    Quintuples are grouped by split and volume in a stable order (split, volume id, question id, sample id);
-    each volume is read once with ``read_volume``. Shards are cut once a file reaches
-    ``recipe.shards.target_bytes`` (always after a whole row group); row groups after
-    ``min(row_group_bytes, target_bytes)`` uncompressed image bytes (whole volumes, at least one). Old shards not in the new manifest are
-    removed after the manifest is written. ``progress("shards", done, total, volume_id)`` is called after each
-    volume read.
+    ``nbytes[volume_id]`` (uncompressed bytes, e.g. from the store's attrs) plans the shards; without it each
+    volume is read once here to learn its size. ``executor`` (``map_unordered(fn, items, **kwargs)``, see
+    :mod:`kneeprep.parallel`) runs the shard tasks; without one they run here, in order. Old shard files not
+    in the new manifest (also those of the layout before schema version 3) are removed after the manifest is
+    written. ``progress("shards", done, total, path)`` is called after each shard.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # the directory is incomplete until the new manifest lands
-    qs = sorted(quintuples, key=quintuple_order)
-    entries: list[dict[str, Any]] = []
-    total = len({(q.split, q.volume_id) for q in qs})
-    done = [0]
-
-    def volume_done(vid: str) -> None:
-        done[0] += 1
-        if progress:
-            progress("shards", done[0], total, vid)
-
+    qs = list(quintuples)
+    if nbytes is None:
+        nbytes = {v: int(read_volume(v)[0].nbytes) for v in sorted({q.volume_id for q in qs})}
+    plans = plan_shards(qs, nbytes, recipe.shards.target_bytes, row_group_bytes)
+    kwargs = {"read_volume": read_volume, "out_dir": str(out), "spec": recipe.shards}
+    if executor is None:
+        results: Iterable[dict] = (write_shard(p, **kwargs) for p in plans)
+    else:
+        results = executor.map_unordered(write_shard, plans, **kwargs)
+    done: dict[str, dict] = {}
     try:
-        for split, split_rows in groupby(qs, key=lambda q: q.split):
-            if split not in SPLITS:
-                raise ValidationError(f"quintuple split {split!r} is not one of {', '.join(SPLITS)}")
-            rg_bytes = min(row_group_bytes, recipe.shards.target_bytes)
-            entries += _write_split(
-                out, split, list(split_rows), read_volume, recipe.shards, rg_bytes, volume_done
-            )
+        for e in results:
+            done[e["path"]] = e
+            if progress:
+                progress("shards", len(done), len(plans), e["path"])
     except BaseException:
         remove_partials(
             out, "*/*"
         )  # a failed or interrupted run leaves no half-written shard (and no manifest)
         raise
+    entries = [done[p.path] for p in plans]  # plan order, whatever order the tasks finished in
     manifest = {
         "format": "kneeprep-shards",
         "schema_version": SCHEMA_VERSION,
@@ -105,111 +115,141 @@ def write_shards(
         "shards": entries,
     }
     write_json(out / MANIFEST, manifest)
-    keep = {e["path"] for e in entries}
-    for p in sorted(out.glob("*/part-*.parquet")):
-        if p.relative_to(out).as_posix() not in keep:
-            p.unlink()
+    keep = {e[k] for e in entries for k in ("path", "volumes_path")}
+    for pattern in (f"{DATA_DIR}/*.parquet", f"{VOLUMES_DIR}/*.parquet", LEGACY_GLOB):
+        for p in sorted(out.glob(pattern)):
+            if p.relative_to(out).as_posix() not in keep:
+                p.unlink()
     remove_partials(
         out, "*/*"
     )  # left by a run that was killed (SIGKILL, power loss) before it could clean up
+    for split in SPLITS:  # the legacy layout's split folders, once empty
+        with contextlib.suppress(OSError):
+            (out / split).rmdir()
     return manifest
 
 
-def _write_split(
-    out: Path,
-    split: str,
-    rows: list[Quintuple],
-    read_volume: VolumeReader,
-    spec,
-    row_group_bytes: int,
-    volume_done: Callable[[str], None] = lambda vid: None,
-) -> list[dict]:
-    (out / split).mkdir(exist_ok=True)
-    volumes = [(vid, list(g)) for vid, g in groupby(rows, key=lambda q: q.volume_id)]
-    entries: list[dict] = []
-    writer: _ShardWriter | None = None
-    group: list[tuple[list[Quintuple], np.ndarray, dict]] = []
-    group_bytes = 0
-
-    def flush():
-        nonlocal writer, group, group_bytes
-        if not group:
-            return
-        if writer is None:
-            writer = _ShardWriter(out, f"{split}/part-{len(entries):05d}.parquet", split, spec)
-        writer.write_group(group)
-        group, group_bytes = [], 0
-        if writer.tell() >= spec.target_bytes:
-            entries.append(writer.close())
-            writer = None
-
-    for vid, qs in volumes:
-        image, geometry = read_volume(vid)
-        geom = geometry.to_json() if hasattr(geometry, "to_json") else dict(geometry)
-        if tuple(geom["shape"]) != image.shape:
-            raise StoreError(
-                f"volume {vid}: image shape {image.shape} differs from its geometry {geom['shape']}"
-            )
-        if group and group_bytes + image.nbytes > row_group_bytes:
-            flush()  # a row group holds whole volumes up to row_group_bytes, at least one
-        group.append((qs, image, geom))
-        group_bytes += image.nbytes
-        volume_done(vid)
-    flush()
-    if writer is not None:
-        entries.append(writer.close())
-    return entries
+def write_shard(plan: ShardPlan, read_volume: VolumeReader, out_dir: str, spec) -> dict[str, Any]:
+    """The task of one shard: read its volumes, write ``plan.path`` and ``plan.volumes_path`` under
+    ``out_dir``, return the manifest entry (rows, volumes, row groups, bytes and sha256 of both files)."""
+    out = Path(out_dir)
+    rows_file = _ParquetFile(out, plan.path, SCHEMA, spec)
+    vols_file = _ParquetFile(out, plan.volumes_path, VOLUME_SCHEMA, spec)
+    try:
+        for group in plan.groups:
+            encoded = [_encode(vid, qs, read_volume, spec) for vid, qs in group]
+            rows_file.write_group(_rows_table(encoded))
+            for e in encoded:  # one volume per row group: a lookup by volume id reads that volume only
+                vols_file.write_group(_volumes_table([e]))
+        rows, vols = rows_file.close(), vols_file.close()
+    except BaseException:
+        rows_file.abort()
+        vols_file.abort()
+        raise
+    return {
+        "path": plan.path,
+        "split": plan.split,
+        "rows": rows_file.rows,
+        "volumes": len(plan.volume_ids),
+        "row_group_rows": rows_file.row_group_rows,
+        "bytes": rows[0],
+        "sha256": rows[1],
+        "volumes_path": plan.volumes_path,
+        "volumes_bytes": vols[0],
+        "volumes_sha256": vols[1],
+    }
 
 
-class _ShardWriter:
+def _encode(vid: str, qs, read_volume: VolumeReader, spec) -> tuple:
+    """(quintuples, little-endian C-order image, dtype string, image bytes, image_codec, geometry dict)."""
+    image, geometry = read_volume(vid)
+    geom = geometry.to_json() if hasattr(geometry, "to_json") else dict(geometry)
+    if tuple(geom["shape"]) != image.shape:
+        raise StoreError(f"volume {vid}: image shape {image.shape} differs from its geometry {geom['shape']}")
+    img = np.ascontiguousarray(image)
+    if img.dtype.byteorder == ">" or (img.dtype.byteorder == "=" and not np.little_endian):
+        img = img.astype(img.dtype.newbyteorder("<"))
+    dtype = img.dtype.newbyteorder("<").str if img.dtype.itemsize > 1 else img.dtype.str
+    data, image_codec = encode_image(img, spec.codec, spec.level)
+    return tuple(qs), img, dtype, data, image_codec, geom
+
+
+def _geometry_columns(img, dtype, image_codec, geom) -> dict[str, Any]:
+    return {
+        "image_shape": list(img.shape),
+        "image_dtype": dtype,
+        "image_codec": image_codec,
+        "image_spacing": [float(v) for v in geom["spacing"]],
+        "image_affine_lps": [float(v) for row in geom["affine_lps"] for v in row],
+    }
+
+
+def _rows_table(encoded: list[tuple]) -> pa.Table:
+    cols: dict[str, list] = {n: [] for n in SCHEMA.names}
+    for qs, img, dtype, data, image_codec, geom in encoded:
+        extra = _geometry_columns(img, dtype, image_codec, geom)
+        for i, q in enumerate(qs):
+            for k, v in (quintuple_to_row(q) | extra).items():
+                cols[k].append(v)
+            cols["image"].append(data if i == 0 else None)
+    return pa.Table.from_pydict(cols, schema=SCHEMA).cast(SCHEMA)
+
+
+def _volumes_table(encoded: list[tuple]) -> pa.Table:
+    cols: dict[str, list] = {n: [] for n in VOLUME_SCHEMA.names}
+    for qs, img, dtype, data, image_codec, geom in encoded:
+        row = {"volume_id": qs[0].volume_id, "patient_id": qs[0].patient_id, "split": qs[0].split,
+               "questions": len(qs), "image": data, "image_nbytes": len(data)}  # fmt: skip
+        for k, v in (row | _geometry_columns(img, dtype, image_codec, geom)).items():
+            cols[k].append(v)
+    return pa.Table.from_pydict(cols, schema=VOLUME_SCHEMA)
+
+
+class _ParquetFile:
     """One shard file being written under a temporary name (:func:`kneeprep.files.temp_path`); ``close``
-    publishes it and returns its entry, an error removes it."""
+    publishes it and returns (bytes, sha256), ``abort`` removes it."""
 
-    def __init__(self, out: Path, rel: str, split: str, spec):
-        self.out, self.rel, self.split, self.spec = out, rel, split, spec
+    def __init__(self, out: Path, rel: str, schema: pa.Schema, spec):
         self.final = out / rel
+        self.final.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = temp_path(self.final)
         self.sink = pa.OSFile(str(self.tmp), "wb")
+        names = schema.names
         codec = PARQUET_CODECS[spec.codec]
-        compression = {n: "ZSTD" for n in SCHEMA.names} | {"image": codec}
-        levels = {n: 3 for n in SCHEMA.names}
-        if codec == "ZSTD":
-            levels["image"] = spec.level
+        compression = {n: "ZSTD" for n in names} | {"image": codec}
+        levels = {n: 3 for n in names} | ({"image": spec.level} if codec == "ZSTD" else {})
+        dictionary = [n for n in QUINTUPLE_COLUMNS if n not in ("reasoning", "answer_json", "severity")]
         self.writer = pq.ParquetWriter(
             self.sink,
-            SCHEMA,
+            schema,
             compression=compression,
-            compression_level={n: levels[n] for n in SCHEMA.names if compression[n] == "ZSTD"},
-            use_dictionary=[n for n in QUINTUPLE_COLUMNS if n not in ("reasoning", "answer_json", "severity")]
-            + ["image_dtype", "image_codec"],
-            write_statistics=[n for n in ("sample_id", "volume_id", "patient_id", "split", "question_id")],
+            compression_level={n: levels[n] for n in names if compression[n] == "ZSTD"},
+            use_dictionary=[n for n in [*dictionary, "image_dtype", "image_codec"] if n in names],
+            write_statistics=[n for n in ("sample_id", "volume_id", "patient_id", "split", "question_id")
+                              if n in names],
             write_page_checksum=True,
             store_schema=True,
-        )
-        self.rows = self.volumes = 0
+        )  # fmt: skip
+        self.rows = 0
         self.row_group_rows: list[int] = []
 
-    def write_group(self, group: list[tuple[list[Quintuple], np.ndarray, dict]]) -> None:
-        table = rows_to_table(group, codec=self.spec.codec, level=self.spec.level)
+    def write_group(self, table: pa.Table) -> None:
         try:
-            self.writer.write_table(table, row_group_size=table.num_rows)
+            self.writer.write_table(table, row_group_size=max(1, table.num_rows))
         except (OSError, pa.ArrowException) as e:  # ENOSPC, EFBIG, EIO ...: name the file
             self.abort()
             raise StoreError(f"{self.final}: could not write the shard: {e}") from e
         self.rows += table.num_rows
-        self.volumes += len(group)
         self.row_group_rows.append(table.num_rows)
 
     def abort(self) -> None:
         """Remove the temporary file (after an error; nothing under the final name)."""
+        self.writer.is_open = False  # its __del__ would write a footer into the closed sink
         with contextlib.suppress(Exception):
             self.sink.close()
         self.tmp.unlink(missing_ok=True)
 
-    def tell(self) -> int:
-        return self.sink.tell()
-
-    def close(self) -> dict[str, Any]:
+    def close(self) -> tuple[int, str]:
         try:
             self.writer.close()
             self.sink.close()
@@ -217,44 +257,7 @@ class _ShardWriter:
             self.abort()
             raise StoreError(f"{self.final}: could not finish the shard: {e}") from e
         publish(self.tmp, self.final)  # fsync + rename (a failure removes the temporary file)
-        return {
-            "path": self.rel,
-            "split": self.split,
-            "rows": self.rows,
-            "volumes": self.volumes,
-            "row_group_rows": self.row_group_rows,
-            "bytes": self.final.stat().st_size,
-            "sha256": sha256_file(self.final),
-        }
-
-
-def rows_to_table(
-    group: list[tuple[list[Quintuple], np.ndarray, dict]], codec: str = "none", level: int = 3
-) -> pa.Table:
-    """A row group: each volume's quintuples, with the volume's bytes on its first row, cast to :data:`SCHEMA`.
-
-    ``codec`` is the recipe's ``shards.codec``: Blosc codecs compress the bytes here (:func:`encode_image`),
-    the others leave them raw for Parquet to compress.
-    """
-    cols: dict[str, list] = {n: [] for n in SCHEMA.names}
-    for qs, image, geom in group:
-        img = np.ascontiguousarray(image)
-        if img.dtype.byteorder == ">" or (img.dtype.byteorder == "=" and not np.little_endian):
-            img = img.astype(img.dtype.newbyteorder("<"))
-        dtype = img.dtype.newbyteorder("<").str if img.dtype.itemsize > 1 else img.dtype.str
-        for i, q in enumerate(qs):
-            row = quintuple_to_row(q)
-            for k, v in row.items():
-                cols[k].append(v)
-            if i == 0:
-                data, image_codec = encode_image(img, codec, level)
-            cols["image"].append(data if i == 0 else None)
-            cols["image_shape"].append(list(img.shape))
-            cols["image_dtype"].append(dtype)
-            cols["image_codec"].append(image_codec)
-            cols["image_spacing"].append([float(v) for v in geom["spacing"]])
-            cols["image_affine_lps"].append([float(v) for row_ in geom["affine_lps"] for v in row_])
-    return pa.Table.from_pydict(cols, schema=SCHEMA).cast(SCHEMA)
+        return self.final.stat().st_size, sha256_file(self.final)
 
 
 def quintuple_to_row(q: Quintuple) -> dict[str, Any]:

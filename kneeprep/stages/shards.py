@@ -14,9 +14,11 @@ from typing import Any
 from kneeprep.errors import InputNotFoundError, ValidationError
 from kneeprep.files import sha256_file, write_json
 from kneeprep.formats.annotations import read_annotations
+from kneeprep.formats.card import CARD, write_card
 from kneeprep.formats.quintuples import BENIGN_KINDS, build_quintuples
+from kneeprep.formats.shard_plan import volume_nbytes
 from kneeprep.formats.shard_reader import read_manifest
-from kneeprep.formats.shard_schema import REPORT
+from kneeprep.formats.shard_schema import REPORT, SCHEMA_VERSION
 from kneeprep.formats.shard_writer import write_shards
 from kneeprep.formats.splits import SPLITS
 from kneeprep.formats.store import list_volumes, read_attrs, read_volume
@@ -48,23 +50,49 @@ def up_to_date(out_dir: str | os.PathLike, recipe_hash: str, in_hash: str) -> bo
         m = read_manifest(out_dir)
     except (InputNotFoundError, ValidationError):
         return False
+    if m.get("schema_version") != SCHEMA_VERSION:  # the layout before version 3: rewritten as the Hub layout
+        return False
     if m.get("recipe_hash") != recipe_hash or m.get("inputs_hash") != in_hash:
         return False
     d = Path(out_dir)
     return all(
-        (d / e["path"]).is_file() and (d / e["path"]).stat().st_size == e["bytes"] for e in m["shards"]
+        (d / e[k]).is_file() and (d / e[k]).stat().st_size == e[n]
+        for e in m["shards"]
+        for k, n in (("path", "bytes"), ("volumes_path", "volumes_bytes"))
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class StoreVolumes:
+    """``read_volume`` for the shard tasks: a published volume id -> the store's (image, geometry). Picklable
+    (a path and a dict), so Dask workers read their shard's volumes from the store themselves."""
+
+    store: str
+    real: dict[str, str] = dataclasses.field(default_factory=dict)  # published (pseudonymized) id -> store id
+
+    def __call__(self, vid: str):
+        return read_volume(self.store, self.real.get(vid, vid))
+
+
 def build_shards(
-    store, annotations_dir, out_dir, recipe, *, force: bool = False, progress: Progress | None = None
+    store,
+    annotations_dir,
+    out_dir,
+    recipe,
+    *,
+    force: bool = False,
+    workers: int | None = 0,
+    scheduler: str | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Run the shards stage and return its report (also written to ``out_dir/report.json``).
 
     Reads the annotation directory and every complete volume's attrs, joins them
-    (:func:`kneeprep.formats.quintuples.build_quintuples`), writes the shards and the manifest. Does nothing when the
-    inputs and the shards-stage recipe hash match the existing manifest (``report["up_to_date"]``), unless
-    ``force``. ``report["errors"]`` counts rejections other than :data:`~kneeprep.formats.quintuples.BENIGN_KINDS`.
+    (:func:`kneeprep.formats.quintuples.build_quintuples`), plans the shards from the volumes' sizes and writes
+    each as one task on the stage's executor (``workers``/``scheduler``: :mod:`kneeprep.parallel`; ``0`` runs
+    them in this process), then the manifest. Does nothing when the inputs and the shards-stage recipe hash
+    match the existing manifest (``report["up_to_date"]``), unless ``force``. ``report["errors"]`` counts
+    rejections other than :data:`~kneeprep.formats.quintuples.BENIGN_KINDS`.
     """
     t0 = time.perf_counter()
     pseudo = Pseudonymizer.from_recipe(recipe)  # a missing key fails before any work
@@ -73,13 +101,14 @@ def build_shards(
     # other's (a corrupt shard, issue 19); the second now stops before any work
     # the shards stage writes its own report.json (format: docs/SHARDS.md)
     with Stage(
-        "shards", out, what="shards directory", partials=("*", "*/*"), report_name=None, progress=progress
-    ):
-        return _build_shards(store, annotations_dir, out, recipe, pseudo, force, t0, progress)
+        "shards", out, what="shards directory", partials=("*", "*/*"), report_name=None, progress=progress,
+        workers=workers, scheduler=scheduler,
+    ) as st:  # fmt: skip
+        return _build_shards(store, annotations_dir, out, recipe, pseudo, force, t0, st)
 
 
 def _build_shards(
-    store, annotations_dir, out: Path, recipe, pseudo, force: bool, t0: float, progress: Progress | None
+    store, annotations_dir, out: Path, recipe, pseudo, force: bool, t0: float, st: Stage
 ) -> dict[str, Any]:
     annotations = read_annotations(annotations_dir)
     vids = list_volumes(store)
@@ -89,6 +118,8 @@ def _build_shards(
     if pseudo.enabled:  # shards pseudonymized with another key are not up to date
         ihash = hashlib.sha256(f"{ihash}\0{pseudo.fingerprint}".encode()).hexdigest()[:16]
     if not force and up_to_date(out, rhash, ihash):
+        if not (out / CARD).is_file():
+            write_card(out, recipe)
         previous = json.loads((out / REPORT).read_text()) if (out / REPORT).is_file() else {}
         return previous | {"up_to_date": True, "seconds": round(time.perf_counter() - t0, 3)}
     quintuples, rejected = build_quintuples(annotations, attrs, recipe)
@@ -97,13 +128,18 @@ def _build_shards(
         real_volume = {pseudo.prefixed(q.volume_id, q.patient_id): q.volume_id for q in quintuples}
         quintuples = [pseudo.quintuple(q) for q in quintuples]
         rejected = _pseudonymize_rejections(rejected, pseudo, annotations, attrs)
+    nbytes = {
+        q.volume_id: volume_nbytes(attrs[real_volume.get(q.volume_id, q.volume_id)]) for q in quintuples
+    }
     manifest = write_shards(
         quintuples,
-        lambda v: read_volume(store, real_volume.get(v, v)),
+        StoreVolumes(str(store), real_volume),
         out,
         recipe,
         inputs_hash=ihash,
-        progress=progress,
+        nbytes=nbytes,
+        executor=st.executor() if quintuples else None,  # no cluster for nothing to write
+        progress=st.progress,
     )
     mismatched = prompt_mismatches(annotations)
     by_kind: dict[str, int] = {}
@@ -123,6 +159,8 @@ def _build_shards(
         "bytes": sum(e["bytes"] for e in manifest["shards"]),
         "codec": recipe.shards.codec,
         "seconds": round(time.perf_counter() - t0, 3),
+        "workers": st.workers,
+        "scheduler": st.scheduler,
         "rejected_items": [r.to_json() for r in rejected],
         # the rule: a record's own prompt wins; the bank (questions.json) fills in records without one
         "prompt_rule": "record",
@@ -130,6 +168,7 @@ def _build_shards(
         "prompt_mismatch_examples": mismatched[:5],
     }
     write_json(out / REPORT, report)
+    write_card(out, recipe)  # the Hub's YAML block: datasets.load_dataset(out) reads the configs
     return report
 
 

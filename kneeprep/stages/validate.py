@@ -13,8 +13,11 @@ import pyarrow.parquet as pq
 from kneeprep.errors import InputNotFoundError, ValidationError
 from kneeprep.files import sha256_file
 from kneeprep.formats.report import Progress
-from kneeprep.formats.shard_reader import _binary_values, read_manifest
-from kneeprep.formats.shard_schema import MANIFEST, SCHEMA, SCHEMA_VERSION, decode_image
+from kneeprep.formats.shard_plan import DATA_DIR, HF_SPLITS, VOLUMES_DIR
+from kneeprep.formats.shard_reader import _binary_values, is_legacy, read_manifest
+from kneeprep.formats.shard_schema import MANIFEST, SCHEMA, SCHEMA_VERSION, VOLUME_SCHEMA, decode_image
+from kneeprep.formats.shard_writer import LEGACY_GLOB
+from kneeprep.stages.harness import Stage
 
 
 @dataclass(frozen=True)
@@ -30,49 +33,53 @@ class Problem:
 
 
 def validate_shards(
-    shards_dir: str | os.PathLike, *, decode: bool = True, progress: Progress | None = None
+    shards_dir: str | os.PathLike,
+    *,
+    decode: bool = True,
+    progress: Progress | None = None,
+    workers: int | None = 0,
+    scheduler: str | None = None,
 ) -> list[Problem]:
     """Check a shards directory against its manifest and schema; an empty list means all is well.
 
-    Checks: manifest and schema version; missing and extra shard files; bytes and sha256; row and volume
-    counts; the Arrow schema; rows sorted by volume with the image on each volume's first row in the same
-    row group; every volume decodes to its declared shape and dtype (``decode``); every box inside its
-    volume and consistent with its list form; each row's split matches its directory; no patient in two splits.
-    ``progress("validate", done, total, path)`` is called after each shard file.
+    Checks: manifest and schema version (the layout before version 3 is one ``layout`` problem: re-run
+    ``kneeprep shards``); missing and extra shard files; then one task per shard on the executor
+    (``workers``/``scheduler``, :mod:`kneeprep.parallel`; ``0``: in this process), :func:`check_shard`: bytes
+    and sha256 of both files; the Arrow schemas; row and volume counts; rows sorted by volume with the image on
+    each volume's first row in the same row group; every volume decodes to its declared shape and dtype
+    (``decode``); the volumes file holds the same volumes and bytes; every box inside its volume and consistent
+    with its list form; each row's split matches its file. Last, no patient in two splits.
+    ``progress("validate", done, total, path)`` is called after each shard.
     """
     d = Path(shards_dir)
     try:
         m = read_manifest(d)
     except (InputNotFoundError, ValidationError) as e:
         return [Problem(str(d / MANIFEST), "manifest", str(e))]
+    if is_legacy(m):
+        return [Problem(MANIFEST, "layout", f"schema version {m.get('schema_version')} layout "
+                        "(<split>/part-NNNNN.parquet, no volumes table): ShardDataset still reads it; "
+                        "re-run `kneeprep shards` to write the Hub layout (data/, _volumes/)")]  # fmt: skip
     problems: list[Problem] = []
-    listed = {e["path"] for e in m.get("shards", [])}
-    for p in sorted(d.glob("*/part-*.parquet")):
-        rel = p.relative_to(d).as_posix()
-        if rel not in listed:
-            problems.append(Problem(rel, "extra", "shard file not listed in the manifest"))
-    patients: dict[str, set[str]] = {}
     entries = m.get("shards", [])
-    for done, e in enumerate(entries):
-        if progress and done:
-            progress("validate", done, len(entries), entries[done - 1]["path"])
-        rel = e["path"]
-        p = d / rel
-        if not p.is_file():
-            problems.append(Problem(rel, "missing", "listed in the manifest but not on disk"))
-            continue
-        size = p.stat().st_size
-        if size != e["bytes"]:
-            problems.append(Problem(rel, "bytes", f"expected {e['bytes']} bytes, found {size}"))
-        digest = sha256_file(p)
-        if digest != e["sha256"]:
-            problems.append(
-                Problem(rel, "checksum", f"sha256 {digest} differs from the manifest's {e['sha256']}")
-            )
-            continue  # the content is not what was written: do not trust it further
-        problems += _validate_file(p, rel, e, patients, decode)
-    if progress and entries:
-        progress("validate", len(entries), len(entries), entries[-1]["path"])
+    listed = {e[k] for e in entries for k in ("path", "volumes_path")}
+    for pattern in (f"{DATA_DIR}/*.parquet", f"{VOLUMES_DIR}/*.parquet", LEGACY_GLOB):
+        for p in sorted(d.glob(pattern)):
+            rel = p.relative_to(d).as_posix()
+            if rel not in listed:
+                problems.append(Problem(rel, "extra", "shard file not listed in the manifest"))
+    patients: dict[str, set[str]] = {}
+    with Stage("validate", d, report_name=None, partials=(), lock=False, workers=workers,
+               scheduler=scheduler, progress=progress) as st:  # fmt: skip
+        ex = st.executor() if entries else None
+        results = ex.map_unordered(check_shard, entries, shards_dir=str(d), decode=decode) if ex else []
+        by_path = {}
+        for path, found, seen in st.track(results, len(entries), "validate", item=lambda r: r[0]):
+            by_path[path] = found
+            for patient, splits in seen.items():
+                patients.setdefault(patient, set()).update(splits)
+    for e in entries:  # manifest order, whatever order the tasks finished in
+        problems += by_path[e["path"]]
     for patient, splits in sorted(patients.items()):
         if len(splits) > 1:
             problems.append(
@@ -83,6 +90,44 @@ def validate_shards(
                 )
             )
     return problems
+
+
+def check_shard(
+    e: dict, shards_dir: str, decode: bool = True
+) -> tuple[str, list[Problem], dict[str, set[str]]]:
+    """The task of one shard: ``(path, problems, {patient: splits})`` for manifest entry ``e``."""
+    d = Path(shards_dir)
+    rel = e["path"]
+    patients: dict[str, set[str]] = {}
+    problems = _check_bytes(d, rel, e["bytes"], e["sha256"])
+    rows_ok = not problems  # the content is what was written: check what it holds
+    if rows_ok:
+        if not rel.startswith(f"{DATA_DIR}/{HF_SPLITS.get(e['split'], '?')}-"):
+            problems.append(Problem(rel, "split", f"a {e['split']} shard named {rel}"))
+        problems += _validate_file(d / rel, rel, e, patients, decode)
+    vrel = e.get("volumes_path")
+    if vrel is None:
+        problems.append(Problem(rel, "manifest", "no volumes_path in the manifest entry"))
+    else:
+        found = _check_bytes(d, vrel, e.get("volumes_bytes"), e.get("volumes_sha256"))
+        if not found and rows_ok:  # compared with the quintuples file only when both are as written
+            found = check_volumes_file(d / vrel, vrel, d / rel, e, decode)
+        problems += found
+    return rel, problems, patients
+
+
+def _check_bytes(d: Path, rel: str, nbytes, sha256) -> list[Problem]:
+    p = d / rel
+    if not p.is_file():
+        return [Problem(rel, "missing", "listed in the manifest but not on disk")]
+    out = []
+    size = p.stat().st_size
+    if size != nbytes:
+        out.append(Problem(rel, "bytes", f"expected {nbytes} bytes, found {size}"))
+    digest = sha256_file(p)
+    if digest != sha256:
+        out.append(Problem(rel, "checksum", f"sha256 {digest} differs from the manifest's {sha256}"))
+    return out
 
 
 def _validate_file(p: Path, rel: str, e: dict, patients: dict[str, set[str]], decode: bool) -> list[Problem]:
@@ -148,6 +193,56 @@ def _validate_file(p: Path, rel: str, e: dict, patients: dict[str, set[str]], de
         out.append(Problem(rel, "rows", f"manifest says {e['rows']} rows, file has {rows}"))
     if volumes != e["volumes"]:
         out.append(Problem(rel, "volumes", f"manifest says {e['volumes']} volumes, file has {volumes}"))
+    return out
+
+
+def check_volumes_file(p: Path, rel: str, rows_path: Path, e: dict, decode: bool) -> list[Problem]:
+    """The volumes file of a shard: its schema, one row per volume of the quintuples file (same ids, order,
+    patient and split), ``image_nbytes`` the length of ``image``, and (``decode``) the same image bytes as the
+    volume's first row in the quintuples file."""
+    try:
+        pf = pq.ParquetFile(p, page_checksum_verification=True)
+        if not pf.schema_arrow.remove_metadata().equals(VOLUME_SCHEMA.remove_metadata()):
+            return [
+                Problem(
+                    rel, "schema", "Arrow schema differs from kneeprep.formats.shard_schema.VOLUME_SCHEMA"
+                )
+            ]
+        cols = ["volume_id", "patient_id", "split", "questions", "image_nbytes"] + (
+            ["image"] if decode else []
+        )
+        t = pf.read(columns=cols)
+        q = pq.read_table(
+            rows_path, columns=["volume_id", "patient_id", "split"] + (["image"] if decode else [])
+        )
+    except (OSError, pa.ArrowException) as exc:
+        return [Problem(rel, "unreadable", str(exc))]
+    vids, rows_vids = t.column("volume_id").to_pylist(), q.column("volume_id").to_pylist()
+    firsts = [i for i, v in enumerate(rows_vids) if i == 0 or v != rows_vids[i - 1]]
+    expect = [rows_vids[i] for i in firsts]
+    if vids != expect:
+        return [
+            Problem(
+                rel, "volumes", f"volumes {vids[:3]}... differ from the quintuples file's {expect[:3]}..."
+            )
+        ]
+    out: list[Problem] = []
+    counts = [b - a for a, b in zip(firsts, [*firsts[1:], len(rows_vids)], strict=True)]
+    for name in ("patient_id", "split"):
+        if t.column(name).to_pylist() != [q.column(name)[i].as_py() for i in firsts]:
+            out.append(Problem(rel, "volumes", f"{name} differs from the quintuples file"))
+    if t.column("questions").to_pylist() != counts:
+        out.append(Problem(rel, "volumes", "questions per volume differ from the quintuples file"))
+    if decode:
+        images, nbytes = _binary_values(t.column("image")), t.column("image_nbytes").to_pylist()
+        firsts_img = _binary_values(q.column("image"))
+        for i, (vid, img, n) in enumerate(zip(vids, images, nbytes, strict=True)):
+            if img.size != n:
+                out.append(Problem(rel, "image", f"volume {vid}: {img.size} image bytes, image_nbytes {n}"))
+            elif firsts_img[firsts[i]] is None or not img.equals(firsts_img[firsts[i]]):
+                out.append(
+                    Problem(rel, "image", f"volume {vid}: image bytes differ from the quintuples file")
+                )
     return out
 
 
