@@ -130,6 +130,7 @@ def build_quintuples(
     split_of = _assign_splits(annotations, {(r.volume_id, p) for r, _, p in candidates}, recipe)
 
     out: list[Quintuple] = []
+    parsed: dict[str, list[Box]] = {}  # a volume's boxes, parsed once for all its questions
     for rec, attrs, patient in candidates:
         split = split_of.get(rec.volume_id)
         if split is None:
@@ -137,7 +138,9 @@ def build_quintuples(
                 Rejected(rec.sample_id, "no_split", f"volume {rec.volume_id} is in none of the split CSVs")
             )
             continue
-        box, reason, kind = question_box_json(attrs.get("boxes") or [], recipe, rec.question_id)
+        if rec.volume_id not in parsed:
+            parsed[rec.volume_id] = [Box.from_json(b) for b in attrs.get("boxes") or []]
+        box, reason, kind = question_box_json(parsed[rec.volume_id], recipe, rec.question_id)
         if kind is not None:
             rejected.append(
                 Rejected(rec.sample_id, kind, f"volume {rec.volume_id}, question {rec.question_id}: {reason}")
@@ -185,14 +188,17 @@ def _qkey(qid: str) -> tuple[int, str]:
 def question_box_json(
     boxes: Iterable[Mapping[str, Any]], recipe, question_id: str
 ) -> tuple[Box | None, str | None, str | None]:
-    """The box of ``question_id`` from a volume's ``boxes`` attribute (``Box.to_json()`` dicts), through
+    """The box of ``question_id`` from a volume's ``boxes`` attribute (``Box.to_json()`` dicts, or the
+    :class:`Box` objects parsed from them), through
     :func:`kneeprep.boxes.question_box`: ``(box, reason, rejection kind)``.
 
     * the recipe gives the question no region -> ``(None, reason, None)``: a row with no box;
     * the region has no box, or an empty one, in this volume -> ``(None, reason, "no_box")``: rejected;
     * else ``(box.extent(), None, None)``.
     """
-    box, reason = question_box([Box.from_json(b) for b in boxes], recipe, question_id)
+    box, reason = question_box(
+        [b if isinstance(b, Box) else Box.from_json(b) for b in boxes], recipe, question_id
+    )
     if box is not None:
         return box.extent(), None, None
     return None, reason, (None if not recipe.questions.get(question_id) else "no_box")

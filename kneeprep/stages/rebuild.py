@@ -158,9 +158,7 @@ def _run_stages(
         echo(f"  {vid} [{kind}]: {msg}")
 
     t = stage("shards")
-    sh = build_shards(
-        store, annotations, shards_dir, recipe, workers=workers, scheduler=scheduler, progress=progress
-    )
+    sh = build_shards(store, annotations, shards_dir, recipe, progress=progress, executor=ex)
     rep.seconds["shards"] = time.perf_counter() - t
     rep.stages["shards"] = {k: v for k, v in sh.items() if k != "rejected_items"} | {
         "report": str(shards_dir / "report.json")
@@ -182,7 +180,7 @@ def _run_stages(
         rep.stages["validate"] = last | {"skipped": True}
         echo("validate: skipped (shards unchanged since they were last validated)")
     else:
-        problems = validate_shards(shards_dir, workers=workers, scheduler=scheduler, progress=progress)
+        problems = validate_shards(shards_dir, progress=progress, executor=ex)
         rep.stages["validate"] = {
             "problems": [str(p) for p in problems],
             "manifest_sha256": manifest_sha,

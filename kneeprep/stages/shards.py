@@ -84,6 +84,7 @@ def build_shards(
     workers: int | None = 0,
     scheduler: str | None = None,
     progress: Progress | None = None,
+    executor=None,
 ) -> dict[str, Any]:
     """Run the shards stage and return its report (also written to ``out_dir/report.json``).
 
@@ -102,7 +103,7 @@ def build_shards(
     # the shards stage writes its own report.json (format: docs/SHARDS.md)
     with Stage(
         "shards", out, what="shards directory", partials=("*", "*/*"), report_name=None, progress=progress,
-        workers=workers, scheduler=scheduler,
+        workers=workers, scheduler=scheduler, executor=executor,
     ) as st:  # fmt: skip
         return _build_shards(store, annotations_dir, out, recipe, pseudo, force, t0, st)
 

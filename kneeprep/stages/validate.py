@@ -39,6 +39,7 @@ def validate_shards(
     progress: Progress | None = None,
     workers: int | None = 0,
     scheduler: str | None = None,
+    executor=None,
 ) -> list[Problem]:
     """Check a shards directory against its manifest and schema; an empty list means all is well.
 
@@ -70,7 +71,7 @@ def validate_shards(
                 problems.append(Problem(rel, "extra", "shard file not listed in the manifest"))
     patients: dict[str, set[str]] = {}
     with Stage("validate", d, report_name=None, partials=(), lock=False, workers=workers,
-               scheduler=scheduler, progress=progress) as st:  # fmt: skip
+               scheduler=scheduler, progress=progress, executor=executor) as st:  # fmt: skip
         ex = st.executor() if entries else None
         results = ex.map_unordered(check_shard, entries, shards_dir=str(d), decode=decode) if ex else []
         by_path = {}
