@@ -22,7 +22,8 @@ def boxes(store, recipe_file, progress):
     """Recompute every volume's boxes in STORE (a volumes.zarr) from its labels.
 
     Updates each volume's `boxes` attrs and `provenance.boxes_hash`, rewrites STORE.kneeprep/boxes.parquet
-    (the folder beside the store) and prints a summary. Exit code 1 when some volume could not be processed (listed in the summary).
+    (the folder beside the store) and prints a summary. Exit code 1 when some volume could not be processed
+    (listed in the summary).
     """
     from kneeprep.cli.progress import bars
     from kneeprep.recipe import load_recipe
