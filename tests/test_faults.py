@@ -162,7 +162,7 @@ def test_convert_killed_at_a_random_point_then_rerun_equals_a_clean_run(small_sa
     for vid in set(listed) - set(seen):  # installed just before the kill: complete too
         assert_same_volume(out, clean_store, vid)
     assert not store.report_path(out).exists()  # the killed run never got to its report
-    leftovers = sorted(os.listdirstore.work_dir(out)) if store.work_dir(out).is_dir() else []
+    leftovers = sorted(os.listdir(store.work_dir(out))) if store.work_dir(out).is_dir() else []
     assert all(n.endswith((".partial", ".old")) for n in leftovers), leftovers
 
     rep = _convert(small_sample, out)
