@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from kneeprep.formats.store import kneeprep_dir, report_path
+
 PATIENTS = 4  # the whole tree; the half tree has the first PATIENTS // 2
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,11 +98,12 @@ def _kneeprep_batch(raw: Path, sample: Path, out: Path, recipe: Path) -> tuple[f
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(kneeprep_dir(out), ignore_errors=True)
     cmd = _convert_cmd(raw, sample, out, recipe)
     wall, res = _run(cmd, cwd=ROOT)
     if res.returncode != 0:
         raise RuntimeError(f"kneeprep convert failed: {res.stdout.decode()}\n{res.stderr.decode()}")
-    return wall, json.loads((out / "report.json").read_text())
+    return wall, json.loads(report_path(out).read_text())
 
 
 def _resume(raw: Path, sample: Path, out: Path, recipe: Path) -> tuple[float, float]:
@@ -109,7 +112,7 @@ def _resume(raw: Path, sample: Path, out: Path, recipe: Path) -> tuple[float, fl
     wall, res = _run(_convert_cmd(raw, sample, out, recipe), cwd=ROOT)
     if res.returncode != 0:
         raise RuntimeError(f"kneeprep convert (resume) failed: {res.stdout.decode()}\n{res.stderr.decode()}")
-    return wall, json.loads((out / "report.json").read_text())["context"]["scan_seconds"]
+    return wall, json.loads(report_path(out).read_text())["context"]["scan_seconds"]
 
 
 def _half_tree(sample: Path, dest: Path) -> int:

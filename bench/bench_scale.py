@@ -164,8 +164,14 @@ def run(workdir: Path) -> str:
     read_s, raw_bytes = _read_once(sample / "raw")
     mem = json.loads(
         subprocess.run(
-            [sys.executable, "-c", _SCAN_MEMORY, str(sample / "raw")], capture_output=True, check=True, cwd=ROOT
-        ).stdout.decode().strip().splitlines()[-1]
+            [sys.executable, "-c", _SCAN_MEMORY, str(sample / "raw")],
+            capture_output=True,
+            check=True,
+            cwd=ROOT,
+        )
+        .stdout.decode()
+        .strip()
+        .splitlines()[-1]
     )
 
     def stage_wall(tree, w, s):
@@ -205,9 +211,7 @@ def run(workdir: Path) -> str:
             + (f"{d:.1f}" if s != "scan" else "(in convert)")
             + " |"
         )
-    cpu_total = {
-        (tree, w): med(r["cpu_total"] for r in runs[tree, w]) for tree in trees for w in (1, 2)
-    }
+    cpu_total = {(tree, w): med(r["cpu_total"] for r in runs[tree, w]) for tree in trees for w in (1, 2)}
     driver_all = (cpu_total["whole", 2] - cpu_total["half", 2]) / extra * 1000
     wall1 = {tree: med(r["wall"] for r in runs[tree, 1]) for tree in trees}
     wall2 = {tree: med(r["wall"] for r in runs[tree, 2]) for tree in trees}

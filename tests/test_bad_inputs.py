@@ -192,7 +192,7 @@ def runs(small_sample, tmp_path_factory):
 
 
 def _convert_items(out: Path) -> dict[str, dict]:
-    return {i["item"]: i for i in json.loads((out / "volumes.zarr" / store.REPORT_FILE).read_text())["items"]}
+    return {i["item"]: i for i in json.loads(store.report_path(out / "volumes.zarr").read_text())["items"]}
 
 
 @pytest.mark.parametrize(
@@ -226,7 +226,7 @@ def test_each_dicom_defect_has_a_named_entry_in_the_convert_report(runs, defect,
 
 def test_file_level_defects_are_listed_by_name(runs):
     _, out, _, corpus = runs
-    ctx = json.loads((out / "volumes.zarr" / store.REPORT_FILE).read_text())["context"]
+    ctx = json.loads(store.report_path(out / "volumes.zarr").read_text())["context"]
     unreadable = {
         Path(p).relative_to(out.parent / "in" / "raw").as_posix(): r for p, r in ctx["unreadable_files"]
     }

@@ -551,8 +551,8 @@ def test_cli_boxes_on_a_store(tmp_path):
     r = CliRunner().invoke(cli, ["boxes", str(root), "--recipe", str(toml)])
     assert r.exit_code == 0, r.output
     assert "2 volumes: 4 boxes" in r.output and "unknown labels 200 (1 voxels)" in r.output
-    assert (root / "boxes.parquet").is_file()
     from kneeprep.formats import store
 
+    assert store.boxes_table_path(root).is_file()
     vid = store.list_volumes(root)[0]
     assert {b["margin_mm"] for b in store.read_attrs(root, vid)["boxes"]} == {1.0}

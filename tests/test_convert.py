@@ -131,7 +131,7 @@ def test_selection_qc_attrs_and_no_phi(tree, tmp_path):
     assert np.allclose(g.affine_lps, tree.series[left]["geometry"].affine_lps, atol=1e-4)
     text = all_metadata_text(out)
     assert not any(v in text for v in PHI.values()) and not any(k in text for k in PHI)
-    saved = json.loads((out / store.REPORT_FILE).read_text())
+    saved = json.loads(store.report_path(out).read_text())
     assert saved["counts"] == report.counts and {i["item"] for i in saved["items"]} == set(by_id)
 
 
@@ -266,20 +266,18 @@ def test_interrupted_write_leaves_no_visible_volume_and_next_run_cleans(tree, tm
 
     def interrupted(group, name, data):
         real(group, name, data)
-        (out / store.WORK_DIR / "stale.1234.partial").mkdir(
-            exist_ok=True
-        )  # as a SIGKILLed worker would leave
+        (store.work_dir(out) / "stale.1234.partial").mkdir(exist_ok=True)  # as a SIGKILLed worker would leave
         raise KeyboardInterrupt
 
     monkeypatch.setattr(store, "_write_array", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_convert(tree.raw, out, parse_recipe({}), workers=0)
     assert store.list_volumes(out) == []
-    assert json.loads((out / store.REPORT_FILE).read_text())["context"]["interrupted"] is True
+    assert json.loads(store.report_path(out).read_text())["context"]["interrupted"] is True
     monkeypatch.setattr(store, "_write_array", real)
     report = run_convert(tree.raw, out, parse_recipe({}), workers=0)
     assert report.context["cleaned_work_area"] == ["stale.1234.partial"]
-    assert store.list_volumes(out) == [a] and list((out / store.WORK_DIR).iterdir()) == []
+    assert store.list_volumes(out) == [a] and list(store.work_dir(out).iterdir()) == []
 
 
 def test_masks_follow_image_through_orient_mirror_and_resample(tree, tmp_path):
@@ -316,7 +314,7 @@ def test_masks_follow_image_through_orient_mirror_and_resample(tree, tmp_path):
         x.max() + 1,
     ]
     assert attrs["provenance"]["boxes_hash"] == recipe.stage_hash("boxes")
-    assert (out / "boxes.parquet").is_file()
+    assert store.boxes_table_path(out).is_file()
     # fixed shape: labels are the nearest-neighbour lookup of the mask at the new voxel centres
     small = parse_recipe({"geometry": {"shape": [8, 8, 16]}})  # no target centre exactly half-way between two
     run_convert(tree.raw, out, small, annotations=ann, workers=0)
@@ -396,7 +394,7 @@ def test_cli_convert_summary_report_and_exit_codes(tree, tmp_path):
     res = CliRunner().invoke(cli, [*args, "--no-progress"])
     assert res.exit_code == 1, res.output
     assert "1 written, 0 skipped, 1 failed" in res.output and f"{bad}  failed   mask" in res.output
-    rep = json.loads((out / "report.json").read_text())
+    rep = json.loads(store.report_path(out).read_text())
     assert rep["counts"] == {"written": 1, "skipped": 0, "failed": 1}
     assert rep["context"]["recipe_name"] == "t" and rep["context"]["workers"] == 1
     item = {i["item"]: i for i in rep["items"]}[ok]
@@ -543,7 +541,7 @@ def test_report_source_is_absolute_when_raw_was_given_relative(tmp_path, monkeyp
     with pytest.raises(SystemExit) as e:
         main(["convert", "t/raw", "out.zarr", "--workers", "0", "--no-progress"])
     assert e.value.code == 0
-    items = json.loads((tmp_path / "out.zarr" / "report.json").read_text())["items"]
+    items = json.loads(store.report_path(tmp_path / "out.zarr").read_text())["items"]
     sources = [i["source"] for i in items if i["status"] == "written"]
     assert sources and all(Path(s).is_absolute() and Path(s).is_dir() for s in sources)
 
@@ -577,5 +575,5 @@ def test_free_text_fields_stay_out_of_the_store_unless_the_recipe_asks(tmp_path)
     attrs = store.read_attrs(tmp_path / "b.zarr", vid)
     assert attrs["source"]["description"] == "SAG_3D_DESS_RIGHT"
     assert attrs["source"]["study_description"].endswith("Dr Planted Name")
-    report = (tmp_path / "b.zarr" / "report.json").read_text()
+    report = store.report_path(tmp_path / "b.zarr").read_text()
     assert "LOCALIZER by Planted Tech" in report and "PLANTED_PROTOCOL" not in report

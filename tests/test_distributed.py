@@ -162,7 +162,7 @@ def test_convert_on_a_cluster_that_loses_a_worker_mid_run(small_sample, cluster,
         "no worker was busy after the first volume: nothing was killed\n" + cluster.logs()
     )
     assert driver.returncode == 0, output[-3000:] + cluster.logs()
-    report = json.loads((out / store.REPORT_FILE).read_text())
+    report = json.loads(store.report_path(out).read_text())
     # a task whose result was lost with the worker after its volume was installed is re-run and finds the
     # volume complete: "skipped" (unchanged) instead of "written"; either way each series is done exactly once
     done = [i for i in report["items"] if i["kind"] != "not_selected"]

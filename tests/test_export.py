@@ -24,6 +24,7 @@ from kneeprep.formats.store import (
     read_attrs,
     read_labels,
     read_volume,
+    report_path,
     update_attrs,
     write_volume,
 )
@@ -95,7 +96,7 @@ def test_split_csvs_point_at_the_exported_files(built, small_sample):
     split_of = {r["volume_id"]: r["split"] for r in _shard_rows(shards)}
     assert {r.volume_id: r.split for r in rows} == split_of
     sample_paths = {r.volume_id: r.path for r in read_split_csvs(small_sample)}
-    report = {i["item"]: i["source"] for i in json.loads((store / "report.json").read_text())["items"]}
+    report = {i["item"]: i["source"] for i in json.loads(report_path(store).read_text())["items"]}
     for r in rows:
         assert (out / r.image_filepath).is_file() and not Path(r.image_filepath).is_absolute()
         assert (

@@ -83,7 +83,7 @@ def assert_same_volume(a: Path, b: Path, vid: str) -> None:
 
 
 def store_files(p: Path) -> set[str]:
-    skip = {store.REPORT_FILE, store.LOCK_FILE}
+    skip = {store.REPORT_NAME, store.LOCK_FILE}
     return {f.relative_to(p).as_posix() for f in p.rglob("*") if f.is_file() and f.name not in skip}
 
 
@@ -161,8 +161,8 @@ def test_convert_killed_at_a_random_point_then_rerun_equals_a_clean_run(small_sa
     )
     for vid in set(listed) - set(seen):  # installed just before the kill: complete too
         assert_same_volume(out, clean_store, vid)
-    assert not (out / store.REPORT_FILE).exists()  # the killed run never got to its report
-    leftovers = sorted(os.listdir(out / store.WORK_DIR)) if (out / store.WORK_DIR).is_dir() else []
+    assert not store.report_path(out).exists()  # the killed run never got to its report
+    leftovers = sorted(os.listdir(store.work_dir(out))) if store.work_dir(out).is_dir() else []
     assert all(n.endswith((".partial", ".old")) for n in leftovers), leftovers
 
     rep = _convert(small_sample, out)
@@ -275,7 +275,7 @@ def test_a_worker_dying_on_one_series_reports_it_and_the_run_ends(small_sample, 
         kill_group(proc)
     seconds = time.monotonic() - t0
     assert proc.returncode == 1, output[-3000:]
-    rep = json.loads((out / store.REPORT_FILE).read_text())
+    rep = json.loads(store.report_path(out).read_text())
     items = {i["item"]: i for i in rep["items"] if i["kind"] != "not_selected"}
     assert items[poison]["status"] == "failed" and items[poison]["kind"] == "worker_lost"
     assert "worker process converting it died" in items[poison]["message"]
@@ -353,7 +353,7 @@ def test_ctrl_c_with_dask_workers_stops_everything_and_a_rerun_finishes(small_sa
     while _live_in_group(proc.pid) and time.monotonic() - t0 < 10:
         time.sleep(0.1)
     assert _live_in_group(proc.pid) == []  # no worker outlives the run
-    rep = json.loads((out / store.REPORT_FILE).read_text())
+    rep = json.loads(store.report_path(out).read_text())
     assert rep["context"]["interrupted"] is True and rep["context"]["converted_early"] >= 1
     listed = store.list_volumes(out)
     assert 1 <= len(listed) < len(store.list_volumes(clean_store)), listed
@@ -383,7 +383,7 @@ def test_enospc_while_writing_a_volume_names_it_and_leaves_nothing(
     calls = []
 
     def full_disk(path, value, exclusive=False):
-        if f"{store.WORK_DIR}/{victim}." in str(path) and "/c/" in str(path):
+        if f"{store.WORK_DIR_NAME}/{victim}." in str(path) and "/c/" in str(path):
             calls.append(path)
             if len(calls) >= 2:  # the image chunk made it to disk, then the disk is full (labels)
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
@@ -397,7 +397,7 @@ def test_enospc_while_writing_a_volume_names_it_and_leaves_nothing(
     assert str(out / victim) in failed.message and "No space left on device" in failed.message
     assert len(calls) == 2
     assert store.list_volumes(out) == sorted(set(store.list_volumes(clean_store)) - {victim})
-    assert not any((out / store.WORK_DIR).iterdir())  # the partial copy is gone
+    assert not any(store.work_dir(out).iterdir())  # the partial copy is gone
     for vid in store.list_volumes(out):
         assert_same_volume(out, clean_store, vid)
     # the direct API raises a StoreError (an OSError) naming the volume

@@ -103,7 +103,7 @@ def test_replacing_a_volume_is_atomic_and_leaves_no_work_files(st):
     store.write_volume(st, "v", image2, g, {"n": 2})  # no labels this time
     assert np.array_equal(store.read_volume(st, "v")[0], image2)
     assert store.read_attrs(st, "v")["n"] == 2 and store.label_names(st, "v") == []
-    assert list((st / store.WORK_DIR).iterdir()) == []
+    assert list(store.work_dir(st).iterdir()) == []
 
 
 def test_an_error_mid_write_leaves_nothing_listed(st, monkeypatch):
@@ -115,7 +115,7 @@ def test_an_error_mid_write_leaves_nothing_listed(st, monkeypatch):
     monkeypatch.setattr(store, "_write_array", boom)
     with pytest.raises(OSError, match="disk full"):
         store.write_volume(st, "v", image, g, {})
-    assert store.list_volumes(st) == [] and list((st / store.WORK_DIR).iterdir()) == []
+    assert store.list_volumes(st) == [] and list(store.work_dir(st).iterdir()) == []
 
 
 def test_a_killed_writer_leaves_nothing_listed_and_the_next_run_cleans_up(st):
@@ -134,7 +134,7 @@ store.write_volume({str(st)!r}, "v", np.ones((4, 8, 8), np.uint16), g, {{}})
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
     assert proc.returncode == -9, proc.stderr.decode()
-    leftovers = list((st / store.WORK_DIR).iterdir())
+    leftovers = list(store.work_dir(st).iterdir())
     assert len(leftovers) == 1 and leftovers[0].name.endswith(".partial")
     assert (leftovers[0] / "image" / "zarr.json").is_file()  # it really was mid-write
     assert store.list_volumes(st) == []
@@ -142,7 +142,7 @@ store.write_volume({str(st)!r}, "v", np.ones((4, 8, 8), np.uint16), g, {{}})
         store.read_attrs(st, "v")
     with files.lock(st):
         assert store.clean_work_area(st) == [leftovers[0].name]
-    assert list((st / store.WORK_DIR).iterdir()) == []
+    assert list(store.work_dir(st).iterdir()) == []
 
 
 def test_update_attrs_replaces_keys_and_keeps_the_rest(st):
@@ -168,8 +168,8 @@ def test_listing_ignores_work_area_and_foreign_entries(st):
     store.write_volume(st, "b", image, g, {})
     store.write_volume(st, "a", image, g, {})
     (st / "notes").mkdir()
-    (st / store.WORK_DIR / "c.123.partial").mkdir(parents=True)
-    (st / store.REPORT_FILE).write_text("{}")
+    (store.work_dir(st) / "c.123.partial").mkdir(parents=True)
+    store.report_path(st).write_text("{}")
     assert store.list_volumes(st) == ["a", "b"]
     store.delete_volume(st, "a")
     assert store.list_volumes(st) == ["b"]

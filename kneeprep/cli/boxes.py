@@ -22,8 +22,9 @@ from kneeprep.cli import RECIPE, dask_options
 def boxes(store, recipe_file, workers, scheduler, progress):
     """Recompute every volume's boxes in STORE (a volumes.zarr) from its labels.
 
-    Updates each volume's `boxes` attrs and `provenance.boxes_hash`, rewrites STORE/boxes.parquet and
-    prints a summary. One Dask task per volume (--workers, --scheduler). Exit code 1 when some volume could not be processed (listed in the summary).
+    Updates each volume's `boxes` attrs and `provenance.boxes_hash`, rewrites STORE.kneeprep/boxes.parquet
+    (the folder beside the store) and prints a summary. One Dask task per volume (--workers, --scheduler).
+    Exit code 1 when some volume could not be processed (listed in the summary).
     """
     from kneeprep.cli.progress import bars
     from kneeprep.recipe import load_recipe

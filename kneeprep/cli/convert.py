@@ -41,12 +41,13 @@ def convert(ctx, raw, out, recipe_file, annotations, masks, workers, scheduler, 
     One task per series, started as soon as the scan has read its folder (the scan of the rest of the
     tree goes on meanwhile); a series that fails is recorded and the others go on. A re-run skips volumes
     whose inputs and convert settings are unchanged and redoes the others; an interrupted run leaves no
-    half-written volume visible. Progress bars show the scan (files) and the conversions (series). The run
-    report is written to OUT/report.json and summarized here. Exit code 1 if any series failed, or if no
-    series was written or left unchanged (none found, or every one refused or not selected).
+    half-written volume visible. Progress bars show the scan (files) and the conversions (series). OUT is an
+    OME-Zarr collection; the run report is written beside it, to OUT.kneeprep/report.json, and summarized
+    here. Exit code 1 if any series failed, or if no series was written or left unchanged (none found, or
+    every one refused or not selected).
     """
     from kneeprep.cli.progress import bars
-    from kneeprep.formats.store import REPORT_FILE
+    from kneeprep.formats.store import report_path
     from kneeprep.recipe import load_recipe
     from kneeprep.stages.convert import run_convert
 
@@ -57,7 +58,7 @@ def convert(ctx, raw, out, recipe_file, annotations, masks, workers, scheduler, 
             progress=p,
         )  # fmt: skip
     click.echo(report.table())
-    click.echo(f"report: {click.format_filename(str(out))}/{REPORT_FILE}")
+    click.echo(f"report: {click.format_filename(str(report_path(out)))}")
     if report.nothing_usable:
         click.secho(f"error: {report.nothing_usable}", fg="red", err=True)
     if report.failed or report.nothing_usable:

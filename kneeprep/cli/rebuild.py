@@ -46,7 +46,8 @@ def rebuild(recipe_file, raw, annotations, masks, out, workers, scheduler, progr
     """Rebuild the whole dataset from RAW with one recipe: scan, convert, boxes, shards, validate, card.
 
     \b
-    Writes OUT/volumes.zarr (Zarr v3 volumes + labels + boxes), OUT/shards (Parquet shards, manifest.json,
+    Writes OUT/volumes.zarr (Zarr v3 volumes + labels + boxes, an OME-Zarr collection), beside it
+    OUT/volumes.zarr.kneeprep (convert report, boxes.parquet), OUT/shards (Parquet shards, manifest.json,
     README.md dataset card) and OUT/report.json (every stage's summary and wall time).
 
     Resumable: a re-run skips volumes whose inputs and convert recipe are unchanged, recomputes boxes only

@@ -1,25 +1,31 @@
-"""The Zarr v3 volume store: one group per volume, written atomically, readable as OME-Zarr 0.5.
+"""The Zarr v3 volume store: one group per volume, written atomically, an OME-Zarr 0.5 collection.
 
-Layout (``docs/DESIGN.md``, "Volume store")::
+Layout (``docs/DESIGN.md``, "Volume store"; the OME side in ``docs/FORMATS.md``, "Volume store as OME-Zarr")::
 
-    volumes.zarr/                  root group, attrs {"kneeprep": {"format_version": 1, "kind": "volume_store"}}
+    volumes.zarr/                  root group, attrs {"ome": {bioformats2raw.layout 3}, "kneeprep": {"kind": ...}}
+      OME/                         group, attrs {"ome": {"series": [<volume_id>, ...]}}
       <volume_id>/                 group, attrs {"ome": {multiscales}, "kneeprep": {...}}
         image                      array (z, y, x)
         labels/                    group, attrs {"ome": {"labels": [<name>, ...]}}
           <name>/                  group, attrs {"ome": {multiscales, "image-label"}}
             0                      array (z, y, x), same grid as image
-      .kneeprep-tmp/               work area, never a zarr node
+    volumes.zarr.kneeprep/         kneeprep's own files, beside the store (:func:`kneeprep_dir`)
+      report.json                  the last convert run's report (:func:`report_path`)
+      boxes.parquet                every volume's boxes (:func:`boxes_table_path`)
       .kneeprep-lock               held (flock) by the run writing this store
-      report.json                  the last convert run's report
+      work/                        volumes being written (:func:`work_dir`)
 
-**Atomicity.** :func:`write_volume` builds the whole group under
-``.kneeprep-tmp/<volume_id>.<uuid>.partial`` (a zarr group of its own: v3 nodes do not record their path) and
-renames it to ``<volume_id>`` -- one ``rename(2)`` on the same filesystem. Replacing a volume moves the old
-group aside first (``.old``) and deletes it after the new one is in place, so a reader sees the old volume, the
-new one, or (for the instant between the two renames, or after a crash there) none, never a mixture. A crashed
-or interrupted writer leaves only ``.partial``/``.old`` entries in the work area, which
-:func:`clean_work_area` removes at the start of the next run. Local filesystems only (object stores have no
-rename; they would need a completion flag written last).
+Only zarr nodes are inside the store (zarr-python 3 warns about every other entry, dotted ones too); the
+sibling folder is on the same filesystem, so volumes rename from its work area into the store. A store moved
+without it is complete. Older stores: :mod:`kneeprep.formats.store_upgrade`; :func:`find_report` reads both.
+
+**Atomicity.** :func:`write_volume` builds the whole group under ``<work>/<volume_id>.<uuid>.partial`` (a zarr
+group of its own: v3 nodes do not record their path) and renames it to ``<volume_id>`` -- one ``rename(2)`` on
+the same filesystem. Replacing a volume moves the old group aside first (``.old``) and deletes it after the new
+one is in place, so a reader sees the old volume, the new one, or (for the instant between the two renames, or
+after a crash there) none, never a mixture. A crashed or interrupted writer leaves only ``.partial``/``.old``
+entries in the work area, which :func:`clean_work_area` removes at the start of the next run. Local
+filesystems only (object stores have no rename; they would need a completion flag written last).
 
 **Chunks and codec** (chosen by measurement, see ``docs/DESIGN.md`` "Chunks and codec"): whole in-plane slabs
 of about 4 MiB along array axis 0 (16 slices of a 384x384 uint16 DESS), Blosc zstd level 3 with bit-shuffle
@@ -29,15 +35,16 @@ of chunks at a time (peak memory: one chunk, not 1.7 volumes). Each chunk is com
 workers get cores / workers): zarr encodes one chunk per call here, so without them a worker that has
 cores to spare compresses on one.
 
-**OME-Zarr.** Each volume group carries 0.5 ``multiscales`` with one level (path ``image``, axes z/y/x in
-millimetres, ``scale`` = spacing) and its label layers ``image-label`` metadata with the label names, so
-napari-ome-zarr can open image and labels. OME 0.5 has no rotation: viewers show the voxel grid at its spacing;
-the exact geometry is ``kneeprep.geometry.affine_lps``.
+**OME-Zarr** (:mod:`kneeprep.formats.ome`). The root is a bioformats2raw collection whose ``OME`` group lists
+the volumes (:func:`sync_collection`, run by the convert driver at the end of a run, under the store lock:
+volume tasks never touch it). Each volume group carries 0.5 ``multiscales`` with one level (path ``image``,
+axes z/y/x in millimetres, ``scale`` = spacing, ``translation`` = where voxel (0, 0, 0) lies) and its label
+layers ``image-label`` metadata with the label names, so napari-ome-zarr can open image and labels. OME 0.5
+has no rotation; the exact geometry is ``kneeprep.geometry.affine_lps``.
 """
 
 from __future__ import annotations
 
-import colorsys
 import contextlib
 import json
 import math
@@ -55,15 +62,23 @@ from zarr.codecs import BloscCodec
 
 from kneeprep import FORMAT_VERSION
 from kneeprep.errors import InputNotFoundError, StoreError
-from kneeprep.files import LOCK_FILE
+from kneeprep.files import LOCK_FILE, write_json
+from kneeprep.formats import ome
+from kneeprep.formats.box import BOXES_TABLE
 from kneeprep.geometry import Geometry
 
-WORK_DIR = ".kneeprep-tmp"
-REPORT_FILE = "report.json"
+#: suffix of the folder beside the store that holds kneeprep's own files (``volumes.zarr.kneeprep``).
+KNEEPREP_DIR_SUFFIX = ".kneeprep"
+#: the work area's name inside :func:`kneeprep_dir`.
+WORK_DIR_NAME = "work"
+#: the convert report's file name inside :func:`kneeprep_dir`.
+REPORT_NAME = "report.json"
+#: where stores written before the sibling folder kept kneeprep's files: inside the store.
+LEGACY_FILES = (REPORT_NAME, BOXES_TABLE)
+LEGACY_WORK_DIR = ".kneeprep-tmp"
 ROOT_ATTRS = {"format_version": FORMAT_VERSION, "kind": "volume_store"}
 #: bytes of uncompressed data per chunk we aim for (rounded to a power-of-two number of slices).
 CHUNK_TARGET_BYTES = 1 << 22
-OME_VERSION = "0.5"
 #: DICOM keywords that identify a patient; attrs holding any of them as a key are refused.
 PHI_KEYWORDS = frozenset(
     {
@@ -127,44 +142,86 @@ def choose_chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, int, int]
 # the store itself
 
 
+def kneeprep_dir(store: str | os.PathLike) -> Path:
+    """The folder beside the store for kneeprep's own files: ``<store>.kneeprep`` (``volumes.zarr.kneeprep``)."""
+    p = Path(store)
+    if not p.name:  # "." or "/"-ended forms
+        p = p.resolve()
+    return p.with_name(p.name + KNEEPREP_DIR_SUFFIX)
+
+
+def report_path(store: str | os.PathLike) -> Path:
+    """Where the convert stage writes its run report."""
+    return kneeprep_dir(store) / REPORT_NAME
+
+
+def boxes_table_path(store: str | os.PathLike) -> Path:
+    """Where the boxes table (every volume's boxes, ``kneeprep.formats.box.boxes_schema``) is written."""
+    return kneeprep_dir(store) / BOXES_TABLE
+
+
+def work_dir(store: str | os.PathLike) -> Path:
+    """The work area: volumes being written, renamed into the store when complete (never a zarr node)."""
+    return kneeprep_dir(store) / WORK_DIR_NAME
+
+
+def find_report(store: str | os.PathLike) -> Path | None:
+    """The store's last convert report: :func:`report_path`, else where an older kneeprep wrote it (inside
+    the store), else None."""
+    for p in (report_path(store), Path(store) / REPORT_NAME):
+        if p.is_file():
+            return p
+    return None
+
+
 def init_store(path: str | os.PathLike) -> Path:
-    """Create the store's root group if needed; refuse a directory that is something else."""
+    """Create the store's root group (an empty OME collection) if needed; refuse a directory that is
+    something else."""
     p = Path(path)
     meta = p / "zarr.json"
     if meta.is_file():
-        kind = _read_json(meta).get("attributes", {}).get("kneeprep", {}).get("kind")
+        kind = read_metadata(meta).get("attributes", {}).get("kneeprep", {}).get("kind")
         if kind != "volume_store":
             raise StoreError(f"{p}: a zarr group, but not a kneeprep volume store (kneeprep.kind = {kind!r})")
         return p
-    if p.exists() and (not p.is_dir() or any(e.name not in (WORK_DIR, LOCK_FILE) for e in os.scandir(p))):
+    leftovers = (LEGACY_WORK_DIR, LOCK_FILE)  # an older kneeprep's first run, killed before the root was made
+    if p.exists() and (not p.is_dir() or any(e.name not in leftovers for e in os.scandir(p))):
         raise StoreError(
             f"{p}: exists and is not a kneeprep volume store (no zarr.json); refusing to write into it"
         )
     p.mkdir(parents=True, exist_ok=True)
-    zarr.open_group(str(p), mode="w", zarr_format=3, attributes={"kneeprep": dict(ROOT_ATTRS)})
+    zarr.open_group(
+        str(p), mode="w", zarr_format=3, attributes={"ome": ome.root_attrs(), "kneeprep": dict(ROOT_ATTRS)}
+    )
+    sync_collection(p)
     return p
 
 
-def _check_store(store: str | os.PathLike) -> Path:
+def check_store(store: str | os.PathLike) -> Path:
+    """``store`` as a Path; ``InputNotFoundError`` when it holds no root ``zarr.json``."""
     p = Path(store)
     if not (p / "zarr.json").is_file():
         raise InputNotFoundError(f"{p}: no volume store here (expected a zarr.json)")
     return p
 
 
+def _is_volume_name(name: str) -> bool:
+    return bool(name) and not name.startswith(".") and "/" not in name and name != ome.OME_GROUP
+
+
 def list_volumes(store: str | os.PathLike) -> list[str]:
-    """Ids of the complete volumes, sorted. Work-area entries are never listed."""
-    p = _check_store(store)
+    """Ids of the complete volumes, sorted: the store's groups other than ``OME`` (work-area entries never)."""
+    p = check_store(store)
     return sorted(
         e.name
         for e in os.scandir(p)
-        if e.is_dir() and not e.name.startswith(".") and (Path(e.path) / "zarr.json").is_file()
+        if e.is_dir() and _is_volume_name(e.name) and (Path(e.path) / "zarr.json").is_file()
     )
 
 
 def volume_path(store: str | os.PathLike, volume_id: str) -> Path:
     p = Path(store) / volume_id
-    if volume_id.startswith(".") or "/" in volume_id or not (p / "zarr.json").is_file():
+    if not _is_volume_name(volume_id) or not (p / "zarr.json").is_file():
         raise InputNotFoundError(f"{p}: no such volume in the store")
     return p
 
@@ -172,8 +229,9 @@ def volume_path(store: str | os.PathLike, volume_id: str) -> Path:
 def clean_work_area(store: str | os.PathLike) -> list[str]:
     """Remove leftovers of interrupted writes (``.partial``/``.old`` in the work area); returns their names.
 
-    Call only while holding the store's lock (:func:`kneeprep.files.lock`) (no writer is active then)."""
-    work = Path(store) / WORK_DIR
+    Call only while holding the store's lock (:func:`kneeprep.files.lock` on :func:`kneeprep_dir`) (no writer
+    is active then)."""
+    work = work_dir(store)
     if not work.is_dir():
         return []
     removed = []
@@ -181,6 +239,24 @@ def clean_work_area(store: str | os.PathLike) -> list[str]:
         shutil.rmtree(e.path, ignore_errors=True) if e.is_dir() else os.unlink(e.path)
         removed.append(e.name)
     return sorted(removed)
+
+
+def sync_collection(store: str | os.PathLike) -> list[str]:
+    """Make the ``OME`` group's ``series`` the store's volumes (sorted); returns them.
+
+    Written atomically (:func:`kneeprep.files.write_json`) and only when it changed. Call from one process
+    holding the store's lock -- the convert driver at the end of a run --, never from volume tasks."""
+    root = check_store(store)
+    volumes = list_volumes(root)
+    doc = {"zarr_format": 3, "node_type": "group", "attributes": {"ome": ome.series_attrs(volumes)}}
+    meta = root / ome.OME_GROUP / "zarr.json"
+    try:
+        current = json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        current = None
+    if current != doc:
+        write_json(meta, doc, sort_keys=False)
+    return volumes
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -203,7 +279,7 @@ def write_volume(
     root = Path(store)
     if not (root / "zarr.json").is_file():
         raise StoreError(f"{root}: not an initialised volume store (call init_store first)")
-    if not volume_id or volume_id.startswith(".") or "/" in volume_id:
+    if not _is_volume_name(volume_id):
         raise StoreError(f"{root}: bad volume id {volume_id!r}")
     if image.shape != geometry.shape:
         raise StoreError(
@@ -217,23 +293,21 @@ def write_volume(
             )
     meta = _jsonable({**attrs, "geometry": geometry.to_json()})
     _refuse_phi(meta, root / volume_id)
-    work = root / WORK_DIR
-    work.mkdir(exist_ok=True)
+    work = work_dir(root)
+    work.mkdir(parents=True, exist_ok=True)
     tmp = work / f"{volume_id}.{uuid.uuid4().hex[:12]}.partial"
     try:
         group = zarr.open_group(
             str(tmp),
             mode="w-",
             zarr_format=3,
-            attributes={"ome": _ome_image(volume_id, geometry), "kneeprep": meta},
+            attributes={"ome": ome.image_attrs(volume_id, geometry), "kneeprep": meta},
         )
         _write_array(group, "image", image)
         if labels:
-            lg = group.create_group(
-                "labels", attributes={"ome": {"version": OME_VERSION, "labels": list(labels)}}
-            )
+            lg = group.create_group("labels", attributes={"ome": ome.labels_attrs(labels)})
             for name, (arr, label_map) in labels.items():
-                layer = lg.create_group(name, attributes={"ome": _ome_label(name, geometry, label_map)})
+                layer = lg.create_group(name, attributes={"ome": ome.label_attrs(name, geometry, label_map)})
                 _write_array(layer, "0", arr)
         _install(tmp, root / volume_id)
     except StoreError:
@@ -290,8 +364,8 @@ def _install(tmp: Path, final: Path) -> None:
 def delete_volume(store: str | os.PathLike, volume_id: str) -> None:
     """Remove a volume: moved into the work area first, so it disappears from listings at once."""
     p = volume_path(store, volume_id)
-    gone = Path(store) / WORK_DIR / f"{volume_id}.{uuid.uuid4().hex[:12]}.old"
-    gone.parent.mkdir(exist_ok=True)
+    gone = work_dir(store) / f"{volume_id}.{uuid.uuid4().hex[:12]}.old"
+    gone.parent.mkdir(parents=True, exist_ok=True)
     os.rename(p, gone)
     shutil.rmtree(gone, ignore_errors=True)
 
@@ -313,7 +387,7 @@ def read_volume(store: str | os.PathLike, volume_id: str) -> tuple[np.ndarray, G
 
 def label_names(store: str | os.PathLike, volume_id: str) -> list[str]:
     p = volume_path(store, volume_id) / "labels" / "zarr.json"
-    return list(_read_json(p)["attributes"]["ome"]["labels"]) if p.is_file() else []
+    return list(read_metadata(p)["attributes"]["ome"]["labels"]) if p.is_file() else []
 
 
 def read_labels(store: str | os.PathLike, volume_id: str, name: str | None = None) -> np.ndarray:
@@ -331,7 +405,7 @@ def read_labels(store: str | os.PathLike, volume_id: str, name: str | None = Non
 
 def read_attrs(store: str | os.PathLike, volume_id: str) -> dict[str, Any]:
     """The volume's ``kneeprep`` attributes (``docs/DESIGN.md`` lists them)."""
-    return _read_json(volume_path(store, volume_id) / "zarr.json")["attributes"]["kneeprep"]
+    return read_metadata(volume_path(store, volume_id) / "zarr.json")["attributes"]["kneeprep"]
 
 
 def update_attrs(store: str | os.PathLike, volume_id: str, changes: Mapping[str, Any]) -> dict[str, Any]:
@@ -348,57 +422,6 @@ def update_attrs(store: str | os.PathLike, volume_id: str, changes: Mapping[str,
 
 # ----------------------------------------------------------------------------------------------------------
 # metadata helpers
-
-
-def _ome_axes() -> list[dict]:
-    return [{"name": a, "type": "space", "unit": "millimeter"} for a in ("z", "y", "x")]
-
-
-def _ome_image(name: str, geometry: Geometry) -> dict:
-    return {
-        "version": OME_VERSION,
-        "multiscales": [
-            {
-                "name": name,
-                "axes": _ome_axes(),
-                "datasets": [
-                    {
-                        "path": "image",
-                        "coordinateTransformations": [{"type": "scale", "scale": list(geometry.spacing)}],
-                    }
-                ],
-            }
-        ],
-    }
-
-
-def _ome_label(name: str, geometry: Geometry, label_map: Mapping[int, str]) -> dict:
-    return {
-        "version": OME_VERSION,
-        "multiscales": [
-            {
-                "name": name,
-                "axes": _ome_axes(),
-                "datasets": [
-                    {
-                        "path": "0",
-                        "coordinateTransformations": [{"type": "scale", "scale": list(geometry.spacing)}],
-                    }
-                ],
-            }
-        ],
-        "image-label": {
-            "colors": [{"label-value": int(k), "rgba": _colour(int(k))} for k in sorted(label_map)],
-            "properties": [{"label-value": int(k), "name": str(v)} for k, v in sorted(label_map.items())],
-            "source": {"image": "../../"},
-        },
-    }
-
-
-def _colour(label: int) -> list[int]:
-    """A stable, well-spread colour per label id (golden-angle hues)."""
-    r, g, b = colorsys.hsv_to_rgb((label * 0.618033988749895) % 1.0, 0.75, 0.95)
-    return [int(r * 255), int(g * 255), int(b * 255), 255]
 
 
 def _jsonable(obj: Any) -> Any:
@@ -432,7 +455,8 @@ def _refuse_phi(attrs: Any, where: Path) -> None:
     walk(attrs, "")
 
 
-def _read_json(path: Path) -> dict:
+def read_metadata(path: Path) -> dict:
+    """A ``zarr.json`` (or any JSON file of the store) as a dict; errors name the file."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

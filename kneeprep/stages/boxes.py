@@ -17,6 +17,7 @@ from kneeprep.boxes import boxes_from_stats, boxes_hash, label_stats
 from kneeprep.errors import KneeprepError
 from kneeprep.formats import store
 from kneeprep.formats.box import BOXES_TABLE, Box, boxes_schema
+from kneeprep.formats.store_upgrade import upgrade_store
 from kneeprep.geometry import Geometry
 from kneeprep.stages.harness import Progress, Stage
 
@@ -33,7 +34,7 @@ def write_boxes_table(store_path: str | os.PathLike) -> Path:
             d = Box.from_json(b).to_json()
             rows.append({"volume_id": attrs.get("volume_id", vid), **d})
     table = pa.Table.from_pylist(rows, schema=schema) if rows else schema.empty_table()
-    out = store_path / BOXES_TABLE
+    out = store.boxes_table_path(store_path)
     with files.atomic_path(out) as tmp:
         pq.write_table(table, tmp)
     return out
@@ -90,9 +91,17 @@ def recompute_store_boxes(
     store_path = Path(store_path)
     store.list_volumes(store_path)  # a missing store is an error before anything is locked or written
     with Stage(
-        "boxes", store_path, partials=("*boxes.parquet*",), report_name=None, progress=progress, lock=lock,
-        workers=workers, scheduler=scheduler, executor=executor,
-    ) as st:  # fmt: skip
+        "boxes",
+        store.kneeprep_dir(store_path),
+        partials=(f"*{BOXES_TABLE}*",),
+        report_name=None,
+        progress=progress,
+        lock=lock,
+        workers=workers,
+        scheduler=scheduler,
+        executor=executor,
+    ) as st:
+        upgrade_store(store_path)  # an older store's boxes.parquet moves beside it before it is rewritten
         return _recompute(store_path, recipe, stale_only, st)
 
 
@@ -154,7 +163,7 @@ def _recompute(store_path: Path, recipe, stale_only: bool, st: Stage) -> BoxesSu
     done = sorted(st.track(results, len(vids), "boxes"), key=lambda r: r.item)
     got = [r for r in done if r.status == "recomputed"]
     failures = tuple(r.failure for r in done if r.failure is not None)
-    table = store_path / BOXES_TABLE
+    table = store.boxes_table_path(store_path)
     if got or failures or not table.is_file():
         table = write_boxes_table(store_path)
     return BoxesSummary(

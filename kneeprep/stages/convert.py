@@ -45,6 +45,7 @@ from kneeprep.formats import store as vstore
 from kneeprep.formats.masks import file_hash, load_mask_onto
 from kneeprep.formats.report import ItemResult, RunReport
 from kneeprep.formats.splits import read_split_csvs
+from kneeprep.formats.store_upgrade import upgrade_store
 from kneeprep.recipe import Recipe
 from kneeprep.stages.boxes import write_boxes_table
 from kneeprep.stages.harness import Progress, Stage
@@ -405,7 +406,7 @@ def _previously_revised(store: Path) -> dict[str, str]:
     """``context.revised`` of the store's last convert report: provisional series (volume id -> input
     fingerprint) that the finished scan contradicted."""
     try:
-        revised = json.loads((store / vstore.REPORT_FILE).read_text()).get("context", {}).get("revised") or {}
+        revised = json.loads(vstore.report_path(store).read_text()).get("context", {}).get("revised") or {}
     except (OSError, ValueError, AttributeError):
         return {}
     return {str(k): str(v) for k, v in revised.items()} if isinstance(revised, dict) else {}
@@ -522,12 +523,15 @@ def run_convert(
         "scheduler": scheduler, "kneeprep_version": __version__,
     }  # fmt: skip
     vstore.init_store(store)
-    # the volumes' own temporary groups live in the work area (vstore.clean_work_area): no partial globs here
+    # the stage's lock and report are beside the store (vstore.kneeprep_dir); the volumes' own temporary groups
+    # live in the work area (vstore.clean_work_area): no partial globs here
     with Stage(
-        "convert", store, partials=(), report_name=vstore.REPORT_FILE, context=context, progress=progress,
-        workers=workers, scheduler=scheduler, executor=executor,
+        "convert", vstore.kneeprep_dir(store), partials=(), report_name=vstore.REPORT_NAME, context=context,
+        progress=progress, workers=workers, scheduler=scheduler, executor=executor,
     ) as st:  # fmt: skip
         report = st.report
+        if upgraded := upgrade_store(store):
+            report.context["upgraded_store"] = upgraded
         report.context["cleaned_work_area"] = vstore.clean_work_area(store)
         ex = st.executor()  # the scan's tasks and the conversions run on it
         stream = ex.stream(_run_task, on_error=_task_lost, recipe=recipe, store_path=str(store))
@@ -557,6 +561,7 @@ def run_convert(
             report.add_all(st.track(early.results(stream.results(), store), n_tasks, "convert"))
         finally:
             stream.cancel()  # nothing is left running on an error (a no-op after a full run)
+            vstore.sync_collection(store)  # the root's OME listing, here in the driver under the lock
         if any(r.status == "written" for r in report.items):
             report.context["boxes_table"] = str(write_boxes_table(store))
         st.finish()

@@ -55,7 +55,7 @@ from kneeprep.formats.report import ItemResult, RunReport
 from kneeprep.formats.shard_reader import iter_quintuples, read_manifest, read_row_group
 from kneeprep.formats.splits import SPLITS, image_set_suffix, parse_volume_id, write_split_csv
 from kneeprep.formats.store import (
-    REPORT_FILE,
+    find_report,
     label_names,
     list_volumes,
     read_attrs,
@@ -201,8 +201,8 @@ def _store_info(store: Path) -> tuple[set[str], dict[str, str]]:
     """The complete volumes of a store and the raw series folder of each, from its last convert report."""
     vids = set(list_volumes(store))
     raw: dict[str, str] = {}
-    rep = store / REPORT_FILE
-    if rep.is_file():
+    rep = find_report(store)
+    if rep is not None:
         try:
             items = json.loads(rep.read_text(encoding="utf-8")).get("items", [])
         except (OSError, ValueError):

@@ -35,6 +35,7 @@ from kneeprep.files import sha256_file, write_json
 from kneeprep.formats.card import write_card
 from kneeprep.formats.report import Progress
 from kneeprep.formats.shard_reader import read_manifest
+from kneeprep.formats.store import report_path as vstore_report_path
 from kneeprep.parallel import executor
 from kneeprep.privacy import Pseudonymizer
 from kneeprep.recipe import Recipe
@@ -142,7 +143,7 @@ def _run_stages(
     rep.stages["convert"] = {k: cj[k] for k in ("counts", "by_kind", "item_seconds")} | {
         "failed": [[r.item, r.kind, r.message] for r in conv.failed],
         "nothing_usable": conv.nothing_usable,
-        "report": str(store / "report.json"),
+        "report": str(vstore_report_path(store)),
     }
     echo(conv.table())
 
