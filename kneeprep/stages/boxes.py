@@ -16,7 +16,7 @@ from kneeprep import files
 from kneeprep.boxes import boxes_from_stats, boxes_hash, label_stats
 from kneeprep.errors import KneeprepError
 from kneeprep.formats import store
-from kneeprep.formats.box import BOXES_TABLE, Box, boxes_schema
+from kneeprep.formats.box import BOXES_TABLE, BOXES_TABLE_STALE, Box, boxes_schema
 from kneeprep.geometry import Geometry
 from kneeprep.stages.harness import Progress, Stage
 
@@ -28,16 +28,41 @@ def write_boxes_table(store_path: str | os.PathLike) -> Path:
     schema = boxes_schema()
     rows = []
     for vid in sorted(store.list_volumes(store_path)):
-        attrs = store.read_attrs(store_path, vid)
-        for b in attrs.get("boxes") or []:
-            d = Box.from_json(b).to_json()
-            rows.append({"volume_id": attrs.get("volume_id", vid), **d})
+        rows += table_rows(store.read_attrs(store_path, vid), vid)
     table = pa.Table.from_pylist(rows, schema=schema) if rows else schema.empty_table()
     out = store_path / BOXES_TABLE
     with files.atomic_path(out) as tmp:
         pq.write_table(table, tmp)
     return out
 
+
+def table_rows(attrs: dict, vid: str) -> list[dict]:
+    """The boxes table's rows of one volume, from its attrs (what :func:`write_boxes_table` writes)."""
+    return [
+        {"volume_id": attrs.get("volume_id", vid), **Box.from_json(b).to_json()}
+        for b in attrs.get("boxes") or []
+    ]
+
+
+def mark_boxes_table_stale(store_path: str | os.PathLike) -> bool:
+    """Mark the boxes table as possibly stale before volumes may change (``<store>/.boxes-stale``); returns
+    whether a mark was already there (an earlier run stopped before it rewrote the table)."""
+    mark = Path(store_path) / BOXES_TABLE_STALE
+    was = mark.is_file()
+    if not was:
+        files.write_text(mark, "volumes may have changed since boxes.parquet was written\n")
+    return was
+
+
+def settle_boxes_table(store_path: str | os.PathLike, changed: bool) -> Path | None:
+    """End a run begun with :func:`mark_boxes_table_stale`: rewrite the table when ``changed`` (a volume was
+    written, removed or had its boxes updated, or the mark was already there) or when the store has volumes
+    and no table; then drop the mark. Returns the table's path when it was written."""
+    store_path = Path(store_path)
+    out = None
+    if changed or (not (store_path / BOXES_TABLE).is_file() and store.list_volumes(store_path)):
+        out = write_boxes_table(store_path)
+    (store_path / BOXES_TABLE_STALE).unlink(missing_ok=True)
     return out
 
 
@@ -86,7 +111,7 @@ def recompute_store_boxes(
     store_path = Path(store_path)
     store.list_volumes(store_path)  # a missing store is an error before anything is locked or written
     with Stage(
-        "boxes", store_path, partials=("*boxes.parquet*",), report_name=None, progress=progress, lock=lock
+        "boxes", store_path, partials=(f"*{BOXES_TABLE}*",), report_name=None, progress=progress, lock=lock
     ) as st:
         return _recompute(store_path, recipe, stale_only, st)
 
@@ -98,6 +123,7 @@ def _recompute(store_path: Path, recipe, stale_only: bool, st: Stage) -> BoxesSu
     unknown: dict[str, dict[int, int]] = {}
     failures = []
     vids = sorted(store.list_volumes(store_path))
+    stale_table = mark_boxes_table_stale(store_path)  # before any attrs change: a kill leaves the mark
     for done, vid in enumerate(vids):
         if done:
             st.tick("boxes", done, len(vids), vids[done - 1])
@@ -133,6 +159,7 @@ def _recompute(store_path: Path, recipe, stale_only: bool, st: Stage) -> BoxesSu
     if vids:
         st.tick("boxes", len(vids), len(vids), vids[-1])
     table = store_path / BOXES_TABLE
-    if n_vol or failures or not table.is_file():
+    if n_vol or failures or stale_table or not table.is_file():
         table = write_boxes_table(store_path)
+    (store_path / BOXES_TABLE_STALE).unlink(missing_ok=True)
     return BoxesSummary(n_vol, n_box, n_empty, unknown, tuple(failures), str(table), h, n_same)

@@ -6,8 +6,9 @@ Stages and what each re-run skips:
 stage    does                                    skips when
 ======== ======================================= ===========================================================
 scan     headers of every file → series + QC     never (headers only, fast)
-convert  one Dask task per selected series       inputs (file list, sizes, mtimes, mask) and the recipe's
-                                                 convert sections are unchanged for that volume
+convert  one Dask task per selected series       inputs (file list, sizes, mtimes, mask; ``verify``: bytes)
+                                                 and the recipe's convert sections are unchanged for that
+                                                 volume; removes volumes whose series vanished or fail QC
 boxes    boxes from the stored labels            the recipe's [labels]/[boxes] hash equals the volume's
 shards   join + Parquet shards + manifest        inputs hash (annotations, volume attrs) and the recipe's
                                                  shards sections are unchanged
@@ -65,6 +66,7 @@ class RebuildReport:
         c = self.stages.get("convert", {}).get("counts", {})
         return (
             not c.get("failed", 0)
+            and not c.get("removed", 0)
             and not self.nothing_converted
             and not self.stages.get("boxes", {}).get("failures")
             and not self.stages.get("shards", {}).get("errors", 0)
@@ -105,6 +107,7 @@ def rebuild(
     scheduler: str | None = None,
     progress: Progress | None = None,
     echo=print,
+    verify: bool = False,
 ) -> RebuildReport:
     """Run scan → convert → boxes → shards → validate → card; returns (and writes) the rebuild report."""
 
@@ -125,13 +128,14 @@ def rebuild(
     t = stage("scan + convert")
     conv = run_convert(
         raw, store, recipe, annotations=annotations, masks=masks, workers=workers, scheduler=scheduler,
-        progress=progress,
+        progress=progress, verify=verify,
     )  # fmt: skip
     cj = conv.to_json()
     rep.seconds["scan"] = cj["context"].get("scan_seconds", 0.0)
     rep.seconds["convert"] = time.perf_counter() - t - rep.seconds["scan"]  # after the scan ended
     rep.stages["convert"] = {k: cj[k] for k in ("counts", "by_kind", "item_seconds")} | {
         "failed": [[r.item, r.kind, r.message] for r in conv.failed],
+        "removed": [[r.item, r.kind, r.message] for r in conv.removed],
         "nothing_usable": conv.nothing_usable,
         "report": str(store / "report.json"),
     }
