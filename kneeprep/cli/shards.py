@@ -76,7 +76,7 @@ def shards(store, annotations, shards_dir, recipe_file, force, progress):
 
 
 @click.command()
-@click.argument("shards_dir", metavar="SHARDS", type=click.Path(exists=True, file_okay=False))
+@click.argument("shards_dir", metavar="SHARDS|STORE", type=click.Path(exists=True, file_okay=False))
 @click.option(
     "--no-decode", is_flag=True, help="Skip reading the voxel bytes (checksums still read every byte)."
 )
@@ -85,11 +85,25 @@ def validate(shards_dir, no_decode, progress):
     """Check SHARDS against its manifest: schema version, checksums, row counts, missing or extra shards,
     every box inside its volume, every volume decodable to its shape and dtype, no patient in two splits.
 
+    Given a volume store (a .zarr folder) instead: check its boxes table against the volumes (every
+    volume's rows as its attrs give them, no row of a volume not in the store).
+
     Prints every problem found; exit code 1 if there is any.
     """
     from kneeprep.cli.progress import bars
     from kneeprep.formats.shard_reader import read_manifest
     from kneeprep.stages.validate import validate_shards
+    from kneeprep.stages.validate_store import is_store, validate_store
+
+    if is_store(shards_dir):
+        problems = validate_store(shards_dir)
+        for p in problems:
+            click.secho(str(p), fg="red")
+        if problems:
+            click.echo(f"{len(problems)} problem(s) in {shards_dir}")
+            raise SystemExit(1)
+        click.echo(f"{shards_dir}: OK (boxes table matches the volumes)")
+        return
 
     with bars(progress) as p:
         problems = validate_shards(shards_dir, decode=not no_decode, progress=p)

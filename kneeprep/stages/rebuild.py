@@ -13,6 +13,7 @@ boxes    boxes from the stored labels            the recipe's [labels]/[boxes] h
 shards   join + Parquet shards + manifest        inputs hash (annotations, volume attrs) and the recipe's
                                                  shards sections are unchanged
 validate checksums, schema, boxes, decodes       the shards were unchanged and validated by the last run
+         the store's boxes table vs its volumes  never
 card     ``shards/README.md``                    never (cheap)
 ======== ======================================= ===========================================================
 
@@ -42,6 +43,7 @@ from kneeprep.stages.boxes import recompute_store_boxes
 from kneeprep.stages.convert import run_convert
 from kneeprep.stages.shards import build_shards
 from kneeprep.stages.validate import validate_shards
+from kneeprep.stages.validate_store import validate_store
 
 REPORT = "report.json"
 
@@ -71,6 +73,7 @@ class RebuildReport:
             and not self.stages.get("boxes", {}).get("failures")
             and not self.stages.get("shards", {}).get("errors", 0)
             and not self.stages.get("validate", {}).get("problems")
+            and not self.stages.get("validate", {}).get("store_problems")
         )
 
     @property
@@ -182,6 +185,13 @@ def rebuild(
             "shards": len(read_manifest(shards_dir)["shards"]),
         }
         echo(f"validate: {len(problems)} problem(s)" + "".join(f"\n  {p}" for p in problems[:20]))
+    store_problems = [str(p) for p in validate_store(store)]  # the boxes table against the volumes
+    rep.stages["validate"]["store_problems"] = store_problems
+    if store_problems:
+        echo(
+            f"validate: {len(store_problems)} store problem(s)"
+            + "".join(f"\n  {p}" for p in store_problems[:20])
+        )
     rep.seconds["validate"] = time.perf_counter() - t
 
     t = time.perf_counter()
