@@ -209,7 +209,9 @@ def test_the_driver_neither_stats_inputs_nor_reads_attrs_and_a_rerun_still_skips
     assert sorted(n for n, _ in calls) == ["input_fingerprint"] * 2 + ["stored_attrs"] * 2
     # with Dask, a re-run still submits each series once (the early start stands) and skips it
     again = run_convert(tree.raw, out, parse_recipe({}), workers=1)
-    assert again.counts == {"written": 0, "skipped": 2, "failed": 0} and sorted(r.item for r in again.items) == sorted(ids)
+    assert again.counts == {"written": 0, "skipped": 2, "failed": 0} and sorted(
+        r.item for r in again.items
+    ) == sorted(ids)
 
 
 def _split_uid_across_folders(tree, which: str) -> None:
