@@ -34,6 +34,7 @@ from kneeprep.formats.box import BOXES_TABLE, BOXES_TABLE_STALE
 from kneeprep.formats.shard_reader import read_manifest
 from kneeprep.recipe import parse_recipe
 from kneeprep.stages.convert import run_convert
+from kneeprep.stages.resume import read_sources
 from kneeprep.stages.validate_store import validate_store
 
 ROOT = Path(__file__).parent.parent
@@ -187,7 +188,10 @@ def test_a_run_over_another_raw_tree_removes_nothing_of_the_first(tmp_path):
     rep = run_convert(b.raw, out, recipe, workers=0)
     assert rep.counts == {"written": 1, "skipped": 0, "failed": 0}
     assert store.list_volumes(out) == sorted([va, vb])
-    assert store.read_attrs(out, va)["source"]["raw_root"] == os.path.abspath(a.raw)
+    assert read_sources(out) == {va: os.path.abspath(a.raw), vb: os.path.abspath(b.raw)}
+    assert (
+        "raw_root" not in store.read_attrs(out, va)["source"]
+    )  # a volume does not depend on where raw lives
     shutil.rmtree(b.series[vb]["folder"])
     (b.raw / "00m" / "other").mkdir()
     r = CliRunner().invoke(cli, ["convert", str(b.raw), str(out), "--workers", "0", "--no-progress"])

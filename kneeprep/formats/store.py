@@ -60,6 +60,8 @@ from kneeprep.geometry import Geometry
 
 WORK_DIR = ".kneeprep-tmp"
 REPORT_FILE = "report.json"
+#: volume id -> the absolute raw tree it was converted from (written by convert; kneeprep.stages.resume)
+SOURCES_FILE = "sources.json"
 ROOT_ATTRS = {"format_version": FORMAT_VERSION, "kind": "volume_store"}
 #: bytes of uncompressed data per chunk we aim for (rounded to a power-of-two number of slices).
 CHUNK_TARGET_BYTES = 1 << 22

@@ -84,7 +84,6 @@ def convert_series(
     store_path: str | os.PathLike,
     mask_path: str | os.PathLike | None = None,
     *,
-    raw_root: str | None = None,
     verify: bool = False,
     force: bool = False,
 ) -> ItemResult:
@@ -92,11 +91,11 @@ def convert_series(
 
     Skips (``unchanged``) a volume already stored from the same inputs with the same convert settings
     (module docstring); ``verify`` also hashes the input bytes when the fingerprint matches, ``force`` never
-    skips. ``raw_root`` is recorded as ``source.raw_root``."""
+    skips."""
     t0 = time.perf_counter()
     source = _source(info)
     try:
-        result = _convert(info, recipe, Path(store_path), mask_path, (raw_root, verify, force), t0)
+        result = _convert(info, recipe, Path(store_path), mask_path, (verify, force), t0)
     except KneeprepError as e:
         return ItemResult(info.volume_id, "failed", e.kind, str(e), time.perf_counter() - t0, source)
     except Exception as e:  # a bug or an environment problem: recorded, never raised out of the pool
@@ -113,7 +112,7 @@ def convert_series(
 
 
 def _convert(info, recipe: Recipe, store: Path, mask_path, how, t0: float) -> ItemResult:
-    raw_root, verify, force = how
+    verify, force = how
     vid = info.volume_id
     source = _source(info)
     convert_hash = recipe.stage_hash("convert")
@@ -128,7 +127,7 @@ def _convert(info, recipe: Recipe, store: Path, mask_path, how, t0: float) -> It
                 unchanged = False
             why = "inputs (bytes verified) and recipe unchanged"
         if unchanged:
-            refresh_source(store, vid, previous, fingerprint, raw_root)
+            refresh_source(store, vid, previous, fingerprint)
             return ItemResult(vid, "skipped", "unchanged", why, time.perf_counter() - t0, source)
     timings = {}
     t = time.perf_counter()
@@ -137,7 +136,7 @@ def _convert(info, recipe: Recipe, store: Path, mask_path, how, t0: float) -> It
     chash = hash_mask(hasher, mask_path)
     timings["read"] = time.perf_counter() - t
     if unchanged and stored.get("content_hash") == chash:
-        refresh_source(store, vid, previous, fingerprint, raw_root)
+        refresh_source(store, vid, previous, fingerprint)
         return ItemResult(
             vid, "skipped", "unchanged", "same input bytes and recipe (files touched or moved): fingerprint refreshed",
             time.perf_counter() - t0, source,
@@ -207,7 +206,6 @@ def _convert(info, recipe: Recipe, store: Path, mask_path, how, t0: float) -> It
             "files": [Path(f).name for f in info.files],
             "content_hash": chash,
             "fingerprint": fingerprint,
-            **({"raw_root": raw_root} if raw_root else {}),
             # free text only when the recipe asks ([privacy] keep_free_text)
             **(
                 {"description": info.description, "study_description": info.study_description}
@@ -239,7 +237,7 @@ def _convert(info, recipe: Recipe, store: Path, mask_path, how, t0: float) -> It
 
 def _run_task(task: ConvertTask, recipe: Recipe, store_path: str) -> ItemResult:
     return convert_series(
-        task.info, recipe, store_path, task.mask_path, raw_root=task.raw_root, verify=task.verify,
+        task.info, recipe, store_path, task.mask_path, verify=task.verify,
         force=task.force,
     )  # fmt: skip
 
@@ -338,8 +336,8 @@ class _Planner:
     ``failed`` record (not selected, QC, mask missing). From the scan's record alone: no input file is
     stat'ed and no volume attrs read here (the task decides "unchanged?")."""
 
-    def __init__(self, recipe: Recipe, store: Path, annotations, masks, raw_root: str, verify: bool = False):
-        self.recipe, self.store, self.raw_root, self.verify = recipe, store, raw_root, verify
+    def __init__(self, recipe: Recipe, store: Path, annotations, masks, verify: bool = False):
+        self.recipe, self.store, self.verify = recipe, store, verify
         self.convert_hash = recipe.stage_hash("convert")
         self.mask_of = mask_finder(recipe, annotations, masks)
 
@@ -351,9 +349,7 @@ class _Planner:
         mask = self.mask_of(info)
         if isinstance(mask, KneeprepError):
             return ItemResult(info.volume_id, "failed", mask.kind, str(mask), 0.0, source)
-        return ConvertTask(
-            info, str(mask) if mask else None, series_key(info), self.raw_root, self.verify, force=redo
-        )
+        return ConvertTask(info, str(mask) if mask else None, series_key(info), self.verify, force=redo)
 
 
 def run_convert(
@@ -385,7 +381,7 @@ def run_convert(
         if p is not None and not Path(p).is_dir():
             raise InputNotFoundError(f"{p}: {name} directory not found")
     raw_root = os.path.abspath(raw)
-    plan = _Planner(recipe, store, annotations, masks, raw_root, verify)
+    plan = _Planner(recipe, store, annotations, masks, verify)
     context = {
         "raw": str(raw), "store": str(store), "annotations": str(annotations) if annotations else None,
         "masks": str(masks) if masks else None, "recipe_name": recipe.name, "recipe_hash": recipe.hash,
@@ -424,7 +420,7 @@ def run_convert(
             report.add_all(st.track(early.results(stream.results(), store), n_tasks, "convert"))
         finally:
             stream.cancel()  # nothing is left running on an error (a no-op after a full run)
-        removed = vanished(store, raw_root, report.items)
+        removed = vanished(store, raw_root, report.items)  # and records which tree each volume is from
         if removed:
             gone = {r.item for r in removed}
             report.items[:] = [r for r in report.items if r.item not in gone] + removed

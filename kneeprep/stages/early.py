@@ -20,8 +20,6 @@ class ConvertTask:
     mask_path: str | None
     #: the scan's record of the series (:func:`kneeprep.stages.resume.series_key`; no stat)
     key: str
-    #: the raw tree's absolute path (``source.raw_root``: which tree a volume came from)
-    raw_root: str | None = None
     #: hash the input bytes of a volume whose fingerprint is unchanged (``--verify``)
     verify: bool = False
     #: convert even when the stored volume looks unchanged (an early task's redo)

@@ -10,7 +10,7 @@ Decisions, per volume (docs/DESIGN.md, "Resume"):
 * **unchanged, fingerprint refreshed** -- the fingerprint differs but the content hash (computed while the task
   reads the series) does not: files touched or copied.
 * otherwise the volume is (re)written.
-* **removed** -- a volume converted from the same raw root (``source.raw_root``) whose series is no longer in
+* **removed** -- a volume converted from the same raw root (``<store>/sources.json``) whose series is no longer in
   the scan, or is now refused by QC or no longer selected: what a clean run would not have (:func:`vanished`).
 """
 
@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 
 from kneeprep.errors import InputNotFoundError, KneeprepError
-from kneeprep.files import sha256_file
+from kneeprep.files import sha256_file, write_json
 from kneeprep.formats import store as vstore
 from kneeprep.formats.report import ItemResult
 
@@ -98,34 +98,42 @@ def same_recipe(previous: dict | None, convert_hash: str) -> bool:
     return bool(previous) and (previous.get("provenance") or {}).get("convert_hash") == convert_hash
 
 
-def refresh_source(
-    store: Path, volume_id: str, previous: dict, fingerprint: str, raw_root: str | None
-) -> None:
-    """Record the current fingerprint and raw root of an unchanged volume (only when one differs)."""
+def refresh_source(store: Path, volume_id: str, previous: dict, fingerprint: str) -> None:
+    """Record the current fingerprint of an unchanged volume (only when it differs)."""
     src = previous.get("source") or {}
-    new = {**src, "fingerprint": fingerprint} | ({"raw_root": raw_root} if raw_root else {})
-    if new != src:
-        vstore.update_attrs(store, volume_id, {"source": new})
+    if src.get("fingerprint") != fingerprint:
+        vstore.update_attrs(store, volume_id, {"source": {**src, "fingerprint": fingerprint}})
+
+
+def read_sources(store: Path) -> dict[str, str]:
+    """``<store>/sources.json``: volume id -> the absolute raw tree it was last converted or checked from."""
+    try:
+        d = json.loads((Path(store) / vstore.SOURCES_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in d.items()} if isinstance(d, dict) else {}
 
 
 def vanished(store: Path, raw_root: str, items: list[ItemResult]) -> list[ItemResult]:
-    """Remove the volumes a clean run of this raw root would not have; return their ``removed`` records.
+    """Remove the volumes a clean run of this raw root would not have; return their ``removed`` records; then
+    record in ``<store>/sources.json`` which tree each volume this run converted or kept came from.
 
-    A stored volume is removed when its ``source.raw_root`` is ``raw_root`` (it came from this tree; volumes
-    of other trees, and of stores written before raw roots were recorded, are left alone) and this run has no
-    record of its series other than a QC refusal or not being selected: the series is gone from the tree (all
-    its files or the folder deleted), now fails QC (e.g. a slice file deleted), or the recipe no longer selects
-    it. A series that *failed* this run keeps its old volume (the run exits 1 for it anyway).
-
-    Reads the attrs of those candidate volumes only (none on an ordinary re-run)."""
+    A stored volume is removed when ``sources.json`` says it came from ``raw_root`` (volumes of other trees,
+    and volumes no finished run recorded, are left alone) and this run has no record of its series other than
+    a QC refusal or not being selected: the series is gone from the tree (all its files or the folder
+    deleted), now fails QC (e.g. a slice file deleted), or the recipe no longer selects it. A series that
+    *failed* this run keeps its old volume (the run exits 1 for it anyway). Kept out of the volume attrs so
+    that a volume does not depend on where its raw tree lives. Reads no volume attrs."""
+    sources = read_sources(store)
     why = {r.item: r for r in items}
     keep = {r.item for r in items if not (r.status == "skipped" and r.kind in NOT_CONVERTED)}
+    present = set(vstore.list_volumes(store))
     removed = []
-    for vid in sorted(set(vstore.list_volumes(store)) - keep):
-        attrs = stored_attrs(store, vid) or {}
-        if (attrs.get("source") or {}).get("raw_root") != raw_root:
+    for vid in sorted(present - keep):
+        if sources.get(vid) != raw_root:
             continue
         vstore.delete_volume(store, vid)
+        present.discard(vid)
         r = why.get(vid)
         if r is not None:
             removed.append(
@@ -137,4 +145,10 @@ def vanished(store: Path, raw_root: str, items: list[ItemResult]) -> list[ItemRe
                 ItemResult(vid, "removed", "vanished",
                            f"series no longer under {raw_root}; its volume of an earlier run was removed")
             )  # fmt: skip
+    mine = {
+        r.item for r in items if r.status == "written" or (r.status == "skipped" and r.kind == "unchanged")
+    }
+    new = {v: t for v, t in sources.items() if v in present} | {v: raw_root for v in mine if v in present}
+    if new != sources:
+        write_json(Path(store) / vstore.SOURCES_FILE, dict(sorted(new.items())))
     return removed
