@@ -34,7 +34,7 @@ PLANTED = {
     "PatientSex": "O",  # one letter: too short to search for; set so its presence is exercised
     "PatientAge": "093Y",
     "PatientAddress": "PLANT-ADDR 17 Corpus Lane",
-    "PatientTelephoneNumbers": "PLANT-TEL-5550199",
+    "PatientTelephoneNumbers": "PLANT-TEL-555019",
     "OtherPatientIDs": "PLANT-OTHERPID-31",
     "OtherPatientNames": "Plantother^Name",
     "PatientMotherBirthName": "PLANT-MOTHERNAME",
