@@ -185,21 +185,33 @@ def test_scan_hands_out_each_series_when_its_folder_is_read(tree):
     assert {s.volume_id: s for s in early} == {s.volume_id: s for s in final.series}  # equal, field by field
 
 
-def test_a_rerun_with_dask_plans_each_series_once(tree, tmp_path, monkeypatch):
-    # the series handed out during the scan are planned (stat of every file, stored attrs) then, not again
+def test_the_driver_neither_stats_inputs_nor_reads_attrs_and_a_rerun_still_skips(tree, tmp_path, monkeypatch):
+    # issue 16.3: the "unchanged?" decision (stat of every input file, the stored attrs) is the task's; the
+    # driver plans from the scan's record alone. workers=0 runs the tasks in this process: count them apart.
     import kneeprep.stages.convert as pipeline
+    import kneeprep.stages.resume as resume
 
     ids = [tree.add("9000001", "RIGHT"), tree.add("9000002", "LEFT")]
     out = tmp_path / "v.zarr"
     assert run_convert(tree.raw, out, parse_recipe({}), workers=1).counts["written"] == 2
+    in_task = []
+    real_task = pipeline._run_task
+    monkeypatch.setattr(pipeline, "_run_task", lambda t, *a, **k: in_task.append(1) or real_task(t, *a, **k))
     calls = []
-    fingerprint = pipeline.input_fingerprint
-    monkeypatch.setattr(
-        pipeline, "input_fingerprint", lambda info, m: calls.append(info.volume_id) or fingerprint(info, m)
-    )
-    again = run_convert(tree.raw, out, parse_recipe({}), workers=1)
+    for name in ("input_fingerprint", "stored_attrs"):
+        real = getattr(resume, name)
+        fake = lambda *a, _real=real, _name=name: calls.append((_name, bool(in_task))) or _real(*a)  # noqa: E731
+        monkeypatch.setattr(pipeline, name, fake)
+    again = run_convert(tree.raw, out, parse_recipe({}), workers=0)
     assert again.counts == {"written": 0, "skipped": 2, "failed": 0}
-    assert sorted(calls) == sorted(ids)
+    assert {(r.kind, r.message) for r in again.items} == {("unchanged", "inputs and recipe unchanged")}
+    assert calls and all(inside for _, inside in calls), calls  # only ever called from inside a task
+    assert sorted(n for n, _ in calls) == ["input_fingerprint"] * 2 + ["stored_attrs"] * 2
+    # with Dask, a re-run still submits each series once (the early start stands) and skips it
+    again = run_convert(tree.raw, out, parse_recipe({}), workers=1)
+    assert again.counts == {"written": 0, "skipped": 2, "failed": 0} and sorted(
+        r.item for r in again.items
+    ) == sorted(ids)
 
 
 def _split_uid_across_folders(tree, which: str) -> None:
@@ -253,9 +265,11 @@ def test_early_conversion_is_redone_when_the_finished_scan_disagrees(tree, tmp_p
         assert np.array_equal(a, b) and np.allclose(ga.affine_lps, gb.affine_lps), vid
         assert store.read_attrs(tmp_path / "ahead.zarr", vid)["source"]["n_files"] == a.shape[0]
     assert ahead.context["converted_early"] >= 1
-    # a re-run finds everything done and converts no provisional series again (it remembers them)
+    # a re-run finds everything done and starts no overruled provisional series early again (it remembers
+    # them); the others start early and find themselves unchanged (the task decides that)
     again = run_convert(tree.raw, tmp_path / "ahead.zarr", recipe, workers=1)
-    assert again.counts["written"] == 0 and again.context["converted_early"] == 0
+    assert again.counts["written"] == 0
+    assert again.context["converted_early"] <= len(again.items) - len(ahead.context["revised"])
     assert again.context["revised"] == ahead.context["revised"]
 
 

@@ -34,7 +34,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "validate": (
         "shards",
         "validate",
-        "Check shards against their manifest: schema, checksums, boxes, volumes.",
+        "Check shards against their manifest (schema, checksums, boxes, volumes), or a store's boxes table.",
     ),
     "rebuild": ("rebuild", "rebuild", "Run the whole recipe: scan, convert, boxes, shards, validate."),
     "recipe": ("recipe", "recipe", "List the packaged recipes; show or check a recipe (file or name)."),

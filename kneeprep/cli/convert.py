@@ -31,20 +31,28 @@ from kneeprep.cli import RECIPE, dask_options
     help="Directory to look for masks in (label_filepath relative to it, or its base name), or the base "
     "of the recipe's masks.pattern.",
 )
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Also re-hash the input bytes of volumes whose input files look unchanged (names, sizes, mtimes): "
+    "catches files edited in place with their mtime restored; reads every input file (docs/DESIGN.md, Resume).",
+)
 @dask_options
 @click.option("--progress/--no-progress", default=True, help="Show progress bars on stderr.")
 @click.pass_context
-def convert(ctx, raw, out, recipe_file, annotations, masks, workers, scheduler, progress):
+def convert(ctx, raw, out, recipe_file, annotations, masks, verify, workers, scheduler, progress):
     """Convert the DICOM series under RAW selected by the recipe into the volume store OUT (a .zarr folder).
 
     \b
     One task per series, started as soon as the scan has read its folder (the scan of the rest of the
     tree goes on meanwhile); a series that fails is recorded and the others go on. A re-run skips volumes
-    whose inputs and convert settings are unchanged and redoes the others; an interrupted run leaves no
-    half-written volume visible. Progress bars show the scan (files) and the conversions (series). OUT is an
-    OME-Zarr collection; the run report is written beside it, to OUT.kneeprep/report.json, and summarized
-    here. Exit code 1 if any series failed, or if no series was written or left unchanged (none found, or
-    every one refused or not selected).
+    whose inputs and convert settings are unchanged (file names, sizes and mtimes; with --verify their
+    bytes too) and redoes the others; it removes the volumes of RAW whose series are gone, now fail QC or
+    are no longer selected (listed as "removed"). An interrupted run leaves no half-written volume visible.
+    Progress bars show the scan (parts of the tree) and the conversions (series). OUT is an OME-Zarr
+    collection; the run report is written beside it, to OUT.kneeprep/report.json, and summarized here. Exit
+    code 1 if any series failed, a volume was removed, or if no series was written or left unchanged (none
+    found, or every one refused or not selected).
     """
     from kneeprep.cli.progress import bars
     from kneeprep.formats.store import report_path
@@ -55,11 +63,17 @@ def convert(ctx, raw, out, recipe_file, annotations, masks, workers, scheduler, 
     with bars(progress) as p:
         report = run_convert(
             raw, out, recipe, annotations=annotations, masks=masks, workers=workers, scheduler=scheduler,
-            progress=p,
+            progress=p, verify=verify,
         )  # fmt: skip
     click.echo(report.table())
     click.echo(f"report: {click.format_filename(str(report_path(out)))}")
     if report.nothing_usable:
         click.secho(f"error: {report.nothing_usable}", fg="red", err=True)
-    if report.failed or report.nothing_usable:
+    if report.removed:
+        click.secho(
+            f"error: {len(report.removed)} volume(s) of an earlier run removed (see the table)",
+            fg="red",
+            err=True,
+        )
+    if report.failed or report.removed or report.nothing_usable:
         ctx.exit(1)

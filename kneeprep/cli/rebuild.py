@@ -38,11 +38,17 @@ _DIR = click.Path(exists=True, file_okay=False)
     required=True,
     help="Output directory: volumes.zarr, shards/, report.json.",
 )
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Also re-hash the input bytes of volumes whose input files look unchanged (names, sizes, mtimes): "
+    "catches files edited in place with their mtime restored; reads every input file (docs/DESIGN.md, Resume).",
+)
 @dask_options
 @click.option(
     "--progress/--no-progress", default=True, help="Show progress bars on stderr (--no-progress: logs, CI)."
 )
-def rebuild(recipe_file, raw, annotations, masks, out, workers, scheduler, progress):
+def rebuild(recipe_file, raw, annotations, masks, out, verify, workers, scheduler, progress):
     """Rebuild the whole dataset from RAW with one recipe: scan, convert, boxes, shards, validate, card.
 
     \b
@@ -50,11 +56,12 @@ def rebuild(recipe_file, raw, annotations, masks, out, workers, scheduler, progr
     OUT/volumes.zarr.kneeprep (convert report, boxes.parquet), OUT/shards (Parquet shards, manifest.json,
     README.md dataset card) and OUT/report.json (every stage's summary and wall time).
 
-    Resumable: a re-run skips volumes whose inputs and convert recipe are unchanged, recomputes boxes only
+    Resumable: a re-run skips volumes whose inputs (names, sizes, mtimes; --verify: bytes) and convert
+    recipe are unchanged, removes volumes whose series vanished or now fail QC, recomputes boxes only
     when [labels]/[boxes] changed, and rewrites shards only when annotations, volumes or the shard
     settings changed. Interrupt it at any time: nothing half-written is left visible.
 
-    Exit code 0 when every stage succeeded; 1 when some series failed, no series was converted or left
+    Exit code 0 when every stage succeeded; 1 when some series failed, a volume was removed, no series was converted or left
     unchanged (none found, or every one refused), a quintuple was rejected for an error, or validation
     found a problem (all listed in the reports).
     """
@@ -70,7 +77,7 @@ def rebuild(recipe_file, raw, annotations, masks, out, workers, scheduler, progr
     with bars(progress) as p:
         rep = run(
             recipe, raw, annotations, out, masks=masks, workers=workers, scheduler=scheduler, progress=p,
-            echo=click.echo,
+            echo=click.echo, verify=verify,
         )  # fmt: skip
     c = rep.stages["convert"]["counts"]
     sh = rep.stages["shards"]
@@ -78,6 +85,7 @@ def rebuild(recipe_file, raw, annotations, masks, out, workers, scheduler, progr
     click.echo("── summary")
     click.echo(
         f"  volumes     {c.get('written', 0)} written, {c.get('skipped', 0)} skipped, {c.get('failed', 0)} failed"
+        + (f", {c['removed']} removed" if c.get("removed") else "")
     )
     reasons = {k: n for k, n in rep.stages["convert"]["by_kind"].items() if not k.startswith("written")}
     if reasons:

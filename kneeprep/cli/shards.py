@@ -98,7 +98,7 @@ def shards(store, annotations, shards_dir, recipe_file, force, workers, schedule
 
 
 @click.command()
-@click.argument("shards_dir", metavar="SHARDS", type=click.Path(exists=True, file_okay=False))
+@click.argument("shards_dir", metavar="SHARDS|STORE", type=click.Path(exists=True, file_okay=False))
 @click.option(
     "--no-decode", is_flag=True, help="Skip reading the voxel bytes (checksums still read every byte)."
 )
@@ -109,11 +109,25 @@ def validate(shards_dir, no_decode, workers, scheduler, progress):
     every box inside its volume, every volume decodable to its shape and dtype, the volumes table equal to
     the quintuples' volumes, no patient in two splits. One task per shard (--workers / --scheduler).
 
+    Given a volume store (a .zarr folder) instead: check its boxes table against the volumes (every
+    volume's rows as its attrs give them, no row of a volume not in the store).
+
     Prints every problem found; exit code 1 if there is any.
     """
     from kneeprep.cli.progress import bars
     from kneeprep.formats.shard_reader import read_manifest
     from kneeprep.stages.validate import validate_shards
+    from kneeprep.stages.validate_store import is_store, validate_store
+
+    if is_store(shards_dir):
+        problems = validate_store(shards_dir)
+        for p in problems:
+            click.secho(str(p), fg="red")
+        if problems:
+            click.echo(f"{len(problems)} problem(s) in {shards_dir}")
+            raise SystemExit(1)
+        click.echo(f"{shards_dir}: OK (boxes table matches the volumes)")
+        return
 
     if workers is not None and scheduler:
         raise click.UsageError("--workers and --scheduler exclude each other")

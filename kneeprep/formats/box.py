@@ -40,6 +40,8 @@ from kneeprep.errors import AnnotationError
 #: half-open ``(z0, y0, x0, z1, y1, x1)`` voxel indices in array order
 Voxels = tuple[int, int, int, int, int, int]
 BOXES_TABLE = "boxes.parquet"
+#: beside the boxes table while a run may change volumes; left by a killed run: the table must be rewritten
+BOXES_TABLE_STALE = ".boxes-stale"
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,14 @@ Each item (a series for ``convert``) ends in one status:
   the store), ``qc`` (scan's verdict was fail/unsupported, or warn with ``select.min_qc = "ok"``),
   ``not_selected`` (SeriesDescription does not match the recipe);
 * ``failed`` -- an error; ``kind`` is the :class:`~kneeprep.errors.KneeprepError` kind (``dicom``, ``mask``,
-  ``geometry`` ...) or ``unexpected`` for a bug, and ``message`` names the file and reason.
+  ``geometry`` ...) or ``unexpected`` for a bug, and ``message`` names the file and reason;
+* ``removed`` -- (convert) the output of an earlier run was deleted because a clean run would not have it:
+  ``kind`` ``vanished`` (its series is gone from the raw tree), ``qc`` or ``not_selected``
+  (:func:`kneeprep.stages.resume.vanished`).
 
 The JSON (``<store>/report.json`` for convert) is written atomically and holds the items, counts and timings;
-:meth:`RunReport.table` is the summary the CLI prints. ``failed`` and ``nothing_usable`` decide the exit code.
+:meth:`RunReport.table` is the summary the CLI prints. ``failed``, ``removed`` and ``nothing_usable`` decide the
+exit code.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any, Protocol
 
 from kneeprep.files import write_text
 
-STATUSES = ("written", "skipped", "failed")
+STATUSES = ("written", "skipped", "failed", "removed")
 #: at most this many item rows in the printed table (failures first); the JSON has them all.
 TABLE_ROWS = 25
 
@@ -100,7 +104,7 @@ class RunReport:
     @property
     def counts(self) -> dict[str, int]:
         c = Counter(r.status for r in self.items)
-        return {s: c.get(s, 0) for s in STATUSES}
+        return {s: c.get(s, 0) for s in STATUSES if s != "removed" or c.get(s)}  # "removed" only when some
 
     @property
     def by_kind(self) -> dict[str, int]:
@@ -110,6 +114,10 @@ class RunReport:
     @property
     def failed(self) -> list[ItemResult]:
         return [r for r in self.items if r.status == "failed"]
+
+    @property
+    def removed(self) -> list[ItemResult]:
+        return [r for r in self.items if r.status == "removed"]
 
     @property
     def nothing_usable(self) -> str | None:
@@ -160,9 +168,9 @@ class RunReport:
         c = self.counts
         lines = [
             f"{self.command}: {c['written']} written, {c['skipped']} skipped, {c['failed']} failed "
-            f"in {self.wall_seconds:.1f} s",
+            f"{f', {len(self.removed)} removed' if self.removed else ''} in {self.wall_seconds:.1f} s",
         ]
-        order = {"failed": 0, "skipped": 1, "written": 2}
+        order = {"failed": 0, "removed": 1, "skipped": 2, "written": 3}
         rows = sorted(self.items, key=lambda r: (order[r.status], r.kind != "qc", r.item))
         rows = [r for r in rows if not (r.status == "skipped" and r.kind == "not_selected")]
         shown = rows[:max_rows]

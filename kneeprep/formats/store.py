@@ -76,6 +76,9 @@ REPORT_NAME = "report.json"
 #: where stores written before the sibling folder kept kneeprep's files: inside the store.
 LEGACY_FILES = (REPORT_NAME, BOXES_TABLE)
 LEGACY_WORK_DIR = ".kneeprep-tmp"
+#: volume id -> the absolute raw tree it was converted from, inside :func:`kneeprep_dir` (written by convert;
+#: kneeprep.stages.resume)
+SOURCES_FILE = "sources.json"
 ROOT_ATTRS = {"format_version": FORMAT_VERSION, "kind": "volume_store"}
 #: bytes of uncompressed data per chunk we aim for (rounded to a power-of-two number of slices).
 CHUNK_TARGET_BYTES = 1 << 22

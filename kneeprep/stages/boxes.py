@@ -16,7 +16,7 @@ from kneeprep import files
 from kneeprep.boxes import boxes_from_stats, boxes_hash, label_stats
 from kneeprep.errors import KneeprepError
 from kneeprep.formats import store
-from kneeprep.formats.box import BOXES_TABLE, Box, boxes_schema
+from kneeprep.formats.box import BOXES_TABLE, BOXES_TABLE_STALE, Box, boxes_schema
 from kneeprep.formats.store_upgrade import upgrade_store
 from kneeprep.geometry import Geometry
 from kneeprep.stages.harness import Progress, Stage
@@ -29,14 +29,41 @@ def write_boxes_table(store_path: str | os.PathLike) -> Path:
     schema = boxes_schema()
     rows = []
     for vid in sorted(store.list_volumes(store_path)):
-        attrs = store.read_attrs(store_path, vid)
-        for b in attrs.get("boxes") or []:
-            d = Box.from_json(b).to_json()
-            rows.append({"volume_id": attrs.get("volume_id", vid), **d})
+        rows += table_rows(store.read_attrs(store_path, vid), vid)
     table = pa.Table.from_pylist(rows, schema=schema) if rows else schema.empty_table()
     out = store.boxes_table_path(store_path)
     with files.atomic_path(out) as tmp:
         pq.write_table(table, tmp)
+    return out
+
+
+def table_rows(attrs: dict, vid: str) -> list[dict]:
+    """The boxes table's rows of one volume, from its attrs (what :func:`write_boxes_table` writes)."""
+    return [
+        {"volume_id": attrs.get("volume_id", vid), **Box.from_json(b).to_json()}
+        for b in attrs.get("boxes") or []
+    ]
+
+
+def mark_boxes_table_stale(store_path: str | os.PathLike) -> bool:
+    """Mark the boxes table as possibly stale before volumes may change (``<store>.kneeprep/.boxes-stale``); returns
+    whether a mark was already there (an earlier run stopped before it rewrote the table)."""
+    mark = store.kneeprep_dir(store_path) / BOXES_TABLE_STALE
+    was = mark.is_file()
+    if not was:
+        files.write_text(mark, "volumes may have changed since boxes.parquet was written\n")
+    return was
+
+
+def settle_boxes_table(store_path: str | os.PathLike, changed: bool) -> Path | None:
+    """End a run begun with :func:`mark_boxes_table_stale`: rewrite the table when ``changed`` (a volume was
+    written, removed or had its boxes updated, or the mark was already there) or when the store has volumes
+    and no table; then drop the mark. Returns the table's path when it was written."""
+    store_path = Path(store_path)
+    out = None
+    if changed or (not store.boxes_table_path(store_path).is_file() and store.list_volumes(store_path)):
+        out = write_boxes_table(store_path)
+    (store.kneeprep_dir(store_path) / BOXES_TABLE_STALE).unlink(missing_ok=True)
     return out
 
 
@@ -157,15 +184,16 @@ def _lost(vid: str, exc: BaseException) -> VolumeBoxes:
 
 def _recompute(store_path: Path, recipe, stale_only: bool, st: Stage) -> BoxesSummary:
     vids = sorted(store.list_volumes(store_path))
+    stale_table = mark_boxes_table_stale(store_path)  # before any attrs change: a kill leaves the mark
     results = st.executor().map_unordered(
         recompute_volume, vids, on_error=_lost, store_path=str(store_path), recipe=recipe, stale_only=stale_only
     ) if vids else iter(())  # fmt: skip
     done = sorted(st.track(results, len(vids), "boxes"), key=lambda r: r.item)
     got = [r for r in done if r.status == "recomputed"]
     failures = tuple(r.failure for r in done if r.failure is not None)
-    table = store.boxes_table_path(store_path)
-    if got or failures or not table.is_file():
-        table = write_boxes_table(store_path)
+    table = settle_boxes_table(store_path, bool(got or failures or stale_table)) or store.boxes_table_path(
+        store_path
+    )
     return BoxesSummary(
         len(got),
         sum(r.boxes for r in got),

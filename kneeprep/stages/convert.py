@@ -12,13 +12,15 @@ Per series (``convert_series``)::
     read_series -> orient -> mirror (left knees) -> resample -> normalize -> write
                                          └─ mask (world space, nearest) onto the final grid -> boxes
 
-Resume. A volume is skipped as ``unchanged`` when its stored ``provenance.convert_hash``
-(``recipe.stage_hash("convert")``) equals the recipe's and either its ``source.fingerprint`` (file names,
-sizes, mtimes, series UID and the mask file's name, size and mtime -- stat only, decided in the driver without
-reading pixels) or, when the fingerprint changed, its ``source.content_hash`` (sha256 of the series' and mask's
-bytes, computed in the task) is unchanged; then only the fingerprint is refreshed. Otherwise the volume is
-(re)written and atomically replaces the old one. Stale work-area entries of an interrupted run are removed
-first (under the store lock).
+Resume (:mod:`kneeprep.stages.resume`). Every selected series is a task; the task itself decides whether its
+volume is ``unchanged`` (stored ``provenance.convert_hash`` equal to ``recipe.stage_hash("convert")`` and either
+its ``source.fingerprint`` -- file names, sizes, mtimes, series UID, the mask file's name, size and mtime: stat
+only -- or, when the fingerprint changed or ``verify`` is on, its ``source.content_hash`` -- sha256 of the
+series' and mask's bytes -- unchanged). The driver neither stats input files nor reads volume attrs. Otherwise
+the volume is (re)written and atomically replaces the old one. After the tasks, volumes of the same raw root
+whose series vanished, now fail QC or are no longer selected are removed (``removed`` records; exit code 1).
+Stale work-area entries of an interrupted run are removed first (under the store lock), and the store's
+boxes table is rewritten whenever a run changed a volume or an earlier run stopped before rewriting it.
 
 The run report goes to ``<store>/report.json`` (also written when interrupted, with ``interrupted: true``).
 """
@@ -26,13 +28,10 @@ The run report goes to ``<store>/report.json`` (also written when interrupted, w
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import time
 import traceback
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from kneeprep import FORMAT_VERSION, __version__
@@ -40,15 +39,27 @@ from kneeprep.boxes import boxes_for_volume
 from kneeprep.dicom import read_series, scan_tree
 from kneeprep.dicom.imagesets import image_set_selected
 from kneeprep.errors import InputNotFoundError, KneeprepError, RecipeError
-from kneeprep.files import sha256_file
 from kneeprep.formats import store as vstore
+from kneeprep.formats.box import BOXES_TABLE
 from kneeprep.formats.masks import file_hash, load_mask_onto
 from kneeprep.formats.report import ItemResult, RunReport
 from kneeprep.formats.splits import read_split_csvs
 from kneeprep.formats.store_upgrade import upgrade_store
 from kneeprep.recipe import Recipe
-from kneeprep.stages.boxes import write_boxes_table
+from kneeprep.stages.boxes import mark_boxes_table_stale, settle_boxes_table
+from kneeprep.stages.early import ConvertTask, EarlyStarts, previously_revised
 from kneeprep.stages.harness import Progress, Stage
+from kneeprep.stages.resume import (
+    content_hash,
+    hash_mask,
+    input_fingerprint,
+    refresh_source,
+    same_recipe,
+    series_key,
+    stored_attrs,
+    vanished,
+)
+from kneeprep.stages.resume import source_of as _source
 from kneeprep.transforms import (
     apply_mirror,
     apply_normalize,
@@ -64,65 +75,6 @@ from kneeprep.transforms import (
 ConvertResult = ItemResult
 
 
-@dataclass(frozen=True)
-class ConvertTask:
-    """What the driver sends to a worker for one series: paths and small records only."""
-
-    info: object  # kneeprep.dicom.SeriesInfo
-    mask_path: str | None
-    fingerprint: str
-
-
-# ----------------------------------------------------------------------------------------------------------
-# fingerprints
-
-
-def _source(info) -> str:
-    """The series folder as an absolute path (the report's ``source``; export's ``path`` column): a path
-    relative to where convert ran would mean nothing to a later command run elsewhere."""
-    return os.path.abspath(info.files[0].parent) if info.files else ""
-
-
-def _stat_entry(path: Path) -> list:
-    st = path.stat()
-    return [path.name, st.st_size, st.st_mtime_ns]
-
-
-def input_fingerprint(info, mask_path: str | os.PathLike | None) -> str:
-    """Cheap identity of a series' inputs from ``stat`` alone (no pixel reads)."""
-    try:
-        entries = [_stat_entry(Path(f)) for f in info.files]
-        mask = _stat_entry(Path(mask_path)) if mask_path else None
-    except OSError as e:
-        raise InputNotFoundError(f"{e.filename}: input disappeared since the scan ({e.strerror})") from None
-    blob = json.dumps({"uid": info.series_uid, "files": entries, "mask": mask}, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def content_hash(files, mask_path: str | os.PathLike | None = None) -> str:
-    """sha256 over the series' file names and bytes (in slice order), then the mask file's. (The convert task
-    computes the same while it reads the series: :func:`kneeprep.dicom.read_series` ``hasher``.)"""
-    h = hashlib.sha256()
-    for p in files:
-        _hash_file(h, Path(p))
-    return _hash_mask(h, mask_path)
-
-
-def _hash_file(h, p: Path) -> None:
-    h.update(p.name.encode() + b"\0")
-    try:
-        sha256_file(p, h)
-    except OSError as e:
-        raise InputNotFoundError(f"{p}: cannot read input ({e.strerror})") from None
-
-
-def _hash_mask(h, mask_path) -> str:
-    """Add the mask file (if any) to a content hash of the series' files; return the hash."""
-    if mask_path:
-        _hash_file(h, Path(mask_path))
-    return h.hexdigest()[:16]
-
-
 # ----------------------------------------------------------------------------------------------------------
 # one series
 
@@ -133,13 +85,18 @@ def convert_series(
     store_path: str | os.PathLike,
     mask_path: str | os.PathLike | None = None,
     *,
-    fingerprint: str | None = None,
+    verify: bool = False,
+    force: bool = False,
 ) -> ItemResult:
-    """Convert one series into ``store_path`` and return its record; never raises for a bad series."""
+    """Convert one series into ``store_path`` and return its record; never raises for a bad series.
+
+    Skips (``unchanged``) a volume already stored from the same inputs with the same convert settings
+    (module docstring); ``verify`` also hashes the input bytes when the fingerprint matches, ``force`` never
+    skips."""
     t0 = time.perf_counter()
     source = _source(info)
     try:
-        result = _convert(info, recipe, Path(store_path), mask_path, fingerprint, t0)
+        result = _convert(info, recipe, Path(store_path), mask_path, (verify, force), t0)
     except KneeprepError as e:
         return ItemResult(info.volume_id, "failed", e.kind, str(e), time.perf_counter() - t0, source)
     except Exception as e:  # a bug or an environment problem: recorded, never raised out of the pool
@@ -155,25 +112,36 @@ def convert_series(
     return result
 
 
-def _convert(info, recipe: Recipe, store: Path, mask_path, fingerprint, t0: float) -> ItemResult:
+def _convert(info, recipe: Recipe, store: Path, mask_path, how, t0: float) -> ItemResult:
+    verify, force = how
     vid = info.volume_id
     source = _source(info)
     convert_hash = recipe.stage_hash("convert")
-    fingerprint = fingerprint or input_fingerprint(info, mask_path)
+    fingerprint = input_fingerprint(info, mask_path)  # stat of every input: here, in the task
+    previous = stored_attrs(store, vid)
+    unchanged = same_recipe(previous, convert_hash) and not force
+    stored = (previous or {}).get("source") or {}
+    if unchanged and stored.get("fingerprint") == fingerprint:
+        why = "inputs and recipe unchanged"
+        if verify:  # the bytes too (no pixel decode): an in-place edit with its mtime restored is caught
+            if content_hash(info.files, mask_path) != stored.get("content_hash"):
+                unchanged = False
+            why = "inputs (bytes verified) and recipe unchanged"
+        if unchanged:
+            refresh_source(store, vid, previous, fingerprint)
+            return ItemResult(vid, "skipped", "unchanged", why, time.perf_counter() - t0, source)
     timings = {}
     t = time.perf_counter()
     hasher = hashlib.sha256()
     raw, acquired = read_series(info, hasher=hasher)  # one pass over the files: pixels and content hash
-    chash = _hash_mask(hasher, mask_path)
+    chash = hash_mask(hasher, mask_path)
     timings["read"] = time.perf_counter() - t
-    previous = _stored_attrs(store, vid)
-    if previous is not None and (previous.get("provenance") or {}).get("convert_hash") == convert_hash:
-        if (previous.get("source") or {}).get("content_hash") == chash:
-            vstore.update_attrs(store, vid, {"source": {**previous["source"], "fingerprint": fingerprint}})
-            return ItemResult(
-                vid, "skipped", "unchanged", "same input bytes and recipe (files touched or moved): fingerprint refreshed",
-                time.perf_counter() - t0, source,
-            )  # fmt: skip
+    if unchanged and stored.get("content_hash") == chash:
+        refresh_source(store, vid, previous, fingerprint)
+        return ItemResult(
+            vid, "skipped", "unchanged", "same input bytes and recipe (files touched or moved): fingerprint refreshed",
+            time.perf_counter() - t0, source,
+        )  # fmt: skip
 
     t = time.perf_counter()
     g = recipe.geometry
@@ -268,17 +236,11 @@ def _convert(info, recipe: Recipe, store: Path, mask_path, fingerprint, t0: floa
     return ItemResult(vid, "written", "", message, time.perf_counter() - t0, source, tuple(warnings), details)
 
 
-def _stored_attrs(store: Path, volume_id: str) -> dict | None:
-    try:
-        return vstore.read_attrs(store, volume_id)
-    except InputNotFoundError:
-        return None
-    except KneeprepError:
-        return {}  # unreadable metadata: treat as changed, the volume is rewritten
-
-
 def _run_task(task: ConvertTask, recipe: Recipe, store_path: str) -> ItemResult:
-    return convert_series(task.info, recipe, store_path, task.mask_path, fingerprint=task.fingerprint)
+    return convert_series(
+        task.info, recipe, store_path, task.mask_path, verify=task.verify,
+        force=task.force,
+    )  # fmt: skip
 
 
 def _task_lost(task: ConvertTask, exc: BaseException) -> ItemResult:
@@ -372,10 +334,11 @@ def mask_finder(recipe: Recipe, annotations=None, masks=None):
 
 class _Planner:
     """Decides, in the driver, what happens to one series: a :class:`ConvertTask`, or its ``skipped`` /
-    ``failed`` record (not selected, QC, mask missing, inputs gone, unchanged since the last run)."""
+    ``failed`` record (not selected, QC, mask missing). From the scan's record alone: no input file is
+    stat'ed and no volume attrs read here (the task decides "unchanged?")."""
 
-    def __init__(self, recipe: Recipe, store: Path, annotations, masks):
-        self.recipe, self.store = recipe, store
+    def __init__(self, recipe: Recipe, store: Path, annotations, masks, verify: bool = False):
+        self.recipe, self.store, self.verify = recipe, store, verify
         self.convert_hash = recipe.stage_hash("convert")
         self.mask_of = mask_finder(recipe, annotations, masks)
 
@@ -387,107 +350,7 @@ class _Planner:
         mask = self.mask_of(info)
         if isinstance(mask, KneeprepError):
             return ItemResult(info.volume_id, "failed", mask.kind, str(mask), 0.0, source)
-        try:
-            fp = input_fingerprint(info, mask)
-        except KneeprepError as e:
-            return ItemResult(info.volume_id, "failed", e.kind, str(e), 0.0, source)
-        if not redo:
-            previous = _stored_attrs(self.store, info.volume_id) or {}
-            if (previous.get("provenance") or {}).get("convert_hash") == self.convert_hash and (
-                previous.get("source") or {}
-            ).get("fingerprint") == fp:
-                return ItemResult(
-                    info.volume_id, "skipped", "unchanged", "inputs and recipe unchanged", 0.0, source
-                )
-        return ConvertTask(info, str(mask) if mask else None, fp)
-
-
-def _previously_revised(store: Path) -> dict[str, str]:
-    """``context.revised`` of the store's last convert report: provisional series (volume id -> input
-    fingerprint) that the finished scan contradicted."""
-    try:
-        revised = json.loads(vstore.report_path(store).read_text()).get("context", {}).get("revised") or {}
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return {str(k): str(v) for k, v in revised.items()} if isinstance(revised, dict) else {}
-
-
-class EarlyStarts:
-    """Series converted while the scan still runs, and what the finished scan says of them.
-
-    The scan hands out *provisional* series (:func:`kneeprep.dicom.scan_tree`'s ``on_series``, once the folder
-    holding one has been read); :meth:`start` plans each and submits its task at once. The finished scan is
-    authoritative (:meth:`reconcile`): an early task stands when the final series equals the provisional one;
-    otherwise its result is dropped when it returns and a redo follows -- or, when the series no longer exists
-    or is no longer to be converted, what the early task wrote is deleted (:meth:`results`). ``revised`` (volume
-    id -> input fingerprint) lists the contradicted early tasks; the next run does not start them early again
-    (``held_back``).
-    """
-
-    def __init__(self, plan: _Planner, stream, held_back: dict[str, str]):
-        self.plan, self.stream, self.held_back = plan, stream, held_back
-        #: volume id -> (provisional series, the plan made for it)
-        self.provisional: dict[str, tuple[object, ConvertTask | ItemResult]] = {}
-        #: ids submitted before the scan finished
-        self.submitted: set[str] = set()
-        #: early tasks the finished scan contradicts -> their input fingerprint
-        self.revised: dict[str, str] = {}
-        #: volume id -> its redo once the early task has returned (None: delete what that task wrote)
-        self.after: dict[str, ConvertTask | None] = {}
-
-    def start(self, info) -> None:
-        decision = self.plan(info)
-        self.provisional[info.volume_id] = (info, decision)
-        if isinstance(decision, ConvertTask) and self.held_back.get(info.volume_id) != decision.fingerprint:
-            self.stream.submit(decision)
-            self.submitted.add(info.volume_id)
-
-    def reconcile(self, final: dict[str, object], report: RunReport) -> int:
-        """Plan every series of the finished scan (``final``: volume id -> series) against what started early,
-        submit what is left, add the skipped/failed records to ``report``; returns how many results to await."""
-        early = self.submitted
-        self.revised.update(
-            (v, d.fingerprint)
-            for v, (i, d) in self.provisional.items()
-            if isinstance(d, ConvertTask) and final.get(v) != i
-        )
-        n_tasks = len(early)
-        for vid, info in final.items():
-            if vid in early and vid not in self.revised:
-                continue  # submitted early, and right
-            seen, decision = self.provisional.get(vid, (None, None))
-            if seen != info or vid in early:  # not planned while scanning, or planned for another series
-                decision = self.plan(info, redo=vid in early)
-            if vid in early:
-                self.after[vid] = decision if isinstance(decision, ConvertTask) else None
-            if isinstance(decision, ConvertTask):
-                if vid not in early:
-                    self.stream.submit(decision)
-                    n_tasks += 1
-            else:
-                report.add(decision)
-                n_tasks -= vid in early
-        for vid in early - final.keys():
-            self.after[vid] = None
-            n_tasks -= 1
-        return n_tasks
-
-    def results(self, results: Iterable[ItemResult], store: Path) -> Iterator[ItemResult]:
-        """The results to report: an early task's result that the scan overruled is dropped, then its redo is
-        submitted or its volume deleted."""
-        for r in results:
-            if r.item in self.after:
-                redo = self.after.pop(r.item)
-                if redo is not None:
-                    self.stream.submit(redo)
-                elif r.status == "written":
-                    vstore.delete_volume(store, r.item)
-                continue
-            yield r
-
-    def stands(self, r: ItemResult) -> bool:
-        """Whether a result taken after an interrupt counts (not an overruled early task's)."""
-        return r.item not in self.after and r.item not in self.revised
+        return ConvertTask(info, str(mask) if mask else None, series_key(info), self.verify, force=redo)
 
 
 def run_convert(
@@ -501,11 +364,16 @@ def run_convert(
     scheduler: str | None = None,
     progress: Progress | None = None,
     executor=None,
+    verify: bool = False,
 ) -> RunReport:
-    """Convert every selected series under ``raw`` into ``store``; returns the report (also written to
-    ``<store>/report.json``). ``workers=0`` runs in this process without Dask; ``executor`` (a
-    :mod:`kneeprep.parallel` executor the caller owns) overrides ``workers``/``scheduler``. ``progress``: see
-    :class:`kneeprep.stages.harness.Progress` (tasks ``scan`` and ``convert``).
+    """Convert every selected series under ``raw`` into ``store``; returns the report (also written beside the
+    store, :func:`kneeprep.formats.store.report_path`). ``workers=0`` runs in this process without Dask;
+    ``executor`` (a :mod:`kneeprep.parallel` executor the caller owns) overrides ``workers``/``scheduler``.
+    ``progress``: see :class:`kneeprep.stages.harness.Progress` (tasks ``scan`` and ``convert``). ``verify``:
+    re-hash the input bytes of volumes whose fingerprint is unchanged (``--verify``; reads every input file).
+
+    Volumes of this raw tree that a clean run would not have (series gone, refused by QC, not selected) are
+    removed and reported ``removed`` (:func:`kneeprep.stages.resume.vanished`).
 
     With Dask, conversion overlaps the scan (:class:`EarlyStarts`; ``context.converted_early`` counts the
     series started early, ``context.revised`` those the finished scan overruled)."""
@@ -515,27 +383,29 @@ def run_convert(
     for name, p in (("annotations", annotations), ("masks", masks)):
         if p is not None and not Path(p).is_dir():
             raise InputNotFoundError(f"{p}: {name} directory not found")
-    plan = _Planner(recipe, store, annotations, masks)
+    raw_root = os.path.abspath(raw)
+    plan = _Planner(recipe, store, annotations, masks, verify)
     context = {
         "raw": str(raw), "store": str(store), "annotations": str(annotations) if annotations else None,
         "masks": str(masks) if masks else None, "recipe_name": recipe.name, "recipe_hash": recipe.hash,
         "convert_hash": plan.convert_hash, "recipe_file": recipe.source_path, "workers": workers,
-        "scheduler": scheduler, "kneeprep_version": __version__,
+        "scheduler": scheduler, "verify": verify, "kneeprep_version": __version__,
     }  # fmt: skip
     vstore.init_store(store)
-    # the stage's lock and report are beside the store (vstore.kneeprep_dir); the volumes' own temporary groups
-    # live in the work area (vstore.clean_work_area): no partial globs here
+    # the stage's lock, report and boxes table are beside the store (vstore.kneeprep_dir); the volumes' own
+    # temporary groups live in the work area (vstore.clean_work_area)
     with Stage(
-        "convert", vstore.kneeprep_dir(store), partials=(), report_name=vstore.REPORT_NAME, context=context,
-        progress=progress, workers=workers, scheduler=scheduler, executor=executor,
+        "convert", vstore.kneeprep_dir(store), partials=(f"*{BOXES_TABLE}*",), report_name=vstore.REPORT_NAME,
+        context=context, progress=progress, workers=workers, scheduler=scheduler, executor=executor,
     ) as st:  # fmt: skip
         report = st.report
         if upgraded := upgrade_store(store):
             report.context["upgraded_store"] = upgraded
         report.context["cleaned_work_area"] = vstore.clean_work_area(store)
+        stale_table = mark_boxes_table_stale(store)  # before any volume can change: a kill leaves the mark
         ex = st.executor()  # the scan's tasks and the conversions run on it
         stream = ex.stream(_run_task, on_error=_task_lost, recipe=recipe, store_path=str(store))
-        early = EarlyStarts(plan, stream, _previously_revised(store))
+        early = EarlyStarts(plan, stream, previously_revised(store))
 
         def take_finished() -> None:  # on Ctrl-C: series finished but not yet taken are in the store
             report.context["converted_early"] = len(early.submitted)
@@ -562,8 +432,15 @@ def run_convert(
         finally:
             stream.cancel()  # nothing is left running on an error (a no-op after a full run)
             vstore.sync_collection(store)  # the root's OME listing, here in the driver under the lock
-        if any(r.status == "written" for r in report.items):
-            report.context["boxes_table"] = str(write_boxes_table(store))
+        removed = vanished(store, raw_root, report.items)  # and records which tree each volume is from
+        if removed:
+            gone = {r.item for r in removed}
+            report.items[:] = [r for r in report.items if r.item not in gone] + removed
+        changed = stale_table or any(r.status in ("written", "removed") for r in report.items)
+        table = settle_boxes_table(store, changed)
+        if table is not None:
+            report.context["boxes_table"] = str(table)
+        vstore.sync_collection(store)  # after the removals: the listing names exactly the volumes kept
         st.finish()
     return report
 
@@ -572,7 +449,7 @@ __all__ = [
     "ConvertResult",
     "ConvertTask",
     "EarlyStarts",
-    "content_hash",
+    "content_hash",  # kneeprep.stages.resume's, re-exported
     "convert_series",
     "input_fingerprint",
     "mask_finder",

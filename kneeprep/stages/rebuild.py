@@ -6,12 +6,14 @@ Stages and what each re-run skips:
 stage    does                                    skips when
 ======== ======================================= ===========================================================
 scan     headers of every file → series + QC     never (headers only, fast)
-convert  one Dask task per selected series       inputs (file list, sizes, mtimes, mask) and the recipe's
-                                                 convert sections are unchanged for that volume
+convert  one Dask task per selected series       inputs (file list, sizes, mtimes, mask; ``verify``: bytes)
+                                                 and the recipe's convert sections are unchanged for that
+                                                 volume; removes volumes whose series vanished or fail QC
 boxes    boxes from the stored labels            the recipe's [labels]/[boxes] hash equals the volume's
 shards   join + Parquet shards + manifest        inputs hash (annotations, volume attrs) and the recipe's
                                                  shards sections are unchanged
 validate checksums, schema, boxes, decodes       the shards were unchanged and validated by the last run
+         the store's boxes table vs its volumes  never
 card     ``shards/README.md``                    never (cheap)
 ======== ======================================= ===========================================================
 
@@ -43,6 +45,7 @@ from kneeprep.stages.boxes import recompute_store_boxes
 from kneeprep.stages.convert import run_convert
 from kneeprep.stages.shards import build_shards
 from kneeprep.stages.validate import validate_shards
+from kneeprep.stages.validate_store import validate_store
 
 REPORT = "report.json"
 
@@ -67,10 +70,12 @@ class RebuildReport:
         c = self.stages.get("convert", {}).get("counts", {})
         return (
             not c.get("failed", 0)
+            and not c.get("removed", 0)
             and not self.nothing_converted
             and not self.stages.get("boxes", {}).get("failures")
             and not self.stages.get("shards", {}).get("errors", 0)
             and not self.stages.get("validate", {}).get("problems")
+            and not self.stages.get("validate", {}).get("store_problems")
         )
 
     @property
@@ -107,6 +112,7 @@ def rebuild(
     scheduler: str | None = None,
     progress: Progress | None = None,
     echo=print,
+    verify: bool = False,
 ) -> RebuildReport:
     """Run scan → convert → boxes → shards → validate → card; returns (and writes) the rebuild report."""
 
@@ -118,11 +124,13 @@ def rebuild(
     out.mkdir(parents=True, exist_ok=True)
     # one cluster for every stage: started once, in the background, while the scan is planned
     with executor(workers, scheduler) as ex:
-        return _run_stages(recipe, raw, annotations, out, masks, ex, progress, echo, workers, scheduler)
+        return _run_stages(
+            recipe, raw, annotations, out, masks, ex, progress, echo, workers, scheduler, verify
+        )
 
 
 def _run_stages(
-    recipe, raw, annotations, out: Path, masks, ex, progress, echo, workers, scheduler
+    recipe, raw, annotations, out: Path, masks, ex, progress, echo, workers, scheduler, verify
 ) -> RebuildReport:
     store, shards_dir = out / "volumes.zarr", out / "shards"
     previous = _read_json(out / REPORT)
@@ -135,13 +143,14 @@ def _run_stages(
     t = stage("scan + convert")
     conv = run_convert(
         raw, store, recipe, annotations=annotations, masks=masks, workers=workers, scheduler=scheduler,
-        progress=progress, executor=ex,
+        progress=progress, verify=verify, executor=ex,
     )  # fmt: skip
     cj = conv.to_json()
     rep.seconds["scan"] = cj["context"].get("scan_seconds", 0.0)
     rep.seconds["convert"] = time.perf_counter() - t - rep.seconds["scan"]  # after the scan ended
     rep.stages["convert"] = {k: cj[k] for k in ("counts", "by_kind", "item_seconds")} | {
         "failed": [[r.item, r.kind, r.message] for r in conv.failed],
+        "removed": [[r.item, r.kind, r.message] for r in conv.removed],
         "nothing_usable": conv.nothing_usable,
         "report": str(vstore_report_path(store)),
     }
@@ -188,6 +197,13 @@ def _run_stages(
             "shards": len(read_manifest(shards_dir)["shards"]),
         }
         echo(f"validate: {len(problems)} problem(s)" + "".join(f"\n  {p}" for p in problems[:20]))
+    store_problems = [str(p) for p in validate_store(store)]  # the boxes table against the volumes
+    rep.stages["validate"]["store_problems"] = store_problems
+    if store_problems:
+        echo(
+            f"validate: {len(store_problems)} store problem(s)"
+            + "".join(f"\n  {p}" for p in store_problems[:20])
+        )
     rep.seconds["validate"] = time.perf_counter() - t
 
     t = time.perf_counter()
