@@ -381,6 +381,7 @@ def dask_client(n_workers: int | None = None, scheduler: str | None = None) -> I
                 **{f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in environ.items()},
             }
         ),
+        _quiet_http_port(),
         LocalCluster(
             n_workers=n,
             threads_per_worker=1,
@@ -391,6 +392,17 @@ def dask_client(n_workers: int | None = None, scheduler: str | None = None) -> I
         contextlib.closing(Client(cluster)) as client,
     ):
         yield client
+
+
+@contextlib.contextmanager
+def _quiet_http_port() -> Iterator[None]:
+    """Without a dashboard the local scheduler still serves its small HTTP routes, on 8787 or, when another
+    cluster holds that port, a random one with a ``UserWarning`` that means nothing to a kneeprep user."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Port 8787 is already in use", category=UserWarning)
+        yield
 
 
 @contextlib.contextmanager
