@@ -245,9 +245,14 @@ def _colliding_tag_ids(tree, _which: str) -> None:
      (_colliding_tag_ids, "")],
     ids=["uid-continues-first-slices", "uid-continues-last-slices", "ids-collide"],
 )  # fmt: skip
-def test_early_conversion_is_redone_when_the_finished_scan_disagrees(tree, tmp_path, make, which):
-    # With Dask, series are converted as soon as their folder is scanned; the finished scan decides. The
+def test_early_conversion_is_redone_when_the_finished_scan_disagrees(
+    tree, tmp_path, make, which, monkeypatch
+):
+    # With Dask, series are converted as soon as their scan task is done; the finished scan decides. The
     # result must be what a run that scans everything first gives (workers=0 does: it never runs ahead).
+    from kneeprep.dicom import scan_tasks
+
+    monkeypatch.setattr(scan_tasks, "BATCH_FILES", 1)  # a scan task per folder: these trees are small
     make(tree, which)
     recipe = parse_recipe({})
     ahead = run_convert(tree.raw, tmp_path / "ahead.zarr", recipe, workers=1)

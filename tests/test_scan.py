@@ -211,12 +211,12 @@ def test_scan_missing_root_raises(tmp_path):
 
 
 def test_progress_is_reported(tmp_path):
-    from kneeprep.dicom.scan_tasks import plan
+    from kneeprep.dicom.scan_tasks import batches, plan
 
     calls = []
     root = make_fixture("junk", tmp_path)
     scan_tree(root, progress=lambda done, total: calls.append((done, total)))
-    n = len(plan(root))  # progress counts the parts of the tree the scan tasks read
+    n = len(batches(plan(root)))  # progress counts the scan's tasks
     assert calls[0] == (0, n) and calls[-1] == (n, n)
     assert [d for d, _ in calls] == list(range(n + 1))
 

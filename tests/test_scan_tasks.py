@@ -31,8 +31,9 @@ def _tree(tmp_path: Path) -> Path:
     return root
 
 
-def _scan(root: Path, monkeypatch, min_parts: int, executor=None):
+def _scan(root: Path, monkeypatch, min_parts: int, executor=None, batch_files: int = 1):
     monkeypatch.setattr(scan_tasks, "MIN_PARTS", min_parts)
+    monkeypatch.setattr(scan_tasks, "BATCH_FILES", batch_files)  # 1: a task per folder listed by the plan
     return scan_tree(root, executor=executor)
 
 
@@ -72,11 +73,13 @@ def test_the_result_does_not_depend_on_the_parts(tree, monkeypatch):
     spread = [s for s in whole.series if "spread" in str(s.files[0])]
     assert len(spread) == 1 and len({f.parent for f in spread[0].files}) == 2  # one series, two folders
     for n in (2, 5, 64, 10**6):
-        assert _scan(tree, monkeypatch, n) == whole, n
+        for batch in (1, 10, 10**6):
+            assert _scan(tree, monkeypatch, n, batch_files=batch) == whole, (n, batch)
 
 
 def test_provisional_series_come_per_part(tree, monkeypatch):
     monkeypatch.setattr(scan_tasks, "MIN_PARTS", 10**6)
+    monkeypatch.setattr(scan_tasks, "BATCH_FILES", 1)
     seen = []
     final = scan_tree(tree, on_series=seen.append)
     ids = [s.volume_id for s in seen]
@@ -88,6 +91,19 @@ def test_provisional_series_come_per_part(tree, monkeypatch):
     assert half and len(half[0].files) < len(
         next(s for s in final.series if "spread" in str(s.files[0])).files
     )
+
+
+def test_folders_are_batched_into_tasks_by_file_count(tree):
+    from kneeprep.dicom.scan_tasks import batches
+
+    parts = plan(tree, 10**6)
+    assert [b.parts for b in batches(parts, 1)] == [(p,) for p in parts]
+    assert len(batches(parts, 10**6)) == 1
+    some = batches(parts, 10)
+    assert [p for b in some for p in b.parts] == parts and [b.index for b in some] == list(range(len(some)))
+    assert all(sum(p.n_files for p in b.parts) >= 10 for b in some[:-1])
+    mixed = [*plan(tree, 3)]  # tree parts end a batch and are a task of their own
+    assert all(len(b.parts) == 1 for b in batches(mixed, 10**6) if any(p.tree for p in b.parts))
 
 
 def test_a_dask_cluster_gives_the_same_result(tree, monkeypatch):

@@ -7,11 +7,12 @@ on a Dask cluster. The plan, the records and the result are the same either way:
    :data:`MIN_PARTS` directories are unlisted (or the tree ends). Each listed directory that holds files is a
    *flat* part (its own files), each unlisted one a *tree* part (everything below it); in ``os.walk`` order.
    The OAI layout ``<visit>/<release>/<patient>/...`` gives about one part per patient folder.
-2. **Tasks** (workers): one per part. A task lists its part, reads every file's header, groups them into
+2. **Tasks** (workers): one per part, or per run of consecutive folders until :data:`BATCH_FILES` files. A
+   task lists its parts, reads every file's header, groups them into
    series (:func:`kneeprep.dicom.scan.describe`) and returns compact records: each series (a
    :class:`~kneeprep.dicom.SeriesInfo`, its file paths included) with its group key, each folder's group keys,
    the unreadable files and two counts. No per-file header crosses the wire.
-3. **Reconcile** (driver): a series whose files sit in folders of several parts (a SeriesInfo UID spread over
+3. **Reconcile** (driver): a series whose files sit in folders of several parts (a SeriesInstanceUID spread over
    patient folders, rare) is described again from all of those folders in one more task: the folders that
    share groups, closed transitively, so the record is what a scan of the whole tree in one process says
    (what ``describe`` says of a group depends only on the folders holding it). Then volume ids are made
@@ -37,6 +38,9 @@ from kneeprep.errors import InputNotFoundError
 MIN_PARTS = 64
 #: ... or this many levels below the root have been listed
 MAX_PLAN_DEPTH = 8
+#: folders listed by the plan are read by one task until it holds this many files (a task costs the driver
+#: a few milliseconds of scheduling; a DESS series is 160 files)
+BATCH_FILES = 1024
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,16 @@ class Part:
     index: int
     path: str
     tree: bool
+    #: files in the folder (known for a folder's own files, ``-1`` for a tree)
+    n_files: int = -1
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One scan task: consecutive parts, at least :data:`BATCH_FILES` known files unless a tree part ends it."""
+
+    index: int
+    parts: tuple[Part, ...]
 
 
 @dataclass
@@ -86,14 +100,14 @@ def plan(root: str | os.PathLike, min_parts: int | None = None) -> list[Part]:
     """The parts of the tree under ``root``, in ``os.walk`` order (see the module docstring); ``min_parts``
     defaults to :data:`MIN_PARTS` (1: the whole tree is one part, read by one task)."""
     min_parts = MIN_PARTS if min_parts is None else min_parts
-    listed: dict[str, tuple[bool, list[str]]] = {}
+    listed: dict[str, tuple[int, list[str]]] = {}
     frontier, depth = [str(root)], 0
     while frontier and len(frontier) < min_parts and depth < MAX_PLAN_DEPTH:
         below = []
         for d in frontier:
             files, dirs = _entries(d)
             subs = [os.path.join(d, s) for s in dirs]
-            listed[d] = (bool(files), subs)
+            listed[d] = (len(files), subs)
             below += subs
         frontier, depth = below, depth + 1
     parts: list[Part] = []
@@ -102,14 +116,35 @@ def plan(root: str | os.PathLike, min_parts: int | None = None) -> list[Part]:
         if d not in listed:
             parts.append(Part(len(parts), d, True))
             return
-        has_files, subs = listed[d]
-        if has_files:
-            parts.append(Part(len(parts), d, False))
+        n_files, subs = listed[d]
+        if n_files:
+            parts.append(Part(len(parts), d, False, n_files))
         for s in subs:
             visit(s)
 
     visit(str(root))
     return parts
+
+
+def batches(parts: list[Part], min_files: int | None = None) -> list[Batch]:
+    """Consecutive parts grouped into tasks: a tree part is a task of its own, folders are gathered until
+    ``min_files`` (default :data:`BATCH_FILES`) files."""
+    min_files = BATCH_FILES if min_files is None else min_files
+    out: list[Batch] = []
+    group: list[Part] = []
+    n = 0
+    for p in parts:
+        if p.tree and group:
+            out.append(Batch(len(out), tuple(group)))
+            group, n = [], 0
+        group.append(p)
+        n += p.n_files
+        if p.tree or n >= min_files:
+            out.append(Batch(len(out), tuple(group)))
+            group, n = [], 0
+    if group:
+        out.append(Batch(len(out), tuple(group)))
+    return out
 
 
 def _folders(part: Part) -> list[tuple[Path, list[Path]]]:
@@ -143,9 +178,11 @@ def scan_folders(
     return PartResult(index, series, keyed, unreadable, skipped, n)
 
 
-def scan_part(part: Part, qc: QC, split_orientation_atol: float) -> PartResult:
-    """A scan task: list the part and :func:`scan_folders` it."""
-    return scan_folders(part.index, _folders(part), qc, split_orientation_atol)
+def scan_batch(batch: Batch, qc: QC, split_orientation_atol: float) -> PartResult:
+    """A scan task: list the batch's parts and :func:`scan_folders` them."""
+    return scan_folders(
+        batch.index, [f for p in batch.parts for f in _folders(p)], qc, split_orientation_atol
+    )
 
 
 def _rescan(folders: list[str], qc: QC, split_orientation_atol: float) -> PartResult:
@@ -206,7 +243,7 @@ def scan_tree(
     Raises :class:`~kneeprep.errors.InputNotFoundError` if ``root`` is not a directory.
 
     ``executor``: a :mod:`kneeprep.parallel` executor to run the tasks on (``None``: this process); the result
-    is the same for any executor. ``progress(done, total)`` counts parts of the tree (module docstring).
+    is the same for any executor. ``progress(done, total)`` counts the scan's tasks (module docstring).
 
     ``on_series(info)``, if given, is called with a *provisional* :class:`SeriesInfo` as soon as the part
     holding its files has been read -- before the rest of the tree -- so a caller can start work on it early.
@@ -220,19 +257,19 @@ def scan_tree(
     if not root.is_dir():
         raise InputNotFoundError(f"{root}: raw DICOM folder not found (or not a directory)")
     ex = executor if executor is not None else SerialExecutor()
-    parts = plan(root)
+    parts = batches(plan(root))
     results: list[PartResult | None] = [None] * len(parts)
     seen_ids: set[str] = set()
     stream = ex.stream(
-        scan_part, on_error=lambda part, exc: part, qc=qc, split_orientation_atol=split_orientation_atol
+        scan_batch, on_error=lambda part, exc: part, qc=qc, split_orientation_atol=split_orientation_atol
     )
     for part in parts:
         stream.submit(part)
     if progress is not None:
         progress(0, len(parts))
     for done, r in enumerate(stream.results(), 1):
-        if isinstance(r, Part):  # the task was lost twice (or failed): read that part here
-            r = scan_part(r, qc, split_orientation_atol)
+        if isinstance(r, Batch):  # the task was lost twice (or failed): read it here
+            r = scan_batch(r, qc, split_orientation_atol)
         results[r.index] = r
         if on_series is not None:
             for _key, info in r.series:
