@@ -107,7 +107,7 @@ def recompute_store_boxes(
     and volumes without that label layer, are left alone (counted in ``unchanged``); ``boxes.parquet`` is
     rewritten only if some volume changed or it is missing.
 
-    One task per volume (:func:`recompute_volume`: the "stale?" check, the labels read and the attrs update
+    One task per :data:`VOLUMES_PER_TASK` volumes (:func:`recompute_volume`: the "stale?" check, the labels read and the attrs update
     happen in the task) on ``executor``, or on one made from ``workers``/``scheduler`` (default ``workers=0``:
     this process). Updates the volume attrs ``boxes`` and ``provenance.boxes_hash``, rewrites
     ``boxes.parquet`` and returns a summary. A volume that fails (no labels, bad geometry) is recorded in
@@ -178,17 +178,36 @@ def recompute_volume(vid: str, store_path: str, recipe, stale_only: bool) -> Vol
     )
 
 
-def _lost(vid: str, exc: BaseException) -> VolumeBoxes:
-    return VolumeBoxes(vid, "failed", failure=(vid, "worker", f"{vid}: the boxes task was lost: {exc}"))
+#: volumes per boxes task: a task costs the driver a few milliseconds of scheduling, a volume whose boxes are
+#: current costs the task one attrs read
+VOLUMES_PER_TASK = 8
+
+
+def recompute_volumes(vids: tuple[str, ...], store_path: str, recipe, stale_only: bool) -> list[VolumeBoxes]:
+    """The boxes task: :func:`recompute_volume` for a few volumes."""
+    return [recompute_volume(v, store_path, recipe, stale_only) for v in vids]
+
+
+def _lost(vids: tuple[str, ...], exc: BaseException) -> list[VolumeBoxes]:
+    return [
+        VolumeBoxes(v, "failed", failure=(v, "worker", f"{v}: the boxes task was lost: {exc}")) for v in vids
+    ]
 
 
 def _recompute(store_path: Path, recipe, stale_only: bool, st: Stage) -> BoxesSummary:
     vids = sorted(store.list_volumes(store_path))
     stale_table = mark_boxes_table_stale(store_path)  # before any attrs change: a kill leaves the mark
+    chunks = [tuple(vids[i : i + VOLUMES_PER_TASK]) for i in range(0, len(vids), VOLUMES_PER_TASK)]
     results = st.executor().map_unordered(
-        recompute_volume, vids, on_error=_lost, store_path=str(store_path), recipe=recipe, stale_only=stale_only
-    ) if vids else iter(())  # fmt: skip
-    done = sorted(st.track(results, len(vids), "boxes"), key=lambda r: r.item)
+        recompute_volumes, chunks, on_error=_lost, store_path=str(store_path), recipe=recipe,
+        stale_only=stale_only,
+    ) if chunks else iter(())  # fmt: skip
+    done: list[VolumeBoxes] = []
+    for rs in results:
+        for r in rs:
+            done.append(r)
+            st.tick("boxes", len(done), len(vids), r.item)
+    done.sort(key=lambda r: r.item)
     got = [r for r in done if r.status == "recomputed"]
     failures = tuple(r.failure for r in done if r.failure is not None)
     table = settle_boxes_table(store_path, bool(got or failures or stale_table)) or store.boxes_table_path(
