@@ -7,7 +7,7 @@ function fixture ``s3_bucket`` (a fresh, empty bucket per test). Use it from any
         url = f"s3://{s3_bucket.bucket}/shards"
         s3_bucket.fs.put(str(local_dir), url, recursive=True)
         ShardDataset(url, storage_options=s3_bucket.storage_options)
-        s3_bucket.gets("shards/")         # GET requests the server answered for keys under that prefix
+        s3_bucket.fetched_bytes("shards/")  # bytes GET requests fetched, per key under that prefix
 
 Nothing global is set: clients get the endpoint and the (fake) credentials from ``storage_options``; a test
 that wants the standard AWS environment instead sets it with ``monkeypatch.setenv(**s3_bucket.env)``.
@@ -27,16 +27,17 @@ from werkzeug.serving import make_server
 
 ACCESS_KEY = "testing-key"
 SECRET_KEY = "testing-secret"
-REGION = "us-east-1"
+REGION = "eu-west-1"  # s3fs sends it as the LocationConstraint, which us-east-1 must not have
 
 
 class _Recorder:
-    """WSGI middleware: remember each request's method, path and query string before moto answers it."""
+    """WSGI middleware: remember each request's method, path, query string and Range header before moto
+    answers it."""
 
     def __init__(self, app):
         self.app = app
         self.lock = threading.Lock()
-        self.requests: list[tuple[str, str, str]] = []
+        self.requests: list[tuple[str, str, str, str]] = []
 
     def __call__(self, environ, start_response):
         with self.lock:
@@ -45,6 +46,7 @@ class _Recorder:
                     environ["REQUEST_METHOD"],
                     unquote(environ.get("PATH_INFO", "")),
                     environ.get("QUERY_STRING", ""),
+                    environ.get("HTTP_RANGE", ""),
                 )
             )
         return self.app(environ, start_response)
@@ -72,7 +74,7 @@ class S3Server:
         self._thread.join(timeout=10)
 
     @property
-    def requests(self) -> list[tuple[str, str, str]]:
+    def requests(self) -> list[tuple[str, str, str, str]]:
         with self._recorder.lock:
             return list(self._recorder.requests)
 
@@ -127,17 +129,31 @@ class S3Bucket:
     def url(self, prefix: str = "") -> str:
         return f"s3://{self.bucket}/{prefix}".rstrip("/")
 
-    def requests(self) -> list[tuple[str, str, str]]:
-        """(method, key, query) of the requests on this bucket since it was made (key relative to the bucket)."""
+    def requests(self) -> list[tuple[str, str, str, str]]:
+        """(method, key, query, Range header) of the requests on this bucket since it was made (key relative
+        to the bucket)."""
         out = []
-        for method, path, query in self.server.requests[self._mark :]:
+        for method, path, query, rng in self.server.requests[self._mark :]:
             if path == f"/{self.bucket}" or path.startswith(f"/{self.bucket}/"):
-                out.append((method, path[len(self.bucket) + 2 :], query))
+                out.append((method, path[len(self.bucket) + 2 :], query, rng))
         return out
 
-    def gets(self, prefix: str = "") -> list[str]:
-        """Keys under ``prefix`` that GET requests fetched (one entry per request; listings excluded)."""
-        return [k for m, k, _ in self.requests() if m == "GET" and k and k.startswith(prefix)]
+    def gets(self, prefix: str = "") -> list[tuple[str, str]]:
+        """(key, Range header) of the GET requests on keys under ``prefix`` (listings excluded)."""
+        return [(k, r) for m, k, _, r in self.requests() if m == "GET" and k and k.startswith(prefix)]
+
+    def fetched_bytes(self, prefix: str = "") -> dict[str, int]:
+        """Bytes GET requests asked for, per key under ``prefix`` (a GET without a Range counts the object's
+        whole size)."""
+        out: dict[str, int] = {}
+        for key, rng in self.gets(prefix):
+            if rng.startswith("bytes="):
+                a, b = rng[6:].split("-")
+                n = int(b) - int(a) + 1
+            else:
+                n = self.fs.size(f"{self.bucket}/{key}")
+            out[key] = out.get(key, 0) + n
+        return out
 
 
 def new_bucket(server: S3Server) -> S3Bucket:
