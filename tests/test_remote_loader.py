@@ -287,3 +287,23 @@ def test_torch_dataloader_two_workers_over_s3(s3_shards, tmp_path, start_method)
     assert got == merged(ShardDataset(path, seed=4, columns=["sample_id"]), 2, 4)
     sizes = shard_keys(m)
     assert {k: v for k, v in b.fetched_bytes("run/shards/").items() if k in sizes} == sizes  # shared cache
+
+
+def test_a_file_in_use_is_never_evicted_and_prefetch_does_not_wait(s3_shards, tmp_path):
+    from kneeprep.loader.remote import Remote
+
+    url, path, b, m, _, _ = s3_shards
+    train = [e for e in m["shards"] if e["split"] == "train"]
+    remote = Remote(url, b.storage_options, tmp_path, None, True, {e["path"]: e for e in train})
+    a, c = remote.source(train[0]["path"]), remote.source(train[1]["path"])
+    cache = ShardCache(tmp_path, cache_bytes=max(a.size, c.size) + 100, wait_s=0.5)
+    lease = cache.acquire(a)
+    assert lease.path.stat().st_size == a.size
+    assert cache.prefetch(c) is False  # no room while `a` is in use: skipped, nothing left behind
+    assert not [p for p in tmp_path.iterdir() if PARTIAL in p.name] and lease.path.exists()
+    with pytest.raises(StoreError, match=r"no room for s3://.*: \d+ bytes are shards in use"):
+        cache.acquire(c)
+    assert lease.path.exists() and not cache.path_for(c.sha256).exists()
+    lease.release()
+    assert cache.prefetch(c) is True and cache.evicted == 1  # now `a` could go
+    assert not cache.path_for(a.sha256).exists() and cache.size() <= cache.cache_bytes

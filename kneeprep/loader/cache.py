@@ -7,7 +7,8 @@ accounting; downloads in progress are ``kneeprep.files`` temporary names (``.<sh
 
 **Complete or absent.** A download goes to a temporary file that has the shard's full size from the start (a
 sparse reservation, so the cache's total counts it), is checked against the manifest's ``bytes`` and ``sha256``
-while it streams, and only then renamed to its final name (:func:`kneeprep.files.atomic_path`). A killed
+while it streams, and only then renamed to its final name (:func:`kneeprep.files.temp_path` and
+:func:`~kneeprep.files.publish`). A killed
 download leaves a temporary file that is never read and is removed by the next process that needs room.
 A file under its final name is checked again by size on every use and by SHA-256 the first time each process
 uses it (and whenever its inode, size or mtime changed): a corrupted copy is removed and downloaded again.
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kneeprep.errors import StoreError
-from kneeprep.files import PARTIAL, atomic_path, sha256_file
+from kneeprep.files import PARTIAL, publish, sha256_file, temp_path
 
 DEFAULT_CACHE_BYTES = 32 << 30
 CHUNK = 8 << 20  #: bytes per ranged GET while downloading
@@ -169,37 +170,42 @@ class ShardCache:
                 f"{src.url}: {src.size} bytes, more than the shard cache holds "
                 f"(cache_bytes={self.cache_bytes}, {self.dir})"
             )
-        with atomic_path(final) as tmp:
+        tmp = temp_path(final)  # not atomic_path: the reservation may decide there is nothing to publish
+        try:
             if not self._reserve(tmp, src, wait):
                 return False
-            h = hashlib.sha256()
-            got = 0
-            try:
-                with (
-                    src.fs.open(src.path, "rb", block_size=CHUNK, cache_type="none") as rf,
-                    open(tmp, "r+b") as out,
-                ):
-                    while got < src.size and (chunk := rf.read(min(CHUNK, src.size - got))):
-                        h.update(chunk)
-                        out.write(chunk)
-                        got += len(chunk)
-            except FileNotFoundError:
-                raise StoreError(f"{src.url}: listed in the manifest but not found") from None
-            except OSError as e:
-                if isinstance(e, StoreError):
-                    raise
-                raise StoreError(f"{src.url}: could not download: {e}") from e
-            except Exception as e:  # botocore/aiohttp errors are not all OSErrors
-                raise StoreError(f"{src.url}: could not download: {e}") from e
-            if got != src.size or h.hexdigest() != src.sha256:
-                raise StoreError(
-                    f"{src.url}: downloaded {got} bytes with sha256 {h.hexdigest()[:16]}..., the manifest says "
-                    f"{src.size} bytes, {src.sha256[:16]}... (the object changed after the manifest was written?)"
-                )
+            self._fetch_into(tmp, src)
+        except BaseException:  # Ctrl-C included: no temporary file left behind
+            tmp.unlink(missing_ok=True)
+            raise
+        publish(tmp, final)
         st = final.stat()
         _VERIFIED.add((str(final), st.st_ino, st.st_size, st.st_mtime_ns))
         self.downloads += 1
         return True
+
+    def _fetch_into(self, tmp: Path, src: Source) -> None:
+        """Stream ``src`` into the reserved ``tmp`` by ranged GETs, checking bytes and sha256 on the way."""
+        h = hashlib.sha256()
+        got = 0
+        try:
+            with (
+                src.fs.open(src.path, "rb", block_size=CHUNK, cache_type="none") as rf,
+                open(tmp, "r+b") as out,
+            ):
+                while got < src.size and (chunk := rf.read(min(CHUNK, src.size - got))):
+                    h.update(chunk)
+                    out.write(chunk)
+                    got += len(chunk)
+        except FileNotFoundError:
+            raise StoreError(f"{src.url}: listed in the manifest but not found") from None
+        except Exception as e:  # OSError (ENOSPC names the cache file) and botocore/aiohttp errors alike
+            raise StoreError(f"{src.url}: could not download to {tmp.parent}: {e}") from e
+        if got != src.size or h.hexdigest() != src.sha256:
+            raise StoreError(
+                f"{src.url}: downloaded {got} bytes with sha256 {h.hexdigest()[:16]}..., the manifest says "
+                f"{src.size} bytes, {src.sha256[:16]}... (the object changed after the manifest was written?)"
+            )
 
     def _reserve(self, tmp: Path, src: Source, wait: bool) -> bool:
         """Make room for ``src.size`` bytes (evicting files not in use, least recently used first) and create
