@@ -101,3 +101,30 @@ def blosc_shards(shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("blosc_shards")
     write_shards(qs, data.read_volume, out, recipe, row_group_bytes=6000)
     return out
+
+
+# -- a real S3 server (moto) on 127.0.0.1 for the object-storage tests (tests/s3server.py) ------------------
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on a free port of 127.0.0.1 for the whole session (skips without ``moto``/``s3fs``);
+    an :class:`s3server.S3Server` with ``endpoint_url``, ``storage_options``, ``env`` and ``requests``."""
+    pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    from s3server import S3Server
+
+    server = S3Server().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh empty bucket on ``s3_server`` (removed after the test): an :class:`s3server.S3Bucket` with
+    ``bucket``, ``url(prefix)``, ``fs`` (s3fs), ``storage_options``, ``env`` and ``gets(prefix)``."""
+    from s3server import new_bucket
+
+    b = new_bucket(s3_server)
+    yield b
+    b.fs.rm(b.bucket, recursive=True)

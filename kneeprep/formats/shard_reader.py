@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kneeprep.errors import InputNotFoundError, ValidationError
+from kneeprep.errors import InputNotFoundError, StoreError, ValidationError
 from kneeprep.formats.shard_schema import (
     MANIFEST,
     QUINTUPLE_COLUMNS,
@@ -24,14 +24,38 @@ from kneeprep.formats.shard_schema import (
     SCHEMA_VERSION,
     decode_image,
 )
+from kneeprep.formats.urls import as_local_or_url, is_url, join, url_filesystem
 
 
-def read_manifest(shards_dir: str | os.PathLike) -> dict[str, Any]:
-    p = Path(shards_dir) / MANIFEST
-    if not p.is_file():
-        raise InputNotFoundError(f"{p}: no manifest (not a shards directory, or its writing did not finish)")
+def read_manifest(
+    shards_dir: str | os.PathLike, storage_options: dict[str, Any] | None = None, *, fs=None
+) -> dict[str, Any]:
+    """The shards directory's manifest. ``shards_dir`` is a local path, a ``file://`` URL or any fsspec URL
+    (``s3://bucket/prefix``; :mod:`kneeprep.formats.urls`, ``storage_options`` for its filesystem); with
+    ``fs`` (an fsspec filesystem) it is a path inside that filesystem."""
+    if fs is None and not is_url(shards_dir):
+        p = Path(as_local_or_url(shards_dir)) / MANIFEST
+        if not p.is_file():
+            raise InputNotFoundError(
+                f"{p}: no manifest (not a shards directory, or its writing did not finish)"
+            )
+        text = p.read_text(encoding="utf-8")
+    else:
+        root = str(shards_dir).rstrip("/")
+        if fs is None:
+            fs, root = url_filesystem(root, storage_options)
+        p = join(str(shards_dir), MANIFEST)
+        try:
+            with fs.open(join(root, MANIFEST), "rb") as fh:
+                text = fh.read().decode("utf-8")
+        except FileNotFoundError:
+            raise InputNotFoundError(
+                f"{p}: no manifest (not a shards directory, or its writing did not finish)"
+            ) from None
+        except Exception as e:  # botocore/aiohttp errors are not all OSErrors
+            raise StoreError(f"{p}: could not read: {e}") from e
     try:
-        m = json.loads(p.read_text(encoding="utf-8"))
+        m = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValidationError(f"{p}: not valid JSON: {e}") from e
     if m.get("schema_version") not in READABLE_VERSIONS:

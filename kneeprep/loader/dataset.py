@@ -33,6 +33,13 @@ items. An item is a dict: ``image``, ``volume_id``, ``patient_id``, ``split``, t
 ``quintuples`` (the sample dicts below, without ``image``). Construction then also reads each row group's
 ``volume_id`` column once (to know where volumes start); nothing else changes.
 
+**URLs** (``s3://bucket/prefix``, ``memory://...``; ``file://`` is local): the manifest is read through fsspec
+(``storage_options``, or the standard AWS environment); each shard is fetched whole into a bounded local cache
+shared by the node's processes (``cache_dir``, ``cache_bytes``), the next one prefetched in the background
+(``prefetch``), or, with ``cache_dir=False``, its row groups are read by byte range. Order, partitioning and
+resume are the same index arithmetic as for a local path (:mod:`kneeprep.loader.remote`,
+:mod:`kneeprep.loader.cache`).
+
 **Samples** are dicts: ``image`` (numpy ``(z, y, x)``, read-only, shared by the samples of one volume -- copy
 before writing to it), ``sample_id``, ``volume_id``, ``patient_id``, ``split``, ``question_id``,
 ``question_type``, ``question_region``, ``question``, ``box`` (``None`` or a dict with ``region``, ``voxels``,
@@ -55,6 +62,8 @@ import pyarrow.parquet as pq
 from kneeprep.errors import InputNotFoundError, ValidationError
 from kneeprep.formats.shard_reader import VolumeAllocator, read_manifest, read_row_group
 from kneeprep.formats.shard_schema import SCHEMA
+from kneeprep.formats.urls import as_local_or_url
+from kneeprep.loader.remote import Remote
 
 _BOX_FIELDS = ("region", "voxels", "list_form", "normalized", "size_mm", "center_lps")
 
@@ -63,7 +72,8 @@ class ShardDataset:
     """Samples of one split of a shards directory (see the module docs for order, partitioning and resume).
 
     Construction reads ``manifest.json`` only; Parquet files are opened lazily inside each iteration, in the
-    process that iterates (safe to construct before forking DataLoader workers).
+    process that iterates (safe to construct before forking DataLoader workers). ``path`` is a folder or a URL
+    (module docs, "URLs"; ``storage_options``, ``cache_dir``, ``cache_bytes`` and ``prefetch`` apply to URLs).
     """
 
     def __init__(
@@ -79,6 +89,10 @@ class ShardDataset:
         drop_last: bool = False,
         volume_major: bool = False,
         max_questions: int | None = None,
+        storage_options: dict[str, Any] | None = None,
+        cache_dir: str | os.PathLike | None | bool = None,
+        cache_bytes: int | None = None,
+        prefetch: bool = True,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in 0..world_size-1, got rank={rank}, world_size={world_size}")
@@ -89,11 +103,17 @@ class ShardDataset:
         unknown = [c for c in columns or () if c not in SCHEMA.names]
         if unknown:
             raise ValueError(f"unknown columns {unknown}; shard columns are {SCHEMA.names}")
-        self.path = Path(path)
-        manifest = read_manifest(self.path)
+        self.path: Path | str = as_local_or_url(path)
+        manifest = read_manifest(self.path, storage_options)
         entries = sorted((e for e in manifest["shards"] if e["split"] == split), key=lambda e: e["path"])
         if not entries:
             raise InputNotFoundError(f"{self.path}: no shards of split {split!r}")
+        #: a URL's reading setup (kneeprep.loader.remote); None for local shards
+        self._remote = None
+        if isinstance(self.path, str):
+            self._remote = Remote(
+                self.path, storage_options, cache_dir, cache_bytes, prefetch, {e["path"]: e for e in entries}
+            )
         self.split, self.shuffle, self.seed = split, shuffle, seed
         self.rank, self.world_size, self.buffer_size = rank, world_size, buffer_size
         self.columns = None if columns is None else list(columns)
@@ -124,11 +144,11 @@ class ShardDataset:
         try:
             for rel, g, n in self.units:
                 if rel not in files:
-                    files[rel] = pq.ParquetFile(self.path / rel, memory_map=True)
+                    files[rel] = self._open_for_plan(rel)
                 vids = files[rel].read_row_group(g, columns=["volume_id"]).column("volume_id").to_pylist()
                 if len(vids) != n:
                     raise ValidationError(
-                        f"{self.path / rel}: row group {g} has {len(vids)} rows, manifest {n}"
+                        f"{self._where(rel)}: row group {g} has {len(vids)} rows, manifest {n}"
                     )
                 counts: list[int] = []
                 for i, v in enumerate(vids):
@@ -138,13 +158,22 @@ class ShardDataset:
                         counts.append(1)
                 if len(counts) != len(set(vids)):
                     raise ValidationError(
-                        f"{self.path / rel}: row group {g} does not keep each volume's rows together"
+                        f"{self._where(rel)}: row group {g} does not keep each volume's rows together"
                     )
                 out.append(counts)
         finally:
             for f in files.values():
                 f.close()
         return out
+
+    def _where(self, rel: str) -> str:
+        return f"{self.path}/{rel}" if isinstance(self.path, str) else str(self.path / rel)
+
+    def _open_for_plan(self, rel: str) -> pq.ParquetFile:
+        """A shard opened at construction (volume-major): a URL's by byte ranges, never into the cache."""
+        if self._remote is not None:
+            return self._remote.open_direct(rel)
+        return pq.ParquetFile(self.path / rel, memory_map=True)
 
     def item_rows(self, unit: int, epoch: int | None = None) -> list[np.ndarray]:
         """Volume-major: the rows of each item of row group ``unit`` in ``epoch`` (item order = plan index)."""
@@ -284,12 +313,18 @@ class ShardDataset:
             return
         remaining = np.bincount(seq[:, 0], minlength=len(self.units))
         files: dict[str, pq.ParquetFile] = {}
+        remote = None
+        if self._remote is not None:  # cached, released after its last row group, the next one prefetched
+            first_use = dict.fromkeys(seq[:, 0].tolist())
+            remote = self._remote.reader([self.units[u][0] for u in first_use])
         cache: dict[int, tuple[list[dict], dict[str, np.ndarray], list[np.ndarray]]] = {}
         try:
             for u, r in seq.tolist():
                 if u not in cache:
                     rel, g, _ = self.units[u]
-                    if rel not in files:
+                    if remote is not None:
+                        files[rel] = remote.open(rel)
+                    elif rel not in files:
                         files[rel] = pq.ParquetFile(self.path / rel, memory_map=True)
                     rows, volumes = read_row_group(files[rel], g, columns=self.columns, alloc=alloc)
                     cache[u] = (rows, volumes, self.item_rows(u) if self.volume_major else [])
@@ -301,9 +336,14 @@ class ShardDataset:
                 remaining[u] -= 1
                 if remaining[u] == 0:
                     del cache[u], rows, volumes, items  # the volumes may be recycled (shared-memory slabs)
+                    if remote is not None:
+                        remote.unit_done(self.units[u][0])
         finally:
-            for f in files.values():
-                f.close()
+            if remote is not None:
+                remote.close()
+            else:
+                for f in files.values():
+                    f.close()
 
 
 _VOLUME_KEYS = (
