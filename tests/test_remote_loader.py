@@ -112,9 +112,7 @@ def test_a_missing_url_or_an_oversized_shard_is_a_clear_error(s3_shards, tmp_pat
     with pytest.raises(FileNotFoundError, match=f"{b.url('nothing')}/manifest.json: no manifest"):
         ShardDataset(b.url("nothing"), storage_options=b.storage_options)
     small = ShardDataset(url, storage_options=b.storage_options, cache_dir=tmp_path, cache_bytes=1000)
-    with pytest.raises(
-        StoreError, match=r"s3://.*\.parquet: \d+ bytes, more than the shard cache holds"
-    ):
+    with pytest.raises(StoreError, match=r"s3://.*\.parquet: \d+ bytes, more than the shard cache holds"):
         next(iter(small))
 
 
