@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCHES = ("convert", "enhanced", "boxes", "loader")
+BENCHES = ("convert", "enhanced", "boxes", "loader", "scale")
 
 
 def machine() -> str:
