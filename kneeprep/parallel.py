@@ -371,12 +371,12 @@ def dask_client(n_workers: int | None = None, scheduler: str | None = None) -> I
             {
                 "distributed.scheduler.allowed-failures": 1,
                 # the local scheduler runs in this process: its event-loop tick (every 20 ms, to detect a
-                # blocked loop) and system monitor (every 0.5 s) cost the driver CPU every second of a run
-                # (measured idle on 2 workers: docs/SCALING.md). Work stealing stays on: without it
-                # distributed 2026.7 never reschedules a task whose worker died (a run hung in
-                # tests/test_faults.py)
+                # blocked loop), the system monitor (every 0.5 s) and work stealing (every 0.1 s; a worker
+                # holds one task at a time here, nothing to steal) cost the driver 42 ms of CPU per second of
+                # run, 12-13 ms with these (measured idle on 2 workers; docs/SCALING.md)
                 "distributed.admin.tick.interval": "1s",
                 "distributed.admin.system-monitor.interval": "5s",
+                "distributed.scheduler.work-stealing": False,
                 # the statistical profiler samples the task thread's stack every 10 ms, under the GIL
                 "distributed.worker.profile.enabled": False,
                 # imports done at worker start, overlapping the caller's scan (kneeprep.warm); a user's own
