@@ -26,7 +26,6 @@ measured from 1 to 2 (memory bandwidth, storage and the network beyond this mach
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -34,7 +33,8 @@ import sys
 import time
 from pathlib import Path
 
-PATIENTS = 4
+from bench.bench_convert import PATIENTS, _dcm2niix, _half_tree
+
 ROUNDS = 2
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "kneeprep" / "recipes" / "3dreasonknee.toml"
@@ -76,18 +76,6 @@ print(json.dumps({"bytes": held, "files": result.n_files, "series": len(result.s
 """
 
 
-def _half_tree(sample: Path, dest: Path) -> int:
-    truth = json.loads((sample / "truth.json").read_text())["volumes"]
-    patients = sorted({v["patient_id"] for v in truth.values()})
-    left_out = set(patients[PATIENTS // 2 :])
-    for f in (sample / "raw").rglob("*"):
-        rel = f.relative_to(sample / "raw")
-        if f.is_file() and not left_out.intersection(rel.parts):
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            os.link(f, dest / rel)
-    return sum(v["patient_id"] not in left_out for v in truth.values())
-
-
 def _rebuild(raw: Path, sample: Path, out: Path, workers: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     t = time.perf_counter()
@@ -102,11 +90,6 @@ def _rebuild(raw: Path, sample: Path, out: Path, workers: int) -> dict:
     d = json.loads(res.stdout.decode().strip().splitlines()[-1])
     d["wall"] = wall
     return d
-
-
-def _dcm2niix() -> str:
-    exe = Path(sys.executable).with_name("dcm2niix")
-    return str(exe) if exe.exists() else "dcm2niix"
 
 
 def _dcm2niix_tree(folders: list[Path], out: Path, procs: int) -> float:
@@ -145,7 +128,7 @@ def run(workdir: Path) -> str:
     truth = json.loads((sample / "truth.json").read_text())["volumes"]
     n = len(truth)
     n_half = _half_tree(sample, workdir / "half")
-    trees = {"half": (workdir / "half", n_half), "whole": (sample / "raw", n)}
+    trees = {"half": (workdir / "half" / "raw", n_half), "whole": (sample / "raw", n)}
     runs: dict[tuple[str, int], list[dict]] = {(tree, w): [] for tree in trees for w in (1, 2)}
     _rebuild(trees["half"][0], sample, workdir / "warm", 1)  # cold caches (byte code, page cache) once
     nii = {1: [], 2: []}
