@@ -103,6 +103,21 @@ def blosc_shards(shards, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def raw_shards(shards, tmp_path_factory):
+    """The same quintuples as ``shards`` with uncompressed volumes (the ``none`` layout: used in place)."""
+    from kneeprep.formats.quintuples import build_quintuples
+    from kneeprep.formats.shard_writer import write_shards
+    from kneeprep.recipe import Shards
+
+    _, _, data = shards
+    recipe = data.recipe.__class__(splits=data.recipe.splits, shards=Shards(target_bytes=20000, codec="none"))
+    qs, _ = build_quintuples(data.annotations, data.attrs, recipe)
+    out = tmp_path_factory.mktemp("raw_shards")
+    write_shards(qs, data.read_volume, out, recipe, row_group_bytes=6000)
+    return out
+
+
 # -- a real S3 server (moto) on 127.0.0.1 for the object-storage tests (tests/s3server.py) ------------------
 
 

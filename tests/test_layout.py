@@ -25,7 +25,7 @@ def test_the_loader_imports_only_the_shard_schema_and_reader():
     ours = {m for m in mods if m.startswith("kneeprep")}
     assert ours <= {
         "kneeprep", "kneeprep.errors", "kneeprep.formats", "kneeprep.formats.shard_schema",
-        "kneeprep.formats.shard_reader", "kneeprep.loader", "kneeprep.loader.dataset",
+        "kneeprep.formats.shard_reader", "kneeprep.formats.raw_pages", "kneeprep.loader", "kneeprep.loader.dataset",
         # reading shards from URLs (issue 17): the cache's locks and atomic writes; fsspec only when used
         "kneeprep.files", "kneeprep.formats.urls", "kneeprep.loader.remote", "kneeprep.loader.cache",
     }, sorted(ours)  # fmt: skip

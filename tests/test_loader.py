@@ -205,14 +205,16 @@ def test_blosc_shards_through_a_forked_dataloader(shards, blosc_shards):
     assert all(v == int(data.volumes[k.rsplit("_", 1)[0]][0].astype(np.int64).sum()) for k, v in got.items())
 
 
+@pytest.mark.parametrize("layout", ["lz4", "none"])  # through slabs; in place from the file
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])
-def test_torch_dataloader_two_workers_batches_and_resume(shards, start_method):
+def test_torch_dataloader_two_workers_batches_and_resume(shards, raw_shards, start_method, layout, recwarn):
     torch = pytest.importorskip("torch")
     import multiprocessing
 
     from kneeprep.loader.torchdata import make_loader
 
     path, train, data = shards
+    path = raw_shards if layout == "none" else path
     ds = ShardDataset(path, seed=4, columns=["sample_id", "volume_id", "image", "box_voxels"])
     dl = make_loader(
         ds, batch_size=4, num_workers=2, multiprocessing_context=multiprocessing.get_context(start_method)
@@ -240,6 +242,7 @@ def test_torch_dataloader_two_workers_batches_and_resume(shards, start_method):
     other = ShardDataset(path, seed=4, columns=["sample_id"])
     other.set_epoch(1)
     assert epoch1 == merged(other, 2, 4)
+    assert not [w for w in recwarn if "writable" in str(w.message)]  # torch warns on read-only arrays
 
 
 def test_without_cuda_the_gpu_path_degrades_to_cpu_tensors_without_warnings(shards):

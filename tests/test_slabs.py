@@ -14,6 +14,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from kneeprep.errors import StoreError
 from kneeprep.loader import ShardDataset, slabs
 
 
@@ -161,6 +162,57 @@ def test_volumes_cross_processes_once_per_slab_and_exactly(blosc_shards, shards,
         assert len(slabs._MAPPINGS[token]) == n_slabs  # each slab's descriptor crossed once
     assert received > sum(d[3] for d in done.values())  # volumes sent more often than slabs were mapped
     assert _shm() == before
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_uncompressed_volumes_cross_as_where_they_lie_in_the_file(raw_shards, shards, start_method):
+    _, train, data = shards
+    before = _shm()
+    ctx = multiprocessing.get_context(start_method)
+    q = ctx.Queue()
+    ds = ShardDataset(raw_shards, seed=1, buffer_size=3)
+    finished = ctx.Event()
+    procs = [ctx.Process(target=_worker, args=(q, ds, w, 2, 2, finished)) for w in range(2)]
+    for p in procs:
+        p.start()
+    got, done = [], {}
+    files = {str(f.resolve()) for f in raw_shards.rglob("*.parquet")}
+    while len(done) < 2:
+        item = q.get(timeout=60)
+        if isinstance(item, tuple):
+            done[item[1]] = item
+            continue
+        for i, vi in enumerate(item["image_index"].tolist()):
+            np.testing.assert_array_equal(item["volumes"][vi], data.volumes[item["volume_id"][i]][0])
+        for v, key in zip(item["volumes"], item["volume_keys"], strict=True):
+            assert key[0] == "file" and not v.flags.writeable
+        got += item["sample_id"]
+        del item
+    finished.set()
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert sorted(got) == sorted(train)
+    assert all(n_slabs == 0 for *_, n_slabs in done.values())  # no shared memory at all: the page cache
+    mapped = [m for m in open("/proc/self/maps").read().splitlines() if m.split()[-1] in files]
+    assert mapped and len({m.split()[-1] for m in mapped}) <= slabs.MAX_FILE_MAPS
+    assert _shm() == before
+
+
+def test_a_shard_file_replaced_under_the_loader_is_a_clear_error(raw_shards, tmp_path):
+    import shutil
+
+    copy = tmp_path / "shards"
+    shutil.copytree(raw_shards, copy)
+    ds = ShardDataset(copy, shuffle=False)
+    pool = slabs.SlabPool()
+    wire = next(slabs.iter_batches(ds, 0, 1, 2, pool))
+    path = wire.volumes[0][1]
+    slabs.release_mappings()
+    shutil.copy(path, path + ".new")
+    os.replace(path + ".new", path)  # a new file (another inode) under the same name
+    with pytest.raises(StoreError, match="replaced while the loader read it"):
+        wire.receive()
 
 
 def test_no_shared_memory_left_after_a_worker_is_killed(shards):

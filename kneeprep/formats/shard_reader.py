@@ -6,6 +6,7 @@ Needs pyarrow and numpy only (numcodecs for Blosc volumes); the loader (:mod:`kn
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kneeprep.errors import InputNotFoundError, StoreError, ValidationError
+from kneeprep.formats.raw_pages import MappedFile, image_extents
 from kneeprep.formats.shard_schema import (
     MANIFEST,
     QUINTUPLE_COLUMNS,
@@ -76,14 +78,27 @@ def is_legacy(manifest: dict[str, Any]) -> bool:
 VolumeAllocator = Callable[[str, tuple, np.dtype], np.ndarray]
 
 
+#: ``view(volume_id, mapped, offset, shape, dtype)`` -> the array of a raw volume that lies in a mapped file
+VolumeViewer = Callable[[str, MappedFile, int, tuple, np.dtype], np.ndarray]
+
+
 def read_row_group(
-    path: str | os.PathLike | pq.ParquetFile, index: int, columns=None, alloc: VolumeAllocator | None = None
+    path: str | os.PathLike | pq.ParquetFile,
+    index: int,
+    columns=None,
+    alloc: VolumeAllocator | None = None,
+    mapped: MappedFile | None = None,
+    view: VolumeViewer | None = None,
 ) -> tuple[list[dict], dict[str, np.ndarray]]:
     """Rows of one row group as dicts (without ``image``) and its volumes decoded once: ``{volume_id: array}``.
 
     ``columns`` limits the row columns (``volume_id`` is always read); images are read only when ``columns``
     is None or names ``image``. ``alloc`` gives the array each volume is decoded into (a shared-memory slab:
     :mod:`kneeprep.loader.slabs`); without it raw volumes are views of the Parquet buffers and Blosc ones new arrays.
+    ``mapped``: the same file memory-mapped (:class:`~kneeprep.formats.raw_pages.MappedFile`); where its image
+    chunk is stored uncompressed, images are then taken from the mapping instead of through Arrow: a raw volume
+    is ``view(...)`` of it (default: a read-only zero-copy view; ``alloc``, if given, gets a copy), a Blosc one
+    decodes from it. Volumes are read-only arrays in every case.
     """
     pf = path if isinstance(path, pq.ParquetFile) else pq.ParquetFile(path)
     want_image = columns is None or "image" in columns
@@ -92,7 +107,10 @@ def read_row_group(
             ["volume_id", *[c for c in (SCHEMA.names if columns is None else columns) if c != "image"]]
         )
     )
-    extra = ["image", "image_dtype", "image_shape", "image_codec"] if want_image else []
+    extents = image_extents(mapped.map, pf.metadata, index) if want_image and mapped is not None else None
+    extra = ["image_dtype", "image_shape", "image_codec"] if want_image else []
+    if want_image and extents is None:
+        extra.append("image")
     t = pf.read_row_group(index, columns=list(dict.fromkeys(row_cols + extra)))
     volumes: dict[str, np.ndarray] = {}
     if want_image:
@@ -100,12 +118,43 @@ def read_row_group(
         dts = t.column("image_dtype").to_pylist()
         shapes = t.column("image_shape").to_pylist()
         codecs = t.column("image_codec").to_pylist()
-        for i, buf in enumerate(_binary_values(t.column("image"))):
-            if buf is not None:
-                out = None if alloc is None else alloc(vids[i], tuple(shapes[i]), np.dtype(dts[i]))
-                volumes[vids[i]] = decode_image(buf, dts[i], shapes[i], codecs[i], out=out)
+        if extents is None:
+            images: list = _binary_values(t.column("image"))
+        else:  # (offset, nbytes) in the mapping
+            images = [extents.get(i) for i in range(len(vids))]
+        for i, img in enumerate(images):
+            if img is None:
+                continue
+            vid, shape, dt = vids[i], tuple(shapes[i]), np.dtype(dts[i])
+            if isinstance(img, tuple):
+                offset, nbytes = img
+                if codecs[i] == "raw":
+                    volumes[vid] = _mapped_raw(vid, mapped, offset, nbytes, shape, dt, alloc, view)
+                    continue
+                img = np.frombuffer(mapped.map, np.uint8, count=nbytes, offset=offset)
+            out = None if alloc is None else alloc(vid, shape, dt)
+            volumes[vid] = decode_image(img, dts[i], shapes[i], codecs[i], out=out)
     rows = t.select(row_cols).to_pylist()
     return rows, volumes
+
+
+def _mapped_raw(vid, mapped, offset, nbytes, shape, dt, alloc, view) -> np.ndarray:
+    need = math.prod(shape) * dt.itemsize
+    if nbytes != need:
+        raise ValidationError(
+            f"{mapped.path}: {nbytes} image bytes, shape {list(shape)} x {dt.str} needs {need}"
+        )
+    if view is not None:
+        return view(vid, mapped, offset, shape, dt)
+    a = np.frombuffer(mapped.map, dt, count=math.prod(shape), offset=offset).reshape(shape)  # read-only map
+    if alloc is not None:
+        out = alloc(vid, shape, dt)
+        if out.shape != shape or out.dtype != dt or not out.flags.c_contiguous:
+            raise ValueError(f"out is {out.shape} {out.dtype}, the volume {shape} {dt}")
+        np.copyto(out, a)
+        out.flags.writeable = False  # shared by the samples of one volume (as decode_image's arrays)
+        a = out
+    return a
 
 
 def _binary_values(col: pa.ChunkedArray) -> list[pa.Buffer | None]:

@@ -60,7 +60,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from kneeprep.errors import InputNotFoundError, ValidationError
-from kneeprep.formats.shard_reader import VolumeAllocator, read_manifest, read_row_group
+from kneeprep.formats.raw_pages import MappedFile
+from kneeprep.formats.shard_reader import VolumeAllocator, VolumeViewer, read_manifest, read_row_group
 from kneeprep.formats.shard_schema import SCHEMA
 from kneeprep.formats.urls import as_local_or_url
 from kneeprep.loader.remote import Remote
@@ -288,7 +289,12 @@ class ShardDataset:
             yield sample
 
     def iter_worker(
-        self, worker: int, num_workers: int, batch_size: int = 1, alloc: VolumeAllocator | None = None
+        self,
+        worker: int,
+        num_workers: int,
+        batch_size: int = 1,
+        alloc: VolumeAllocator | None = None,
+        view: VolumeViewer | None = None,
     ) -> Iterator[dict[str, Any]]:
         """Worker ``worker``'s samples under a DataLoader with ``num_workers`` and ``batch_size``.
 
@@ -296,7 +302,8 @@ class ShardDataset:
         it after a resumed state's ``consumed`` samples is cut into batches, and worker ``w`` yields batches
         ``w, w + K, w + 2K, ...`` -- exactly what the DataLoader's round-robin asks of it, so the output
         continues the same order. From the start of an epoch these are the worker's contiguous block.
-        ``alloc`` gives the arrays volumes are decoded into (:func:`kneeprep.formats.shard_reader.read_row_group`).
+        ``alloc`` gives the arrays volumes are decoded into, ``view`` the arrays of raw volumes that lie in a
+        mapped shard file (:func:`kneeprep.formats.shard_reader.read_row_group`).
         """
         if not 0 <= worker < num_workers:
             raise ValueError(f"worker must be in 0..{num_workers - 1}, got {worker}")
@@ -304,15 +311,18 @@ class ShardDataset:
         rest = self.loader_order(len(order), num_workers, batch_size)[self._resume :]
         step = num_workers * batch_size
         mine = [rest[i : i + batch_size] for i in range(worker * batch_size, len(rest), step)]
-        yield from self._materialize(order[np.concatenate(mine)] if mine else order[:0], alloc)
+        yield from self._materialize(order[np.concatenate(mine)] if mine else order[:0], alloc, view)
 
-    def _materialize(self, seq: np.ndarray, alloc: VolumeAllocator | None = None) -> Iterator[dict[str, Any]]:
+    def _materialize(
+        self, seq: np.ndarray, alloc: VolumeAllocator | None = None, view: VolumeViewer | None = None
+    ) -> Iterator[dict[str, Any]]:
         """Samples (or volume-major items) for a sequence of (unit, row or item), reading each needed row group
         once while it is in use."""
         if len(seq) == 0:
             return
         remaining = np.bincount(seq[:, 0], minlength=len(self.units))
         files: dict[str, pq.ParquetFile] = {}
+        maps: dict[str, MappedFile] = {}  # local files: images of uncompressed chunks are used in place
         remote = None
         if self._remote is not None:  # cached, released after its last row group, the next one prefetched
             first_use = dict.fromkeys(seq[:, 0].tolist())
@@ -326,7 +336,10 @@ class ShardDataset:
                         files[rel] = remote.open(rel)
                     elif rel not in files:
                         files[rel] = pq.ParquetFile(self.path / rel, memory_map=True)
-                    rows, volumes = read_row_group(files[rel], g, columns=self.columns, alloc=alloc)
+                        maps[rel] = MappedFile(self.path / rel)
+                    rows, volumes = read_row_group(
+                        files[rel], g, columns=self.columns, alloc=alloc, mapped=maps.get(rel), view=view
+                    )
                     cache[u] = (rows, volumes, self.item_rows(u) if self.volume_major else [])
                 rows, volumes, items = cache[u]
                 if self.volume_major:
@@ -344,6 +357,8 @@ class ShardDataset:
             else:
                 for f in files.values():
                     f.close()
+            for m in maps.values():
+                m.close()
 
 
 _VOLUME_KEYS = (

@@ -29,6 +29,15 @@ mappings and returns to the system when the last process holding one exits -- af
 SIGKILL of any process alike. The training process drops the mappings of workers that have exited when the
 next worker registers (:func:`release_mappings` drops them all).
 
+**Uncompressed shards need no slab.** Where a shard's image chunk is stored uncompressed (the ``none`` layout),
+the volume's bytes lie verbatim in the shard file (:mod:`kneeprep.formats.raw_pages` finds them): the worker
+sends only *where* -- the file's path, its (device, inode) and the offset -- and the training process maps
+the file itself (private, copy-on-write: the file never changes) and takes the volume from the page cache.
+No copy anywhere, no shared memory, nothing to recycle; the training process keeps its last
+:data:`MAX_FILE_MAPS` shard files mapped (virtual memory; the pages are the kernel's page cache, reclaimable,
+shared with the workers). A file replaced under the same name while it is read (another ``kneeprep shards``
+run into the same folder) is a clear ``StoreError``, not wrong data.
+
 This module needs no torch: :mod:`kneeprep.loader.torchdata` turns the received arrays into tensors.
 """
 
@@ -42,12 +51,15 @@ import tempfile
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.reduction import DupFd
 from typing import Any
 
 import numpy as np
+
+from kneeprep.errors import StoreError
 
 HEADER = (
     64  #: bytes before the volume: int64 released-batches counter, then padding (keeps 64-byte alignment)
@@ -77,6 +89,14 @@ class SlabArray(np.ndarray):
 
     slab_id: int
     generation: int
+
+
+class FileArray(np.ndarray):
+    """A raw volume that lies in a memory-mapped shard file (worker side): sent as *where* it lies."""
+
+    file_path: str
+    file_key: tuple[int, int]
+    file_offset: int
 
 
 class _Slab:
@@ -162,6 +182,15 @@ class SlabPool:
                 )
             time.sleep(0.0005)
 
+    def view(self, volume_id: str, mapped, offset: int, shape: tuple, dtype: np.dtype) -> FileArray:
+        """A raw volume in a mapped shard file (:data:`kneeprep.formats.shard_reader.VolumeViewer`): no slab,
+        no copy; the training process maps the same file and takes the same bytes from its page cache."""
+        count = math.prod(shape)
+        arr = np.frombuffer(mapped.map, np.dtype(dtype), count=count, offset=offset).reshape(shape)
+        arr = arr.view(FileArray)
+        arr.file_path, arr.file_key, arr.file_offset = mapped.path, mapped.key, offset
+        return arr
+
     def _new(self, nbytes: int) -> _Slab:
         slab = _Slab(self._next_id, nbytes)
         self._next_id += 1
@@ -178,8 +207,10 @@ class SlabPool:
         Each distinct volume is listed once; ``image_index[i]`` is record ``i``'s volume. The slabs count
         this batch as sent before it leaves, so none is reused until the trainer releases the batch.
         """
-        vols: list[tuple[int, int, tuple, str]] = []
-        where: dict[tuple[int, int], int] = {}
+        vols: list[
+            tuple
+        ] = []  # ("s", slab id, generation, shape, dtype) or ("f", path, key, offset, shape, dtype)
+        where: dict[tuple, int] = {}
         index: list[int] = []
         fields: dict[str, list] = {k: [] for k in records[0] if k != "image"} if records else {}
         for r in records:
@@ -188,16 +219,22 @@ class SlabPool:
             img = r.get("image")
             if img is None:
                 continue
-            if not isinstance(img, SlabArray):
-                raise TypeError("batch() needs images decoded by this pool's alloc")
-            key = (img.slab_id, img.generation)
+            if isinstance(img, FileArray):
+                key: tuple = ("f", img.file_key, img.file_offset)
+                entry: tuple = ("f", img.file_path, img.file_key, img.file_offset, img.shape, img.dtype.str)
+            elif isinstance(img, SlabArray):
+                key = ("s", img.slab_id, img.generation)
+                entry = ("s", img.slab_id, img.generation, img.shape, img.dtype.str)
+            else:
+                raise TypeError("batch() needs images from this pool's alloc or view")
             if key not in where:
                 where[key] = len(vols)
-                vols.append((img.slab_id, img.generation, img.shape, img.dtype.str))
+                vols.append(entry)
             index.append(where[key])
         with self._lock:
-            for sid, _, _, _ in vols:
-                self.slabs[sid].sent += 1
+            for v in vols:
+                if v[0] == "s":
+                    self.slabs[v[1]].sent += 1
         return WireBatch(self, vols, index if vols else None, fields, volume_major, finish)
 
 
@@ -208,7 +245,9 @@ class WireBatch:
     becomes the batch (:func:`receive`)."""
 
     pool: SlabPool
-    volumes: list[tuple[int, int, tuple, str]]  # (slab id, generation, shape, dtype)
+    volumes: list[
+        tuple
+    ]  # ("s", slab id, generation, shape, dtype) or ("f", path, (dev, inode), offset, shape, dtype)
     image_index: list[int] | None
     fields: dict[str, list]
     volume_major: bool = False
@@ -218,13 +257,17 @@ class WireBatch:
         pool = self.pool
         slabs = []
         with pool._lock:
-            for sid, gen, shape, dtype in self.volumes:
+            for v in self.volumes:
+                if v[0] == "f":
+                    slabs.append(v)
+                    continue
+                _, sid, gen, shape, dtype = v
                 s = pool.slabs[sid]
                 fd = None
                 if sid not in pool._announced:
                     fd = DupFd(s.fd)
                     pool._announced.add(sid)
-                slabs.append((sid, gen, tuple(shape), dtype, HEADER + s.capacity, fd))
+                slabs.append(("s", sid, gen, tuple(shape), dtype, HEADER + s.capacity, fd))
         return _rebuild, (
             pool.token,
             slabs,
@@ -239,9 +282,10 @@ class WireBatch:
         pool = self.pool
         with _RECEIVER_LOCK:
             maps = _MAPPINGS.setdefault(pool.token, {})
-            for sid, _, _, _ in self.volumes:
-                maps[sid] = pool.slabs[sid].map
-        slabs = [(sid, gen, tuple(shape), dtype, 0, None) for sid, gen, shape, dtype in self.volumes]
+            for v in self.volumes:
+                if v[0] == "s":
+                    maps[v[1]] = pool.slabs[v[1]].map
+        slabs = [v if v[0] == "f" else (*v[:3], tuple(v[3]), v[4], 0, None) for v in self.volumes]
         return _rebuild(pool.token, slabs, self.image_index, self.fields, self.volume_major, self.finish)
 
 
@@ -249,6 +293,8 @@ class WireBatch:
 # the receiving (training) process
 
 _MAPPINGS: dict[str, dict[int, mmap.mmap]] = {}
+_FILE_MAPS: OrderedDict[tuple[int, int], mmap.mmap] = OrderedDict()
+MAX_FILE_MAPS = 8  #: shard files the training process keeps mapped (virtual memory; the pages are page cache)
 _RECEIVER_LOCK = threading.RLock()  # re-entrant: a lease collected by gc while it is held must not deadlock
 _FINISHERS: dict[str, Callable[[dict[str, Any]], Any]] = {}
 
@@ -296,15 +342,27 @@ def _rebuild(token, slabs, image_index, fields, volume_major, finish):
                 del _MAPPINGS[other]  # mappings of exited workers: their memory goes back to the system
             _MAPPINGS[token] = {}
         maps = _MAPPINGS[token]
-        for sid, _, _, _, size, fd in slabs:
-            if fd is not None:
-                raw = fd.detach()
+        for v in slabs:
+            if v[0] == "s" and v[6] is not None:
+                raw = v[6].detach()
                 try:
-                    maps[sid] = mmap.mmap(raw, size)
+                    maps[v[1]] = mmap.mmap(raw, v[5])
                 finally:
                     os.close(raw)
     volumes, keys = [], []
-    for sid, gen, shape, dtype, _, _ in slabs:
+    for v in slabs:
+        if v[0] == "f":
+            _, path, fkey, offset, shape, dtype = v
+            with _RECEIVER_LOCK:
+                m = _file_map(path, tuple(fkey))
+            arr = np.frombuffer(m, np.dtype(dtype), count=math.prod(shape), offset=offset).reshape(shape)
+            arr.flags.writeable = (
+                finish == "torch"
+            )  # a private (copy-on-write) mapping: the file never changes
+            volumes.append(arr)
+            keys.append(("file", tuple(fkey), offset))
+            continue
+        _, sid, gen, shape, dtype, _, _ = v
         m = maps[sid]
         n = math.prod(shape) * np.dtype(dtype).itemsize
         arr = np.frombuffer(m, np.uint8, count=n, offset=HEADER).view(dtype).reshape(shape)
@@ -321,10 +379,41 @@ def _rebuild(token, slabs, image_index, fields, volume_major, finish):
     return _FINISHERS[finish](batch) if finish in _FINISHERS else batch
 
 
+def _file_map(path: str, key: tuple[int, int]) -> mmap.mmap:
+    """This process's mapping of a shard file (the last :data:`MAX_FILE_MAPS` are kept; arrays still alive keep
+    theirs). Called under ``_RECEIVER_LOCK``."""
+    m = _FILE_MAPS.get(key)
+    if m is not None:
+        _FILE_MAPS.move_to_end(key)
+        return m
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise StoreError(
+            f"{path}: a loader worker read a volume from this shard file, which is gone: {e}"
+        ) from e
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != key:
+            raise StoreError(
+                f"{path}: the shard file was replaced while the loader read it (another `kneeprep shards` run "
+                "into the same directory?); restart the loader"
+            )
+        m = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)  # private: writes by the trainer never reach the file
+    finally:
+        os.close(fd)
+    _FILE_MAPS[key] = m
+    while len(_FILE_MAPS) > MAX_FILE_MAPS:
+        _FILE_MAPS.popitem(last=False)
+    return m
+
+
 def release_mappings() -> None:
-    """Drop this process's mappings of every worker's slabs (arrays still alive keep theirs)."""
+    """Drop this process's mappings of every worker's slabs and of shard files (arrays still alive keep
+    theirs)."""
     with _RECEIVER_LOCK:
         _MAPPINGS.clear()
+        _FILE_MAPS.clear()
 
 
 def iter_batches(
@@ -333,7 +422,7 @@ def iter_batches(
     """Worker ``worker``'s batches of a :class:`kneeprep.loader.dataset.ShardDataset`, decoded into ``pool``: the
     batches a DataLoader of ``batch_size`` would form from the worker's samples (items when volume-major)."""
     records: list[dict] = []
-    for r in dataset.iter_worker(worker, num_workers, batch_size, alloc=pool.alloc):
+    for r in dataset.iter_worker(worker, num_workers, batch_size, alloc=pool.alloc, view=pool.view):
         records.append(r)
         del r  # no reference of this frame may keep a sent volume's slab busy
         if len(records) == batch_size:
