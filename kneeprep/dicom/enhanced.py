@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from kneeprep.dicom.fields import complex_component
-from kneeprep.dicom.headers import NATIVE_SYNTAXES, PIXEL_DATA, SliceHeader, read_input
+from kneeprep.dicom.input_bytes import read_input
+from kneeprep.dicom.slice_header import NATIVE_SYNTAXES, PIXEL_DATA, SliceHeader
 from kneeprep.errors import DicomError
 
 RLE_LOSSLESS = "1.2.840.10008.1.2.5"
