@@ -18,18 +18,21 @@ failure record -- instead of raising: one poisonous series never aborts a run, a
 stream keeps at most one task per worker thread on the cluster (the rest wait in the driver), so a worker holds
 one task at a time and a dying worker takes no innocent queued task with it, on any cluster. The local cluster
 uses ``allowed-failures = 1``; on an existing cluster that is the scheduler's setting.
+
+This module holds the executors and :func:`executor`; the stream is :mod:`kneeprep.parallel_stream`, the local
+cluster and its workers' settings :mod:`kneeprep.parallel_cluster`.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-log = logging.getLogger(__name__)
+from kneeprep.parallel_cluster import LOCAL_WORKER_ENV, WORKER_MALLOC_ENV, dask_client, default_workers
+from kneeprep.parallel_stream import TaskStream
 
 
 class SerialExecutor:
@@ -138,159 +141,6 @@ class DaskExecutor:
         return _map(self.stream(fn, on_error, **kwargs), items)
 
 
-class TaskStream:
-    """Tasks submitted one at a time and their results in completion order.
-
-    :meth:`submit` may be called before and while :meth:`results` is iterated: a caller submits work as it
-    discovers it (and more as results come in); :meth:`results` ends when every task submitted so far has given
-    its result. The stream keeps at most as many tasks on the cluster as it has worker threads (the rest wait
-    here, in submission order), so a worker holds one task at a time and a dying worker takes no innocent
-    queued task with it; a finished task's result is fetched and released at once, from a callback thread,
-    so a worker lost later does not make the cluster recompute it. Error handling as
-    :meth:`DaskExecutor.map_unordered`. Leaving :meth:`results` early (an error or Ctrl-C in the caller)
-    cancels every task not yet finished and drops those not yet started."""
-
-    #: seconds between two asks of the scheduler for the number of worker threads
-    LIMIT_REFRESH_S = 1.0
-
-    def __init__(self, executor: DaskExecutor, fn: Callable, on_error, kwargs: dict):
-        import collections
-        import queue
-        import threading
-
-        self._ex, self._fn, self._on_error, self._kwargs = executor, fn, on_error, kwargs
-        self._lock = threading.RLock()
-        self._items: list = []
-        self._tries: list[int] = []
-        self._waiting: collections.deque[int] = collections.deque()
-        self._live: dict = {}  # future key -> (future, item index)
-        self._done: queue.Queue = queue.Queue()  # (item index, "finished" | "error", result or exception)
-        self._outstanding = 0  # submitted items whose result has not been yielded
-        self._limit = (-1e9, 1)  # (when asked, worker threads)
-        self._closed = False
-        if not executor.ready:
-            executor.when_ready(self._pump)
-
-    def submit(self, item) -> None:
-        with self._lock:
-            self._items.append(item)
-            self._tries.append(0)
-            self._waiting.append(len(self._items) - 1)
-            self._outstanding += 1
-        self._pump()
-
-    def _threads(self) -> int:
-        import time
-
-        asked, n = self._limit
-        if time.monotonic() - asked > self.LIMIT_REFRESH_S:
-            try:
-                n = max(1, sum(self._ex.client.nthreads().values()))
-            except (OSError, TimeoutError) as e:  # the scheduler did not answer: keep the last count
-                log.debug("asking the scheduler for its worker threads failed: %s", e)
-            self._limit = (time.monotonic(), n)
-        return n
-
-    def _pump(self) -> None:
-        if not self._ex.ready:  # submitted while the cluster starts: sent when it is up
-            return
-        with self._lock:
-            while self._waiting and not self._closed and len(self._live) < self._threads():
-                i = self._waiting.popleft()
-                future = self._ex.client.submit(self._fn, self._items[i], pure=False, **self._kwargs)
-                self._live[future.key] = (future, i)
-                future.add_done_callback(self._finished)
-
-    def _finished(self, future) -> None:  # runs in distributed's callback thread
-        with self._lock:
-            entry = self._live.pop(future.key, None)
-        if entry is None or self._closed:  # cancelled by us, or the caller has stopped listening
-            future.release()
-            return
-        i = entry[1]
-        try:
-            if future.status == "finished":
-                self._done.put((i, "finished", future.result()))
-            else:
-                try:
-                    exc = future.exception()
-                except BaseException as e:  # cancelled (scheduler gone): report, do not hang
-                    exc = e
-                self._done.put((i, "error", exc))
-        except BaseException as e:  # the result could not be fetched
-            self._done.put((i, "error", e))
-        finally:
-            future.release()
-            self._pump()
-
-    def results(self) -> Iterator[Any]:
-        import queue
-
-        try:
-            if not self._outstanding:
-                return  # nothing submitted: no need of the cluster, nor of importing distributed
-            # wait for the starting cluster (it raises if it failed to start): distributed is fully imported
-            # by then. Importing distributed.scheduler while the start-up thread still imports distributed
-            # meets half-initialized modules ("cannot import name 'Scheduler' from partially initialized
-            # module"), so no distributed import may come before this wait.
-            self._ex.client  # noqa: B018
-            self._pump()
-            from distributed.scheduler import KilledWorker
-
-            while self._outstanding:
-                try:
-                    i, status, value = self._done.get(timeout=0.2)  # a timeout keeps Ctrl-C responsive
-                except queue.Empty:
-                    continue
-                if status == "finished":
-                    self._outstanding -= 1
-                    yield value
-                    continue
-                if isinstance(value, KilledWorker) and self._tries[i] < DaskExecutor.LOST_WORKER_RETRIES:
-                    with self._lock:
-                        self._tries[i] += 1
-                        self._waiting.appendleft(i)
-                    self._pump()
-                    continue
-                self._outstanding -= 1
-                if self._on_error is None:
-                    raise value
-                yield self._on_error(self._items[i], value)
-        finally:
-            self.cancel()
-
-    def drain(self) -> list:
-        """The results of tasks that finished but were not yielded yet (after an interrupt), without waiting."""
-        import queue
-
-        out = []
-        while True:
-            try:
-                _i, status, value = self._done.get_nowait()
-            except queue.Empty:
-                return out
-            if status == "finished":
-                out.append(value)
-
-    def cancel(self) -> None:
-        """Drop the tasks not yet started and stop those running (nothing is left on the cluster)."""
-        with self._lock:
-            self._closed = True
-            self._waiting.clear()
-            live = [f for f, _ in self._live.values()]
-            self._live.clear()
-        if live:
-            self._ex.client.cancel(live)
-
-
-def default_workers() -> int:
-    """The cores this process may use (respects CPU affinity / cgroup cpusets)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
 @contextlib.contextmanager
 def executor(
     workers: int | None = None, scheduler: str | None = None
@@ -330,99 +180,13 @@ def executor(
             stack.close()
 
 
-#: glibc malloc settings for local worker processes. Dask sets ``MALLOC_TRIM_THRESHOLD_=65536`` (return freed
-#: memory to the OS early), which also freezes glibc's mmap threshold at 128 KiB: every multi-MiB buffer of
-#: a volume's read, mask and chunk encoding is then a fresh ``mmap`` whose pages fault in one by one, and a
-#: series converts about 2x slower than in a plain process (``write_volume`` 0.50-0.56 s against 0.21-0.30 s
-#: in-process, measured). Raising the mmap threshold to 16 MiB keeps those buffers on the heap, while whole
-#: volumes (45 MB) are still mapped and returned to the OS when freed. The heap must then not be trimmed after
-#: every large free either: with a 64 KiB trim threshold the next buffer faults its pages in again (a series
-#: 0.73-0.94 s in-process against 0.55-0.68 s with 4 MiB, the same 132 MB peak; 32 MiB: 0.48-0.75 s but a
-#: 160 MB peak -- measured, 160x384x384 DESS with mask, 2 Blosc threads).
-#: Workers of an existing cluster (``--scheduler``) get what their own start-up gave them (docs/SCALING.md).
-#: set to 1 for the workers of the local cluster (``kneeprep.warm`` then makes them ignore SIGINT)
-LOCAL_WORKER_ENV = "KNEEPREP_LOCAL_WORKER"
-
-WORKER_MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": 4 * 2**20, "MALLOC_MMAP_THRESHOLD_": 16 * 2**20}
-
-
-@contextlib.contextmanager
-def dask_client(n_workers: int | None = None, scheduler: str | None = None) -> Iterator[Any]:
-    """A ``distributed.Client``: to ``scheduler`` if given, else to a new local cluster of processes."""
-    from distributed import Client, LocalCluster
-
-    # contextlib.closing, not ``with Client``: Client.__exit__ resets a context variable, which fails when
-    # the client was made in executor()'s start-up thread and is closed from the caller's
-    if scheduler:
-        with contextlib.closing(Client(scheduler, timeout="30s")) as client:
-            yield client
-        return
-    import dask
-
-    n = n_workers or default_workers()
-    # cores a worker may use for its own threads (Blosc chunk compression, kneeprep.formats.store.codec_threads),
-    # and the mark that makes kneeprep.warm leave Ctrl-C to this process
-    from kneeprep.formats.store import CODEC_THREADS_ENV
-
-    environ = {**WORKER_MALLOC_ENV, CODEC_THREADS_ENV: max(1, default_workers() // n), LOCAL_WORKER_ENV: 1}
-    with (
-        _environ_restored([*environ, "PYTHONHASHSEED"]),  # the nanny sets them in this process to spawn
-        dask.config.set(
-            {
-                "distributed.scheduler.allowed-failures": 1,
-                # the local scheduler runs in this process: its event-loop tick (every 20 ms, to detect a
-                # blocked loop), the system monitor (every 0.5 s) and work stealing (every 0.1 s; a worker
-                # holds one task at a time here, nothing to steal) cost the driver 42 ms of CPU per second of
-                # run, 12-13 ms with these (measured idle on 2 workers; docs/SCALING.md)
-                "distributed.admin.tick.interval": "1s",
-                "distributed.admin.system-monitor.interval": "5s",
-                "distributed.scheduler.work-stealing": False,
-                # the statistical profiler samples the task thread's stack every 10 ms, under the GIL
-                "distributed.worker.profile.enabled": False,
-                # imports done at worker start, overlapping the caller's scan (kneeprep.warm); a user's own
-                # preloads (DASK_DISTRIBUTED__WORKER__PRELOAD ...) are kept
-                "distributed.worker.preload": [
-                    *dask.config.get("distributed.worker.preload", []),
-                    "kneeprep.warm",
-                ],
-                **{f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in environ.items()},
-            }
-        ),
-        _quiet_http_port(),
-        LocalCluster(
-            n_workers=n,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            silence_logs=logging.ERROR,
-        ) as cluster,
-        contextlib.closing(Client(cluster)) as client,
-    ):
-        yield client
-
-
-@contextlib.contextmanager
-def _quiet_http_port() -> Iterator[None]:
-    """Without a dashboard the local scheduler still serves its small HTTP routes, on 8787 or, when another
-    cluster holds that port, a random one with a ``UserWarning`` that means nothing to a kneeprep user."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Port 8787 is already in use", category=UserWarning)
-        yield
-
-
-@contextlib.contextmanager
-def _environ_restored(names: Sequence[str]) -> Iterator[None]:
-    """Put ``names`` in ``os.environ`` back as they were on leaving: Dask's nanny sets its
-    ``pre-spawn-environ`` in its own process (this one, for a local cluster) before it spawns a worker, and
-    never unsets it, so without this they would reach whatever this process starts later."""
-    before = {k: os.environ.get(k) for k in names}
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+__all__ = [  # the stream and the cluster's names are re-exported: callers import them from here
+    "LOCAL_WORKER_ENV",
+    "WORKER_MALLOC_ENV",
+    "DaskExecutor",
+    "SerialExecutor",
+    "TaskStream",
+    "dask_client",
+    "default_workers",
+    "executor",
+]

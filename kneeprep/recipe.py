@@ -4,203 +4,37 @@ A recipe file has the sections below; every key is optional and falls back to th
 ``kneeprep recipe show``. Unknown sections or keys and bad values raise :class:`~kneeprep.errors.RecipeError`
 naming the key (``geometry.spacing: expected 3 positive numbers, got [0.7, 0]``).
 
-Each stage depends on some sections only; :meth:`Recipe.stage_hash` hashes exactly those, so changing a
-shard setting does not re-convert volumes. ``Recipe.hash`` covers everything and goes into provenance.
+This module reads and checks recipes (:func:`load_recipe`, :func:`parse_recipe`); the dataclass of each
+section is in :mod:`kneeprep.recipe_sections`, the :class:`Recipe` with its per-stage hashes and TOML form in
+:mod:`kneeprep.recipe_model`. Every name callers use imports from here.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 import tomllib
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 from kneeprep.dicom.qc import QC  # the series checklist's tolerances belong to the reader
 from kneeprep.errors import RecipeError
-from kneeprep.moaks.anatomy import DEFAULT_QUESTION_REGIONS, SAMPLE_LABELS, SAMPLE_REGION_GROUPS
+from kneeprep.moaks.anatomy import DEFAULT_QUESTION_REGIONS
+from kneeprep.recipe_model import Recipe
+from kneeprep.recipe_sections import (
+    Boxes,
+    GeometrySpec,
+    Intensity,
+    Labels,
+    Masks,
+    Privacy,
+    Select,
+    Shards,
+    Splits,
+)
 from kneeprep.recipes import resolve
 
 _ORIENT_RE = re.compile(r"^(?=.*[LR])(?=.*[AP])(?=.*[SI])[LRAPSI]{3}$")
-
-
-@dataclass(frozen=True)
-class Select:
-    """Which series to convert."""
-
-    #: regex matched (``re.search``) against SeriesDescription (0008,103E).
-    series_description: str = r"^SAG_3D_DESS_(RIGHT|LEFT)$"
-    #: "ok": only series whose QC verdict is ok; "warn": also those with warnings. Failed never convert.
-    min_qc: str = "warn"
-    #: a series split into image sets (echoes, time points, b-values, magnitude/phase; volume id suffix
-    #: ``_e2`` ...): "all" converts every set, "first" only the first (lowest echo, time, b-value), anything
-    #: else is a regex matched in full against the suffix (``"e1|e2"``, ``"b0|b1000-d.*"``).
-    image_sets: str = "all"
-
-
-@dataclass(frozen=True)
-class GeometrySpec:
-    """Orientation, grid and mirroring of the stored volumes."""
-
-    #: "native" (as acquired) or an ITK code such as "LPS", "PIR" (see kneeprep.geometry).
-    orientation: str = "native"
-    #: target spacing in mm, array order (z, y, x); empty = keep.
-    spacing: tuple[float, ...] = ()
-    #: target shape, array order; empty = keep. With spacing empty, the field of view is kept.
-    shape: tuple[int, ...] = ()
-    #: mirror left knees (side 2) across the sagittal plane so they look like right knees.
-    mirror_left: bool = False
-    #: image interpolator when resampling: "linear", "bspline" or "nearest". Masks are always nearest.
-    interpolator: str = "linear"
-
-
-@dataclass(frozen=True)
-class Intensity:
-    """Intensity normalization.
-
-    * ``none``: DICOM values after RescaleSlope/Intercept, unchanged, stored as ``dtype`` if given, else as
-      the smallest integer type that holds them (float32 if not integral).
-    * ``percentile``: clip at the ``lower``/``upper`` percentiles, scale linearly to the full range of
-      ``dtype`` (``[0, 1]`` for float dtypes).
-    * ``zscore``: subtract the mean, divide by the standard deviation (float32).
-    * ``window``: clip to ``[lower, upper]`` in DICOM units, scale like ``percentile``.
-    """
-
-    method: str = "none"
-    lower: float = 0.5
-    upper: float = 99.5
-    dtype: str = ""
-
-
-@dataclass(frozen=True)
-class Masks:
-    """Where segmentation masks come from."""
-
-    #: a path pattern with ``{volume_id}``, ``{patient_id}``, ``{time}``, ``{knee_side}`` ... relative to
-    #: the masks directory; empty = use the split CSVs' ``label_filepath`` column.
-    pattern: str = ""
-    #: the label layer's name: stored as ``labels/<name>`` in the volume group.
-    name: str = "anatomy"
-
-
-@dataclass(frozen=True)
-class Labels:
-    """The label map (id -> name) and named regions (name -> label names)."""
-
-    map: dict[int, str] = field(default_factory=lambda: dict(SAMPLE_LABELS))
-    regions: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(SAMPLE_REGION_GROUPS))
-
-    def region_labels(self) -> dict[str, tuple[int, ...]]:
-        """Every region with its label ids: each label is a region of its own name, plus the groups."""
-        by_name = {name: lid for lid, name in self.map.items()}
-        out = {name: (lid,) for lid, name in sorted(self.map.items())}
-        for region, members in self.regions.items():
-            out[region] = tuple(sorted(by_name[m] for m in members))
-        return out
-
-
-@dataclass(frozen=True)
-class Boxes:
-    #: margin added on every side, in mm, clipped to the volume.
-    margin_mm: float = 0.0
-
-
-@dataclass(frozen=True)
-class Shards:
-    #: uncompressed voxel bytes per shard (a shard holds whole volumes with all their quintuples; boundaries are
-    #: planned from the volumes' shapes and dtypes before writing, so a compressed shard file is smaller).
-    target_bytes: int = 512 * 1024 * 1024
-    #: how the voxel column is compressed (docs/SHARDS.md, "Compression"; measured in bench/bench_loader.py):
-    #: "none" (the fast layout: memory-mapped, zero-copy), "blosc-lz4" / "blosc-zstd" (compact layouts: kneeprep
-    #: compresses each volume as one bit-shuffled Blosc frame that decodes on several threads, ``image_codec`` =
-    #: "blosc", readable with ``numcodecs.Blosc().decode``), or the Parquet page codecs "zstd", "lz4" (one
-    #: thread per volume; kept for existing recipes).
-    codec: str = "zstd"
-    #: the level: zstd's (1-22) for "zstd", Blosc's clevel (1-9) for the Blosc codecs; ignored by "lz4", "none".
-    level: int = 3
-
-
-@dataclass(frozen=True)
-class Splits:
-    #: "csv": splits from the published split CSVs; "generated": by patient from seed and ratios.
-    source: str = "csv"
-    seed: int = 0
-    ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
-
-
-@dataclass(frozen=True)
-class Privacy:
-    #: replace patient ids in every output by a keyed hash (HMAC-SHA256, key from env var ``key_env``).
-    pseudonymize_ids: bool = False
-    key_env: str = "KNEEPREP_ID_KEY"
-    #: write the series' SeriesDescription and StudyDescription (free text) into volume attrs and reports
-    keep_free_text: bool = False
-
-
-@dataclass(frozen=True)
-class Recipe:
-    name: str = "default"
-    description: str = ""
-    select: Select = field(default_factory=Select)
-    qc: QC = field(default_factory=QC)
-    geometry: GeometrySpec = field(default_factory=GeometrySpec)
-    intensity: Intensity = field(default_factory=Intensity)
-    masks: Masks = field(default_factory=Masks)
-    labels: Labels = field(default_factory=Labels)
-    boxes: Boxes = field(default_factory=Boxes)
-    #: question id -> region name (None / "" = no box for this question).
-    questions: dict[str, str | None] = field(default_factory=lambda: dict(DEFAULT_QUESTION_REGIONS))
-    shards: Shards = field(default_factory=Shards)
-    splits: Splits = field(default_factory=Splits)
-    privacy: Privacy = field(default_factory=Privacy)
-    source_path: str | None = field(default=None, compare=False)
-
-    # -- hashing --------------------------------------------------------------------------------------
-    STAGES = {
-        # privacy acts where ids are published (shards, card, export), not on the volume store
-        "convert": ("select", "qc", "geometry", "intensity", "masks", "labels"),
-        "boxes": ("labels", "boxes"),
-        "shards": ("questions", "shards", "splits", "privacy"),
-    }
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("source_path")
-        d["labels"]["map"] = {str(k): v for k, v in sorted(self.labels.map.items())}
-        d["labels"]["regions"] = {k: list(v) for k, v in sorted(self.labels.regions.items())}
-        return json.loads(json.dumps(d))  # tuples -> lists
-
-    def _hashed(self) -> dict[str, Any]:
-        d = self.to_json()
-        if d["select"]["image_sets"] == "all":  # the default: recipes written before it keep their hashes
-            del d["select"]["image_sets"]
-        return d
-
-    @property
-    def hash(self) -> str:
-        return _hash(self._hashed())
-
-    def stage_hash(self, stage: str) -> str:
-        """Hash of the sections ``stage`` ("convert", "boxes", "shards") depends on."""
-        d = self._hashed()
-        parts = {k: d[k] for k in self.STAGES[stage]}
-        if stage == "convert" and self.privacy.keep_free_text:  # the one privacy setting the store depends on
-            parts["privacy.keep_free_text"] = True
-        return _hash(parts)
-
-    def to_toml(self) -> str:
-        """The resolved recipe as TOML (all defaults filled in)."""
-        return _to_toml(self.to_json())
-
-
-def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# parsing
 
 
 def load_recipe(path: str | Path | None) -> Recipe:
@@ -427,49 +261,18 @@ def _with(r: Recipe, **changes) -> Recipe:
     return replace(r, **changes)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# TOML output (for `recipe show`)
-
-
-def _toml_value(v: Any) -> str:
-    if v is None:
-        return '""'
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(type(v))
-
-
-def _toml_key(k: str) -> str:
-    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)
-
-
-def _to_toml(d: dict[str, Any]) -> str:
-    lines = [
-        "[recipe]",
-        f"name = {_toml_value(d['name'])}",
-        f"description = {_toml_value(d['description'])}",
-        "",
-    ]
-
-    def table(name: str, t: dict[str, Any]) -> None:
-        lines.append(f"[{name}]")
-        subs = []
-        for k, v in t.items():
-            if isinstance(v, dict):
-                subs.append((k, v))
-            else:
-                lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
-        lines.append("")
-        for k, v in subs:
-            table(f"{name}.{k}", v)
-
-    for k, v in d.items():
-        if isinstance(v, dict):
-            table(k, v)
-    return "\n".join(lines)
+__all__ = [  # the sections and the Recipe are re-exported: callers import every recipe name from here
+    "QC",
+    "Boxes",
+    "GeometrySpec",
+    "Intensity",
+    "Labels",
+    "Masks",
+    "Privacy",
+    "Recipe",
+    "Select",
+    "Shards",
+    "Splits",
+    "load_recipe",
+    "parse_recipe",
+]

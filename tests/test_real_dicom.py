@@ -226,7 +226,7 @@ def test_written_series_match_truth_and_dcm2niix_in_world_space(tmp_path, case, 
     assert_same_in_world(vol, geo.affine_lps, ref, ref_aff)
 
 
-@pytest.mark.parametrize("module", ["fields", "headers", "read", "scan"])
+@pytest.mark.parametrize("module", ["fields", "slice_header", "read", "volume_ids"])
 def test_doctests(module):
     import doctest
     import importlib

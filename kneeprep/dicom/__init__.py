@@ -3,10 +3,11 @@
 the whitelist in :func:`technical_fields`."""
 
 from kneeprep.dicom.fields import TECHNICAL_KEYWORDS, knee_side, technical_fields
-from kneeprep.dicom.qc import QCVerdict
+from kneeprep.dicom.qc_records import QCVerdict
 from kneeprep.dicom.read import apply_rescale, read_series, read_slices, rescale_dtype, stored_values
-from kneeprep.dicom.scan import ScanResult, SeriesInfo, parse_oai_path
 from kneeprep.dicom.scan_tasks import scan_tree
+from kneeprep.dicom.series import ScanResult, SeriesInfo
+from kneeprep.dicom.volume_ids import parse_oai_path
 
 __all__ = [
     "TECHNICAL_KEYWORDS",

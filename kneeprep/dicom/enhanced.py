@@ -5,7 +5,7 @@ per-frame geometry in functional groups (PS3.3 C.7.6.16): each frame's item of t
 PerFrameFunctionalGroupsSequence (5200,9230) and the one item of the SharedFunctionalGroupsSequence
 (5200,9229) hold macro sequences; a macro in the frame's item wins over the shared one. They are read with
 pydicom's Dataset access (no hand parsing). :func:`frame_headers` turns a file into one
-:class:`~kneeprep.dicom.headers.SliceHeader` per frame, so frames are grouped, ordered and checked exactly
+:class:`~kneeprep.dicom.slice_header.SliceHeader` per frame, so frames are grouped, ordered and checked exactly
 as classic slices are (:mod:`kneeprep.dicom.qc`, :mod:`kneeprep.dicom.imagesets`).
 
 | what | macro (tag) > attribute |
@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from kneeprep.dicom.fields import complex_component
-from kneeprep.dicom.headers import NATIVE_SYNTAXES, PIXEL_DATA, SliceHeader, read_input
+from kneeprep.dicom.input_bytes import read_input
+from kneeprep.dicom.slice_header import NATIVE_SYNTAXES, PIXEL_DATA, SliceHeader
 from kneeprep.errors import DicomError
 
 RLE_LOSSLESS = "1.2.840.10008.1.2.5"

@@ -27,8 +27,8 @@ from itertools import combinations
 
 import numpy as np
 
-from kneeprep.dicom.headers import SliceHeader
 from kneeprep.dicom.qc import QC, Finding
+from kneeprep.dicom.slice_header import SliceHeader
 
 
 def _round(v, nd=4):

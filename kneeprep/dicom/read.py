@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kneeprep.dicom.headers import NATIVE_SYNTAXES, PIXEL_DATA, read_input
-from kneeprep.dicom.scan import SeriesInfo
+from kneeprep.dicom.input_bytes import read_input
+from kneeprep.dicom.series import SeriesInfo
+from kneeprep.dicom.slice_header import NATIVE_SYNTAXES, PIXEL_DATA
 from kneeprep.errors import DicomError, GeometryError, UnsupportedSeriesError
 from kneeprep.geometry import Geometry
 
@@ -142,7 +143,7 @@ def _read_slice_fast(path: Path, data: bytes) -> _Slice | None:
     """The slice in ``data`` (the whole file) when it is a plain single-frame Little Endian file with native
     pixels, decoded without pydicom; ``None`` for anything else (pydicom then reads it and words any error).
     Gives exactly what the pydicom path gives (tested on the same files)."""
-    from kneeprep.dicom.headers import _UNDEFINED, _parse_fast, _Unusual, _Values
+    from kneeprep.dicom.plain_le import _UNDEFINED, _parse_fast, _Unusual, _Values
 
     try:
         ts, raw, tell, length = _parse_fast(data, len(data))

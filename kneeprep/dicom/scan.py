@@ -14,6 +14,9 @@ SeriesNumber (0020,0011); a missing part becomes ``NA``, and ``_``, ``/`` or spa
 ``-`` so the id still splits into five parts. Knee side 0 (unknown) stays 0 in the id. Ids are unique within
 one scan: a later series whose id collides gets a ``.2``, ``.3`` ... suffix on its series folder and a warning.
 
+The records are in :mod:`kneeprep.dicom.series`, the id parts from paths or tags in
+:mod:`kneeprep.dicom.volume_ids`.
+
 Enhanced multi-frame files contribute one header per frame (:mod:`kneeprep.dicom.enhanced`); a series record
 then lists each file once in ``files`` and its slices as ``frames`` (file index, 1-based frame number). A part
 whose positions hold several images is split into image sets (:mod:`kneeprep.dicom.imagesets`): each set is a
@@ -22,136 +25,21 @@ series record of its own, its volume id ending in ``_<suffix>`` (``..._2_e2``) a
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from kneeprep.dicom.enhanced import frame_headers
-from kneeprep.dicom.fields import knee_side, technical_fields, visit_from_text
+from kneeprep.dicom.fields import knee_side, technical_fields
 from kneeprep.dicom.headers import DicomError, NotDicomError, SliceHeader, read_header
 from kneeprep.dicom.imagesets import ImageSet, split_image_sets
 from kneeprep.dicom.qc import ENHANCED_SOP_CLASSES, QC, Finding, QCVerdict, check_series
-from kneeprep.formats.splits import make_volume_id, visit_to_time
-from kneeprep.geometry import Geometry, orientation_code
-
-_VISIT_DIR = re.compile(r"^\d{1,3}m$", re.IGNORECASE)
-_RELEASE_DIR = re.compile(r"^\d+\.[A-Z]\.\d+$", re.IGNORECASE)
-_DATE_DIR = re.compile(r"^\d{8}$")
-_SERIES_DIR = re.compile(r"^\d{8}$")
-
-
-@dataclass(frozen=True)
-class SeriesInfo:
-    """One DICOM series as scan found it. JSON round-trips through :meth:`to_json` / :meth:`from_json`.
-
-    ``files`` are in position order along the slice normal (array axis 0), dropped files removed;
-    ``dropped`` pairs each removed file with the reason. ``spacing`` is in array order (slice, row, column),
-    mm; ``orientation`` is ImageOrientationPatient (0020,0037); ``affine_lps`` follows
-    :mod:`kneeprep.geometry` (``None`` when the files carry no usable geometry).
-    """
-
-    volume_id: str
-    patient_id: str
-    time: str
-    study_folder: str
-    series_folder: str
-    knee_side: int
-    description: str
-    study_description: str
-    series_uid: str
-    frame_of_reference_uid: str
-    files: tuple[Path, ...]
-    dropped: tuple[tuple[Path, str], ...]
-    rows: int
-    cols: int
-    n_slices: int
-    spacing: tuple[float, float, float] | None
-    orientation: tuple[float, ...] | None
-    affine_lps: tuple[tuple[float, ...], ...] | None
-    modality: str
-    transfer_syntax: str
-    qc: QCVerdict
-    id_source: str = "path"
-    technical: dict | None = None
-    #: enhanced multi-frame series: the slices as (index into ``files``, 1-based frame number), in position
-    #: order; None for classic series (one file per slice, ``files`` in position order)
-    frames: tuple[tuple[int, int], ...] | None = None
-    #: one image set of a series split by echo, time, diffusion or component (ImageSet.to_json()), else None
-    image_set: dict | None = None
-
-    @property
-    def geometry(self) -> Geometry | None:
-        if self.affine_lps is None or self.spacing is None:
-            return None
-        return Geometry((self.n_slices, self.rows, self.cols), self.spacing, np.array(self.affine_lps))
-
-    @property
-    def orientation_code(self) -> str:
-        return orientation_code(np.array(self.affine_lps)) if self.affine_lps is not None else ""
-
-    def to_json(self) -> dict:
-        d = {f: getattr(self, f) for f in self.__dataclass_fields__}
-        d["files"] = [str(p) for p in self.files]
-        d["dropped"] = [[str(p), r] for p, r in self.dropped]
-        d["spacing"] = list(self.spacing) if self.spacing is not None else None
-        d["orientation"] = list(self.orientation) if self.orientation is not None else None
-        d["affine_lps"] = [list(r) for r in self.affine_lps] if self.affine_lps is not None else None
-        d["qc"] = self.qc.to_json()
-        d["frames"] = [list(f) for f in self.frames] if self.frames is not None else None
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict) -> SeriesInfo:
-        d = dict(d)
-        d["files"] = tuple(Path(p) for p in d["files"])
-        d["dropped"] = tuple((Path(p), r) for p, r in d["dropped"])
-        d["spacing"] = tuple(d["spacing"]) if d["spacing"] is not None else None
-        d["orientation"] = tuple(d["orientation"]) if d["orientation"] is not None else None
-        d["affine_lps"] = tuple(tuple(r) for r in d["affine_lps"]) if d["affine_lps"] is not None else None
-        d["qc"] = QCVerdict.from_json(d["qc"])
-        if d.get("frames") is not None:
-            d["frames"] = tuple((int(a), int(b)) for a, b in d["frames"])
-        return cls(**d)
-
-
-@dataclass(frozen=True)
-class ScanResult:
-    """Every series under ``root``, plus the files that were not part of one."""
-
-    root: Path
-    series: tuple[SeriesInfo, ...]
-    non_dicom_skipped: int
-    unreadable: tuple[tuple[Path, str], ...]
-    n_files: int
-
-    def by_status(self) -> dict[str, int]:
-        out = {s: 0 for s in ("ok", "warn", "fail", "unsupported")}
-        for s in self.series:
-            out[s.qc.status] += 1
-        return out
-
-    def to_json(self) -> dict:
-        return {
-            "root": str(self.root),
-            "series": [s.to_json() for s in self.series],
-            "non_dicom_skipped": self.non_dicom_skipped,
-            "unreadable": [[str(p), r] for p, r in self.unreadable],
-            "n_files": self.n_files,
-        }
-
-    @classmethod
-    def from_json(cls, d: dict) -> ScanResult:
-        return cls(
-            Path(d["root"]),
-            tuple(SeriesInfo.from_json(s) for s in d["series"]),
-            d["non_dicom_skipped"],
-            tuple((Path(p), r) for p, r in d["unreadable"]),
-            d["n_files"],
-        )
+from kneeprep.dicom.series import ScanResult, SeriesInfo
+from kneeprep.dicom.volume_ids import parse_oai_path, volume_id_parts
+from kneeprep.formats.splits import make_volume_id
 
 
 def read_folder(files: Sequence[Path]) -> tuple[list[SliceHeader], list[tuple[Path, str]], set[Path], int]:
@@ -270,48 +158,6 @@ def split_series(headers: Sequence[SliceHeader], orientation_atol: float) -> lis
     return sorted((m for _, _, m in parts), key=lambda m: (-len(m), str(m[0].path)))
 
 
-def parse_oai_path(path: Path) -> dict[str, str] | None:
-    """The OAI parts of a file path ``…/<visit>/<release>/<patient>/<YYYYMMDD>/<series>/<file>``, or None.
-
-    >>> parse_oai_path(Path("raw/00m/0.C.2/9000296/20040909/10693717/001"))["time"]
-    '00M'
-    >>> parse_oai_path(Path("elsewhere/series/001")) is None
-    True
-    """
-    parts = path.parts
-    if len(parts) < 6:
-        return None
-    visit, release, pid, date, series = parts[-6:-1]
-    if not (
-        _VISIT_DIR.match(visit)
-        and _RELEASE_DIR.match(release)
-        and _DATE_DIR.match(date)
-        and _SERIES_DIR.match(series)
-    ):
-        return None
-    if not pid.isalnum():
-        return None
-    return {"patient_id": pid, "time": visit_to_time(visit), "study_folder": date, "series_folder": series}
-
-
-def _clean(part: str) -> str:
-    part = re.sub(r"[_/\\\s]+", "-", part.strip())
-    return part or "NA"
-
-
-def _ids(h: SliceHeader) -> tuple[dict[str, str], str]:
-    oai = parse_oai_path(h.path)
-    if oai is not None:
-        return oai, "path"
-    time = visit_from_text(h.time_point) or visit_from_text(h.study_description)
-    return {
-        "patient_id": _clean(h.patient_id),
-        "time": _clean(time),
-        "study_folder": _clean(h.study_date),
-        "series_folder": _clean(h.series_number),
-    }, "tags"
-
-
 def _series_info(
     headers: list[SliceHeader],
     qc: QC,
@@ -323,7 +169,7 @@ def _series_info(
 ) -> SeriesInfo:
     stack = check_series(headers, qc)
     first = stack.slices[0] if stack.slices else sorted(headers, key=lambda h: str(h.path))[0]
-    ids, source = _ids(first)
+    ids, source = volume_id_parts(first)
     if part_index > 1:
         ids["series_folder"] = f"{ids['series_folder']}.{part_index}"
     side = knee_side(first.description, first.laterality, first.image_laterality)
@@ -410,3 +256,15 @@ def unique_ids(series: list[SeriesInfo]) -> list[SeriesInfo]:
 def _worst(a: str, b: str) -> str:
     order = ("ok", "warn", "fail", "unsupported")
     return a if order.index(a) >= order.index(b) else b
+
+
+__all__ = [  # the records and parse_oai_path are re-exported: callers import them from here
+    "ScanResult",
+    "SeriesInfo",
+    "describe",
+    "group_key",
+    "parse_oai_path",
+    "read_folder",
+    "split_series",
+    "unique_ids",
+]

@@ -5,18 +5,25 @@ the annotation directory (split CSVs, question bank, quintuples JSONL) and ``tru
 centroids, lesions and grades as placed); see :mod:`kneeprep.synth.sample` for the layout.
 
 Modules: ``dicom_writer`` (any ``(z, y, x)`` array -> classic MR Image Storage series; test fixtures build
-their defective series on it), ``phantom`` (knee anatomy painted on a grid, DESS-like image), ``findings``
-(lesions placed and graded from what was painted), ``answers`` (prompts, answer JSON, reasoning; not named ``annotations``, which
-``from __future__ import annotations`` would shadow in this package),
-``sample`` (planning and writing).
+their defective series on it), ``enhanced_writer`` (the same as one Enhanced MR file); the phantom: ``shapes``
+(the knee frame and solids), ``knee`` (one knee's dimensions, MOAKS subregion rules), ``canvas`` (painting
+onto a grid), ``phantom`` (the normal anatomy painted), ``image`` (tissues -> DESS-like image); the findings:
+``targets`` (what to place, drawn from the seed), ``lesion_geometry`` (where and how large), ``findings``
+(lesions placed and graded from what was painted); ``answers`` (prompts, answer JSON, reasoning; not named
+``annotations``, which ``from __future__ import annotations`` would shadow in this package); the sample:
+``plan`` (planning), ``grids`` (DESS, MPR and localizer grids), ``dicom_tags`` (header contents, PHI
+markers, UIDs), ``sample`` (writing).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from kneeprep.synth.dicom_tags import PHI_MARKERS
 from kneeprep.synth.dicom_writer import make_uid, write_series
-from kneeprep.synth.sample import GRIDS, PHI_MARKERS, SamplePlan, SampleSummary, plan_sample, write_sample
+from kneeprep.synth.grids import GRIDS
+from kneeprep.synth.plan import SamplePlan, plan_sample
+from kneeprep.synth.sample import SampleSummary, write_sample
 
 __all__ = [
     "GRIDS",

@@ -1,4 +1,4 @@
-"""Plan and write an OAI-like sample: raw DICOM tree, masks, annotations and ground truth.
+"""Write an OAI-like sample: raw DICOM tree, masks, annotations and ground truth.
 
 Layout written under ``OUT`` (``docs/DESIGN.md``, "Annotation directory")::
 
@@ -12,15 +12,14 @@ Layout written under ``OUT`` (``docs/DESIGN.md``, "Annotation directory")::
     truth.json                            {"kneeprep_synth": {...}, "volumes": {volume_id: {...}}}
 
 Per knee the study holds a 3-plane localizer, the sagittal 3D DESS and a coronal MPR reformat of it; only the
-DESS is a volume. Planning (:func:`plan_sample`) is cheap and pure; :func:`write_sample` renders and writes.
-Everything derives from the seed: the same seed gives the same bytes.
+DESS is a volume. Planning (:func:`kneeprep.synth.plan.plan_sample`) is cheap and pure; :func:`write_sample`
+renders and writes. Everything derives from the seed: the same seed gives the same bytes.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +34,17 @@ from kneeprep.formats.splits import SPLITS, make_volume_id, visit_to_time, write
 from kneeprep.geometry import Geometry, lps_to_ras
 from kneeprep.moaks.anatomy import SAMPLE_LABELS
 from kneeprep.synth import answers as qa
-from kneeprep.synth.dicom_writer import make_uid, write_series
-from kneeprep.synth.findings import KneeTargets, draw_targets, effusion_size, meniscus_shifts, place_and_grade
-from kneeprep.synth.phantom import Anatomy, Canvas, KneeFrame, paint_anatomy, synthesize_image
+from kneeprep.synth.canvas import Canvas
+from kneeprep.synth.dicom_tags import DESS_TAGS, identity_tags, series_uids
+from kneeprep.synth.dicom_writer import write_series
+from kneeprep.synth.findings import place_and_grade
+from kneeprep.synth.grids import GRIDS, MPR_STEP, coronal_reformat, dess_geometry, localizer
+from kneeprep.synth.image import synthesize_image
+from kneeprep.synth.knee import Anatomy
+from kneeprep.synth.phantom import paint_anatomy
+from kneeprep.synth.plan import KneePlan, PatientPlan, SamplePlan
+from kneeprep.synth.shapes import KneeFrame
+from kneeprep.synth.targets import effusion_size, meniscus_shifts
 
 VISIT = "00m"
 RELEASE = "0.C.2"
@@ -50,86 +57,6 @@ CONTENTS_COLUMNS = (
     "StudyDescription",
     "SeriesDescription",
 )
-FIELD_OF_VIEW_MM = 140.0
-#: size -> (slices, rows, columns, slice spacing mm). "full" is the OAI DESS protocol (FOV 140 mm).
-GRIDS = {"full": (160, 384, 384, 0.7), "small": (40, 96, 96, 2.8)}
-#: slices of the DESS between two coronal reformat slices (full: 1.46 mm, like OAI's 1.5 mm MPR)
-MPR_STEP = {"full": 4, "small": 1}
-LOCALIZER_PIXELS = {"full": 256, "small": 64}
-
-#: DICOM keyword -> a marker string that occurs in that identifying element of every file the sample writes.
-#: Privacy checks grep outputs for these.
-PHI_MARKERS: dict[str, str] = {
-    "PatientName": "PHINAME",
-    "PatientBirthDate": "19440229",
-    "PatientAddress": "PHIADDRESS",
-    "AccessionNumber": "PHIACC",
-    "OtherPatientIDs": "PHIMRN",
-    "InstitutionName": "PHIINSTITUTE",
-    "InstitutionAddress": "PHIADDRESS",
-    "ReferringPhysicianName": "PHIDOCTOR",
-    "OperatorsName": "PHIOPERATOR",
-    "StationName": "PHISTATION",
-}
-
-DESS_TAGS = {
-    "Manufacturer": "SIEMENS",
-    "ManufacturerModelName": "Trio",
-    "MagneticFieldStrength": 3,
-    "ScanningSequence": "GR",
-    "SequenceVariant": "SP",
-    "ScanOptions": "PFP",
-    "MRAcquisitionType": "3D",
-    "SequenceName": "*de3d1",
-    "RepetitionTime": "16.32",
-    "EchoTime": "4.71",
-    "FlipAngle": "25",
-    "NumberOfAverages": "1",
-    "ImagingFrequency": "123.2",
-    "EchoTrainLength": 1,
-    "PixelBandwidth": "185",
-    "ReceiveCoilName": "QKnee",
-    "TransmitCoilName": "QKnee",
-    "BodyPartExamined": "KNEE",
-    "PatientPosition": "FFS",
-    "SoftwareVersions": "syngo MR 2004V 4VA21A",
-}
-
-
-@dataclass(frozen=True)
-class KneePlan:
-    side: int  # 1 right, 2 left
-    series: dict[str, str]  # kind ("LOCALIZER", "DESS", "COR_MPR") -> 8-digit series folder
-    centre_lps: tuple[float, float, float]
-    obliquity_deg: tuple[float, float]  # (about S, about A)
-    study_time: str
-    targets: KneeTargets
-
-    @property
-    def side_name(self) -> str:
-        return "RIGHT" if self.side == 1 else "LEFT"
-
-
-@dataclass(frozen=True)
-class PatientPlan:
-    index: int
-    patient_id: str
-    study_date: str
-    barcode: str
-    scale: float
-    split: str
-    knees: tuple[KneePlan, ...]
-
-
-@dataclass(frozen=True)
-class SamplePlan:
-    size: str
-    seed: int
-    patients: tuple[PatientPlan, ...]
-
-    @property
-    def n_series(self) -> int:
-        return sum(len(k.series) for p in self.patients for k in p.knees)
 
 
 @dataclass(frozen=True)
@@ -146,210 +73,6 @@ class SampleSummary:
     files: int
     quintuples: int
     lesions: int
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Planning
-
-
-def plan_sample(patients: int = 2, size: str = "full", seed: int = 0) -> SamplePlan:
-    """Choose patients, knees, series folders, positions, obliquities, splits and findings from ``seed``.
-
-    With two or more patients at least one right and one left knee exist, and the first left knee is
-    clearly oblique (5-8 degrees about the superior axis). With three or more, every split has a patient.
-    """
-    if patients < 1:
-        raise ValueError(f"patients must be >= 1, got {patients}")
-    if size not in GRIDS:
-        raise ValueError(f"size must be one of {sorted(GRIDS)}, got {size!r}")
-    rng = np.random.default_rng(seed)
-    ids = rng.choice(np.arange(9_000_000, 10_000_000), size=patients, replace=False)
-    options = [(1,), (2,), (1, 2)]
-    sides = [options[int(rng.choice(3, p=[0.3, 0.3, 0.4]))] for _ in range(patients)]
-    if patients >= 2:
-        if not any(1 in s for s in sides):
-            sides[0] = tuple(sorted(set(sides[0]) | {1}))
-        if not any(2 in s for s in sides):
-            sides[1] = tuple(sorted(set(sides[1]) | {2}))
-    splits = _assign_splits(patients, rng)
-    series_base = rng.choice(np.arange(10_000_000, 99_000_000, 1000), size=patients, replace=False)
-    out = []
-    oblique_left_done = False
-    first_knee = True
-    for i in range(patients):
-        days = int(rng.integers(0, 2 * 365))
-        date = np.datetime64("2004-03-01") + np.timedelta64(days, "D")
-        knees = []
-        for n, side in enumerate(sides[i]):
-            yaw = float(rng.uniform(-4.0, 4.0))
-            if side == 2 and not oblique_left_done:
-                yaw = float(rng.choice([-1.0, 1.0]) * rng.uniform(5.0, 8.0))
-                oblique_left_done = True
-            tilt = float(rng.uniform(-2.0, 2.0))
-            x = (-82.0 if side == 1 else 82.0) + float(rng.normal(0, 4))
-            centre = (round(x, 3), round(float(rng.normal(15, 5)), 3), round(float(rng.normal(-5, 10)), 3))
-            base = int(series_base[i]) + 100 * n
-            folders = {
-                kind: f"{base + k * 7 + 3:08d}" for k, kind in enumerate(("LOCALIZER", "DESS", "COR_MPR"))
-            }
-            hh, mm = 9 + 2 * n + int(rng.integers(0, 2)), int(rng.integers(0, 60))
-            knees.append(
-                KneePlan(
-                    side=side,
-                    series=folders,
-                    centre_lps=centre,
-                    obliquity_deg=(round(yaw, 3), round(tilt, 3)),
-                    study_time=f"{hh:02d}{mm:02d}00",
-                    targets=draw_targets(rng, at_least_one_lesion=first_knee),
-                )
-            )
-            first_knee = False
-        out.append(
-            PatientPlan(
-                index=i,
-                patient_id=str(int(ids[i])),
-                study_date=str(date).replace("-", ""),
-                barcode=f"0166{int(rng.integers(0, 10**8)):08d}",
-                scale=round(float(rng.uniform(0.93, 1.07)), 4),
-                split=splits[i],
-                knees=tuple(knees),
-            )
-        )
-    return SamplePlan(size=size, seed=seed, patients=tuple(out))
-
-
-def _assign_splits(n: int, rng: np.random.Generator) -> list[str]:
-    """Split labels by patient: 70/15/15 with every split non-empty from 3 patients on."""
-    if n == 1:
-        return ["train"]
-    if n == 2:
-        labels = ["train", "test"]
-    else:
-        n_val = max(1, round(0.15 * n))
-        n_test = max(1, round(0.15 * n))
-        labels = ["train"] * (n - n_val - n_test) + ["val"] * n_val + ["test"] * n_test
-    return [labels[i] for i in rng.permutation(n)]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Geometry
-
-
-def _rotation(yaw_deg: float, tilt_deg: float) -> np.ndarray:
-    a, b = math.radians(yaw_deg), math.radians(tilt_deg)
-    rz = np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
-    ry = np.array([[math.cos(b), 0, math.sin(b)], [0, 1, 0], [-math.sin(b), 0, math.cos(b)]])
-    return rz @ ry
-
-
-def _grid(shape, spacing, directions, centre) -> Geometry:
-    """A grid of ``shape`` centred on ``centre`` with unit ``directions`` (columns: array axes 0, 1, 2)."""
-    a = np.eye(4)
-    a[:3, :3] = directions * np.asarray(spacing)[None, :]
-    a[:3, 3] = np.asarray(centre) - a[:3, :3] @ ((np.asarray(shape) - 1) / 2.0)
-    return Geometry(tuple(shape), tuple(spacing), a)
-
-
-#: unit directions of array axes 0, 1, 2 for the sagittal DESS before obliquity: slices toward R, rows
-#: toward I, columns toward P (ITK code "PIR"; row x column = R, so it is right-handed).
-SAGITTAL_PIR = np.array([[-1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]]).T
-
-
-def dess_geometry(size: str, centre_lps, obliquity_deg=(0.0, 0.0)) -> Geometry:
-    """The sagittal DESS grid of ``size`` centred on ``centre_lps``, rotated by ``(about S, about A)`` degrees."""
-    n, rows, cols, dz = GRIDS[size]
-    px = FIELD_OF_VIEW_MM / rows
-    return _grid(
-        (n, rows, cols),
-        (dz, px, FIELD_OF_VIEW_MM / cols),
-        _rotation(*obliquity_deg) @ SAGITTAL_PIR,
-        centre_lps,
-    )
-
-
-def coronal_reformat(array: np.ndarray, geometry: Geometry, step: int) -> tuple[np.ndarray, Geometry]:
-    """A coronal MPR of a "PIR" sagittal volume without resampling: every ``step``-th column becomes a slice,
-    rows stay, the sagittal slices become columns in reverse order (toward L). Right-handed, same frame."""
-    n0 = array.shape[0]
-    cor = np.ascontiguousarray(array[::-1, :, ::step].transpose(2, 1, 0))
-    t = np.array([[0, 0, -1, n0 - 1], [0, 1, 0, 0], [step, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
-    a = geometry.affine_lps @ t
-    return cor, Geometry(cor.shape, tuple(np.linalg.norm(a[:3, :3], axis=0)), a)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Writing
-
-
-def _identity_tags(patient: PatientPlan, knee: KneePlan, plan: SamplePlan) -> dict:
-    m = PHI_MARKERS
-    n = patient.index + 1
-    return {
-        "PatientName": f"{m['PatientName']}^SYNTH{n:03d}",
-        "PatientID": patient.patient_id,
-        "PatientBirthDate": m["PatientBirthDate"],
-        "PatientSex": "F" if patient.index % 2 else "M",
-        "PatientAge": f"{55 + patient.index % 20:03d}Y",
-        "PatientWeight": str(60 + (patient.index * 7) % 40),
-        "PatientAddress": f"{10 + n} {m['PatientAddress']} Lane, Springfield",
-        "OtherPatientIDs": f"{m['OtherPatientIDs']}{patient.patient_id[::-1]}",
-        "AccessionNumber": f"{m['AccessionNumber']}{n:03d}{knee.side}",
-        "InstitutionName": f"{m['InstitutionName']} Imaging Center",
-        "InstitutionAddress": f"1 {m['InstitutionAddress']} Plaza, Springfield",
-        "ReferringPhysicianName": f"{m['ReferringPhysicianName']}^ALICE",
-        "OperatorsName": f"{m['OperatorsName']}^BOB",
-        "StationName": f"{m['StationName']}1",
-        "StudyDate": patient.study_date,
-        "SeriesDate": patient.study_date,
-        "AcquisitionDate": patient.study_date,
-        "ContentDate": patient.study_date,
-        "StudyTime": knee.study_time,
-        "StudyID": f"{n}{knee.side}",
-        "StudyDescription": f"OAI^MR^ENROLLMENT^{knee.side_name}",
-        "Laterality": "R" if knee.side == 1 else "L",
-    }
-
-
-def _uids(plan: SamplePlan, patient: PatientPlan, knee: KneePlan, kind: str) -> dict:
-    key = ("kneeprep-synth", plan.seed, plan.size, patient.patient_id, knee.side)
-    return {
-        "study_uid": make_uid(*key, "study"),
-        "frame_uid": make_uid(*key, "frame"),
-        "series_uid": make_uid(*key, kind, "series"),
-    }
-
-
-def _localizer(anatomy: Anatomy, frame: KneeFrame, size: str, rng: np.random.Generator):
-    """Three single-slice planes (sagittal, coronal, axial) through the knee centre, as one array plus the
-    per-slice geometry overrides for :func:`write_series`."""
-    n = LOCALIZER_PIXELS[size]
-    fov = 200.0
-    px = fov / n
-    planes = {  # array axes 0 (normal), 1 (rows), 2 (columns) unit directions
-        "sagittal": SAGITTAL_PIR,
-        "coronal": np.array([[0.0, 1.0, 0.0], [0.0, 0.0, -1.0], [1.0, 0.0, 0.0]]).T,
-        "axial": np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]).T,
-    }
-    slices, geoms = [], []
-    for dirs in planes.values():
-        g = _grid((1, n, n), (5.0, px, px), dirs, frame.centre_lps)
-        canvas = Canvas(g, frame)
-        paint_anatomy(canvas, anatomy, effusion_size=0.2, extrusion_mp={"medial": (0, 0), "lateral": (0, 0)})
-        slices.append(synthesize_image(canvas.tissue, rng)[0])
-        geoms.append(g)
-    slice_tags = []
-    for g in geoms:
-        a = g.affine_lps
-        iop = [*(a[:3, 2] / px).tolist(), *(a[:3, 1] / px).tolist()]
-        slice_tags.append(
-            {
-                "ImageOrientationPatient": [f"{v:.8g}" for v in iop],
-                "ImagePositionPatient": [f"{v:.8g}" for v in a[:3, 3].tolist()],
-                "SliceLocation": None,
-            }
-        )
-    stack = np.stack(slices)
-    return stack, Geometry(stack.shape, geoms[0].spacing, geoms[0].affine_lps), slice_tags
 
 
 def _label_stats(labels: np.ndarray, geometry: Geometry) -> dict:
@@ -416,11 +139,11 @@ def write_sample(
         for knee in patient.knees:
             rng = np.random.default_rng([plan.seed, patient.index, knee.side, 7])
             frame = KneeFrame(knee.centre_lps, knee.side)
-            ident = _identity_tags(patient, knee, plan)
+            ident = identity_tags(patient, knee, plan)
             study_dir = release / patient.patient_id / patient.study_date
 
             # Localizer (3 planes) -- a series a DESS recipe must skip.
-            loc_array, loc_geometry, loc_slice_tags = _localizer(anatomy, frame, plan.size, rng)
+            loc_array, loc_geometry, loc_slice_tags = localizer(anatomy, frame, plan.size, rng)
             tags = (
                 ident
                 | DESS_TAGS
@@ -442,7 +165,7 @@ def write_sample(
                 study_dir / knee.series["LOCALIZER"],
                 tags=tags,
                 slice_tags=loc_slice_tags,
-                **_uids(plan, patient, knee, "LOCALIZER"),
+                **series_uids(plan, patient, knee, "LOCALIZER"),
             )
             n_files += len(files)
             contents_rows.append(_contents_row(patient, knee, "LOCALIZER", "LOCALIZER"))
@@ -462,7 +185,7 @@ def write_sample(
             grades, lesions = place_and_grade(canvas, anatomy, knee.targets, rng)
             image = synthesize_image(canvas.tissue, rng)
             description = f"SAG_3D_DESS_{knee.side_name}"
-            dess_uids = _uids(plan, patient, knee, "DESS")
+            dess_uids = series_uids(plan, patient, knee, "DESS")
             tags = (
                 ident
                 | DESS_TAGS
@@ -543,7 +266,7 @@ def write_sample(
                 cor_geometry,
                 study_dir / knee.series["COR_MPR"],
                 tags=tags,
-                **_uids(plan, patient, knee, "COR_MPR")
+                **series_uids(plan, patient, knee, "COR_MPR")
                 | {"study_uid": dess_uids["study_uid"], "frame_uid": dess_uids["frame_uid"]},
             )
             n_files += len(files)

@@ -1,0 +1,161 @@
+"""The :class:`TaskStream` behind :class:`kneeprep.parallel.DaskExecutor`: tasks submitted one at a time (also
+while results come in), at most one per worker thread on the cluster, results in completion order, and an item
+whose worker died resubmitted once on its own before it yields ``on_error(item, exception)``
+(:mod:`kneeprep.parallel`, "Lost workers").
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the executor imports this module
+    from kneeprep.parallel import DaskExecutor
+
+log = logging.getLogger(__name__)
+
+
+class TaskStream:
+    """Tasks submitted one at a time and their results in completion order.
+
+    :meth:`submit` may be called before and while :meth:`results` is iterated: a caller submits work as it
+    discovers it (and more as results come in); :meth:`results` ends when every task submitted so far has given
+    its result. The stream keeps at most as many tasks on the cluster as it has worker threads (the rest wait
+    here, in submission order), so a worker holds one task at a time and a dying worker takes no innocent
+    queued task with it; a finished task's result is fetched and released at once, from a callback thread,
+    so a worker lost later does not make the cluster recompute it. Error handling as
+    :meth:`DaskExecutor.map_unordered`. Leaving :meth:`results` early (an error or Ctrl-C in the caller)
+    cancels every task not yet finished and drops those not yet started."""
+
+    #: seconds between two asks of the scheduler for the number of worker threads
+    LIMIT_REFRESH_S = 1.0
+
+    def __init__(self, executor: DaskExecutor, fn: Callable, on_error, kwargs: dict):
+        import collections
+        import queue
+        import threading
+
+        self._ex, self._fn, self._on_error, self._kwargs = executor, fn, on_error, kwargs
+        self._lock = threading.RLock()
+        self._items: list = []
+        self._tries: list[int] = []
+        self._waiting: collections.deque[int] = collections.deque()
+        self._live: dict = {}  # future key -> (future, item index)
+        self._done: queue.Queue = queue.Queue()  # (item index, "finished" | "error", result or exception)
+        self._outstanding = 0  # submitted items whose result has not been yielded
+        self._limit = (-1e9, 1)  # (when asked, worker threads)
+        self._closed = False
+        if not executor.ready:
+            executor.when_ready(self._pump)
+
+    def submit(self, item) -> None:
+        with self._lock:
+            self._items.append(item)
+            self._tries.append(0)
+            self._waiting.append(len(self._items) - 1)
+            self._outstanding += 1
+        self._pump()
+
+    def _threads(self) -> int:
+        import time
+
+        asked, n = self._limit
+        if time.monotonic() - asked > self.LIMIT_REFRESH_S:
+            try:
+                n = max(1, sum(self._ex.client.nthreads().values()))
+            except (OSError, TimeoutError) as e:  # the scheduler did not answer: keep the last count
+                log.debug("asking the scheduler for its worker threads failed: %s", e)
+            self._limit = (time.monotonic(), n)
+        return n
+
+    def _pump(self) -> None:
+        if not self._ex.ready:  # submitted while the cluster starts: sent when it is up
+            return
+        with self._lock:
+            while self._waiting and not self._closed and len(self._live) < self._threads():
+                i = self._waiting.popleft()
+                future = self._ex.client.submit(self._fn, self._items[i], pure=False, **self._kwargs)
+                self._live[future.key] = (future, i)
+                future.add_done_callback(self._finished)
+
+    def _finished(self, future) -> None:  # runs in distributed's callback thread
+        with self._lock:
+            entry = self._live.pop(future.key, None)
+        if entry is None or self._closed:  # cancelled by us, or the caller has stopped listening
+            future.release()
+            return
+        i = entry[1]
+        try:
+            if future.status == "finished":
+                self._done.put((i, "finished", future.result()))
+            else:
+                try:
+                    exc = future.exception()
+                except BaseException as e:  # cancelled (scheduler gone): report, do not hang
+                    exc = e
+                self._done.put((i, "error", exc))
+        except BaseException as e:  # the result could not be fetched
+            self._done.put((i, "error", e))
+        finally:
+            future.release()
+            self._pump()
+
+    def results(self) -> Iterator[Any]:
+        import queue
+
+        try:
+            if not self._outstanding:
+                return  # nothing submitted: no need of the cluster, nor of importing distributed
+            # wait for the starting cluster (it raises if it failed to start): distributed is fully imported
+            # by then. Importing distributed.scheduler while the start-up thread still imports distributed
+            # meets half-initialized modules ("cannot import name 'Scheduler' from partially initialized
+            # module"), so no distributed import may come before this wait.
+            self._ex.client  # noqa: B018
+            self._pump()
+            from distributed.scheduler import KilledWorker
+
+            while self._outstanding:
+                try:
+                    i, status, value = self._done.get(timeout=0.2)  # a timeout keeps Ctrl-C responsive
+                except queue.Empty:
+                    continue
+                if status == "finished":
+                    self._outstanding -= 1
+                    yield value
+                    continue
+                if isinstance(value, KilledWorker) and self._tries[i] < self._ex.LOST_WORKER_RETRIES:
+                    with self._lock:
+                        self._tries[i] += 1
+                        self._waiting.appendleft(i)
+                    self._pump()
+                    continue
+                self._outstanding -= 1
+                if self._on_error is None:
+                    raise value
+                yield self._on_error(self._items[i], value)
+        finally:
+            self.cancel()
+
+    def drain(self) -> list:
+        """The results of tasks that finished but were not yielded yet (after an interrupt), without waiting."""
+        import queue
+
+        out = []
+        while True:
+            try:
+                _i, status, value = self._done.get_nowait()
+            except queue.Empty:
+                return out
+            if status == "finished":
+                out.append(value)
+
+    def cancel(self) -> None:
+        """Drop the tasks not yet started and stop those running (nothing is left on the cluster)."""
+        with self._lock:
+            self._closed = True
+            self._waiting.clear()
+            live = [f for f, _ in self._live.values()]
+            self._live.clear()
+        if live:
+            self._ex.client.cancel(live)
