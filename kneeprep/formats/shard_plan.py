@@ -20,11 +20,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from itertools import groupby
 
-import numpy as np
-
 from kneeprep.errors import ValidationError
 from kneeprep.formats.quintuples import Quintuple, quintuple_order
 from kneeprep.formats.splits import SPLITS
+from kneeprep.formats.volume_attrs import VolumeAttrs
 
 #: kneeprep split name -> Hugging Face split name (file names and the card's ``configs``; rows keep kneeprep's)
 HF_SPLITS = {"train": "train", "val": "validation", "test": "test"}
@@ -54,9 +53,10 @@ class ShardPlan:
         return [vid for g in self.groups for vid, _ in g]
 
 
-def volume_nbytes(attrs: Mapping) -> int:
-    """Uncompressed bytes of a volume from its store attrs (``geometry.shape`` and ``dtype``)."""
-    return int(np.prod(attrs["geometry"]["shape"])) * np.dtype(attrs["dtype"]).itemsize
+def volume_nbytes(attrs: VolumeAttrs | Mapping) -> int:
+    """Uncompressed bytes of a volume from its store attrs (``geometry.shape`` and ``dtype``; a record or
+    its JSON): :attr:`VolumeAttrs.nbytes`."""
+    return VolumeAttrs.of(attrs).nbytes
 
 
 def plan_shards(

@@ -76,8 +76,9 @@ def _json_value(v):
 class _Record:
     """What the records share: JSON conversion in the order read, unknown keys kept (module docstring).
 
-    A subclass lists its JSON keys in order (``KEYS``: key -> (decode, encode)); ``OPTIONAL`` keys are
-    omitted when None in a record built with :meth:`new` (``description`` only with ``keep_free_text``)."""
+    A subclass lists its JSON keys in order (``KEYS``: key -> (decode, encode)); a record built with
+    :meth:`new` writes every key but the ``OPTIONAL`` ones not given (``description`` only with
+    ``keep_free_text``)."""
 
     __slots__ = ()
     KEYS: ClassVar[dict[str, tuple[Any, Any]]] = {}
@@ -86,15 +87,17 @@ class _Record:
 
     @classmethod
     def new(cls, **fields):
-        """A record written from scratch: every key in the canonical order (``OPTIONAL`` ones only when set)."""
-        keys = tuple(k for k in cls.KEYS if not (k in cls.OPTIONAL and fields.get(k) is None))
+        """A record written from scratch: every key in the canonical order (``OPTIONAL`` ones only when given)."""
+        keys = tuple(k for k in cls.KEYS if k not in cls.OPTIONAL or k in fields)
         return cls(**fields, keys=keys)
 
     @classmethod
     def _from_json(cls, d: Any, what: str):
         if not isinstance(d, Mapping):
             raise _bad(what.rstrip(".") or "(the attrs)", "an object", d)
-        kw = {k: dec(d[k], f"{what}{k}") for k, (dec, _) in cls.KEYS.items() if k in d}
+        kw = {
+            k: None if d[k] is None else dec(d[k], f"{what}{k}") for k, (dec, _) in cls.KEYS.items() if k in d
+        }
         extra = {k: _json_value(v) for k, v in d.items() if k not in cls.KEYS}
         return cls(**kw, extra=extra, keys=tuple(d))
 
