@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -53,10 +54,6 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_str(v) -> bool:
-    return isinstance(v, str)
-
-
 def _is_num(v) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
@@ -67,10 +64,6 @@ def _str_list(v) -> bool:
 
 def _int_list(v) -> bool:
     return isinstance(v, tuple) and all(_is_int(x) for x in v)
-
-
-def _json_value(v):
-    return copy.deepcopy(v)
 
 
 class _Record:
@@ -98,7 +91,7 @@ class _Record:
         kw = {
             k: None if d[k] is None else dec(d[k], f"{what}{k}") for k, (dec, _) in cls.KEYS.items() if k in d
         }
-        extra = {k: _json_value(v) for k, v in d.items() if k not in cls.KEYS}
+        extra = {k: copy.deepcopy(v) for k, v in d.items() if k not in cls.KEYS}
         return cls(**kw, extra=extra, keys=tuple(d))
 
     def __eq__(self, other) -> bool:  # by value, as written (Geometry holds an array: no field-wise ==)
@@ -117,7 +110,7 @@ class _Record:
                 v = getattr(self, k)
                 out[k] = None if v is None else self.KEYS[k][1](v)
             elif k in self.extra:
-                out[k] = _json_value(self.extra[k])
+                out[k] = copy.deepcopy(self.extra[k])
         return out
 
 
@@ -145,13 +138,13 @@ def _geometry(v, what) -> Geometry:
 def _mapping(v, what):
     if not isinstance(v, Mapping):
         raise _bad(what, "an object", v)
-    return _json_value(dict(v))
+    return copy.deepcopy(dict(v))
 
 
 def _boxes(v, what):
     if not isinstance(v, list | tuple) or not all(isinstance(b, Mapping) for b in v):
         raise _bad(what, "a list of box objects", v)
-    return tuple(_json_value(dict(b)) for b in v)
+    return tuple(copy.deepcopy(dict(b)) for b in v)
 
 
 def _record_of(cls):
@@ -164,22 +157,11 @@ def _layers(v, what):
     return {str(k): LabelLayer._from_json(layer, f"{what}.{k}.") for k, layer in v.items()}
 
 
-def _list(v):
-    return list(v)
-
-
-def _to_json(v):
-    return v.to_json()
-
-
-def _copy(v):
-    return _json_value(v)
-
-
-_PLAIN = (_as_is, _copy)
-_TUPLE = (_tuple_of, _list)
+_to_json = operator.methodcaller("to_json")
+_PLAIN = (_as_is, copy.deepcopy)
+_TUPLE = (_tuple_of, list)
 _GEOMETRY = (_geometry, _to_json)
-_MAPPING = (_mapping, _copy)
+_MAPPING = (_mapping, copy.deepcopy)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -210,7 +192,7 @@ class Source(_Record):
 
     def __post_init__(self):
         for name in ("series_uid", "content_hash", "fingerprint", "description", "study_description"):
-            _check(self, name, _is_str, "a string")
+            _check(self, name, lambda v: isinstance(v, str), "a string")
         _check(self, "n_files", lambda v: _is_int(v) and v >= 0, "a file count (an integer >= 0)")
         _check(self, "files", _str_list, "a list of file names")
 
@@ -256,8 +238,8 @@ class LabelLayer(_Record):
 
     def __post_init__(self):
         _check(self, "label_map", lambda m: all(isinstance(v, str) for v in m.values()), "label id -> name")
-        _check(self, "source", _is_str, "a file name")
-        _check(self, "content_hash", _is_str, "a string")
+        _check(self, "source", lambda v: isinstance(v, str), "a file name")
+        _check(self, "content_hash", lambda v: isinstance(v, str), "a string")
         _check(self, "present", _int_list, "a list of label ids")
         _check(self, "unknown_labels", _int_list, "a list of label ids")
         for name in ("grid_coverage", "label_coverage"):
@@ -291,7 +273,7 @@ class Provenance(_Record):
 
     def __post_init__(self):
         for name in self.KEYS:
-            _check(self, name, _is_str, "a string")
+            _check(self, name, lambda v: isinstance(v, str), "a string")
 
 
 def _dtype_name(v) -> bool:
@@ -341,7 +323,7 @@ class VolumeAttrs(_Record):
         "acquired_geometry": _GEOMETRY, "mirrored": _PLAIN, "dtype": _PLAIN, "transforms": _MAPPING,
         "normalization": _MAPPING, "source": (_record_of(Source), _to_json), "dicom": _MAPPING,
         "image_set": _MAPPING, "qc": (_record_of(Qc), _to_json),
-        "labels": (_layers, lambda m: {k: v.to_json() for k, v in m.items()}), "boxes": (_boxes, _copy),
+        "labels": (_layers, lambda m: {k: v.to_json() for k, v in m.items()}), "boxes": (_boxes, lambda t: [copy.deepcopy(dict(b)) for b in t]),
         "provenance": (_record_of(Provenance), _to_json), "geometry": _GEOMETRY,
     }  # fmt: skip
     WHAT: ClassVar = ""
@@ -357,7 +339,7 @@ class VolumeAttrs(_Record):
             raise _bad("volume_id", "a non-empty string", self.volume_id)
         _check(self, "format_version", lambda v: _is_int(v) and v >= 1, "a format version (an integer >= 1)")
         for name in ("kneeprep_version", "patient_id", "time", "study_folder", "series_folder"):
-            _check(self, name, _is_str, "a string")
+            _check(self, name, lambda v: isinstance(v, str), "a string")
         _check(self, "knee_side", lambda v: _is_int(v) and v in (1, 2), "1 (right) or 2 (left)")
         _check(self, "mirrored", lambda v: isinstance(v, bool), "true or false")
         _check(self, "dtype", _dtype_name, "a numpy dtype name")
@@ -396,7 +378,9 @@ class VolumeAttrs(_Record):
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return self._geometry().shape
+        if self.geometry is None:
+            raise StoreError(f"volume {self.volume_id!r}: attrs geometry: missing")
+        return self.geometry.shape
 
     @property
     def nbytes(self) -> int:
@@ -422,19 +406,9 @@ class VolumeAttrs(_Record):
     def boxes_hash(self) -> str | None:
         return self.provenance.boxes_hash if self.provenance else None
 
-    @property
-    def layers(self) -> Mapping[str, LabelLayer]:
-        """The label layers' records (empty when none)."""
-        return self.labels or {}
-
     def box_records(self) -> list[Box]:
         """The stored boxes as :class:`~kneeprep.formats.box.Box` records (empty when none)."""
         return [Box.from_json(b) for b in self.boxes or ()]
-
-    def _geometry(self) -> Geometry:
-        if self.geometry is None:
-            raise StoreError(f"volume {self.volume_id!r}: attrs geometry: missing")
-        return self.geometry
 
 
 __all__ = ["LabelLayer", "Provenance", "Qc", "Source", "VolumeAttrs"]
