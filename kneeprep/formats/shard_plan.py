@@ -23,7 +23,6 @@ from itertools import groupby
 from kneeprep.errors import ValidationError
 from kneeprep.formats.quintuples import Quintuple, quintuple_order
 from kneeprep.formats.splits import SPLITS
-from kneeprep.formats.volume_attrs import VolumeAttrs
 
 #: kneeprep split name -> Hugging Face split name (file names and the card's ``configs``; rows keep kneeprep's)
 HF_SPLITS = {"train": "train", "val": "validation", "test": "test"}
@@ -53,12 +52,6 @@ class ShardPlan:
         return [vid for g in self.groups for vid, _ in g]
 
 
-def volume_nbytes(attrs: VolumeAttrs | Mapping) -> int:
-    """Uncompressed bytes of a volume from its store attrs (``geometry.shape`` and ``dtype``; a record or
-    its JSON): :attr:`VolumeAttrs.nbytes`."""
-    return VolumeAttrs.of(attrs).nbytes
-
-
 def plan_shards(
     quintuples: Iterable[Quintuple],
     nbytes: Mapping[str, int],
@@ -66,7 +59,7 @@ def plan_shards(
     row_group_bytes: int,
 ) -> list[ShardPlan]:
     """Every shard of every split, in manifest order (split, then index). ``nbytes[volume_id]`` is each
-    volume's uncompressed size (:func:`volume_nbytes`)."""
+    volume's uncompressed size (``VolumeAttrs.nbytes``)."""
     qs = sorted(quintuples, key=quintuple_order)
     rg_limit = min(row_group_bytes, target_bytes)
     plans: list[ShardPlan] = []
