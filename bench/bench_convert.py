@@ -38,7 +38,7 @@ _MEMORY_CHILD = r"""
 import json, sys
 from pathlib import Path
 from kneeprep.dicom import scan_tree
-from kneeprep.stages.convert import convert_series
+from kneeprep.stages.convert_series import convert_series
 from kneeprep.recipe import load_recipe
 from kneeprep.formats import store
 import kneeprep.formats.masks, kneeprep.boxes, kneeprep.transforms, zarr, SimpleITK  # imports before the baseline

@@ -189,6 +189,7 @@ def test_the_driver_neither_stats_inputs_nor_reads_attrs_and_a_rerun_still_skips
     # issue 16.3: the "unchanged?" decision (stat of every input file, the stored attrs) is the task's; the
     # driver plans from the scan's record alone. workers=0 runs the tasks in this process: count them apart.
     import kneeprep.stages.convert as pipeline
+    import kneeprep.stages.convert_series as task
     import kneeprep.stages.resume as resume
 
     ids = [tree.add("9000001", "RIGHT"), tree.add("9000002", "LEFT")]
@@ -201,7 +202,7 @@ def test_the_driver_neither_stats_inputs_nor_reads_attrs_and_a_rerun_still_skips
     for name in ("input_fingerprint", "stored_attrs"):
         real = getattr(resume, name)
         fake = lambda *a, _real=real, _name=name: calls.append((_name, bool(in_task))) or _real(*a)  # noqa: E731
-        monkeypatch.setattr(pipeline, name, fake)
+        monkeypatch.setattr(task, name, fake)
     again = run_convert(tree.raw, out, parse_recipe({}), workers=0)
     assert again.counts == {"written": 0, "skipped": 2, "failed": 0}
     assert {(r.kind, r.message) for r in again.items} == {("unchanged", "inputs and recipe unchanged")}

@@ -6,6 +6,7 @@ exported NIfTI read with nibabel holds the same voxel values at the same world p
 
 from __future__ import annotations
 
+import doctest
 import json
 import shutil
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from kneeprep.cli import cli
+from kneeprep.formats import export_layout
 from kneeprep.formats.annotations import read_annotations, read_training_items
 from kneeprep.formats.shard_reader import iter_quintuples
 from kneeprep.formats.splits import SPLITS, read_split_csvs
@@ -343,3 +345,8 @@ def test_store_option_needs_shards_input(built, tmp_path):
     store, _, _, _ = built
     with pytest.raises(ValueError, match="--store only adds masks"):
         run_export(store, tmp_path / "o", store=store, workers=0)
+
+
+def test_layout_doctests():
+    r = doctest.testmod(export_layout)
+    assert r.attempted >= 2 and r.failed == 0

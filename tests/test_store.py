@@ -194,3 +194,8 @@ def test_lock_init_and_bad_inputs(tmp_path, st):
         store.write_volume(st, "../x", image, g, {})
     with pytest.raises(StoreError, match="differs from its geometry"):
         store.write_volume(st, "x", image[:2], g, {})
+
+
+def test_store_doctests():
+    r = doctest.testmod(store)
+    assert r.attempted >= 1 and r.failed == 0

@@ -26,7 +26,7 @@ def preview(store, volume_id, first, region, output, size):
     image, mask and boxes line up.
     """
     from kneeprep.errors import InputNotFoundError
-    from kneeprep.formats.store import label_names, list_volumes, read_attrs, read_labels, read_volume
+    from kneeprep.formats.store import label_names, list_volumes, read_labels, read_volume, read_volume_attrs
     from kneeprep.preview import render_planes, write_png
 
     ids = list_volumes(store)
@@ -39,20 +39,20 @@ def preview(store, volume_id, first, region, output, size):
     if volume_id not in ids:
         raise InputNotFoundError(f"{store}: no volume {volume_id!r} (the store has {len(ids)} volumes)")
     image, geometry = read_volume(store, volume_id)
-    attrs = read_attrs(store, volume_id)
+    attrs = read_volume_attrs(store, volume_id)
     labels = read_labels(store, volume_id) if label_names(store, volume_id) else None
     box, region_ids = None, ()
     if region:
-        boxes = {b["region"]: b for b in attrs.get("boxes", [])}
+        boxes = {b.region: b for b in attrs.box_records()}
         if region not in boxes:
             known = ", ".join(sorted(boxes)) or "none: the volume has no labels"
             raise click.BadParameter(
                 f"{region!r} is not a region of {volume_id} (regions: {known})", param_hint="--region"
             )
         b = boxes[region]
-        region_ids = tuple(b["label_ids"])
-        if b.get("voxels"):
-            box = tuple(b["voxels"])
+        region_ids = tuple(b.label_ids)
+        if b.voxels:
+            box = tuple(b.voxels)
         else:
             click.echo(f"note: region {region!r} is empty in {volume_id}; drawing the middle planes")
     title = f"{volume_id}  {region or ''}  {geometry.orientation}  {'x'.join(map(str, geometry.shape))}"

@@ -39,6 +39,7 @@ from kneeprep.boxes import question_box
 from kneeprep.errors import RecipeError, ValidationError
 from kneeprep.formats.box import Box
 from kneeprep.formats.splits import SPLITS, parse_volume_id
+from kneeprep.formats.volume_attrs import VolumeAttrs
 from kneeprep.moaks.anatomy import QUESTIONS
 from kneeprep.moaks.severity import Grade
 
@@ -84,31 +85,33 @@ class Rejected:
 
 
 def build_quintuples(
-    annotations, volumes_attrs: Mapping[str, Mapping[str, Any]], recipe
+    annotations, volumes_attrs: Mapping[str, VolumeAttrs | Mapping[str, Any]], recipe
 ) -> tuple[list[Quintuple], list[Rejected]]:
     """Join annotation records with volume attributes into quintuples.
 
     ``annotations`` is a ``kneeprep.formats.annotations.AnnotationSet`` (``records``, split rows, question bank,
-    per-record ``errors``); ``volumes_attrs`` maps volume id -> the volume group's ``kneeprep`` attrs (as
-    ``kneeprep.formats.store.read_attrs`` returns them). Returns quintuples sorted by (split, volume id, question id)
+    per-record ``errors``); ``volumes_attrs`` maps volume id -> the volume group's ``kneeprep`` attrs (a
+    :class:`~kneeprep.formats.volume_attrs.VolumeAttrs` as ``kneeprep.formats.store.read_volume_attrs`` returns
+    it, or its JSON). Returns quintuples sorted by (split, volume id, question id)
     and rejections sorted by sample id. Raises :class:`ValidationError` if a patient falls in two splits.
     """
     records = list(annotations.records)
     rejected: list[Rejected] = [_rejected_from_error(e) for e in annotations.errors]
     bank = dict(annotations.questions)
 
-    candidates: list[tuple[Any, Mapping[str, Any], str]] = []
+    candidates: list[tuple[Any, VolumeAttrs, str]] = []
     for rec in records:
         vid = rec.volume_id
         attrs = volumes_attrs.get(vid)
+        if attrs is not None:
+            attrs = VolumeAttrs.of(attrs, where=f"volume {vid}")
         if attrs is None:
             rejected.append(
                 Rejected(rec.sample_id, "volume_missing", f"volume {vid} is not in the volume store")
             )
             continue
-        qc = (attrs.get("qc") or {}).get("status", "ok")
-        if qc == "fail":
-            reasons = "; ".join((attrs.get("qc") or {}).get("reasons", [])) or "no reason recorded"
+        if attrs.qc_status == "fail":
+            reasons = "; ".join(attrs.qc_reasons) or "no reason recorded"
             rejected.append(Rejected(rec.sample_id, "volume_failed", f"volume {vid} failed QC: {reasons}"))
             continue
         if not rec.sample_id or not rec.question_id:
@@ -139,7 +142,7 @@ def build_quintuples(
             )
             continue
         if rec.volume_id not in parsed:
-            parsed[rec.volume_id] = [Box.from_json(b) for b in attrs.get("boxes") or []]
+            parsed[rec.volume_id] = attrs.box_records()
         box, reason, kind = question_box_json(parsed[rec.volume_id], recipe, rec.question_id)
         if kind is not None:
             rejected.append(
@@ -255,8 +258,8 @@ def generate_patient_splits(patients: list[str], seed: int, ratios) -> dict[str,
 # helpers
 
 
-def _patient_of(volume_id: str, attrs: Mapping[str, Any]) -> str:
-    p = attrs.get("patient_id")
+def _patient_of(volume_id: str, attrs: VolumeAttrs) -> str:
+    p = attrs.patient_id
     return str(p) if p else str(parse_volume_id(volume_id)["patient_id"])
 
 

@@ -20,8 +20,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from itertools import groupby
 
-import numpy as np
-
 from kneeprep.errors import ValidationError
 from kneeprep.formats.quintuples import Quintuple, quintuple_order
 from kneeprep.formats.splits import SPLITS
@@ -54,11 +52,6 @@ class ShardPlan:
         return [vid for g in self.groups for vid, _ in g]
 
 
-def volume_nbytes(attrs: Mapping) -> int:
-    """Uncompressed bytes of a volume from its store attrs (``geometry.shape`` and ``dtype``)."""
-    return int(np.prod(attrs["geometry"]["shape"])) * np.dtype(attrs["dtype"]).itemsize
-
-
 def plan_shards(
     quintuples: Iterable[Quintuple],
     nbytes: Mapping[str, int],
@@ -66,7 +59,7 @@ def plan_shards(
     row_group_bytes: int,
 ) -> list[ShardPlan]:
     """Every shard of every split, in manifest order (split, then index). ``nbytes[volume_id]`` is each
-    volume's uncompressed size (:func:`volume_nbytes`)."""
+    volume's uncompressed size (``VolumeAttrs.nbytes``)."""
     qs = sorted(quintuples, key=quintuple_order)
     rg_limit = min(row_group_bytes, target_bytes)
     plans: list[ShardPlan] = []

@@ -1,5 +1,9 @@
 """The Zarr v3 volume store: one group per volume, written atomically, an OME-Zarr 0.5 collection.
 
+This module is the store's API: the root (:func:`init_store`, :func:`sync_collection`) and writing volumes
+here; where things are and listing in :mod:`kneeprep.formats.store_paths`, reading volumes and their attrs
+(:class:`~kneeprep.formats.volume_attrs.VolumeAttrs`) in :mod:`kneeprep.formats.store_read`; both re-exported.
+
 Layout (``docs/DESIGN.md``, "Volume store"; the OME side in ``docs/FORMATS.md``, "Volume store as OME-Zarr")::
 
     volumes.zarr/                  root group, attrs {"ome": {bioformats2raw.layout 3}, "kneeprep": {"kind": ...}}
@@ -61,37 +65,47 @@ from numcodecs import blosc
 from zarr.codecs import BloscCodec
 
 from kneeprep import FORMAT_VERSION
-from kneeprep.errors import InputNotFoundError, StoreError
+from kneeprep.errors import StoreError
 from kneeprep.files import LOCK_FILE, write_json
 from kneeprep.formats import ome
-from kneeprep.formats.box import BOXES_TABLE
+from kneeprep.formats.store_paths import (  # re-exported: importers use kneeprep.formats.store
+    KNEEPREP_DIR_SUFFIX,
+    LEGACY_FILES,
+    LEGACY_WORK_DIR,
+    REPORT_NAME,
+    SOURCES_FILE,
+    WORK_DIR_NAME,
+    boxes_table_path,
+    check_store,
+    clean_work_area,
+    find_report,
+    is_volume_name,
+    kneeprep_dir,
+    list_volumes,
+    read_metadata,
+    report_path,
+    volume_path,
+    work_dir,
+)
+from kneeprep.formats.store_read import (  # re-exported, as above
+    PHI_KEYWORDS,
+    jsonable,
+    label_names,
+    open_image,
+    read_attrs,
+    read_labels,
+    read_volume,
+    read_volume_attrs,
+    refuse_phi,
+    update_attrs,
+    update_volume_attrs,
+)
+from kneeprep.formats.volume_attrs import VolumeAttrs
 from kneeprep.geometry import Geometry
 
-#: suffix of the folder beside the store that holds kneeprep's own files (``volumes.zarr.kneeprep``).
-KNEEPREP_DIR_SUFFIX = ".kneeprep"
-#: the work area's name inside :func:`kneeprep_dir`.
-WORK_DIR_NAME = "work"
-#: the convert report's file name inside :func:`kneeprep_dir`.
-REPORT_NAME = "report.json"
-#: where stores written before the sibling folder kept kneeprep's files: inside the store.
-LEGACY_FILES = (REPORT_NAME, BOXES_TABLE)
-LEGACY_WORK_DIR = ".kneeprep-tmp"
-#: volume id -> the absolute raw tree it was converted from, inside :func:`kneeprep_dir` (written by convert;
-#: kneeprep.stages.resume)
-SOURCES_FILE = "sources.json"
 ROOT_ATTRS = {"format_version": FORMAT_VERSION, "kind": "volume_store"}
 #: bytes of uncompressed data per chunk we aim for (rounded to a power-of-two number of slices).
 CHUNK_TARGET_BYTES = 1 << 22
-#: DICOM keywords that identify a patient; attrs holding any of them as a key are refused.
-PHI_KEYWORDS = frozenset(
-    {
-        "PatientName", "PatientBirthDate", "PatientBirthTime", "PatientAddress", "PatientTelephoneNumbers",
-        "OtherPatientIDs", "OtherPatientNames", "PatientMotherBirthName", "InstitutionName", "InstitutionAddress",
-        "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName", "AccessionNumber", "StudyID",
-        "PatientAge", "PatientSex", "PatientWeight", "PatientSize", "StudyDate", "StudyTime", "AcquisitionDate",
-        "ContentDate", "SeriesDate", "DeviceSerialNumber", "StationName",
-    }
-)  # fmt: skip
 
 
 #: environment variable: Blosc threads per process for chunk compression (unset: numcodecs' default, one
@@ -145,38 +159,6 @@ def choose_chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, int, int]
 # the store itself
 
 
-def kneeprep_dir(store: str | os.PathLike) -> Path:
-    """The folder beside the store for kneeprep's own files: ``<store>.kneeprep`` (``volumes.zarr.kneeprep``)."""
-    p = Path(store)
-    if not p.name:  # "." or "/"-ended forms
-        p = p.resolve()
-    return p.with_name(p.name + KNEEPREP_DIR_SUFFIX)
-
-
-def report_path(store: str | os.PathLike) -> Path:
-    """Where the convert stage writes its run report."""
-    return kneeprep_dir(store) / REPORT_NAME
-
-
-def boxes_table_path(store: str | os.PathLike) -> Path:
-    """Where the boxes table (every volume's boxes, ``kneeprep.formats.box.boxes_schema``) is written."""
-    return kneeprep_dir(store) / BOXES_TABLE
-
-
-def work_dir(store: str | os.PathLike) -> Path:
-    """The work area: volumes being written, renamed into the store when complete (never a zarr node)."""
-    return kneeprep_dir(store) / WORK_DIR_NAME
-
-
-def find_report(store: str | os.PathLike) -> Path | None:
-    """The store's last convert report: :func:`report_path`, else where an older kneeprep wrote it (inside
-    the store), else None."""
-    for p in (report_path(store), Path(store) / REPORT_NAME):
-        if p.is_file():
-            return p
-    return None
-
-
 def init_store(path: str | os.PathLike) -> Path:
     """Create the store's root group (an empty OME collection) if needed; refuse a directory that is
     something else."""
@@ -198,50 +180,6 @@ def init_store(path: str | os.PathLike) -> Path:
     )
     sync_collection(p)
     return p
-
-
-def check_store(store: str | os.PathLike) -> Path:
-    """``store`` as a Path; ``InputNotFoundError`` when it holds no root ``zarr.json``."""
-    p = Path(store)
-    if not (p / "zarr.json").is_file():
-        raise InputNotFoundError(f"{p}: no volume store here (expected a zarr.json)")
-    return p
-
-
-def _is_volume_name(name: str) -> bool:
-    return bool(name) and not name.startswith(".") and "/" not in name and name != ome.OME_GROUP
-
-
-def list_volumes(store: str | os.PathLike) -> list[str]:
-    """Ids of the complete volumes, sorted: the store's groups other than ``OME`` (work-area entries never)."""
-    p = check_store(store)
-    return sorted(
-        e.name
-        for e in os.scandir(p)
-        if e.is_dir() and _is_volume_name(e.name) and (Path(e.path) / "zarr.json").is_file()
-    )
-
-
-def volume_path(store: str | os.PathLike, volume_id: str) -> Path:
-    p = Path(store) / volume_id
-    if not _is_volume_name(volume_id) or not (p / "zarr.json").is_file():
-        raise InputNotFoundError(f"{p}: no such volume in the store")
-    return p
-
-
-def clean_work_area(store: str | os.PathLike) -> list[str]:
-    """Remove leftovers of interrupted writes (``.partial``/``.old`` in the work area); returns their names.
-
-    Call only while holding the store's lock (:func:`kneeprep.files.lock` on :func:`kneeprep_dir`) (no writer
-    is active then)."""
-    work = work_dir(store)
-    if not work.is_dir():
-        return []
-    removed = []
-    for e in os.scandir(work):
-        shutil.rmtree(e.path, ignore_errors=True) if e.is_dir() else os.unlink(e.path)
-        removed.append(e.name)
-    return sorted(removed)
 
 
 def sync_collection(store: str | os.PathLike) -> list[str]:
@@ -271,18 +209,18 @@ def write_volume(
     volume_id: str,
     image: np.ndarray,
     geometry: Geometry,
-    attrs: Mapping[str, Any],
+    attrs: VolumeAttrs | Mapping[str, Any],
     labels: Mapping[str, tuple[np.ndarray, Mapping[int, str]]] | None = None,
 ) -> Path:
     """Write one volume group atomically and return its path; an existing volume of that id is replaced.
 
-    ``attrs`` are the ``kneeprep`` attributes (JSON-able; ``geometry`` is filled in from ``geometry``);
+    ``attrs`` are the ``kneeprep`` attributes (a record or JSON-able; ``geometry`` is filled in from ``geometry``);
     ``labels`` maps a layer name to ``(label array on the same grid, label map)``.
     """
     root = Path(store)
     if not (root / "zarr.json").is_file():
         raise StoreError(f"{root}: not an initialised volume store (call init_store first)")
-    if not _is_volume_name(volume_id):
+    if not is_volume_name(volume_id):
         raise StoreError(f"{root}: bad volume id {volume_id!r}")
     if image.shape != geometry.shape:
         raise StoreError(
@@ -294,8 +232,10 @@ def write_volume(
             raise StoreError(
                 f"{root / volume_id}: label layer {name!r} has shape {arr.shape}, image {image.shape}"
             )
-    meta = _jsonable({**attrs, "geometry": geometry.to_json()})
-    _refuse_phi(meta, root / volume_id)
+    if isinstance(attrs, VolumeAttrs):
+        attrs = attrs.to_json()
+    meta = jsonable({**attrs, "geometry": geometry.to_json()})
+    refuse_phi(meta, root / volume_id)
     work = work_dir(root)
     work.mkdir(parents=True, exist_ok=True)
     tmp = work / f"{volume_id}.{uuid.uuid4().hex[:12]}.partial"
@@ -373,96 +313,12 @@ def delete_volume(store: str | os.PathLike, volume_id: str) -> None:
     shutil.rmtree(gone, ignore_errors=True)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# reading and attribute updates
-
-
-def open_image(store: str | os.PathLike, volume_id: str):
-    """The image as a lazy ``zarr.Array`` (read-only)."""
-    return zarr.open_array(str(volume_path(store, volume_id) / "image"), mode="r")
-
-
-def read_volume(store: str | os.PathLike, volume_id: str) -> tuple[np.ndarray, Geometry]:
-    """The stored image and its :class:`Geometry`."""
-    image = open_image(store, volume_id)[...]
-    return image, Geometry.from_json(read_attrs(store, volume_id)["geometry"])
-
-
-def label_names(store: str | os.PathLike, volume_id: str) -> list[str]:
-    p = volume_path(store, volume_id) / "labels" / "zarr.json"
-    return list(read_metadata(p)["attributes"]["ome"]["labels"]) if p.is_file() else []
-
-
-def read_labels(store: str | os.PathLike, volume_id: str, name: str | None = None) -> np.ndarray:
-    """A label layer (default: the only or first one) as an array on the image grid."""
-    names = label_names(store, volume_id)
-    if not names:
-        raise InputNotFoundError(f"{Path(store) / volume_id}: the volume has no label layers")
-    name = name or names[0]
-    if name not in names:
-        raise InputNotFoundError(
-            f"{Path(store) / volume_id}: no label layer {name!r} (has {', '.join(names)})"
-        )
-    return zarr.open_array(str(volume_path(store, volume_id) / "labels" / name / "0"), mode="r")[...]
-
-
-def read_attrs(store: str | os.PathLike, volume_id: str) -> dict[str, Any]:
-    """The volume's ``kneeprep`` attributes (``docs/DESIGN.md`` lists them)."""
-    return read_metadata(volume_path(store, volume_id) / "zarr.json")["attributes"]["kneeprep"]
-
-
-def update_attrs(store: str | os.PathLike, volume_id: str, changes: Mapping[str, Any]) -> dict[str, Any]:
-    """Replace top-level ``kneeprep`` attribute keys (e.g. ``boxes`` after a recompute); returns the new attrs.
-
-    The group's ``zarr.json`` is rewritten atomically (zarr's local store writes a temporary file and links
-    it into place); one writer per store at a time (:func:`kneeprep.files.lock`)."""
-    p = volume_path(store, volume_id)
-    new = _jsonable({**read_attrs(store, volume_id), **changes})
-    _refuse_phi(new, p)
-    zarr.open_group(str(p), mode="r+").update_attributes({"kneeprep": new})
-    return new
-
-
-# ----------------------------------------------------------------------------------------------------------
-# metadata helpers
-
-
-def _jsonable(obj: Any) -> Any:
-    def default(o):
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-        if isinstance(o, Path):
-            return str(o)
-        if isinstance(o, tuple | set | frozenset):
-            return list(o)
-        raise TypeError(f"{type(o).__name__} is not JSON-serializable")
-
-    return json.loads(json.dumps(obj, default=default, allow_nan=False))
-
-
-def _refuse_phi(attrs: Any, where: Path) -> None:
-    def walk(o, path):
-        if isinstance(o, dict):
-            for k, v in o.items():
-                if k in PHI_KEYWORDS:
-                    raise StoreError(
-                        f"{where}: attribute {path}{k} is a patient-identifying DICOM field; not stored"
-                    )
-                walk(v, f"{path}{k}.")
-        elif isinstance(o, list):
-            for v in o:
-                walk(v, path)
-
-    walk(attrs, "")
-
-
-def read_metadata(path: Path) -> dict:
-    """A ``zarr.json`` (or any JSON file of the store) as a dict; errors name the file."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputNotFoundError(f"{path}: not found") from None
-    except (OSError, ValueError) as e:
-        raise StoreError(f"{path}: unreadable zarr metadata: {e}") from e
+__all__ = [
+    "CHUNK_TARGET_BYTES", "CODEC_THREADS_ENV", "KNEEPREP_DIR_SUFFIX", "LEGACY_FILES", "LEGACY_WORK_DIR",
+    "PHI_KEYWORDS", "REPORT_NAME", "ROOT_ATTRS", "SOURCES_FILE", "WORK_DIR_NAME", "VolumeAttrs",
+    "boxes_table_path", "check_store", "choose_chunks", "clean_work_area", "codec_threads", "delete_volume",
+    "find_report", "init_store", "is_volume_name", "jsonable", "kneeprep_dir", "label_names", "list_volumes",
+    "open_image", "read_attrs", "read_labels", "read_metadata", "read_volume", "read_volume_attrs",
+    "refuse_phi", "report_path", "sync_collection", "update_attrs", "update_volume_attrs", "volume_path",
+    "work_dir", "write_volume",
+]  # fmt: skip

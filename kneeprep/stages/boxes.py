@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -16,9 +17,9 @@ from kneeprep import files
 from kneeprep.boxes import boxes_from_stats, boxes_hash, label_stats
 from kneeprep.errors import KneeprepError
 from kneeprep.formats import store
-from kneeprep.formats.box import BOXES_TABLE, BOXES_TABLE_STALE, Box, boxes_schema
+from kneeprep.formats.box import BOXES_TABLE, BOXES_TABLE_STALE, boxes_schema
 from kneeprep.formats.store_upgrade import upgrade_store
-from kneeprep.geometry import Geometry
+from kneeprep.formats.volume_attrs import Provenance, VolumeAttrs
 from kneeprep.stages.harness import Progress, Stage
 
 
@@ -29,7 +30,7 @@ def write_boxes_table(store_path: str | os.PathLike) -> Path:
     schema = boxes_schema()
     rows = []
     for vid in sorted(store.list_volumes(store_path)):
-        rows += table_rows(store.read_attrs(store_path, vid), vid)
+        rows += table_rows(store.read_volume_attrs(store_path, vid))
     table = pa.Table.from_pylist(rows, schema=schema) if rows else schema.empty_table()
     out = store.boxes_table_path(store_path)
     with files.atomic_path(out) as tmp:
@@ -37,12 +38,9 @@ def write_boxes_table(store_path: str | os.PathLike) -> Path:
     return out
 
 
-def table_rows(attrs: dict, vid: str) -> list[dict]:
+def table_rows(attrs: VolumeAttrs) -> list[dict]:
     """The boxes table's rows of one volume, from its attrs (what :func:`write_boxes_table` writes)."""
-    return [
-        {"volume_id": attrs.get("volume_id", vid), **Box.from_json(b).to_json()}
-        for b in attrs.get("boxes") or []
-    ]
+    return [{"volume_id": attrs.volume_id, **b.to_json()} for b in attrs.box_records()]
 
 
 def mark_boxes_table_stale(store_path: str | os.PathLike) -> bool:
@@ -149,21 +147,19 @@ def recompute_volume(vid: str, store_path: str, recipe, stale_only: bool) -> Vol
     root = Path(store_path)
     h = boxes_hash(recipe)
     try:
-        attrs = store.read_attrs(root, vid)
-        if stale_only and (
-            (attrs.get("provenance") or {}).get("boxes_hash") == h
-            or recipe.masks.name not in store.label_names(root, vid)
-        ):
+        attrs = store.read_volume_attrs(root, vid)
+        if stale_only and (attrs.boxes_hash == h or recipe.masks.name not in store.label_names(root, vid)):
             return VolumeBoxes(vid, "unchanged")
         regions = recipe.labels.region_labels()
-        geometry = Geometry.from_json(attrs["geometry"])
+        geometry = attrs.geometry
+        if geometry is None:
+            raise KeyError("geometry")
         labels = np.asarray(store.read_labels(root, vid, recipe.masks.name))
         stats = label_stats(labels)
         boxes = boxes_from_stats(stats, regions, geometry, recipe.boxes.margin_mm)
-        provenance = dict(attrs.get("provenance") or {})
-        provenance["boxes_hash"] = h
-        store.update_attrs(
-            root, vid, {"boxes": [b.to_json() for b in boxes.values()], "provenance": provenance}
+        provenance = dataclasses.replace(attrs.provenance or Provenance(), boxes_hash=h)
+        store.update_volume_attrs(
+            root, vid, boxes=tuple(b.to_json() for b in boxes.values()), provenance=provenance
         )
     except KneeprepError as e:
         return VolumeBoxes(vid, "failed", failure=(vid, e.kind, str(e)))

@@ -1,16 +1,10 @@
 """The convert stage: selected DICOM series -> normalized volumes (+ masks, boxes) in the Zarr store.
 
 ``run_convert`` (the driver) scans the raw tree, selects series by the recipe, resolves each volume's mask,
-decides what is already done, and maps :func:`convert_series` over the rest -- one task per series, on local
-worker processes or a Dask cluster (:mod:`kneeprep.parallel`). Each task reads its series, transforms it,
-places its mask, computes boxes, writes its own volume atomically (:mod:`kneeprep.formats.store`) and returns a small
-:class:`~kneeprep.formats.report.ItemResult`; a task never raises: a :class:`~kneeprep.errors.KneeprepError` becomes a
-``failed`` record of its kind, anything else a ``failed`` record of kind ``unexpected``.
-
-Per series (``convert_series``)::
-
-    read_series -> orient -> mirror (left knees) -> resample -> normalize -> write
-                                         └─ mask (world space, nearest) onto the final grid -> boxes
+decides what is already done, and maps :func:`~kneeprep.stages.convert_series.convert_series` over the rest --
+one task per series, on local worker processes or a Dask cluster (:mod:`kneeprep.parallel`). Each task reads
+its series, transforms it, places its mask, computes boxes, writes its own volume atomically and returns a
+small :class:`~kneeprep.formats.report.ItemResult` (:mod:`kneeprep.stages.convert_series`); a task never raises.
 
 Resume (:mod:`kneeprep.stages.resume`). Every selected series is a task; the task itself decides whether its
 volume is ``unchanged`` (stored ``provenance.convert_hash`` equal to ``recipe.stage_hash("convert")`` and either
@@ -27,213 +21,34 @@ The run report goes to ``<store>/report.json`` (also written when interrupted, w
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import time
-import traceback
 from pathlib import Path
 
-from kneeprep import FORMAT_VERSION, __version__
-from kneeprep.boxes import boxes_for_volume
-from kneeprep.dicom import read_series, scan_tree
+from kneeprep import __version__
+from kneeprep.dicom import scan_tree
 from kneeprep.dicom.imagesets import image_set_selected
 from kneeprep.errors import InputNotFoundError, KneeprepError, RecipeError
 from kneeprep.formats import store as vstore
 from kneeprep.formats.box import BOXES_TABLE
-from kneeprep.formats.masks import file_hash, load_mask_onto
 from kneeprep.formats.report import ItemResult, RunReport
 from kneeprep.formats.splits import read_split_csvs
 from kneeprep.formats.store_upgrade import upgrade_store
 from kneeprep.recipe import Recipe
 from kneeprep.stages.boxes import mark_boxes_table_stale, settle_boxes_table
+from kneeprep.stages.convert_series import convert_series
 from kneeprep.stages.early import ConvertTask, EarlyStarts, previously_revised
 from kneeprep.stages.harness import Progress, Stage
-from kneeprep.stages.resume import (
-    content_hash,
-    hash_mask,
-    input_fingerprint,
-    refresh_source,
-    same_recipe,
-    series_key,
-    stored_attrs,
-    vanished,
-)
+from kneeprep.stages.resume import content_hash, input_fingerprint, series_key, vanished
 from kneeprep.stages.resume import source_of as _source
-from kneeprep.transforms import (
-    apply_mirror,
-    apply_normalize,
-    apply_orient,
-    apply_resample,
-    plan_mirror,
-    plan_normalize,
-    plan_orient,
-    plan_resample,
-)
 
 #: The record a convert task returns (status written/skipped/failed, kind, message, timings in ``details``).
 ConvertResult = ItemResult
 
 
 # ----------------------------------------------------------------------------------------------------------
-# one series
-
-
-def convert_series(
-    info,
-    recipe: Recipe,
-    store_path: str | os.PathLike,
-    mask_path: str | os.PathLike | None = None,
-    *,
-    verify: bool = False,
-    force: bool = False,
-) -> ItemResult:
-    """Convert one series into ``store_path`` and return its record; never raises for a bad series.
-
-    Skips (``unchanged``) a volume already stored from the same inputs with the same convert settings
-    (module docstring); ``verify`` also hashes the input bytes when the fingerprint matches, ``force`` never
-    skips."""
-    t0 = time.perf_counter()
-    source = _source(info)
-    try:
-        result = _convert(info, recipe, Path(store_path), mask_path, (verify, force), t0)
-    except KneeprepError as e:
-        return ItemResult(info.volume_id, "failed", e.kind, str(e), time.perf_counter() - t0, source)
-    except Exception as e:  # a bug or an environment problem: recorded, never raised out of the pool
-        where = traceback.extract_tb(e.__traceback__)[-1]
-        return ItemResult(
-            info.volume_id,
-            "failed",
-            "unexpected",
-            f"series {source}: {type(e).__name__}: {e} (at {Path(where.filename).name}:{where.lineno})",
-            time.perf_counter() - t0,
-            source,
-        )
-    return result
-
-
-def _convert(info, recipe: Recipe, store: Path, mask_path, how, t0: float) -> ItemResult:
-    verify, force = how
-    vid = info.volume_id
-    source = _source(info)
-    convert_hash = recipe.stage_hash("convert")
-    fingerprint = input_fingerprint(info, mask_path)  # stat of every input: here, in the task
-    previous = stored_attrs(store, vid)
-    unchanged = same_recipe(previous, convert_hash) and not force
-    stored = (previous or {}).get("source") or {}
-    if unchanged and stored.get("fingerprint") == fingerprint:
-        why = "inputs and recipe unchanged"
-        if verify:  # the bytes too (no pixel decode): an in-place edit with its mtime restored is caught
-            if content_hash(info.files, mask_path) != stored.get("content_hash"):
-                unchanged = False
-            why = "inputs (bytes verified) and recipe unchanged"
-        if unchanged:
-            refresh_source(store, vid, previous, fingerprint)
-            return ItemResult(vid, "skipped", "unchanged", why, time.perf_counter() - t0, source)
-    timings = {}
-    t = time.perf_counter()
-    hasher = hashlib.sha256()
-    raw, acquired = read_series(info, hasher=hasher)  # one pass over the files: pixels and content hash
-    chash = hash_mask(hasher, mask_path)
-    timings["read"] = time.perf_counter() - t
-    if unchanged and stored.get("content_hash") == chash:
-        refresh_source(store, vid, previous, fingerprint)
-        return ItemResult(
-            vid, "skipped", "unchanged", "same input bytes and recipe (files touched or moved): fingerprint refreshed",
-            time.perf_counter() - t0, source,
-        )  # fmt: skip
-
-    t = time.perf_counter()
-    g = recipe.geometry
-    orient = plan_orient(acquired, g.orientation)
-    array, geometry = apply_orient(raw, acquired, orient)
-    mirror = plan_mirror(geometry, info.knee_side, g.mirror_left)
-    array, geometry = apply_mirror(array, geometry, mirror)
-    resample = plan_resample(geometry, g.spacing, g.shape, g.interpolator)
-    array, geometry = apply_resample(array, geometry, resample)
-    i = recipe.intensity
-    normalization = plan_normalize(array, i.method, i.lower, i.upper, i.dtype)
-    if normalization.method == "none" and array.dtype == normalization.dtype:
-        image = array  # exact values already in the stored dtype: no copy (one volume less in memory)
-    else:
-        image = apply_normalize(array, normalization)
-    del raw, array
-    timings["transform"] = time.perf_counter() - t
-
-    layers, label_attrs, boxes, warnings = {}, {}, [], []
-    # a series converted with QC warnings (a duplicate slice dropped, a renamed id ...) says so in the report
-    warnings += [f"QC warn: {r}" for r in info.qc.reasons] if info.qc.status == "warn" else []
-    if mask_path:
-        t = time.perf_counter()
-        placed = load_mask_onto(mask_path, geometry, recipe.labels.map)
-        layers[recipe.masks.name] = (placed.labels, recipe.labels.map)
-        label_attrs[recipe.masks.name] = {
-            "label_map": {str(k): v for k, v in sorted(recipe.labels.map.items())},
-            "source": Path(mask_path).name,
-            "content_hash": file_hash(mask_path),
-            "present": list(placed.present),
-            "unknown_labels": list(placed.unknown_labels),
-            "grid_coverage": round(placed.grid_coverage, 6),
-            "label_coverage": round(placed.label_coverage, 6),
-            "acquired_geometry": placed.source_geometry.to_json(),
-        }
-        warnings += placed.warnings()
-        timings["mask"] = time.perf_counter() - t
-        t = time.perf_counter()
-        boxes = [b.to_json() for b in boxes_for_volume(placed.labels, geometry, recipe)]
-        timings["boxes"] = time.perf_counter() - t
-
-    attrs = {
-        "format_version": FORMAT_VERSION,
-        "kneeprep_version": __version__,
-        "volume_id": vid,
-        "patient_id": info.patient_id,
-        "time": info.time,
-        "study_folder": info.study_folder,
-        "series_folder": info.series_folder,
-        "knee_side": int(info.knee_side),
-        "acquired_geometry": acquired.to_json(),
-        "mirrored": mirror.mirrored,
-        "dtype": image.dtype.name,
-        "transforms": {
-            "orient": orient.to_json(),
-            "mirror": mirror.to_json(),
-            "resample": resample.to_json(),
-        },
-        "normalization": normalization.to_json(),
-        "source": {
-            "series_uid": info.series_uid,
-            "n_files": len(info.files),
-            "files": [Path(f).name for f in info.files],
-            "content_hash": chash,
-            "fingerprint": fingerprint,
-            # free text only when the recipe asks ([privacy] keep_free_text)
-            **(
-                {"description": info.description, "study_description": info.study_description}
-                if recipe.privacy.keep_free_text
-                else {}
-            ),
-        },
-        "dicom": dict(info.technical or {}),
-        "image_set": getattr(info, "image_set", None),  # which echo / time point / ... (docs/DESIGN.md)
-        "qc": info.qc.to_json(),
-        "labels": label_attrs,
-        "boxes": boxes,
-        "provenance": {
-            "recipe_name": recipe.name,
-            "recipe_hash": recipe.hash,
-            "convert_hash": convert_hash,
-            "boxes_hash": recipe.stage_hash("boxes") if layers else None,
-        },
-    }
-    t = time.perf_counter()
-    path = vstore.write_volume(store, vid, image, geometry, attrs, layers)
-    timings["write"] = time.perf_counter() - t
-    details = {k: round(v, 4) for k, v in timings.items()}
-    details["stored_bytes"] = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    details["replaced"] = previous is not None
-    message = "replaced (inputs or recipe changed)" if previous is not None else ""
-    return ItemResult(vid, "written", "", message, time.perf_counter() - t0, source, tuple(warnings), details)
+# one series: the task (kneeprep.stages.convert_series) and what the driver knows of it
 
 
 def _run_task(task: ConvertTask, recipe: Recipe, store_path: str) -> ItemResult:

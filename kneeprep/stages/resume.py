@@ -16,6 +16,7 @@ Decisions, per volume (docs/DESIGN.md, "Resume"):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ from kneeprep.errors import InputNotFoundError, KneeprepError
 from kneeprep.files import sha256_file, write_json
 from kneeprep.formats import store as vstore
 from kneeprep.formats.report import ItemResult
+from kneeprep.formats.volume_attrs import Source, VolumeAttrs
 
 #: skipped kinds whose series a clean run would not convert: a stored volume of theirs is removed
 NOT_CONVERTED = ("qc", "not_selected")
@@ -83,26 +85,26 @@ def hash_mask(h, mask_path) -> str:
     return h.hexdigest()[:16]
 
 
-def stored_attrs(store: Path, volume_id: str) -> dict | None:
-    """The stored volume's attrs; ``None`` when there is none, ``{}`` when its metadata is unreadable (treated
-    as changed: the volume is rewritten)."""
+def stored_attrs(store: Path, volume_id: str) -> VolumeAttrs | None:
+    """The stored volume's attrs; ``None`` when there is none, a bare record (the id only) when its metadata
+    is unreadable or invalid (treated as changed: the volume is rewritten)."""
     try:
-        return vstore.read_attrs(store, volume_id)
+        return vstore.read_volume_attrs(store, volume_id)
     except InputNotFoundError:
         return None
     except KneeprepError:
-        return {}
+        return VolumeAttrs(volume_id)
 
 
-def same_recipe(previous: dict | None, convert_hash: str) -> bool:
-    return bool(previous) and (previous.get("provenance") or {}).get("convert_hash") == convert_hash
+def same_recipe(previous: VolumeAttrs | None, convert_hash: str) -> bool:
+    return previous is not None and previous.convert_hash == convert_hash
 
 
-def refresh_source(store: Path, volume_id: str, previous: dict, fingerprint: str) -> None:
+def refresh_source(store: Path, volume_id: str, previous: VolumeAttrs, fingerprint: str) -> None:
     """Record the current fingerprint of an unchanged volume (only when it differs)."""
-    src = previous.get("source") or {}
-    if src.get("fingerprint") != fingerprint:
-        vstore.update_attrs(store, volume_id, {"source": {**src, "fingerprint": fingerprint}})
+    src = previous.source or Source()
+    if src.fingerprint != fingerprint:
+        vstore.update_volume_attrs(store, volume_id, source=dataclasses.replace(src, fingerprint=fingerprint))
 
 
 def read_sources(store: Path) -> dict[str, str]:

@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,18 +16,21 @@ from kneeprep.files import sha256_file, write_json
 from kneeprep.formats.annotations import read_annotations
 from kneeprep.formats.card import CARD, write_card
 from kneeprep.formats.quintuples import BENIGN_KINDS, build_quintuples
-from kneeprep.formats.shard_plan import volume_nbytes
 from kneeprep.formats.shard_reader import read_manifest
 from kneeprep.formats.shard_schema import REPORT, SCHEMA_VERSION
 from kneeprep.formats.shard_writer import write_shards
 from kneeprep.formats.splits import SPLITS
-from kneeprep.formats.store import list_volumes, read_attrs, read_volume
+from kneeprep.formats.store import list_volumes, read_volume, read_volume_attrs
+from kneeprep.formats.volume_attrs import VolumeAttrs
 from kneeprep.privacy import Pseudonymizer
 from kneeprep.stages.harness import Progress, Stage
 
 
 def inputs_hash(
-    store: str | os.PathLike, annotations_dir: str | os.PathLike, volume_ids: Iterable[str], attrs
+    store: str | os.PathLike,
+    annotations_dir: str | os.PathLike,
+    volume_ids: Iterable[str],
+    attrs: Mapping[str, VolumeAttrs],
 ) -> str:
     """Fingerprint of the shards stage's inputs: every annotation file's bytes and every volume's attrs (which
     carry the content hash of its sources and the convert/boxes recipe hashes)."""
@@ -39,7 +42,11 @@ def inputs_hash(
     for f in files:
         h.update(f"{f.relative_to(d).as_posix()}\0{sha256_file(f)}\n".encode())
     for vid in sorted(volume_ids):
-        h.update(f"{vid}\0".encode() + json.dumps(attrs[vid], sort_keys=True, default=str).encode() + b"\n")
+        h.update(
+            f"{vid}\0".encode()
+            + json.dumps(attrs[vid].to_json(), sort_keys=True, default=str).encode()
+            + b"\n"
+        )
     return h.hexdigest()[:16]
 
 
@@ -113,7 +120,7 @@ def _build_shards(
 ) -> dict[str, Any]:
     annotations = read_annotations(annotations_dir)
     vids = list_volumes(store)
-    attrs = {v: read_attrs(store, v) for v in vids}
+    attrs = {v: read_volume_attrs(store, v) for v in vids}
     rhash = recipe.stage_hash("shards")
     ihash = inputs_hash(store, annotations_dir, vids, attrs)
     if pseudo.enabled:  # shards pseudonymized with another key are not up to date
@@ -129,9 +136,7 @@ def _build_shards(
         real_volume = {pseudo.prefixed(q.volume_id, q.patient_id): q.volume_id for q in quintuples}
         quintuples = [pseudo.quintuple(q) for q in quintuples]
         rejected = _pseudonymize_rejections(rejected, pseudo, annotations, attrs)
-    nbytes = {
-        q.volume_id: volume_nbytes(attrs[real_volume.get(q.volume_id, q.volume_id)]) for q in quintuples
-    }
+    nbytes = {q.volume_id: attrs[real_volume.get(q.volume_id, q.volume_id)].nbytes for q in quintuples}
     manifest = write_shards(
         quintuples,
         StoreVolumes(str(store), real_volume),
@@ -186,7 +191,7 @@ def prompt_mismatches(annotations) -> list[dict[str, str]]:
 
 def _pseudonymize_rejections(rejected, pseudo, annotations, attrs) -> list:
     """Rejections with every known patient id (store, annotations, split CSVs) replaced in ids and messages."""
-    patients = {str(a.get("patient_id") or "") for a in attrs.values()}
+    patients = {str(a.patient_id or "") for a in attrs.values()}
     patients |= {r.volume_id.split("_", 1)[0] for r in annotations.records if r.volume_id}
     patients |= {str(r.patient_id) for r in annotations.splits}
     return [

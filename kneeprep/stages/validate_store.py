@@ -48,7 +48,7 @@ def validate_store(store_path: str | os.PathLike) -> list[Problem]:
     expected: dict[str, list[str]] = {}
     for vid in vids:
         try:
-            rows = table_rows(store.read_attrs(root, vid), vid)
+            rows = table_rows(store.read_volume_attrs(root, vid))
             rows = pa.Table.from_pylist(rows, schema=boxes_schema()).to_pylist()  # as the table stores them
             expected[vid] = sorted(_key(r) for r in rows)
         except (KneeprepError, KeyError, TypeError, ValueError, pa.ArrowException) as e:
