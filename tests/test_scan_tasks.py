@@ -112,3 +112,30 @@ def test_a_dask_cluster_gives_the_same_result(tree, monkeypatch):
     whole = _scan(tree, monkeypatch, 1)
     with executor(workers=1) as ex:
         assert _scan(tree, monkeypatch, 10**6, ex) == whole
+
+
+class _LosesRescans:
+    """An executor on which every re-describe task of a spread series is lost (its worker died twice)."""
+
+    def __init__(self):
+        from kneeprep.parallel import SerialExecutor
+
+        self._ex = SerialExecutor()
+        self.lost = 0
+
+    def stream(self, fn, on_error=None, **kwargs):
+        return self._ex.stream(fn, on_error, **kwargs)
+
+    def map_unordered(self, fn, items, on_error=None, **kwargs):
+        if fn is not scan_tasks._rescan:
+            return self._ex.map_unordered(fn, items, on_error, **kwargs)
+        items = list(items)
+        self.lost += len(items)
+        return iter([on_error(item, RuntimeError("worker died twice")) for item in items])
+
+
+def test_a_lost_re_describe_task_is_read_in_the_driver(tree, monkeypatch):
+    whole = _scan(tree, monkeypatch, 1)
+    ex = _LosesRescans()
+    assert _scan(tree, monkeypatch, 10**6, executor=ex) == whole
+    assert ex.lost >= 1  # the spread series' task was lost, and its result is still there

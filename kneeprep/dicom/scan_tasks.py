@@ -285,7 +285,15 @@ def scan_tree(
         again = {f for folders in redo for f in folders}
         keys_again = {k for r in got for f, keys in r.folders if f in again for k in keys}
         series = [e for e in series if e[0][0] not in keys_again]
-        for r in ex.map_unordered(_rescan, redo, qc=qc, split_orientation_atol=split_orientation_atol):
+        for r in ex.map_unordered(
+            _rescan,
+            redo,
+            on_error=lambda folders, exc: folders,
+            qc=qc,
+            split_orientation_atol=split_orientation_atol,
+        ):
+            if not isinstance(r, PartResult):  # lost twice (or failed): read it here, as the first pass does
+                r = _rescan(r, qc, split_orientation_atol)
             series += r.series
     series.sort(key=lambda e: (e[0][1], e[0][2]))
     return ScanResult(
