@@ -36,6 +36,8 @@ from pathlib import Path
 from bench.bench_convert import PATIENTS, _dcm2niix, _half_tree
 
 ROUNDS = 2
+SMALL_PATIENTS = (6, 30)
+SMALL_ROUNDS = 3
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "kneeprep" / "recipes" / "3dreasonknee.toml"
 STAGES = ("scan", "convert", "boxes", "shards", "validate", "card")
@@ -60,6 +62,34 @@ raw, sample, out, recipe, workers = sys.argv[1:6]
 t0 = time.process_time()
 rep = rb.rebuild(load_recipe(recipe), raw, sample, out, masks=sample, workers=int(workers), echo=lambda *a: None)
 print(json.dumps({"cpu": cpu, "cpu_total": time.process_time(), "seconds": rep.seconds, "ok": rep.ok}))
+"""
+
+# the driver's CPU by thread: the main thread (kneeprep's own work) vs the rest of the process (the local Dask
+# scheduler, the nannies, the client's comm), sampled from /proc/self/task while the rebuild runs
+_THREADS_CHILD = r"""
+import json, os, sys, threading, time
+import kneeprep.stages.rebuild as rb
+from kneeprep.recipe import load_recipe
+acc, stop, tck = {}, threading.Event(), os.sysconf("SC_CLK_TCK")
+def sample():
+    while True:
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                f = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+                acc[tid] = (int(f[11]) + int(f[12])) / tck
+            except OSError:
+                pass
+        if stop.wait(0.1):
+            return
+me = str(threading.get_native_id())
+th = threading.Thread(target=sample, daemon=True)
+raw, sample_dir, out, recipe, workers = sys.argv[1:6]
+t = time.process_time()
+th.start()
+rb.rebuild(load_recipe(recipe), raw, sample_dir, out, masks=sample_dir, workers=int(workers), echo=lambda *a: None)
+stop.set(); th.join()
+main = acc.get(me, 0.0)
+print(json.dumps({"cpu": time.process_time() - t, "main": main, "volumes": len(os.listdir(out + "/volumes.zarr"))}))
 """
 
 _SCAN_MEMORY = r"""
@@ -90,6 +120,68 @@ def _rebuild(raw: Path, sample: Path, out: Path, workers: int) -> dict:
     d = json.loads(res.stdout.decode().strip().splitlines()[-1])
     d["wall"] = wall
     return d
+
+
+def _threads(sample: Path, out: Path, workers: int) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _THREADS_CHILD,
+            str(sample / "raw"),
+            str(sample),
+            str(out),
+            str(RECIPE),
+            str(workers),
+        ],
+        capture_output=True,
+        cwd=ROOT,
+    )
+    if res.returncode != 0:
+        raise RuntimeError(f"rebuild failed: {res.stderr.decode()[-3000:]}")
+    return json.loads(res.stdout.decode().strip().splitlines()[-1])
+
+
+def _driver_by_thread(workdir: Path) -> list[str]:
+    """Driver CPU per added volume on small volumes (many of them, so the per-volume part stands out of the
+    fixed costs and the noise), split by thread; SMALL_ROUNDS rounds, medians."""
+    from kneeprep.synth import generate
+
+    med = statistics.median
+    samples = {}
+    for n in SMALL_PATIENTS:
+        samples[n] = workdir / f"small-{n}"
+        generate(samples[n], patients=n, size="small", seed=1)
+    runs: dict[int, list[dict]] = {n: [] for n in SMALL_PATIENTS}
+    _threads(samples[SMALL_PATIENTS[0]], workdir / "small-warm", 2)
+    for _ in range(SMALL_ROUNDS):
+        for n in SMALL_PATIENTS:
+            runs[n].append(_threads(samples[n], workdir / f"small-out-{n}", 2))
+    lo, hi = SMALL_PATIENTS
+    vols = runs[hi][0]["volumes"] - runs[lo][0]["volumes"]
+    per = {
+        k: sorted((b[k] - a[k]) / vols * 1000 for a, b in zip(runs[lo], runs[hi], strict=True))
+        for k in ("cpu", "main")
+    }
+    other = sorted(
+        ((b["cpu"] - b["main"]) - (a["cpu"] - a["main"])) / vols * 1000
+        for a, b in zip(runs[lo], runs[hi], strict=True)
+    )
+    fmt = lambda v: f"**{med(v):.1f}** ({', '.join(f'{x:.1f}' for x in v)})"  # noqa: E731
+    return [
+        "",
+        f"Driver CPU by thread, small volumes (40×96×96): `rebuild --workers 2` of {hi} vs {lo} patients "
+        f"({runs[hi][0]['volumes']} vs {runs[lo][0]['volumes']} volumes), {SMALL_ROUNDS} rounds, per added volume, "
+        "median (all rounds): the per-volume part with little of the wall-proportional part (small volumes take "
+        "little wall), sampled from `/proc/self/task`.",
+        "",
+        "| driver CPU per added volume | ms |",
+        "|---|---|",
+        f"| main thread (kneeprep: planning, submitting, results, the boxes table, the shards join) | {fmt(per['main'])} |",
+        f"| other threads of the driver (local Dask scheduler, nannies, the client's comm) | {fmt(other)} |",
+        f"| whole process | {fmt(per['cpu'])} |",
+    ]
 
 
 def _dcm2niix_tree(folders: list[Path], out: Path, procs: int) -> float:
@@ -231,6 +323,7 @@ def run(workdir: Path) -> str:
                 f"| {big:,} | {w} | {t_ / 60:.1f} min | {big * driver_s / 60:.1f} min | {read / 60:.1f} min | "
                 f"{t_ / read:.2f}× |"
             )
+    lines += _driver_by_thread(workdir)
     lines += [
         "",
         "Goals (issue 16): driver CPU ≤ 10 ms per volume; every stage ≥ 1.7× from 1 to 2 workers; 7,970 volumes on",
