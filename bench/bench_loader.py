@@ -5,8 +5,12 @@ tissue-like structure plus Rician-like noise, so codecs see MR-like entropy) wit
 each (3DReasonKnee has 494k / 7,970 = 62 per volume). Every reader runs in a torch ``DataLoader`` (0, 1 and 2
 worker processes; batch 4; ``pin_memory=True``; persistent workers; one warm-up pass, then whole passes for
 at least ``MIN_TIMED_S``) and the clock stops when a batch has **arrived in the main process** and the main process has read one
-voxel of every 4 KiB page of each image it received -- what a training step must at least do before the data
-can reach a GPU (the host-to-device copy itself is not included: this machine has no GPU).
+voxel of every 4 KiB page of each image it received that is not among the last ``RECENT`` distinct images it
+read -- what a training step must at least do before the data can reach a GPU with a device cache of recent
+volumes (``DeviceFeeder``; the host-to-device copy itself is not included: this machine has no GPU). Until
+2026-12-02 the main process read every distinct volume of every batch again; with volumes used in place
+(no copy left in the workers) that re-reading dominated and the bare rate (which never re-read) was no
+longer comparable: 0.28x for uncompressed sample-major that way, in the run before this rule.
 
 Readers:
 
@@ -52,6 +56,7 @@ LAYOUTS = {
 }
 COMPACT = "blosc-lz4"  # the recipes' compact layout (docs/SHARDS.md, "Compression")
 PAGE = 4096
+RECENT = 4  # distinct images a consumer keeps (a device cache of recent volumes): touched once while kept
 MIN_TIMED_S = 3.0  # timed passes repeat until this long (one pass of the slow readers already is)
 
 
@@ -223,19 +228,30 @@ def _loader(kind: str, path: Path, vids: list[str], workers: int, volume_major: 
     return torch.utils.data.DataLoader(ds, batch_size=BATCH, **common)
 
 
-def _consume(kind: str, batch) -> tuple[int, int]:
-    """(samples, images touched) for one batch received in the main process."""
+def _consume(kind: str, batch, seen: dict) -> tuple[int, int]:
+    """(samples, images touched) for one batch received in the main process.
+
+    The main process touches an image only when it is not among the last ``RECENT`` distinct images it
+    touched -- what a training loop with a device cache of recent volumes does (``DeviceFeeder``), and the
+    rule the bare rate uses. kneeprep batches name their volumes (``volume_keys``: the same decoded volume in
+    consecutive batches has the same key); the other readers hand over a new array per sample."""
     if kind == "kneeprep":
-        for v in batch["volumes"]:
-            touch(v)
+        pairs = list(zip(batch["volume_keys"], batch["volumes"], strict=True))
         n = len(batch)
         if batch["volume_major"]:
             n = sum(len(q) for q in batch["quintuples"])
-        return n, len(batch["volumes"])
-    imgs = batch["image"]
-    for im in imgs:
-        touch(im)
-    return len(imgs), len(imgs)
+    else:
+        pairs = [(id(im), im) for im in batch["image"]]
+        n = len(pairs)
+    touched = 0
+    for key, img in pairs:
+        if key not in seen:
+            touch(img)
+            touched += 1
+            seen[key] = img  # kept alive: ids stay unique
+            if len(seen) > RECENT:
+                seen.pop(next(iter(seen)))
+    return n, touched
 
 
 def measure(kind: str, path: Path, vids: list[str], workers: int, volume_major: bool = False):
@@ -243,19 +259,22 @@ def measure(kind: str, path: Path, vids: list[str], workers: int, volume_major: 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*pin_memory.*")
         dl = _loader(kind, path, vids, workers, volume_major)
+        seen: dict = {}
         for b in dl:  # warm-up: worker start, imports, page cache, slab pool
-            _consume(kind, b)
+            _consume(kind, b, seen)
         del b
+        seen.clear()
         t = time.perf_counter()
         n = imgs = 0
         while True:  # whole passes until MIN_TIMED_S: per-epoch start-up amortized as in a long epoch
             for b in dl:
-                a, c = _consume(kind, b)
+                a, c = _consume(kind, b, seen)
                 n, imgs = n + a, imgs + c
             del b
             dt = time.perf_counter() - t
             if dt >= MIN_TIMED_S:
                 break
+        seen.clear()
     del dl
     return dt, n, imgs
 
@@ -275,7 +294,7 @@ def measure_bare(path: Path) -> tuple[float, int]:
                     seen[id(img)] = img  # keep it alive so ids stay unique
                     touch(img)
                 n += 1
-                if len(seen) > 4:
+                if len(seen) > RECENT:
                     seen.pop(next(iter(seen)))
             dt = time.perf_counter() - t
             if warm or dt >= MIN_TIMED_S:
@@ -352,10 +371,12 @@ def run(workdir: Path) -> str:
         f"{N_VOLUMES} volumes of 160x384x384 uint16 ({raw / 2**20:.0f} MiB raw), {QUESTIONS} quintuples each. "
         f"Samples/s **received in the main process** from a torch DataLoader (batch {BATCH}, `pin_memory=True`, "
         "persistent fork workers; after a warm-up pass, whole passes timed until 3 s), the main process reading one voxel per 4 KiB page of every "
-        "image it receives (kneeprep: each distinct volume of the batch once; the others: every sample's image). "
+        f"image it receives unless it is among the last {RECENT} distinct images it read -- a device cache of recent volumes, "
+        "as `DeviceFeeder` keeps (kneeprep batches name their volumes, so a volume in consecutive batches is read once; "
+        "the other readers hand over a new array per sample: every sample's image is read). "
         "Not included: the host-to-device copy (no GPU on this machine: pinning is a no-op) and any model work. "
         f"HF and np.load timed on {PER_SAMPLE_N} samples. Bare = `ShardDataset` in one process, no DataLoader, "
-        "touching each distinct volume once; measured before and after that layout's loaders, the higher taken. "
+        f"touching each distinct volume once by the same rule; measured before and after that layout's loaders, the higher taken. "
         "Files come from the page cache. The machine is shared: expect noise of tens of percent.",
         "",
         "| reader | disk MiB | samples/s 0w | samples/s 1w | samples/s 2w | 2w vs HF 2w | 2w vs bare |",
