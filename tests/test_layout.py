@@ -85,7 +85,9 @@ MAX_MODULE_LINES = 420  #: issue 15: one job per module, "readable in one sittin
 
 
 def test_each_module_is_readable_in_one_sitting():
-    sizes = {f.relative_to(PKG).as_posix(): len(f.read_text().splitlines()) for f in sorted(PKG.rglob("*.py"))}
+    sizes = {
+        f.relative_to(PKG).as_posix(): len(f.read_text().splitlines()) for f in sorted(PKG.rglob("*.py"))
+    }
     assert len(sizes) > 60
     long = {m: n for m, n in sizes.items() if n > MAX_MODULE_LINES}
     assert long == {}, f"split by job: {long}"
