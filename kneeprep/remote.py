@@ -202,3 +202,14 @@ def local_or_staged_input(path: str | os.PathLike, **kw) -> Iterator[Path]:
             yield local
     else:
         yield p
+
+
+@contextlib.contextmanager
+def local_or_staged_output(path: str | os.PathLike, **kw) -> Iterator[Path]:
+    """``path`` itself when local (``file://`` URLs included), else :func:`staged_output` (``kw`` passed on)."""
+    p = as_local_or_url(path)
+    if isinstance(p, str):
+        with staged_output(p, **kw) as local:
+            yield local
+    else:
+        yield p

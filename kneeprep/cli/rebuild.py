@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from kneeprep.cli import RECIPE, dask_options
+from kneeprep.cli import RECIPE, break_lock_option, dask_options
 
 _DIR = click.Path(exists=True, file_okay=False)
 
@@ -40,12 +40,7 @@ _DIR = click.Path(exists=True, file_okay=False)
     "endpoint from the AWS environment): staged in $KNEEPREP_STAGE_DIR (default ~/.cache/kneeprep/stage) and "
     "published there, each volume and the shards by a completion record written last, under a lock object.",
 )
-@click.option(
-    "--break-lock",
-    is_flag=True,
-    help="--out URL only: clear another run's lock object first (only once you know that run is gone; a lock "
-    "left by a dead process of this host is taken over without it).",
-)
+@break_lock_option
 @click.option(
     "--verify",
     is_flag=True,

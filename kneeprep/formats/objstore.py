@@ -46,7 +46,8 @@ def skipped(rel: str) -> bool:
     """Never mirrored: lock files, temporary files, the store's work area, the staging index."""
     parts = rel.split("/")
     name = parts[-1]
-    if name.startswith(LOCK_FILE) or PARTIAL in rel or name == INDEX_NAME:
+    lock = name.startswith(LOCK_FILE) or (name.startswith(".kneeprep-") and name.endswith("-lock"))
+    if lock or PARTIAL in rel or name == INDEX_NAME:
         return True
     return any(
         p.endswith(".kneeprep") and i + 1 < len(parts) and parts[i + 1] == "work" for i, p in enumerate(parts)
@@ -61,6 +62,7 @@ class Units:
     volumes: dict[str, list[str]]  # unit ("store/<id>") -> its paths
     shards: dict[str, list[str]]  # shards directory ("shards") -> its shard files (data/, _volumes/)
     plain: list[str]
+    roots: frozenset[str] = frozenset()  # the stores' root zarr.json (uploaded before any volume)
 
     @staticmethod
     def of(rels: Iterable[str]) -> Units:
@@ -73,9 +75,17 @@ class Units:
         def has(d: str, name: str) -> bool:
             return (posixpath.join(d, name) if d else name) in present
 
-        # store roots: a directory holding zarr.json whose parent holds none (the topmost zarr group)
+        def ancestors(d: str) -> Iterable[str]:
+            while d:
+                d = parent(d)
+                yield d
+
+        # store roots: a directory holding zarr.json no ancestor of which holds one (the topmost zarr group;
+        # push uploads it before any volume, so a partial upload still has it)
         roots = {parent(r) for r in rels if posixpath.basename(r) == ZARR_JSON}
-        roots = {d for d in roots if not (d and has(parent(d), ZARR_JSON))}
+        roots = {d for d in roots if d and not any(has(a, ZARR_JSON) for a in ancestors(d))} | (
+            {""} if has("", ZARR_JSON) else set()
+        )
         shard_dirs = {parent(r) for r in rels if posixpath.basename(r) == MANIFEST}
         volumes: dict[str, list[str]] = {}
         shards: dict[str, list[str]] = {}
@@ -92,7 +102,7 @@ class Units:
             plain.append(r)
         for d in shard_dirs:
             shards.setdefault(d, [])
-        return Units(volumes, shards, plain)
+        return Units(volumes, shards, plain, frozenset(marker(d) if d else ZARR_JSON for d in roots))
 
 
 def _volume_unit(rel: str, roots: set[str]) -> str | None:
@@ -270,6 +280,8 @@ def _push(folder, fs, root, on_unit) -> dict[str, int]:
 
     def differing(rels: Iterable[str]) -> list[str]:
         return [r for r in rels if not index.same(r, local[r], remote.get(r))]
+
+    _put(fs, root, [(local[r], r) for r in differing(sorted(lu.roots & set(local)))])
 
     for unit in sorted(set(lu.volumes) | set(ru.volumes)):
         mine, theirs = lu.volumes.get(unit, []), ru.volumes.get(unit, [])
