@@ -57,7 +57,7 @@ def _remote_files(fs, root: str) -> dict[str, bytes]:
 
 
 def _is_chunk(rel: str) -> bool:
-    return ".zarr/" in rel and "/c/" in rel
+    return "/c/" in rel and not rel.endswith(".json")  # zarr v3 chunk keys: <array>/c/<i>/<j>/<k>
 
 
 def _assert_same(remote: dict[str, bytes], local: dict[str, bytes], remote_url=None, local_dir=None) -> None:
@@ -251,3 +251,39 @@ def test_a_second_run_is_refused_while_one_holds_the_lock(built, capsys):
     res = CliRunner().invoke(cli, _rebuild_args(sample, url) + ["--break-lock"], catch_exceptions=False)
     assert res.exit_code == 0 and "breaking lock of pid 1 on elsewhere" in res.output, res.output
     assert not fs.exists(f"{root}/{LOCK_OBJECT}")
+
+
+def test_convert_and_shards_to_s3_as_separate_stages(built, s3_server):
+    """``convert RAW s3://.../volumes.zarr`` (lock in ``volumes.zarr.kneeprep``), then ``shards`` from that store
+    to ``s3://.../shards``: the same volumes and shard bytes as the local rebuild."""
+    from s3server import new_bucket
+
+    sample, local, _, _ = built
+    bucket = new_bucket(s3_server)
+    store, shards = bucket.url("v/volumes.zarr"), bucket.url("v/shards")
+    runner = CliRunner()
+    common = ["--workers", "0", "--no-progress"]
+    res = runner.invoke(
+        cli,
+        ["convert", str(sample / "raw"), store, "--recipe", str(RECIPE), "--annotations", str(sample)]
+        + ["--masks", str(sample), *common],
+        catch_exceptions=False,
+    )
+    assert res.exit_code == 0, res.output
+    fs, root = url_filesystem(store)
+    assert fs.exists(f"{root}.kneeprep/sources.json") and not fs.exists(f"{root}.kneeprep/{LOCK_OBJECT}")
+    res = runner.invoke(
+        cli, ["shards", store, str(sample), shards, "--recipe", str(RECIPE), *common], catch_exceptions=False
+    )
+    assert res.exit_code == 0, res.output
+    got = _remote_files(fs, root)
+    want = {
+        k[len("volumes.zarr/") :]: v for k, v in _local_files(local).items() if k.startswith("volumes.zarr/")
+    }
+    _assert_same(got, want, store, local / "volumes.zarr")
+    sfs, sroot = url_filesystem(shards)
+    want = {k[len("shards/") :]: v for k, v in _local_files(local).items() if k.startswith("shards/")}
+    _assert_same(_remote_files(sfs, sroot), want)
+    res = runner.invoke(cli, ["validate", shards, *common], catch_exceptions=False)
+    assert res.exit_code == 0 and f"{shards}: OK" in res.output, res.output
+    bucket.fs.rm(bucket.bucket, recursive=True)

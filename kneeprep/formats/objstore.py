@@ -35,8 +35,8 @@ from pathlib import Path
 from kneeprep.errors import StoreError
 from kneeprep.files import LOCK_FILE, PARTIAL, write_json
 
-#: the staging folder's record of what was last synced: rel -> [size, mtime_ns, md5, etag]
-INDEX_NAME = ".kneeprep-synced.json"
+#: the staging folder's record of what was last synced (:class:`Index`)
+INDEX_NAME = ".kneeprep-synced.json"  # suffix of the index beside a staging folder
 MANIFEST = "manifest.json"
 ZARR_JSON = "zarr.json"
 SHARD_FOLDERS = ("data", "_volumes")
@@ -205,10 +205,11 @@ def clean_remote(fs, root: str, remote: dict[str, dict] | None = None) -> list[s
 
 
 class Index:
-    """The staging folder's record of the last sync: rel -> [size, mtime_ns, md5, etag]."""
+    """The staging folder's record of the last sync: rel -> [size, mtime_ns, md5, etag]; kept beside the
+    folder (``<folder>.kneeprep-synced.json``: a store holds only zarr nodes)."""
 
     def __init__(self, folder: Path):
-        self.path = folder / INDEX_NAME
+        self.path = folder.with_name(folder.name + INDEX_NAME)
         try:
             self.rows: dict[str, list] = json.loads(self.path.read_text())
         except (OSError, ValueError):
