@@ -11,8 +11,8 @@ store's latency or bandwidth. Measured:
   time in pull (staging folder made equal to the remote) and push (publication) from wrappers in the child;
   then a re-run of each (nothing to do), wall.
 * **loader**: samples/s of iterating ``ShardDataset`` (no DataLoader, one process, the split with the most
-  rows) over the local shards, over the S3 shards with a fresh cache folder (cold: every shard downloaded) and
-  with the same cache again (warm).
+  rows) over the local shards (twice: the first pass pays one-time costs, the second is the figure), over the
+  S3 shards with a fresh cache folder (cold: every shard downloaded) and with the same cache again (warm).
 
 Left out: a real object store (AWS S3, MinIO, GCS): request latency, throughput and multipart uploads are not
 measured; several workers (the publication is one process); DataLoader workers.
@@ -94,6 +94,7 @@ def _samples_per_s(path, **kw) -> tuple[float, int]:
 
 def run(workdir: Path) -> str:
     from kneeprep.formats.shard_reader import read_manifest
+    from kneeprep.formats.store import list_volumes
     from kneeprep.synth import generate
 
     sample = workdir / "sample"
@@ -115,8 +116,7 @@ def run(workdir: Path) -> str:
         remote = _rebuild(sample, url, env, "s3", workdir)
         local2 = _rebuild(sample, str(workdir / "local"), env, "local-rerun", workdir)
         remote2 = _rebuild(sample, url, env, "s3-rerun", workdir)
-        report = json.loads((workdir / "local" / "report.json").read_text())
-        n = report["stages"]["convert"]["counts"].get("written", 0)
+        n = len(list_volumes(workdir / "local" / "volumes.zarr"))
         manifest = read_manifest(workdir / "local" / "shards")
         rows: dict[str, int] = {}
         for e in manifest["shards"]:
@@ -124,7 +124,8 @@ def run(workdir: Path) -> str:
         split = max(rows, key=rows.get)
         nbytes = sum(e["bytes"] + e.get("volumes_bytes", 0) for e in manifest["shards"])
         os.environ.update(aws)  # the loader reads the endpoint from the AWS environment
-        loc, count = _samples_per_s(workdir / "local" / "shards", split=split)
+        loc_first, count = _samples_per_s(workdir / "local" / "shards", split=split)  # pays one-time costs
+        loc, _ = _samples_per_s(workdir / "local" / "shards", split=split)
         cache = workdir / "cache"
         cold, _ = _samples_per_s(f"{url}/shards", split=split, cache_dir=cache)
         warm, _ = _samples_per_s(f"{url}/shards", split=split, cache_dir=cache)
@@ -147,13 +148,15 @@ def run(workdir: Path) -> str:
         "|---|---|---|---|",
         f"| rebuild, process wall | {local['process_wall']:.2f} s | {remote['process_wall']:.2f} s | "
         f"{remote['process_wall'] / local['process_wall']:.2f}× |",
-        f"| per volume (wall / {n}) | {pv(local):.2f} s | {pv(remote):.2f} s | {pv(remote) / pv(local):.2f}× |",
-        f"| of which pull / push (publication) | – | {remote['pull']:.2f} s / {remote['push']:.2f} s | |",
+        f"| process wall / {n} volumes (fixed costs included) | {pv(local):.2f} s | {pv(remote):.2f} s | "
+        f"{pv(remote) / pv(local):.2f}× |",
+        f"| of which pull / push (publication) | – | {remote['pull']:.2f} s / {remote['push']:.2f} s "
+        f"({remote['push'] / n:.2f} s per volume, its share of the shards included) | |",
         f"| re-run, nothing to do | {local2['process_wall']:.2f} s | {remote2['process_wall']:.2f} s "
         f"(pull {remote2['pull']:.2f} s, push {remote2['push']:.2f} s) | "
         f"{remote2['process_wall'] / local2['process_wall']:.2f}× |",
-        f"| loader samples/s | {loc:.1f} | cold cache {cold:.1f}, warm cache {warm:.1f} | "
-        f"{cold / loc:.2f}× / {warm / loc:.2f}× |",
+        f"| loader samples/s (local: second pass; the first, with one-time costs, {loc_first:.1f}) | {loc:.1f} | "
+        f"cold cache {cold:.1f}, warm cache {warm:.1f} | {cold / loc:.2f}× / {warm / loc:.2f}× |",
         "",
         "Left out: a real object store (request latency, bandwidth, multipart uploads), several workers",
         "(publication runs in the driver), DataLoader workers. The S3 rebuild stages locally and then uploads:",
