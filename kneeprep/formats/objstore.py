@@ -321,7 +321,7 @@ def _push(folder, fs, root, on_unit) -> dict[str, int]:
         if on_unit is not None:
             on_unit(d)
     # plain files: the top-level report last (a rebuild's report.json says the run ended)
-    plain = sorted(lu.plain, key=lambda r: (r == "report.json", r))
+    plain = sorted((r for r in lu.plain if r not in lu.roots), key=lambda r: (r == "report.json", r))
     changed = differing(plain)
     _put(fs, root, [(local[r], r) for r in changed if r != "report.json"])
     if "report.json" in changed:
