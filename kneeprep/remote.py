@@ -133,11 +133,6 @@ def remote_lock(
 # -- staging ----------------------------------------------------------------------------------------------
 
 
-def _roots(url: str, with_sibling: bool) -> list[tuple[str, str]]:
-    """(url, role suffix) pairs: the URL, and a volume store's ``.kneeprep`` sibling with it."""
-    return [(url, "")] + ([(url + STORE_SIBLING, STORE_SIBLING)] if with_sibling else [])
-
-
 def _is_store(fs, root: str) -> bool:
     try:
         doc = json.loads(fs.cat_file(f"{root}/{objstore.ZARR_JSON}"))
