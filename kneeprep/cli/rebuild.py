@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from kneeprep.cli import RECIPE, break_lock_option, dask_options
+from kneeprep.cli import RECIPE, DirOrURL, break_lock_option, dask_options
 
 _DIR = click.Path(exists=True, file_okay=False)
 
@@ -34,7 +34,7 @@ _DIR = click.Path(exists=True, file_okay=False)
 )
 @click.option(
     "--out",
-    type=click.Path(file_okay=False),
+    type=DirOrURL(),
     required=True,
     help="Output directory: volumes.zarr, shards/, report.json; or a URL (s3://bucket/prefix, credentials and "
     "endpoint from the AWS environment): staged in $KNEEPREP_STAGE_DIR (default ~/.cache/kneeprep/stage) and "
