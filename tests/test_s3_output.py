@@ -246,8 +246,12 @@ def test_a_second_run_is_refused_while_one_holds_the_lock(built, capsys):
     assert f"{url}: another kneeprep run is writing to this output" in err and "--break-lock" in err
     assert f"pid {os.getpid()}" in err
     assert {k: v["etag"] for k, v in objstore.list_remote(fs, root).items()} == before
-    # --break-lock clears a lock held elsewhere; the run then completes and releases its own
+    # a lock from another host is never taken over on its own; --break-lock clears it, the run then completes
+    # and releases its own
     fs.pipe_file(f"{root}/{LOCK_OBJECT}", b'{"host": "elsewhere", "pid": 1}', mode="create")
+    with pytest.raises(SystemExit) as exit_:
+        main(_rebuild_args(sample, url))
+    assert exit_.value.code == 1 and "held by pid 1 on elsewhere" in capsys.readouterr().err
     res = CliRunner().invoke(cli, _rebuild_args(sample, url) + ["--break-lock"], catch_exceptions=False)
     assert res.exit_code == 0 and "breaking lock of pid 1 on elsewhere" in res.output, res.output
     assert not fs.exists(f"{root}/{LOCK_OBJECT}")
