@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCHES = ("convert", "enhanced", "boxes", "loader", "scale")
+BENCHES = ("convert", "enhanced", "boxes", "loader", "scale", "s3")
 
 
 def machine() -> str:

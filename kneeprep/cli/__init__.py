@@ -82,6 +82,37 @@ class RecipeType(click.ParamType):
 RECIPE = RecipeType()
 
 
+class DirOrURL(click.ParamType):
+    """A local directory (checked like ``click.Path(file_okay=False, exists=exists)``) or a URL
+    (``s3://bucket/prefix``, ``memory://...``; ``file://`` is a local path), passed on as a string."""
+
+    name = "dir_or_url"
+
+    def __init__(self, exists: bool = False):
+        self.exists = exists
+        self._path = click.Path(exists=exists, file_okay=False)
+
+    def convert(self, value, param, ctx):
+        value = str(value)
+        if "://" in value and not value.startswith("file://"):
+            return value
+        if value.startswith("file://"):
+            from urllib.parse import unquote, urlsplit
+
+            value = unquote(urlsplit(value).path)
+        return self._path.convert(value, param, ctx)
+
+
+def break_lock_option(f):
+    """``--break-lock`` for the commands that write to a URL."""
+    return click.option(
+        "--break-lock",
+        is_flag=True,
+        help="Output at a URL only: clear another run's lock object first (only once you know that run is "
+        "gone; a lock left by a dead process of this host is taken over without it).",
+    )(f)
+
+
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
         return list(COMMANDS)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import click
 
-from kneeprep.cli import RECIPE, dask_options
+from kneeprep.cli import RECIPE, DirOrURL, break_lock_option, dask_options
 
 
 @click.command()
 @click.argument("raw", type=click.Path(exists=True, file_okay=False))
-@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("out", type=DirOrURL())
 @click.option(
     "--recipe",
     "recipe_file",
@@ -38,9 +38,10 @@ from kneeprep.cli import RECIPE, dask_options
     "catches files edited in place with their mtime restored; reads every input file (docs/DESIGN.md, Resume).",
 )
 @dask_options
+@break_lock_option
 @click.option("--progress/--no-progress", default=True, help="Show progress bars on stderr.")
 @click.pass_context
-def convert(ctx, raw, out, recipe_file, annotations, masks, verify, workers, scheduler, progress):
+def convert(ctx, raw, out, recipe_file, annotations, masks, verify, break_lock, workers, scheduler, progress):
     """Convert the DICOM series under RAW selected by the recipe into the volume store OUT (a .zarr folder).
 
     \b
@@ -53,20 +54,26 @@ def convert(ctx, raw, out, recipe_file, annotations, masks, verify, workers, sch
     collection; the run report is written beside it, to OUT.kneeprep/report.json, and summarized here. Exit
     code 1 if any series failed, a volume was removed, or if no series was written or left unchanged (none
     found, or every one refused or not selected).
+
+    OUT may be a URL (s3://bucket/prefix/volumes.zarr; credentials and endpoint from the AWS environment):
+    the store is built in a local staging folder ($KNEEPREP_STAGE_DIR) and published there, each volume by
+    its group's zarr.json written last, under a lock object in OUT.kneeprep (--break-lock).
     """
     from kneeprep.cli.progress import bars
     from kneeprep.formats.store import report_path
     from kneeprep.recipe import load_recipe
+    from kneeprep.remote import local_or_staged_output
     from kneeprep.stages.convert import run_convert
 
     recipe = load_recipe(recipe_file)
-    with bars(progress) as p:
+    staged = local_or_staged_output(out, what="store", store=True, break_lock=break_lock, echo=click.echo)
+    with bars(progress) as p, staged as local:
         report = run_convert(
-            raw, out, recipe, annotations=annotations, masks=masks, workers=workers, scheduler=scheduler,
+            raw, local, recipe, annotations=annotations, masks=masks, workers=workers, scheduler=scheduler,
             progress=p, verify=verify,
         )  # fmt: skip
     click.echo(report.table())
-    click.echo(f"report: {click.format_filename(str(report_path(out)))}")
+    click.echo(f"report: {click.format_filename(str(report_path(local)))}")
     if report.nothing_usable:
         click.secho(f"error: {report.nothing_usable}", fg="red", err=True)
     if report.removed:

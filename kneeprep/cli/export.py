@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import click
 
-from kneeprep.cli import dask_options
+from kneeprep.cli import DirOrURL, break_lock_option, dask_options
 
 
 @click.command()
-@click.argument("source", metavar="SHARDS_OR_STORE", type=click.Path(exists=True, file_okay=False))
-@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("source", metavar="SHARDS_OR_STORE", type=DirOrURL(exists=True))
+@click.argument("out", type=DirOrURL())
 @click.option(
     "--layout",
     type=click.Choice(["3dreasonknee"]),
@@ -19,7 +19,7 @@ from kneeprep.cli import dask_options
 )
 @click.option(
     "--store",
-    type=click.Path(exists=True, file_okay=False),
+    type=DirOrURL(exists=True),
     default=None,
     help="Volume store (volumes.zarr) the shards were built from: adds masks and raw series paths.",
 )
@@ -47,11 +47,13 @@ from kneeprep.cli import dask_options
 )
 @dask_options
 @click.option("--force", is_flag=True, help="Rewrite every NIfTI, even those whose source is unchanged.")
+@break_lock_option
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar on stderr.")
 @click.pass_context
 def export(
-    ctx, source, out, layout, store, label_layer, answer, path_prefix, workers, scheduler, force, progress
-):
+    ctx, source, out, layout, store, label_layer, answer, path_prefix, workers, scheduler, force, break_lock,
+    progress,
+):  # fmt: skip
     """Export SHARDS_OR_STORE (a shards directory or a volumes.zarr) to OUT in the published layout, so the
     3DReasonKnee baseline and fine-tuning code runs on it unchanged.
 
@@ -65,13 +67,26 @@ def export(
     From shards: volumes, splits and quintuples (add --store for masks and raw paths). From a store: volumes
     and masks only. One task per volume; a re-run skips volumes whose source is unchanged. Exit code 1 if
     any volume failed (listed in OUT/report.json).
+
+    SHARDS_OR_STORE, --store and OUT may be URLs (s3://bucket/prefix): inputs are read from what is
+    published there, OUT is written in a local staging folder ($KNEEPREP_STAGE_DIR) and published with its
+    report.json last, under a lock object (--break-lock).
     """
+    import contextlib
+
     from kneeprep.cli.progress import bars
+    from kneeprep.remote import local_or_staged_input, local_or_staged_output
     from kneeprep.stages.export import run_export, summary
 
-    with bars(progress) as p:
+    with contextlib.ExitStack() as stack:
+        p = stack.enter_context(bars(progress))
+        src = stack.enter_context(local_or_staged_input(source))
+        st = stack.enter_context(local_or_staged_input(store)) if store else None
+        dst = stack.enter_context(
+            local_or_staged_output(out, what="export", break_lock=break_lock, echo=click.echo)
+        )
         report = run_export(
-            source, out, layout=layout, store=store, label_layer=label_layer, answer=answer,
+            src, dst, layout=layout, store=st, label_layer=label_layer, answer=answer,
             path_prefix=path_prefix, workers=workers, scheduler=scheduler, progress=p, force=force,
         )  # fmt: skip
     click.echo(report.table())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from kneeprep.cli import RECIPE, dask_options
+from kneeprep.cli import RECIPE, DirOrURL, break_lock_option, dask_options
 
 _DIR = click.Path(exists=True, file_okay=False)
 
@@ -34,10 +34,13 @@ _DIR = click.Path(exists=True, file_okay=False)
 )
 @click.option(
     "--out",
-    type=click.Path(file_okay=False),
+    type=DirOrURL(),
     required=True,
-    help="Output directory: volumes.zarr, shards/, report.json.",
+    help="Output directory: volumes.zarr, shards/, report.json; or a URL (s3://bucket/prefix, credentials and "
+    "endpoint from the AWS environment): staged in $KNEEPREP_STAGE_DIR (default ~/.cache/kneeprep/stage) and "
+    "published there, each volume and the shards by a completion record written last, under a lock object.",
 )
+@break_lock_option
 @click.option(
     "--verify",
     is_flag=True,
@@ -48,7 +51,7 @@ _DIR = click.Path(exists=True, file_okay=False)
 @click.option(
     "--progress/--no-progress", default=True, help="Show progress bars on stderr (--no-progress: logs, CI)."
 )
-def rebuild(recipe_file, raw, annotations, masks, out, verify, workers, scheduler, progress):
+def rebuild(recipe_file, raw, annotations, masks, out, break_lock, verify, workers, scheduler, progress):
     """Rebuild the whole dataset from RAW with one recipe: scan, convert, boxes, shards, validate, card.
 
     \b
@@ -77,7 +80,7 @@ def rebuild(recipe_file, raw, annotations, masks, out, verify, workers, schedule
     with bars(progress) as p:
         rep = run(
             recipe, raw, annotations, out, masks=masks, workers=workers, scheduler=scheduler, progress=p,
-            echo=click.echo, verify=verify,
+            echo=click.echo, verify=verify, break_lock=break_lock,
         )  # fmt: skip
     c = rep.stages["convert"]["counts"]
     sh = rep.stages["shards"]

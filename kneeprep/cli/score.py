@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from kneeprep.cli import DirOrURL
 from kneeprep.files import write_text
 
 TRUTH_COLUMNS = (
@@ -39,7 +40,7 @@ def truth_from_row(row: dict):
 
 @click.command("score")
 @click.argument("predictions", type=click.Path(exists=True, dir_okay=False))
-@click.argument("shards", type=click.Path(exists=True, file_okay=False))
+@click.argument("shards", type=DirOrURL(exists=True))
 @click.option(
     "--split",
     default="test",
@@ -60,17 +61,20 @@ def score(predictions: str, shards: str, split: str, out: str | None) -> None:
 
     Prints accuracy per finding family and region, and 3D IoU per region. Exit code 1 when lines of the
     predictions file could not be read (they are listed in the report); wrong or unparseable answers are
-    scores, not failures.
+    scores, not failures. SHARDS may be a URL (s3://bucket/prefix): its published shards are fetched into a
+    local staging folder ($KNEEPREP_STAGE_DIR) first.
     """
     import json
 
     from kneeprep.formats.shard_reader import iter_quintuples
+    from kneeprep.remote import local_or_staged_input
     from kneeprep.stages.score import read_predictions
     from kneeprep.stages.score import score as score_fn
 
     preds, errors = read_predictions(predictions)
-    rows = iter_quintuples(shards, split=None if split == "all" else split, columns=list(TRUTH_COLUMNS))
-    report = score_fn(preds, (truth_from_row(r) for r in rows))
+    with local_or_staged_input(shards) as local:
+        rows = iter_quintuples(local, split=None if split == "all" else split, columns=list(TRUTH_COLUMNS))
+        report = score_fn(preds, (truth_from_row(r) for r in rows))
     if report.truth == 0:
         raise click.UsageError(f"no quintuples of split {split!r} in {shards}")
     data = {"split": split, "predictions_file": str(predictions), "shards": str(shards)} | report.to_json()

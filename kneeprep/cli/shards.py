@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import click
 
-from kneeprep.cli import RECIPE, dask_options
+from kneeprep.cli import RECIPE, DirOrURL, break_lock_option, dask_options
 
 
 @click.command()
-@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.argument("store", type=DirOrURL(exists=True))
 @click.argument("annotations", type=click.Path(exists=True, file_okay=False))
-@click.argument("shards_dir", metavar="SHARDS", type=click.Path(file_okay=False))
+@click.argument("shards_dir", metavar="SHARDS", type=DirOrURL())
 @click.option(
     "--recipe",
     "recipe_file",
@@ -21,8 +21,9 @@ from kneeprep.cli import RECIPE, dask_options
 )
 @click.option("--force", is_flag=True, help="Rewrite the shards even when inputs and recipe are unchanged.")
 @dask_options
+@break_lock_option
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar (shards) on stderr.")
-def shards(store, annotations, shards_dir, recipe_file, force, workers, scheduler, progress):
+def shards(store, annotations, shards_dir, recipe_file, force, break_lock, workers, scheduler, progress):
     """Join the volumes of STORE (a volumes.zarr) with the annotations in ANNOTATIONS into Parquet shards
     under SHARDS, in the Hugging Face Hub layout (format in docs/SHARDS.md):
 
@@ -39,6 +40,10 @@ def shards(store, annotations, shards_dir, recipe_file, force, workers, schedule
     Prints quintuples per split, rejections by reason, shards and bytes; the full list of rejected
     quintuples is in SHARDS/report.json. A re-run with the same inputs and shards-stage recipe does nothing.
 
+    STORE and SHARDS may be URLs (s3://bucket/prefix; credentials and endpoint from the AWS environment):
+    the store is read from its published volumes, the shards are built in a local staging folder
+    ($KNEEPREP_STAGE_DIR) and published with the manifest written last, under a lock object (--break-lock).
+
     Exit code 1 when a quintuple was rejected for an error (volume missing or failed, bad annotation,
     unknown question, volume in no split); rejections of kind `no_box` (the question's region has no voxels
     in that volume's mask) are facts of the data and keep exit code 0.
@@ -46,16 +51,23 @@ def shards(store, annotations, shards_dir, recipe_file, force, workers, schedule
     from kneeprep.cli.progress import bars
     from kneeprep.formats.shard_schema import REPORT
     from kneeprep.recipe import load_recipe
+    from kneeprep.remote import local_or_staged_input, local_or_staged_output
     from kneeprep.stages.shards import build_shards
 
     if workers is not None and scheduler:
         raise click.UsageError("--workers and --scheduler exclude each other")
     recipe = load_recipe(recipe_file)
-    with bars(progress) as p:
+    with (
+        bars(progress) as p,
+        local_or_staged_input(store) as local_store,
+        local_or_staged_output(
+            shards_dir, what="shards directory", break_lock=break_lock, echo=click.echo
+        ) as out,
+    ):
         r = build_shards(
-            store,
+            local_store,
             annotations,
-            shards_dir,
+            out,
             recipe,
             force=force,
             workers=workers,
@@ -98,7 +110,7 @@ def shards(store, annotations, shards_dir, recipe_file, force, workers, schedule
 
 
 @click.command()
-@click.argument("shards_dir", metavar="SHARDS|STORE", type=click.Path(exists=True, file_okay=False))
+@click.argument("shards_dir", metavar="SHARDS|STORE", type=DirOrURL(exists=True))
 @click.option(
     "--no-decode", is_flag=True, help="Skip reading the voxel bytes (checksums still read every byte)."
 )
@@ -112,21 +124,35 @@ def validate(shards_dir, no_decode, workers, scheduler, progress):
     Given a volume store (a .zarr folder) instead: check its boxes table against the volumes (every
     volume's rows as its attrs give them, no row of a volume not in the store).
 
+    SHARDS|STORE may be a URL (s3://bucket/prefix): what is published there (the manifest's shards, the
+    volumes with their completion record) is fetched into a local staging folder ($KNEEPREP_STAGE_DIR) and
+    checked there.
+
     Prints every problem found; exit code 1 if there is any.
     """
+    from kneeprep.remote import local_or_staged_input
+
+    with local_or_staged_input(shards_dir) as local:
+        _validate(str(local), shards_dir, no_decode, workers, scheduler, progress)
+
+
+def _validate(shards_dir, shown, no_decode, workers, scheduler, progress):
     from kneeprep.cli.progress import bars
     from kneeprep.formats.shard_reader import read_manifest
     from kneeprep.stages.validate import validate_shards
     from kneeprep.stages.validate_store import is_store, validate_store
 
+    def echo_problem(p):
+        click.secho(str(p).replace(shards_dir, shown), fg="red")
+
     if is_store(shards_dir):
         problems = validate_store(shards_dir)
         for p in problems:
-            click.secho(str(p), fg="red")
+            echo_problem(p)
         if problems:
-            click.echo(f"{len(problems)} problem(s) in {shards_dir}")
+            click.echo(f"{len(problems)} problem(s) in {shown}")
             raise SystemExit(1)
-        click.echo(f"{shards_dir}: OK (boxes table matches the volumes)")
+        click.echo(f"{shown}: OK (boxes table matches the volumes)")
         return
 
     if workers is not None and scheduler:
@@ -136,12 +162,10 @@ def validate(shards_dir, no_decode, workers, scheduler, progress):
             shards_dir, decode=not no_decode, workers=workers, scheduler=scheduler, progress=p
         )
     for p in problems:
-        click.secho(str(p), fg="red")
+        echo_problem(p)
     if problems:
-        click.echo(f"{len(problems)} problem(s) in {shards_dir}")
+        click.echo(f"{len(problems)} problem(s) in {shown}")
         raise SystemExit(1)
     m = read_manifest(shards_dir)
     rows = sum(e["rows"] for e in m["shards"])
-    click.echo(
-        f"{shards_dir}: OK ({len(m['shards'])} shards, {rows} quintuples, schema v{m['schema_version']})"
-    )
+    click.echo(f"{shown}: OK ({len(m['shards'])} shards, {rows} quintuples, schema v{m['schema_version']})")

@@ -29,7 +29,8 @@ the same filesystem. Replacing a volume moves the old group aside first (``.old`
 one is in place, so a reader sees the old volume, the new one, or (for the instant between the two renames, or
 after a crash there) none, never a mixture. A crashed or interrupted writer leaves only ``.partial``/``.old``
 entries in the work area, which :func:`clean_work_area` removes at the start of the next run. Local
-filesystems only (object stores have no rename; they would need a completion flag written last).
+filesystems only; on an object store (no rename) a volume is published from a local staging copy with its
+group's ``zarr.json`` written last (:mod:`kneeprep.formats.objstore`).
 
 **Chunks and codec** (chosen by measurement, see ``docs/DESIGN.md`` "Chunks and codec"): whole in-plane slabs
 of about 4 MiB along array axis 0 (16 slices of a 384x384 uint16 DESS), Blosc zstd level 3 with bit-shuffle

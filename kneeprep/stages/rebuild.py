@@ -38,9 +38,11 @@ from kneeprep.formats.card import write_card
 from kneeprep.formats.report import Progress
 from kneeprep.formats.shard_reader import read_manifest
 from kneeprep.formats.store import report_path as vstore_report_path
+from kneeprep.formats.urls import as_local_or_url
 from kneeprep.parallel import executor
 from kneeprep.privacy import Pseudonymizer
 from kneeprep.recipe import Recipe
+from kneeprep.remote import staged_output
 from kneeprep.stages.boxes import recompute_store_boxes
 from kneeprep.stages.convert import run_convert
 from kneeprep.stages.shards import build_shards
@@ -113,10 +115,23 @@ def rebuild(
     progress: Progress | None = None,
     echo=print,
     verify: bool = False,
+    storage_options: dict[str, Any] | None = None,
+    break_lock: bool = False,
 ) -> RebuildReport:
-    """Run scan → convert → boxes → shards → validate → card; returns (and writes) the rebuild report."""
+    """Run scan → convert → boxes → shards → validate → card; returns (and writes) the rebuild report.
 
-    out = Path(out)
+    ``out`` may be a URL (``s3://bucket/prefix``): the run is staged locally and published there, every
+    volume and the shards by a completion record written last, under a lock object (:mod:`kneeprep.remote`;
+    ``break_lock`` clears another run's lock)."""
+    out = as_local_or_url(out)
+    if isinstance(out, str):
+        with staged_output(
+            out, what="output", storage_options=storage_options, break_lock=break_lock, echo=echo
+        ) as local:
+            return rebuild(
+                recipe, raw, annotations, local, masks=masks, workers=workers, scheduler=scheduler,
+                progress=progress, echo=echo, verify=verify,
+            )  # fmt: skip
     for name, p in (("raw", raw), ("annotations", annotations), ("masks", masks)):
         if p is not None and not Path(p).is_dir():
             raise InputNotFoundError(f"{p}: {name} directory not found")
