@@ -8,15 +8,13 @@ records too (:class:`Source`, :class:`Qc`, :class:`LabelLayer`, :class:`Provenan
 (``transforms``, ``normalization``), the DICOM whitelist (``dicom``), ``image_set`` and the boxes
 (``Box.to_json()`` each; :meth:`VolumeAttrs.box_records` parses them) stay JSON values.
 
-**Lossless.** ``VolumeAttrs.from_json(d).to_json() == d`` with the keys in the same order, for every store
-kneeprep writes or wrote, so a record read, changed (:func:`dataclasses.replace`) and written back changes
-only what was changed:
+**Lossless.** ``VolumeAttrs.from_json(d).to_json() == d``, keys in the same order, for every store kneeprep
+writes or wrote (a record read, changed and written back changes only what was changed):
 
 * a key the record does not know (a newer or older writer's) is kept in ``extra`` and written back where it
-  was; nothing is refused for being unknown;
+  was;
 * a known key that is absent (an older store; the minimal attrs tests write) is ``None`` and stays absent;
-  ``keys`` holds the key order as read. A field set later on a record that lacked it is appended, as a
-  dict update would.
+  ``keys`` holds the key order as read; a field set later is appended, as a dict update would.
 
 **Validation** (``__post_init__``, as zarr-python's codecs do): a value of the wrong type or an impossible one
 (a knee side other than 1 or 2, an unknown dtype, a negative file count ...) raises
@@ -66,13 +64,10 @@ def _int_list(v) -> bool:
 
 
 def _json_copy(v: Any) -> Any:
-    """A copy of a JSON value (dicts, lists, scalars; tuples become lists as in JSON): what
-    ``_json_copy`` gives for these, ~10x faster (a volume's boxes are read several times per run)."""
+    """A copy of a JSON value (tuples become lists, as in JSON); much faster than ``copy.deepcopy``."""
     if isinstance(v, dict):
         return {k: _json_copy(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [_json_copy(x) for x in v]
-    return v
+    return [_json_copy(x) for x in v] if isinstance(v, list | tuple) else v
 
 
 class _Record:
@@ -364,10 +359,8 @@ class VolumeAttrs(_Record):
     @classmethod
     def from_json(cls, d: Any, where: Any = None) -> VolumeAttrs:
         """The record of a volume's attrs as stored; ``where`` (the volume's path, say) prefixes every error.
-
-        The record takes ``d``'s nested JSON parts over without copying them (a volume's boxes are a few
-        thousand JSON values, read several times per run): pass a copy if you go on changing ``d``.
-        :meth:`to_json` always returns a fresh object."""
+        ``d``'s nested JSON parts are taken over, not copied (a volume's boxes are thousands of values, read
+        several times per run): pass a copy if you go on changing ``d``; :meth:`to_json` returns a fresh one."""
         try:
             if isinstance(d, Mapping) and "volume_id" not in d:
                 raise StoreError("attrs volume_id: missing")
