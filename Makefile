@@ -29,6 +29,10 @@ $(VENV)/.stamp-test: pyproject.toml | $(BIN)/python
 	@# test data only: heudiconv's tests/data holds a Siemens XA30 enhanced MR (its dependencies are not needed)
 	$(BIN)/python -m pip install --quiet --no-deps heudiconv
 	@touch $@ $(VENV)/.stamp-base
+# test data only, from PyPI: imagedata's sdist (MIT) holds Siemens Prisma multi-echo series (tests/test_multiecho_real.py)
+TESTDATA = $(VENV)/testdata/imagedata-3.9.7.tar.gz
+$(TESTDATA): | $(BIN)/python
+	$(BIN)/python -m pip download --quiet --no-deps --no-binary :all: imagedata==3.9.7 -d $(VENV)/testdata
 $(VENV)/.stamp-bench: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test,bench,torch]'
 	@touch $@ $(VENV)/.stamp-test $(VENV)/.stamp-base
@@ -49,10 +53,10 @@ shards: $(VENV)/.stamp-base
 	$(BIN)/kneeprep shards $(DEMO)/volumes.zarr $(DEMO)/sample $(DEMO)/shards --recipe 3dreasonknee
 	$(BIN)/kneeprep validate $(DEMO)/shards
 
-test: $(VENV)/.stamp-test
+test: $(VENV)/.stamp-test $(TESTDATA)
 	$(BIN)/python -m pytest -q -m "not slow" --durations=10
 
-test-all: $(VENV)/.stamp-test
+test-all: $(VENV)/.stamp-test $(TESTDATA)
 	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.stamp-bench

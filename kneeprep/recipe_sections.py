@@ -19,7 +19,7 @@ class Select:
     series_description: str = r"^SAG_3D_DESS_(RIGHT|LEFT)$"
     #: "ok": only series whose QC verdict is ok; "warn": also those with warnings. Failed never convert.
     min_qc: str = "warn"
-    #: a series split into image sets (echoes, time points, b-values, magnitude/phase; volume id suffix
+    #: a series split into image sets (echoes, time points, b-values, magnitude/phase, acquisitions; volume id suffix
     #: ``_e2`` ...): "all" converts every set, "first" only the first (lowest echo, time, b-value), anything
     #: else is a regex matched in full against the suffix (``"e1|e2"``, ``"b0|b1000-d.*"``).
     image_sets: str = "all"

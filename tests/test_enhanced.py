@@ -359,3 +359,65 @@ def test_image_sets_option_is_checked_and_its_default_keeps_recipe_hashes():
         "convert"
     )
     assert "image_sets" not in default._hashed()["select"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# repeated acquisitions (AcquisitionNumber); the real Siemens series: tests/test_multiecho_real.py
+
+
+def _repeated(tmp_path, acq_numbers):
+    """A classic series of two images per position; ``acq_numbers(r, k)``: AcquisitionNumber of repeat r's
+    slice k."""
+    folder = _series_folder(tmp_path)
+    arrays = []
+    for r in range(2):
+        arr = (clean_array() + 500 * r).astype(np.uint16)
+        arrays.append(arr)
+        write_series(arr, clean_geometry(), folder, tags=TAGS, series_uid="1.2.3.4", study_uid="1.2.3",
+                     frame_uid="1.2.3.5", file_names=[f"r{r + 1}_{k:03d}" for k in range(8)],
+                     slice_tags=[{"AcquisitionNumber": acq_numbers(r, k), "SOPInstanceUID": make_uid("acq", r, k)}
+                                 for k in range(8)])  # fmt: skip
+    return tmp_path / "raw", arrays
+
+
+def test_repeated_acquisitions_split_by_acquisition_number_and_the_recipe_selects(tmp_path):
+    from kneeprep.formats.store import list_volumes, read_attrs
+    from kneeprep.stages.convert import run_convert
+
+    raw, arrays = _repeated(tmp_path, lambda r, k: r + 1)
+    a1, a2 = scan_tree(raw).series
+    assert (a1.image_set["suffix"], a2.image_set["suffix"]) == ("a1", "a2")
+    assert a2.image_set["attributes"] == ["AcquisitionNumber"] and a2.image_set["values"] == [2]
+    np.testing.assert_array_equal(read_series(a2)[0], arrays[1])
+    run_convert(raw, tmp_path / "a2.zarr", parse_recipe({"select": {"image_sets": "a2"}}), workers=0,
+                progress=False)  # fmt: skip
+    (vid,) = list_volumes(tmp_path / "a2.zarr")
+    assert vid == "9000296_00M_20040909_10693717_1_a2"
+    assert read_attrs(tmp_path / "a2.zarr", vid)["image_set"]["values"] == [2]
+
+
+def test_acquisition_number_per_slice_leaves_a_series_and_its_echoes_alone(tmp_path):
+    # a plain series whose slices each carry their own AcquisitionNumber (some scanners number 2D slices so)
+    write_series(clean_array(), clean_geometry(), _series_folder(tmp_path / "one"), tags=TAGS,
+                 slice_tags=[{"AcquisitionNumber": k + 1} for k in range(8)])  # fmt: skip
+    (s,) = scan_tree(tmp_path / "one" / "raw").series
+    assert s.qc.status == "ok" and s.image_set is None and s.n_slices == 8
+    # two echoes, AcquisitionNumber per slice (same in both echoes): split by echo, not by echo x acquisition
+    folder = _series_folder(tmp_path / "two")
+    for e in range(2):
+        write_series(clean_array(), clean_geometry(), folder, tags={**TAGS, "EchoNumbers": e + 1},
+                     series_uid="1.2.3.4", study_uid="1.2.3", frame_uid="1.2.3.5",
+                     file_names=[f"e{e + 1}_{k:03d}" for k in range(8)],
+                     slice_tags=[{"AcquisitionNumber": k + 1, "SOPInstanceUID": make_uid("ek", e, k)}
+                                 for k in range(8)])  # fmt: skip
+    sets = scan_tree(tmp_path / "two" / "raw").series
+    assert [x.image_set["suffix"] for x in sets] == ["e1", "e2"]
+    assert all(x.qc.status == "ok" and x.image_set["attributes"] == ["EchoNumbers"] for x in sets)
+
+
+def test_acquisition_numbers_that_do_not_partition_are_refused(tmp_path):
+    # both images of slice 2 are acquisition 1: no clean partition, refused, not mixed
+    raw, _ = _repeated(tmp_path, lambda r, k: 1 if k == 2 else r + 1)
+    (s,) = scan_tree(raw).series
+    assert s.qc.status == "unsupported" and s.image_set is None
+    assert "do not partition" in s.qc.first_reason and "AcquisitionNumber 2 values" in s.qc.first_reason

@@ -96,6 +96,7 @@ def header_from_dataset(p: Path, ds, size: int) -> SliceHeader:
         trigger_time=_opt(ds, "TriggerTime", float),
         b_value=_opt(ds, "DiffusionBValue", float),
         b_direction=_floats(ds.get("DiffusionGradientOrientation"), 3),
+        acquisition_number=_opt(ds, "AcquisitionNumber", int),
         complex_component=complex_component(str(ds.get("ComplexImageComponent", "") or ""), image_type),
     )
 

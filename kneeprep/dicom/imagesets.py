@@ -12,8 +12,9 @@ SOPInstanceUID, or distinct frames of one file) is split by the first key, in th
 Each set becomes its own series record with a volume id suffix ``_<token>`` (:func:`suffix`): ``e2`` for
 EchoNumbers 2 (or the 2nd EchoTime), ``t3`` for TemporalPositionIdentifier 3 (or the 3rd TriggerTime),
 ``b1000`` for DiffusionBValue 1000, ``d2`` for the 2nd gradient direction, ``mag`` / ``phase`` / ``real`` /
-``imag`` for the complex component, ``it2`` for the 2nd ImageType; several joined by ``-`` (``e2-phase``,
-``b1000-d3``). A set missing a slice is then checked like any series (and fails with ``missing slices``);
+``imag`` for the complex component, ``it2`` for the 2nd ImageType, ``a3`` for AcquisitionNumber 3 (a repeated
+acquisition of the same positions, e.g. Siemens' repetitions without temporal tags; tried last); several joined
+by ``-`` (``e2-phase``, ``b1000-d3``, ``e2-a3``). A set missing a slice is then checked like any series (and fails with ``missing slices``);
 a series no key partitions cleanly is refused whole with the reason: never a mixed volume.
 """
 
@@ -47,6 +48,7 @@ ATTRIBUTES: tuple[tuple[str, str, Callable, Callable], ...] = (
     ("ComplexImageComponent", "ComplexImageComponent", lambda h: h.complex_component or None,
      lambda v, r: {"MAGNITUDE": "mag", "PHASE": "phase", "REAL": "real", "IMAGINARY": "imag"}.get(v, f"c{r}")),
     ("ImageType", "FrameType", lambda h: "\\".join(h.image_type) or None, lambda v, r: f"it{r}"),
+    ("AcquisitionNumber", "AcquisitionNumber", lambda h: h.acquisition_number, lambda v, r: f"a{v}"),
 )  # fmt: skip
 
 
@@ -183,6 +185,6 @@ def split_image_sets(headers: Sequence[SliceHeader], qc: QC) -> tuple[list[Image
     return whole, Finding(
         "unsupported",
         f"image sets do not partition: slice positions hold up to {k} distinct images and no attribute "
-        f"(echo, temporal position, diffusion b-value/direction, complex component, image type, or a pair of "
-        f"them) splits them into {k} sets of one image per position (varying: {seen}); refused, not mixed",
+        f"(echo, temporal position, diffusion b-value/direction, complex component, image type, "
+        f"acquisition number, or a pair of them) splits them into {k} sets of one image per position (varying: {seen}); refused, not mixed",
     )

@@ -29,7 +29,7 @@ _WANTED = frozenset({
     0x00100020, 0x00120051, 0x00180088, 0x0020000E, 0x00200011, 0x00200013, 0x00200032, 0x00200037,
     0x00200052, 0x00200060, 0x00200062, 0x00280002, 0x00280008, 0x00280010, 0x00280011, 0x00280030,
     0x00280100, 0x00280101, 0x00280103, 0x00281052, 0x00281053,
-    0x00180081, 0x00180086, 0x00181060, 0x00189087, 0x00189089, 0x00200100, 0x00089208,
+    0x00180081, 0x00180086, 0x00181060, 0x00189087, 0x00189089, 0x00200100, 0x00089208, 0x00200012,
 })  # fmt: skip
 _HEAD_BYTES = 1 << 14  # a typical MR header fits; more is read when it does not
 
@@ -296,5 +296,6 @@ def _header_from_values(p: Path, size: int, ts: str, raw: dict[int, bytes], tell
         trigger_time=v.opt_number(0x00181060),
         b_value=(v.fd(0x00189087, 1) or (None,))[0],
         b_direction=v.fd(0x00189089, 3),
+        acquisition_number=v.opt_int(0x00200012),
         complex_component=complex_component(v.text(0x00089208), image_type),
     )

@@ -73,6 +73,7 @@ class SliceHeader:
     trigger_time: float | None = None  # TriggerTime (0018,1060)
     b_value: float | None = None  # DiffusionBValue (0018,9087)
     b_direction: tuple[float, ...] | None = None  # DiffusionGradientOrientation (0018,9089)
+    acquisition_number: int | None = None  # AcquisitionNumber (0020,0012): a repeated acquisition
     complex_component: str = ""  # ComplexImageComponent (0008,9208), else from ImageType: MAGNITUDE/PHASE/...
     frame: int | None = None  # 1-based frame number in a multi-frame file; None for a single-frame file
 
