@@ -137,6 +137,7 @@ def run(workdir: Path) -> str:
     shutil.rmtree(workdir / "stage", ignore_errors=True)
     pv = lambda r: r["process_wall"] / n  # noqa: E731
     lines = [
+        "<!-- bench:s3 -->",
         "## s3: rebuild to a local S3 server vs local disk; loader from S3 vs local files",
         "",
         f"A `kneeprep synth --size full` sample of {PATIENTS} patients ({n} DESS volumes); `rebuild --workers 0` in",
