@@ -89,9 +89,8 @@ def _rebuild(token, slabs, image_index, fields, volume_major, finish):
             with _RECEIVER_LOCK:
                 m = _file_map(path, tuple(fkey))
             arr = np.frombuffer(m, np.dtype(dtype), count=math.prod(shape), offset=offset).reshape(shape)
-            arr.flags.writeable = (
-                finish == "torch"
-            )  # a private (copy-on-write) mapping: the file never changes
+            # writable for torch (as slabs are): the mapping is private, copy-on-write, so the file never changes
+            arr.flags.writeable = finish == "torch"
             volumes.append(arr)
             keys.append(("file", tuple(fkey), offset))
             continue
