@@ -205,9 +205,12 @@ def test_blosc_shards_through_a_forked_dataloader(shards, blosc_shards):
     assert all(v == int(data.volumes[k.rsplit("_", 1)[0]][0].astype(np.int64).sum()) for k, v in got.items())
 
 
-@pytest.mark.parametrize("layout", ["lz4", "none"])  # through slabs; in place from the file
+# through slabs, one batch per message or four; in place from the file
+@pytest.mark.parametrize("layout,per", [("lz4", 1), ("lz4", 4), ("none", 4)])
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])
-def test_torch_dataloader_two_workers_batches_and_resume(shards, raw_shards, start_method, layout, recwarn):
+def test_torch_dataloader_two_workers_batches_and_resume(
+    shards, raw_shards, start_method, layout, per, recwarn
+):
     torch = pytest.importorskip("torch")
     import multiprocessing
 
@@ -217,20 +220,24 @@ def test_torch_dataloader_two_workers_batches_and_resume(shards, raw_shards, sta
     path = raw_shards if layout == "none" else path
     ds = ShardDataset(path, seed=4, columns=["sample_id", "volume_id", "image", "box_voxels"])
     dl = make_loader(
-        ds, batch_size=4, num_workers=2, multiprocessing_context=multiprocessing.get_context(start_method)
-    )
+        ds, batch_size=4, num_workers=2, multiprocessing_context=multiprocessing.get_context(start_method),
+        batches_per_message=per,
+    )  # fmt: skip
     tds = dl.dataset
-    got = []
+    got, sizes = [], []
     for batch in dl:
         got += batch["sample_id"]
+        sizes.append(len(batch))
         assert batch["images"].dtype == torch.uint16 and batch["image_index"].dtype == torch.int64
         assert len(batch["volumes"]) == len(set(batch["volume_id"]))  # each distinct volume once
         full = batch.image_stack()
         assert full.shape == (len(batch), 6, 20, 24)
         for i, vid in enumerate(batch["volume_id"]):  # bit for bit the stored volume
             np.testing.assert_array_equal(full[i].numpy(), data.volumes[vid][0])
-    assert sorted(got) == sorted(train) and len(got) == len(ds) and len(dl) == 9
-    assert got == merged(ShardDataset(path, seed=4, columns=["sample_id"]), 2, 4)
+    assert sorted(got) == sorted(train) and len(got) == len(ds) and len(dl) == 9 == len(sizes)
+    assert sizes[:-1] == [4] * 8  # batches of 4 whatever the message size; only the last one shorter
+    # the order of a sample-level DataLoader handing out 4 * per samples at a time, cut into batches of 4
+    assert got == merged(ShardDataset(path, seed=4, columns=["sample_id"]), 2, 4 * per)
     # resume mid-epoch under the same DataLoader setup continues the same order
     tds.load_state_dict(tds.state_dict(consumed=8))
     rest = [sid for batch in dl for sid in batch["sample_id"]]
@@ -241,7 +248,7 @@ def test_torch_dataloader_two_workers_batches_and_resume(shards, raw_shards, sta
     assert sorted(epoch1) == sorted(train) and epoch1 != got
     other = ShardDataset(path, seed=4, columns=["sample_id"])
     other.set_epoch(1)
-    assert epoch1 == merged(other, 2, 4)
+    assert epoch1 == merged(other, 2, 4 * per)
     assert not [w for w in recwarn if "writable" in str(w.message)]  # torch warns on read-only arrays
 
 

@@ -282,7 +282,7 @@ def test_torch_dataloader_two_workers_over_s3(s3_shards, tmp_path, start_method)
         for i, vid in enumerate(batch["volume_id"]):
             np.testing.assert_array_equal(full[i].numpy(), data.volumes[vid][0])
         assert full.dtype == torch.uint16
-    assert got == merged(ShardDataset(path, seed=4, columns=["sample_id"]), 2, 4)
+    assert got == merged(ShardDataset(path, seed=4, columns=["sample_id"]), 2, 4 * 4)  # 4 batches per message
     sizes = shard_keys(m)
     assert {k: v for k, v in b.fetched_bytes("run/shards/").items() if k in sizes} == sizes  # shared cache
 

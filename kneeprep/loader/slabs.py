@@ -296,19 +296,37 @@ class WireBatch:
 
 
 def iter_batches(
-    dataset, worker: int, num_workers: int, batch_size: int, pool: SlabPool, finish: str = "numpy"
-) -> Iterator[WireBatch]:
+    dataset,
+    worker: int,
+    num_workers: int,
+    batch_size: int,
+    pool: SlabPool,
+    finish: str = "numpy",
+    per_message: int = 1,
+) -> Iterator[WireBatch] | Iterator[list[WireBatch]]:
     """Worker ``worker``'s batches of a :class:`kneeprep.loader.dataset.ShardDataset`, decoded into ``pool``: the
-    batches a DataLoader of ``batch_size`` would form from the worker's samples (items when volume-major)."""
+    batches a DataLoader of ``batch_size`` would form from the worker's samples (items when volume-major).
+
+    ``per_message`` > 1: lists of that many consecutive batches (the last one shorter), cut as a DataLoader of
+    ``batch_size * per_message`` would hand the worker its samples -- one message per list amortizes the
+    DataLoader's per-message cost; flattened in order they continue the DataLoader's output order for that
+    batch size (:class:`kneeprep.loader.torchdata.TorchShardDataset`)."""
     records: list[dict] = []
-    for r in dataset.iter_worker(worker, num_workers, batch_size, alloc=pool.alloc, view=pool.view):
+    message: list[WireBatch] = []
+    unit = batch_size * per_message
+    for r in dataset.iter_worker(worker, num_workers, unit, alloc=pool.alloc, view=pool.view):
         records.append(r)
         del r  # no reference of this frame may keep a sent volume's slab busy
         if len(records) == batch_size:
-            yield pool.batch(records, dataset.volume_major, finish)
+            message.append(pool.batch(records, dataset.volume_major, finish))
             records.clear()  # the worker's own references go: the slabs are then held by the batch alone
+            if len(message) == per_message:
+                yield message if per_message > 1 else message[0]
+                message = []
     if records:
-        yield pool.batch(records, dataset.volume_major, finish)
+        message.append(pool.batch(records, dataset.volume_major, finish))
+    if message:
+        yield message if per_message > 1 else message[0]
 
 
 _pools: dict[int, SlabPool] = {}

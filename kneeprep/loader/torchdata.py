@@ -40,9 +40,8 @@ no warning).
 
 from __future__ import annotations
 
+import collections
 import os
-import threading
-from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
@@ -58,6 +57,7 @@ import numpy as np
 
 from kneeprep.loader import slabs
 from kneeprep.loader.dataset import ShardDataset
+from kneeprep.loader.device import PINNED, DeviceCache, DeviceFeeder, PinnedPool  # noqa: F401 - re-exported
 
 
 class TorchShardDataset(IterableDataset):
@@ -67,7 +67,11 @@ class TorchShardDataset(IterableDataset):
     order :meth:`ShardDataset.iter_worker` defines, so the training loop sees the same batches as with a
     sample-level DataLoader of the same ``batch_size``. Use it with ``DataLoader(batch_size=None)``
     (:func:`make_loader` does). ``max_slabs`` / ``wait_s``: each worker's shared-memory pool
-    (:mod:`kneeprep.loader.slabs`).
+    (:mod:`kneeprep.loader.slabs`). ``batches_per_message`` > 1: a worker sends lists of that many
+    consecutive batches (the DataLoader's cost is per message: 2 workers with 4 per message received about
+    twice the batches per second, bench/RESULTS.md); the order is then that of a sample-level DataLoader of
+    ``batch_size * batches_per_message`` cut into batches, and the DataLoader must flatten the lists
+    (:func:`make_loader`'s does).
     """
 
     def __init__(
@@ -77,12 +81,16 @@ class TorchShardDataset(IterableDataset):
         *,
         max_slabs: int = slabs.DEFAULT_MAX_SLABS,
         wait_s: float = slabs.DEFAULT_WAIT_S,
+        batches_per_message: int = 1,
     ):
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_size < 1 or batches_per_message < 1:
+            raise ValueError(
+                f"batch_size and batches_per_message must be >= 1, got {batch_size}, {batches_per_message}"
+            )
         self.dataset = dataset
         self.batch_size = batch_size
+        self.batches_per_message = batches_per_message
         self.max_slabs, self.wait_s = max_slabs, wait_s
         # (epoch, samples to skip) in shared memory: persistent workers keep their copy of the dataset, so
         # set_epoch / load_state_dict in the training process must reach them through memory they share
@@ -96,8 +104,14 @@ class TorchShardDataset(IterableDataset):
         epoch, resume = (int(x) for x in self._shared.tolist())
         self.dataset.epoch, self.dataset._resume = epoch, resume
         pool = slabs.worker_pool(self.max_slabs, self.wait_s)
-        for wire in slabs.iter_batches(self.dataset, w, k, self.batch_size, pool, finish="torch"):
-            yield wire.receive() if info is None else wire
+        per = self.batches_per_message
+        for msg in slabs.iter_batches(self.dataset, w, k, self.batch_size, pool, "torch", per):
+            if info is not None:
+                yield msg
+            elif per > 1:  # no workers: nothing to amortize, the batches one by one
+                yield from (wire.receive() for wire in msg)
+            else:
+                yield msg.receive()
 
     def __len__(self) -> int:
         """Batches per rank per epoch (what ``len(DataLoader)`` reports)."""
@@ -130,18 +144,23 @@ def make_loader(
     prefetch_factor: int | None = 2,
     multiprocessing_context=None,
     max_slabs: int = slabs.DEFAULT_MAX_SLABS,
+    batches_per_message: int = 4,
     **kwargs,
 ) -> DataLoader:
     """A ``DataLoader`` of :class:`VolumeBatch` (``dl.dataset`` is the :class:`TorchShardDataset`).
 
     ``pin_memory`` defaults to whether CUDA is available (so CPU-only machines get no warning);
-    ``persistent_workers`` to ``num_workers > 0``. Other keyword arguments go to ``DataLoader``.
+    ``persistent_workers`` to ``num_workers > 0``. With workers, each sends ``batches_per_message`` batches
+    per message (:class:`TorchShardDataset`; iterating the loader yields them one by one; the order is that
+    of a sample-level DataLoader of ``batch_size * batches_per_message`` cut into batches of ``batch_size``).
+    Other keyword arguments go to ``DataLoader``.
     """
     pin = torch.cuda.is_available() if pin_memory is None else pin_memory
     persistent = num_workers > 0 if persistent_workers is None else persistent_workers
     extra = {"prefetch_factor": prefetch_factor} if num_workers > 0 else {}
-    return DataLoader(
-        TorchShardDataset(dataset, batch_size, max_slabs=max_slabs),
+    per = batches_per_message if num_workers > 0 else 1
+    return _FlatLoader(
+        TorchShardDataset(dataset, batch_size, max_slabs=max_slabs, batches_per_message=per),
         batch_size=None,
         num_workers=num_workers,
         pin_memory=pin,
@@ -150,6 +169,38 @@ def make_loader(
         **extra,
         **kwargs,
     )
+
+
+class _FlatLoader(DataLoader):
+    """A DataLoader whose workers send lists of batches (``batches_per_message``): yields the batches."""
+
+    def __iter__(self) -> _Flat:
+        return _Flat(super().__iter__())
+
+
+class _Flat:
+    """The DataLoader's iterator, one batch at a time (its other attributes pass through)."""
+
+    def __init__(self, it):
+        self._it, self._pending = it, collections.deque()
+
+    def __iter__(self) -> _Flat:
+        return self
+
+    def __next__(self) -> VolumeBatch:
+        if self._pending:
+            return self._pending.popleft()
+        msg = next(self._it)
+        if isinstance(msg, list):
+            self._pending.extend(msg[1:])
+            return msg[0]
+        return msg
+
+    def __len__(self) -> int:
+        return len(self._it)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._it, name)
 
 
 class VolumeBatch:
@@ -258,110 +309,6 @@ def _finish(batch: dict[str, Any]) -> VolumeBatch:
 
 
 slabs.register_finisher("torch", _finish)
-
-
-class PinnedPool:
-    """Page-locked copies of recent volumes (LRU by slab generation, at most ``max_bytes``).
-
-    ``get(key, volume)`` returns the pinned copy of a volume, copying only when that volume (``key``: the
-    slab's generation) is not pinned yet, so the batches that share a volume pin it once. Buffers come from
-    torch's caching host allocator: pinned once, reused after eviction, and never handed out again while an
-    asynchronous device copy still reads them (torch records those copies' events).
-    """
-
-    def __init__(self, max_bytes: int = 2 << 30):
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[Any, torch.Tensor] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: Any, volume: torch.Tensor) -> torch.Tensor:
-        with self._lock:
-            hit = self._entries.get(key)
-            if hit is not None:
-                self._entries.move_to_end(key)
-                return hit
-            out = torch.empty(volume.shape, dtype=volume.dtype, pin_memory=True)
-            out.copy_(volume)
-            self._entries[key] = out
-            held = sum(t.numel() * t.element_size() for t in self._entries.values())
-            while len(self._entries) > 1 and held > self.max_bytes:
-                _, old = self._entries.popitem(last=False)
-                held -= old.numel() * old.element_size()
-            return out
-
-
-#: the training process's pinned pool (used by :meth:`VolumeBatch.pin_memory`)
-PINNED = PinnedPool()
-
-
-class DeviceCache:
-    """The last ``max_volumes`` volumes moved to a device, by slab generation."""
-
-    def __init__(self, max_volumes: int = 8):
-        self.max_volumes = max_volumes
-        self._d: OrderedDict[Any, torch.Tensor] = OrderedDict()
-
-    def get(self, key: Any) -> torch.Tensor | None:
-        t = self._d.get(key)
-        if t is not None:
-            self._d.move_to_end(key)
-        return t
-
-    def put(self, key: Any, t: torch.Tensor) -> None:
-        self._d[key] = t
-        while len(self._d) > self.max_volumes:
-            self._d.popitem(last=False)
-
-
-class DeviceFeeder:
-    """Iterate a loader of :class:`VolumeBatch` onto a CUDA device, copies one batch ahead on a side stream.
-
-    Volumes shared by consecutive batches stay on the device (:class:`DeviceCache`, ``cache_volumes``).
-    Without CUDA (or for a CPU ``device``) it yields the loader's batches unchanged.
-    """
-
-    def __init__(self, loader, device: Any = "cuda", cache_volumes: int = 8):
-        self.loader = loader
-        self.device = torch.device(device)
-        self.cache_volumes = cache_volumes
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Iterator[VolumeBatch]:
-        if self.device.type != "cuda" or not torch.cuda.is_available():
-            yield from self.loader
-            return
-        stream = torch.cuda.Stream(self.device)
-        cache = DeviceCache(self.cache_volumes)
-
-        def ahead(batch):
-            with torch.cuda.stream(stream):
-                moved = batch.to(self.device, non_blocking=True, cache=cache)
-                event = torch.cuda.Event()
-                event.record(stream)
-            return moved, event
-
-        it = iter(self.loader)
-        try:
-            nxt = ahead(next(it))
-        except StopIteration:
-            return
-        for batch in it:
-            cur, event = nxt
-            nxt = ahead(batch)
-            yield _ready(cur, event)
-        yield _ready(*nxt)
-
-
-def _ready(batch: VolumeBatch, event: Any) -> VolumeBatch:
-    main = torch.cuda.current_stream()
-    main.wait_event(event)
-    if "volumes" in batch:
-        for v in batch.volumes:
-            v.record_stream(main)  # allocated on the side stream, used on this one
-        batch.image_index.record_stream(main)
-    return batch
 
 
 def _share_blosc_threads(num_workers: int) -> None:
