@@ -144,7 +144,7 @@ def make_loader(
     prefetch_factor: int | None = 2,
     multiprocessing_context=None,
     max_slabs: int = slabs.DEFAULT_MAX_SLABS,
-    batches_per_message: int = 4,
+    batches_per_message: int | None = None,
     **kwargs,
 ) -> DataLoader:
     """A ``DataLoader`` of :class:`VolumeBatch` (``dl.dataset`` is the :class:`TorchShardDataset`).
@@ -152,12 +152,16 @@ def make_loader(
     ``pin_memory`` defaults to whether CUDA is available (so CPU-only machines get no warning);
     ``persistent_workers`` to ``num_workers > 0``. With workers, each sends ``batches_per_message`` batches
     per message (:class:`TorchShardDataset`; iterating the loader yields them one by one; the order is that
-    of a sample-level DataLoader of ``batch_size * batches_per_message`` cut into batches of ``batch_size``).
+    of a sample-level DataLoader of ``batch_size * batches_per_message`` cut into batches of ``batch_size``);
+    default 4 sample-major, 1 volume-major (a volume-major batch already holds ``batch_size`` volumes with all
+    their samples, and more volumes per message would hold more slabs in flight).
     Other keyword arguments go to ``DataLoader``.
     """
     pin = torch.cuda.is_available() if pin_memory is None else pin_memory
     persistent = num_workers > 0 if persistent_workers is None else persistent_workers
     extra = {"prefetch_factor": prefetch_factor} if num_workers > 0 else {}
+    if batches_per_message is None:
+        batches_per_message = 1 if dataset.volume_major else 4
     per = batches_per_message if num_workers > 0 else 1
     return _FlatLoader(
         TorchShardDataset(dataset, batch_size, max_slabs=max_slabs, batches_per_message=per),
