@@ -133,22 +133,28 @@ def _mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
 
-def run(workdir: Path) -> str:
-    import statistics
-
+def full_sample(workdir: Path) -> tuple[Path, dict, dict[str, tuple[Path, int]]]:
+    """The full-size sample of ``PATIENTS`` patients under ``workdir/sample``, its truth's volumes, and the raw
+    trees ``{"half": (raw, volumes), "whole": (raw, volumes)}`` (the half tree: hard links, :func:`_half_tree`)."""
     from kneeprep.synth import generate
 
-    med = statistics.median
-    workdir = Path(workdir)
     sample = workdir / "sample"
     t = time.perf_counter()
     generate(sample, patients=PATIENTS, size="full", seed=0)
     print(f"  sample generated in {time.perf_counter() - t:.0f} s", flush=True)
     truth = json.loads((sample / "truth.json").read_text())["volumes"]
-    vids = sorted(truth)
-    n = len(vids)
     n_half = _half_tree(sample, workdir / "half")
-    trees = {"half": (workdir / "half" / "raw", n_half), "whole": (sample / "raw", n)}
+    return sample, truth, {"half": (workdir / "half" / "raw", n_half), "whole": (sample / "raw", len(truth))}
+
+
+def run(workdir: Path) -> str:
+    import statistics
+
+    med = statistics.median
+    workdir = Path(workdir)
+    sample, truth, trees = full_sample(workdir)
+    vids = sorted(truth)
+    n, n_half = trees["whole"][1], trees["half"][1]
     raw_mb = 2 * 160 * 384 * 384 / 2**20  # uint16 volume
 
     recipes = {"exact values": ROOT / "kneeprep" / "recipes" / "3dreasonknee.toml"}

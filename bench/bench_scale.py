@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.bench_convert import PATIENTS, _dcm2niix, _half_tree
+from bench.bench_convert import PATIENTS, _dcm2niix, full_sample
 
 ROUNDS = 2
 SMALL_PATIENTS = (6, 30)
@@ -209,18 +209,10 @@ def _read_once(raw: Path) -> tuple[float, int]:
 
 
 def run(workdir: Path) -> str:
-    from kneeprep.synth import generate
-
     med = statistics.median
     workdir = Path(workdir)
-    sample = workdir / "sample"
-    t = time.perf_counter()
-    generate(sample, patients=PATIENTS, size="full", seed=0)
-    print(f"  sample generated in {time.perf_counter() - t:.0f} s", flush=True)
-    truth = json.loads((sample / "truth.json").read_text())["volumes"]
-    n = len(truth)
-    n_half = _half_tree(sample, workdir / "half")
-    trees = {"half": (workdir / "half" / "raw", n_half), "whole": (sample / "raw", n)}
+    sample, truth, trees = full_sample(workdir)
+    n, n_half = trees["whole"][1], trees["half"][1]
     runs: dict[tuple[str, int], list[dict]] = {(tree, w): [] for tree in trees for w in (1, 2)}
     _rebuild(trees["half"][0], sample, workdir / "warm", 1)  # cold caches (byte code, page cache) once
     nii = {1: [], 2: []}

@@ -10,6 +10,7 @@ the store, and the store must still end up complete and equal to a local run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -117,15 +118,25 @@ class Cluster:
         )
 
 
-@pytest.fixture
-def cluster(tmp_path):
-    c = Cluster(tmp_path / "cluster")
+@contextlib.contextmanager
+def running_cluster(tmp: Path, hook: str | None = None):
+    """A started :class:`Cluster` (its workers preloading ``hook`` instead of the default busy hook), stopped
+    on leaving."""
+    c = Cluster(tmp)
+    if hook is not None:
+        c.hook.write_text(hook)
     try:
         c.start()
         yield c
     finally:
         c.stop()
-        assert all(p.poll() is not None for p in c.procs.values())
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    with running_cluster(tmp_path / "cluster") as c:
+        yield c
+    assert all(p.poll() is not None for p in c.procs.values())
 
 
 def test_convert_on_a_cluster_that_loses_a_worker_mid_run(small_sample, cluster, tmp_path):

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_distributed import Cluster
+from test_distributed import running_cluster
 from test_shards import data, on_disk  # noqa: F401 - fixtures
 
 from kneeprep.recipe import load_recipe
@@ -53,13 +53,8 @@ def files(d: Path) -> dict[str, bytes]:
 
 @pytest.fixture
 def slow_cluster(tmp_path):
-    c = Cluster(tmp_path / "cluster")
-    c.hook.write_text(_HOOK)
-    try:
-        c.start()
+    with running_cluster(tmp_path / "cluster", _HOOK) as c:
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture

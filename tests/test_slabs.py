@@ -131,13 +131,12 @@ def _shm():
     return sorted(n for n in names if not n.startswith("sem."))
 
 
-@pytest.mark.parametrize("start_method", ["fork", "spawn"])
-def test_volumes_cross_processes_once_per_slab_and_exactly(blosc_shards, shards, start_method):
-    _, train, data = shards
-    before = _shm()
+def _two_workers(ds, start_method, data, check=None):
+    """Two worker processes send ``ds``'s batches (batch 2) over a queue, as a DataLoader's would; every batch
+    received is checked against the stored volumes (and by ``check(batch)``). Returns (sample ids, volumes
+    received, {worker: its ("done", worker, token, slabs) record})."""
     ctx = multiprocessing.get_context(start_method)
     q = ctx.Queue()
-    ds = ShardDataset(blosc_shards, seed=1, buffer_size=3)  # a window of one volume's samples
     finished = ctx.Event()
     procs = [ctx.Process(target=_worker, args=(q, ds, w, 2, 2, finished)) for w in range(2)]
     for p in procs:
@@ -151,12 +150,23 @@ def test_volumes_cross_processes_once_per_slab_and_exactly(blosc_shards, shards,
         received += len(item["volumes"])
         for i, vi in enumerate(item["image_index"].tolist()):
             np.testing.assert_array_equal(item["volumes"][vi], data.volumes[item["volume_id"][i]][0])
+        if check is not None:
+            check(item)
         got += item["sample_id"]
         del item
     finished.set()
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
+    return got, received, done
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_volumes_cross_processes_once_per_slab_and_exactly(blosc_shards, shards, start_method):
+    _, train, data = shards
+    before = _shm()
+    ds = ShardDataset(blosc_shards, seed=1, buffer_size=3)  # a window of one volume's samples
+    got, received, done = _two_workers(ds, start_method, data)
     assert sorted(got) == sorted(train)
     for _, _, token, n_slabs in done.values():
         assert len(slabs._MAPPINGS[token]) == n_slabs  # each slab's descriptor crossed once
@@ -164,34 +174,19 @@ def test_volumes_cross_processes_once_per_slab_and_exactly(blosc_shards, shards,
     assert _shm() == before
 
 
+def _in_place(batch):
+    for v, key in zip(batch["volumes"], batch["volume_keys"], strict=True):
+        assert key[0] == "file" and not v.flags.writeable
+
+
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])
 def test_uncompressed_volumes_cross_as_where_they_lie_in_the_file(raw_shards, shards, start_method):
     _, train, data = shards
     before = _shm()
-    ctx = multiprocessing.get_context(start_method)
-    q = ctx.Queue()
-    ds = ShardDataset(raw_shards, seed=1, buffer_size=3)
-    finished = ctx.Event()
-    procs = [ctx.Process(target=_worker, args=(q, ds, w, 2, 2, finished)) for w in range(2)]
-    for p in procs:
-        p.start()
-    got, done = [], {}
     files = {str(f.resolve()) for f in raw_shards.rglob("*.parquet")}
-    while len(done) < 2:
-        item = q.get(timeout=60)
-        if isinstance(item, tuple):
-            done[item[1]] = item
-            continue
-        for i, vi in enumerate(item["image_index"].tolist()):
-            np.testing.assert_array_equal(item["volumes"][vi], data.volumes[item["volume_id"][i]][0])
-        for v, key in zip(item["volumes"], item["volume_keys"], strict=True):
-            assert key[0] == "file" and not v.flags.writeable
-        got += item["sample_id"]
-        del item
-    finished.set()
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    got, _, done = _two_workers(
+        ShardDataset(raw_shards, seed=1, buffer_size=3), start_method, data, _in_place
+    )
     assert sorted(got) == sorted(train)
     assert all(n_slabs == 0 for *_, n_slabs in done.values())  # no shared memory at all: the page cache
     mapped = [m for m in open("/proc/self/maps").read().splitlines() if m.split()[-1] in files]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from test_distributed import Cluster
+from test_distributed import Cluster, running_cluster
 from test_rebuild import _rebuild
 
 from kneeprep.dicom import scan_tasks, scan_tree
@@ -53,13 +53,8 @@ if not getattr(boxes, "_busy_hook", False):  # dask may run a preload file more 
 
 @pytest.fixture
 def slow_cluster(tmp_path):
-    c = Cluster(tmp_path / "cluster")
-    c.hook.write_text(_HOOK)
-    try:
-        c.start()
+    with running_cluster(tmp_path / "cluster", _HOOK) as c:
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture(scope="module")
