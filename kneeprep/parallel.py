@@ -66,18 +66,33 @@ class _SerialStream:
 
         self._fn, self._on_error, self._kwargs = fn, on_error, kwargs
         self._queue = collections.deque()
+        self._source = None
 
     def submit(self, item) -> None:
         self._queue.append(item)
 
+    def feed(self, source: Callable[[], Any]) -> None:
+        """Items pulled from ``source()`` (``None``: no more) once the submitted ones have run."""
+        self._source = source
+
+    def _next(self) -> bool:
+        if not self._queue and self._source is not None:
+            item = self._source()
+            if item is None:
+                self._source = None
+            else:
+                self._queue.append(item)
+        return bool(self._queue)
+
     def cancel(self) -> None:
         self._queue.clear()
+        self._source = None
 
     def drain(self) -> list:
         return []  # a task's result is yielded as soon as it is computed
 
     def results(self) -> Iterator[Any]:
-        while self._queue:
+        while self._next():
             item = self._queue.popleft()
             try:
                 result = self._fn(item, **self._kwargs)

@@ -46,6 +46,7 @@ class TaskStream:
         self._outstanding = 0  # submitted items whose result has not been yielded
         self._limit = (-1e9, 1)  # (when asked, worker threads)
         self._closed = False
+        self._source: Callable[[], Any] | None = None  # feed(): items pulled when a slot is free
         if not executor.ready:
             executor.when_ready(self._pump)
 
@@ -56,6 +57,25 @@ class TaskStream:
             self._waiting.append(len(self._items) - 1)
             self._outstanding += 1
         self._pump()
+
+    def feed(self, source: Callable[[], Any]) -> None:
+        """Pull items from ``source()`` whenever a worker thread is free and no submitted item waits
+        (``None``: no more). The caller can size each item from the results it has seen so far; an item is
+        pulled only when it can start, so it is sized as late as possible."""
+        with self._lock:
+            self._source = source
+        self._pump()
+
+    def _pull(self) -> bool:  # under the lock: one more item from the source into the waiting queue
+        item = self._source() if self._source is not None else None
+        if item is None:
+            self._source = None
+            return False
+        self._items.append(item)
+        self._tries.append(0)
+        self._waiting.append(len(self._items) - 1)
+        self._outstanding += 1
+        return True
 
     def _threads(self) -> int:
         import time
@@ -73,7 +93,9 @@ class TaskStream:
         if not self._ex.ready:  # submitted while the cluster starts: sent when it is up
             return
         with self._lock:
-            while self._waiting and not self._closed and len(self._live) < self._threads():
+            while not self._closed and len(self._live) < self._threads():
+                if not self._waiting and not self._pull():
+                    break
                 i = self._waiting.popleft()
                 future = self._ex.client.submit(self._fn, self._items[i], pure=False, **self._kwargs)
                 self._live[future.key] = (future, i)
@@ -86,6 +108,7 @@ class TaskStream:
             future.release()
             return
         i = entry[1]
+        self._pump()  # the slot is free: before the result is queued, so an item pulled counts as outstanding
         try:
             if future.status == "finished":
                 self._done.put((i, "finished", future.result()))
@@ -99,13 +122,12 @@ class TaskStream:
             self._done.put((i, "error", e))
         finally:
             future.release()
-            self._pump()
 
     def results(self) -> Iterator[Any]:
         import queue
 
         try:
-            if not self._outstanding:
+            if not self._outstanding and self._source is None:
                 return  # nothing submitted: no need of the cluster, nor of importing distributed
             # wait for the starting cluster (it raises if it failed to start): distributed is fully imported
             # by then. Importing distributed.scheduler while the start-up thread still imports distributed
@@ -121,7 +143,8 @@ class TaskStream:
                 except queue.Empty:
                     continue
                 if status == "finished":
-                    self._outstanding -= 1
+                    with self._lock:
+                        self._outstanding -= 1
                     yield value
                     continue
                 if isinstance(value, KilledWorker) and self._tries[i] < self._ex.LOST_WORKER_RETRIES:
@@ -130,7 +153,8 @@ class TaskStream:
                         self._waiting.appendleft(i)
                     self._pump()
                     continue
-                self._outstanding -= 1
+                with self._lock:
+                    self._outstanding -= 1
                 if self._on_error is None:
                     raise value
                 yield self._on_error(self._items[i], value)

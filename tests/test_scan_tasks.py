@@ -102,8 +102,26 @@ def test_folders_are_batched_into_tasks_by_file_count(tree):
     some = batches(parts, 10)
     assert [p for b in some for p in b.parts] == parts and [b.index for b in some] == list(range(len(some)))
     assert all(sum(p.n_files for p in b.parts) >= 10 for b in some[:-1])
-    mixed = [*plan(tree, 3)]  # tree parts end a batch and are a task of their own
+    mixed = [*plan(tree, 3)]  # before any tree part was read, a tree part is a task of its own
+    assert any(p.tree for p in mixed)
     assert all(len(b.parts) == 1 for b in batches(mixed, 10**6) if any(p.tree for p in b.parts))
+
+
+def test_tree_parts_are_batched_by_the_size_of_those_read():
+    from kneeprep.dicom.scan_tasks import Batcher, Part, PartResult
+
+    parts = [Part(i, f"/t/{i}", True) for i in range(200)]
+    cut = Batcher(parts, 100)
+    first = cut()
+    assert first.parts == (parts[0],)  # nothing read yet: alone
+    cut.record(first, PartResult(0, [], [], n_files=10))  # tree parts hold ~10 files
+    second = cut()
+    assert second.parts == tuple(parts[1:11])  # ~100 files
+    cut.record(second, PartResult(1, [], [], n_files=0))  # empty ones: the mean falls, capped per task
+    rest = list(iter(cut, None))
+    assert all(len(b.parts) <= scan_tasks.MAX_TREE_PARTS for b in rest)
+    assert [p for b in [first, second, *rest] for p in b.parts] == parts
+    assert [b.index for b in [first, second, *rest]] == list(range(2 + len(rest)))
 
 
 def test_a_dask_cluster_gives_the_same_result(tree, monkeypatch):

@@ -7,8 +7,9 @@ on a Dask cluster. The plan, the records and the result are the same either way:
    :data:`MIN_PARTS` directories are unlisted (or the tree ends). Each listed directory that holds files is a
    *flat* part (its own files), each unlisted one a *tree* part (everything below it); in ``os.walk`` order.
    The OAI layout ``<visit>/<release>/<patient>/...`` gives about one part per patient folder.
-2. **Tasks** (workers): one per part, or per run of consecutive folders until :data:`BATCH_FILES` files. A
-   task lists its parts, reads every file's header, groups them into
+2. **Tasks** (workers): runs of consecutive parts of about :data:`BATCH_FILES` files, each cut when a worker
+   thread is free (:class:`Batcher`: a part the plan did not list counts as the mean size of those read so
+   far, and is a task of its own until one has been read). A task lists its parts, reads every file's header, groups them into
    series (:func:`kneeprep.dicom.scan.describe`) and returns compact records: each series (a
    :class:`~kneeprep.dicom.SeriesInfo`, its file paths included) with its group key, each folder's group keys,
    the unreadable files and two counts. No per-file header crosses the wire.
@@ -41,6 +42,8 @@ MAX_PLAN_DEPTH = 8
 #: folders listed by the plan are read by one task until it holds this many files (a task costs the driver
 #: a few milliseconds of scheduling; a DESS series is 160 files)
 BATCH_FILES = 1024
+#: at most this many tree parts (folders the plan did not list) in one task
+MAX_TREE_PARTS = 64
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,7 @@ class Part:
 
 @dataclass(frozen=True)
 class Batch:
-    """One scan task: consecutive parts, at least :data:`BATCH_FILES` known files unless a tree part ends it."""
+    """One scan task: consecutive parts (:class:`Batcher`)."""
 
     index: int
     parts: tuple[Part, ...]
@@ -126,25 +129,56 @@ def plan(root: str | os.PathLike, min_parts: int | None = None) -> list[Part]:
     return parts
 
 
+class Batcher:
+    """The scan's tasks, each cut when a worker thread is free to run it (:meth:`TaskStream.feed`): consecutive
+    parts until about ``min_files`` (default :data:`BATCH_FILES`) files. A listed folder's own files are
+    counted by the plan; a *tree* part (not listed) counts as the mean of the tree parts read so far -- until
+    one has been read, each is a task of its own (the first tasks stay small, so conversion starts early) --
+    and at most :data:`MAX_TREE_PARTS` go into one task. How the parts are grouped does not change the scan's
+    result (module docstring), only the number of tasks: the OAI layout's patient folders are tree parts of
+    a few dozen to a few thousand files, so one task per part cost the driver a task per ~50 files."""
+
+    def __init__(self, parts: list[Part], min_files: int | None = None):
+        import collections
+        import threading
+
+        self._parts = collections.deque(parts)
+        self.total = len(parts)
+        self._min = BATCH_FILES if min_files is None else min_files
+        self._lock = threading.Lock()
+        self._tree = [0, 0]  # tree parts read, their files
+        self._made = 0
+
+    def __call__(self) -> Batch | None:
+        with self._lock:
+            if not self._parts:
+                return None
+            est = self._tree[1] / self._tree[0] if self._tree[0] else None
+            group: list[Part] = []
+            n, trees = 0.0, 0
+            while self._parts and (not group or n < self._min):
+                p = self._parts[0]
+                if p.tree and group and (est is None or trees >= MAX_TREE_PARTS):
+                    break
+                group.append(self._parts.popleft())
+                trees += p.tree
+                n += (max(est, 1.0) if est is not None else self._min) if p.tree else p.n_files
+            self._made += 1
+            return Batch(self._made - 1, tuple(group))
+
+    def record(self, batch: Batch, result: PartResult) -> None:
+        """Learn the tree parts' size from a finished task."""
+        trees = sum(p.tree for p in batch.parts)
+        if trees:
+            with self._lock:
+                self._tree[0] += trees
+                self._tree[1] += result.n_files - sum(p.n_files for p in batch.parts if not p.tree)
+
+
 def batches(parts: list[Part], min_files: int | None = None) -> list[Batch]:
-    """Consecutive parts grouped into tasks: a tree part is a task of its own, folders are gathered until
-    ``min_files`` (default :data:`BATCH_FILES`) files."""
-    min_files = BATCH_FILES if min_files is None else min_files
-    out: list[Batch] = []
-    group: list[Part] = []
-    n = 0
-    for p in parts:
-        if p.tree and group:
-            out.append(Batch(len(out), tuple(group)))
-            group, n = [], 0
-        group.append(p)
-        n += p.n_files
-        if p.tree or n >= min_files:
-            out.append(Batch(len(out), tuple(group)))
-            group, n = [], 0
-    if group:
-        out.append(Batch(len(out), tuple(group)))
-    return out
+    """Every batch :class:`Batcher` cuts when no task has finished (tree parts alone)."""
+    cut = Batcher(parts, min_files)
+    return list(iter(cut, None))
 
 
 def _folders(part: Part) -> list[tuple[Path, list[Path]]]:
@@ -243,7 +277,7 @@ def scan_tree(
     Raises :class:`~kneeprep.errors.InputNotFoundError` if ``root`` is not a directory.
 
     ``executor``: a :mod:`kneeprep.parallel` executor to run the tasks on (``None``: this process); the result
-    is the same for any executor. ``progress(done, total)`` counts the scan's tasks (module docstring).
+    is the same for any executor. ``progress(done, total)`` counts the parts of the tree (module docstring).
 
     ``on_series(info)``, if given, is called with a *provisional* :class:`SeriesInfo` as soon as the part
     holding its files has been read -- before the rest of the tree -- so a caller can start work on it early.
@@ -257,19 +291,30 @@ def scan_tree(
     if not root.is_dir():
         raise InputNotFoundError(f"{root}: raw DICOM folder not found (or not a directory)")
     ex = executor if executor is not None else SerialExecutor()
-    parts = batches(plan(root))
-    results: list[PartResult | None] = [None] * len(parts)
+    cut = Batcher(plan(root))
+    results: dict[int, PartResult] = {}
     seen_ids: set[str] = set()
     stream = ex.stream(
         scan_batch, on_error=lambda part, exc: part, qc=qc, split_orientation_atol=split_orientation_atol
     )
-    for part in parts:
-        stream.submit(part)
+    sent: dict[int, Batch] = {}
+
+    def source() -> Batch | None:
+        b = cut()
+        if b is not None:
+            sent[b.index] = b
+        return b
+
+    stream.feed(source)
+    done = 0
     if progress is not None:
-        progress(0, len(parts))
-    for done, r in enumerate(stream.results(), 1):
+        progress(0, cut.total)
+    for r in stream.results():
         if isinstance(r, Batch):  # the task was lost twice (or failed): read it here
             r = scan_batch(r, qc, split_orientation_atol)
+        batch = sent.pop(r.index)
+        cut.record(batch, r)
+        done += len(batch.parts)
         results[r.index] = r
         if on_series is not None:
             for _key, info in r.series:
@@ -277,8 +322,8 @@ def scan_tree(
                     seen_ids.add(info.volume_id)
                     on_series(info)
         if progress is not None:
-            progress(done, len(parts))
-    got = [r for r in results if r is not None]
+            progress(done, cut.total)
+    got = [results[i] for i in sorted(results)]
     series = [entry for r in got for entry in r.series]
     redo = _spread(got)
     if redo:

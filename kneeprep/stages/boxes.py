@@ -27,15 +27,20 @@ def write_boxes_table(store_path: str | os.PathLike) -> Path:
     """Write ``<store>/boxes.parquet`` from every complete volume's ``kneeprep.boxes`` attrs; return its path
     (atomically: readers never see half a table)."""
     store_path = Path(store_path)
-    schema = boxes_schema()
     rows = []
     for vid in sorted(store.list_volumes(store_path)):
         rows += table_rows(store.read_volume_attrs(store_path, vid))
-    table = pa.Table.from_pylist(rows, schema=schema) if rows else schema.empty_table()
+    table = boxes_table(rows)
     out = store.boxes_table_path(store_path)
     with files.atomic_path(out) as tmp:
         pq.write_table(table, tmp)
     return out
+
+
+def boxes_table(rows: list[dict]) -> pa.Table:
+    """The boxes table of these rows (:func:`table_rows` of every volume, in volume id order)."""
+    schema = boxes_schema()
+    return pa.Table.from_pylist(rows, schema=schema) if rows else schema.empty_table()
 
 
 def table_rows(attrs: VolumeAttrs) -> list[dict]:
