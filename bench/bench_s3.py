@@ -8,14 +8,16 @@ store's latency or bandwidth. Measured:
 
 * **rebuild, per volume**: ``kneeprep rebuild --workers 0`` in a fresh child process, once to local disk and once
   to ``s3://bucket/x`` (a fresh prefix and staging folder), wall divided by the volumes written; the S3 run's
-  time in pull (staging folder made equal to the remote) and push (publication) from wrappers in the child;
+  time in pull (staging folder made equal to the remote), in the tasks' uploads of the volumes and shard files
+  they wrote (``kneeprep.publish``; in this process with ``--workers 0``) and in the final push (the rest of
+  the publication) from wrappers in the child;
   then a re-run of each (nothing to do), wall.
 * **loader**: samples/s of iterating ``ShardDataset`` (no DataLoader, one process, the split with the most
   rows) over the local shards (twice: the first pass pays one-time costs, the second is the figure), over the
   S3 shards with a fresh cache folder (cold: every shard downloaded) and with the same cache again (warm).
 
 Left out: a real object store (AWS S3, MinIO, GCS): request latency, throughput and multipart uploads are not
-measured; several workers (the publication is one process); DataLoader workers.
+measured; several workers (with ``--workers 0`` the tasks' uploads run in the one process); DataLoader workers.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ while True:
 _CHILD = r"""
 import json, sys, time
 from kneeprep.formats import objstore
-spent = {"pull": 0.0, "push": 0.0}
+from kneeprep.publish import Publisher
+spent = {"pull": 0.0, "push": 0.0, "tasks": 0.0}
 def timed(name, fn):
     def run(*a, **k):
         t = time.perf_counter()
@@ -56,6 +59,7 @@ def timed(name, fn):
             spent[name] += time.perf_counter() - t
     return run
 objstore.pull, objstore.push = timed("pull", objstore.pull), timed("push", objstore.push)
+Publisher.volume, Publisher.files = timed("tasks", Publisher.volume), timed("tasks", Publisher.files)
 from kneeprep.cli import main
 t = time.perf_counter()
 try:
@@ -151,16 +155,18 @@ def run(workdir: Path) -> str:
         f"{remote['process_wall'] / local['process_wall']:.2f}× |",
         f"| process wall / {n} volumes (fixed costs included) | {pv(local):.2f} s | {pv(remote):.2f} s | "
         f"{pv(remote) / pv(local):.2f}× |",
-        f"| of which pull / push (publication) | – | {remote['pull']:.2f} s / {remote['push']:.2f} s "
-        f"({remote['push'] / n:.2f} s per volume, its share of the shards included) | |",
+        f"| of which pull / tasks' uploads / final push | – | {remote['pull']:.2f} s / {remote['tasks']:.2f} s / "
+        f"{remote['push']:.2f} s ({(remote['tasks'] + remote['push']) / n:.2f} s of uploads per volume, its share "
+        "of the shards included) | |",
         f"| re-run, nothing to do | {local2['process_wall']:.2f} s | {remote2['process_wall']:.2f} s "
         f"(pull {remote2['pull']:.2f} s, push {remote2['push']:.2f} s) | "
         f"{remote2['process_wall'] / local2['process_wall']:.2f}× |",
         f"| loader samples/s (local: second pass; the first, with one-time costs, {loc_first:.1f}) | {loc:.1f} | "
         f"cold cache {cold:.1f}, warm cache {warm:.1f} | {cold / loc:.2f}× / {warm / loc:.2f}× |",
         "",
-        "Left out: a real object store (request latency, bandwidth, multipart uploads), several workers",
-        "(publication runs in the driver), DataLoader workers. The S3 rebuild stages locally and then uploads:",
-        "its per-volume cost is the local one plus the upload of the volume's objects.",
+        "Left out: a real object store (request latency, bandwidth, multipart uploads), several workers (with",
+        "`--workers 0` the tasks' uploads run in the one process; with workers they run in parallel on them),",
+        "DataLoader workers. The S3 rebuild stages locally and each task uploads what it wrote: its per-volume",
+        "cost is the local one plus the upload of the volume's objects.",
     ]
     return "\n".join(lines)

@@ -12,11 +12,14 @@
 3. a local **staging folder** (``$KNEEPREP_STAGE_DIR``, else ``~/.cache/kneeprep/stage``, one sub-folder per
    URL) is made equal to the remote's complete state (:func:`~kneeprep.formats.objstore.pull`: only objects
    whose bytes differ are downloaded, so a staging folder kept between runs costs one listing);
-4. the stage runs on the staging folder with the local code (rename, ``flock``, resume: unchanged);
-5. on success the remote is made equal to the staging folder (:func:`~kneeprep.formats.objstore.push`),
-   every volume and shards directory published by its completion record, written last.
+4. the stage runs on the staging folder with the local code (rename, ``flock``, resume: unchanged); its
+   tasks upload each volume and shard file as soon as they have written it (:mod:`kneeprep.publish`);
+5. on success the remote is made equal to the staging folder (:func:`~kneeprep.formats.objstore.push`:
+   what the tasks published is found equal), every volume and shards directory published by its completion
+   record, written last.
 
-A run that fails or is killed publishes nothing more; the next run starts again from step 1.
+A run that fails or is killed publishes nothing more (what its tasks published are complete volumes and shard
+files no manifest lists yet); the next run starts again from step 1 and resumes from what is complete.
 
 **Reading** (:func:`staged_input`: ``validate``, ``export``'s input, ``score``): the URL's complete state is
 pulled into a staging folder, which the local code reads. ``ShardDataset`` reads URLs itself
@@ -39,6 +42,7 @@ from typing import Any
 from kneeprep.errors import InputNotFoundError, StoreError
 from kneeprep.formats import objstore
 from kneeprep.formats.urls import as_local_or_url, url_filesystem
+from kneeprep.publish import publishing
 
 STAGE_ENV = "KNEEPREP_STAGE_DIR"
 LOCK_OBJECT = ".kneeprep-lock.json"
@@ -151,15 +155,20 @@ def staged_output(
     store: bool = False,
     echo: Callable = print,
     on_unit: Callable[[str], None] | None = None,
+    inner: tuple[tuple[str, str], ...] = (),
 ) -> Iterator[Path]:
     """Lock ``url``, pull it into its staging folder, yield that folder, push it back when the block ends
     normally (module docstring). ``store=True``: ``url`` is a volume store, its ``.kneeprep`` sibling goes
-    with it (the lock is in the sibling, so the store holds only zarr nodes)."""
+    with it (the lock is in the sibling, so the store holds only zarr nodes). ``inner``: ``(relative
+    prefix, what)`` of outputs inside ``url`` that a stage on its own also writes (``rebuild``: its store and
+    its shards directory), whose locks are taken too, so that such a stage run at the same time is refused."""
     url = url.rstrip("/")
     fs, root = url_filesystem(url, storage_options)
     local = stage_path(url, "out")
     lock_root, lock_url = (root + STORE_SIBLING, url + STORE_SIBLING) if store else (root, url)
-    with remote_lock(fs, lock_root, lock_url, what, break_lock=break_lock, echo=echo):
+    with contextlib.ExitStack() as locks:
+        for r, u, w in [(lock_root, lock_url, what)] + [(f"{root}/{p}", f"{url}/{p}", w) for p, w in inner]:
+            locks.enter_context(remote_lock(fs, r, u, w, break_lock=break_lock, echo=echo))
         pairs = [(root, local)] + (
             [(root + STORE_SIBLING, local.with_name(local.name + STORE_SIBLING))] if store else []
         )
@@ -168,22 +177,36 @@ def staged_output(
             if junk:
                 echo(f"{url}: removed {len(junk)} object(s) a killed run left (nothing complete)")
             objstore.pull(fs, r, folder)
-        yield local
+        with publishing(local, url, fs, storage_options):  # tasks publish what they write (kneeprep.publish)
+            yield local
         for r, folder in pairs:
             objstore.push(folder, fs, r, on_unit=on_unit)
 
 
 @contextlib.contextmanager
-def staged_input(url: str, *, storage_options: dict[str, Any] | None = None) -> Iterator[Path]:
+def staged_input(
+    url: str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    raw: bool = False,
+    echo: Callable | None = None,
+) -> Iterator[Path]:
     """Pull the complete state of ``url`` (a volume store: with its ``.kneeprep`` sibling) into its staging
-    folder and yield the folder; an empty or missing URL is an ``InputNotFoundError`` naming it."""
+    folder and yield the folder; an empty or missing URL is an ``InputNotFoundError`` naming it.
+
+    ``raw=True``: ``url`` is an input tree (raw DICOM): every object is mirrored into ``<stage>/raw-<hash>``,
+    each file with its object's modification time (:func:`kneeprep.formats.objstore.pull` ``mirror``), so a
+    re-run -- on this machine or another -- finds unchanged series unchanged and downloads only what changed."""
     url = url.rstrip("/")
     fs, root = url_filesystem(url, storage_options)
-    local = stage_path(url, "in")
-    counts = objstore.pull(fs, root, local)
+    local = stage_path(url, "raw" if raw else "in")
+    counts = objstore.pull(fs, root, local, mirror=raw)
     if not counts["objects"]:
-        raise InputNotFoundError(f"{url}: nothing complete here (no such prefix, or no published output)")
-    if _is_store(fs, root):
+        what = "no such prefix, or no objects" if raw else "no such prefix, or no published output"
+        raise InputNotFoundError(f"{url}: nothing {'' if raw else 'complete '}here ({what})")
+    if echo is not None:
+        echo(f"{url}: {counts['objects']} objects in {local} ({counts['downloaded']} downloaded)")
+    if not raw and _is_store(fs, root):
         objstore.pull(fs, root + STORE_SIBLING, local.with_name(local.name + STORE_SIBLING))
     yield local
 

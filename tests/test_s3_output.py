@@ -8,6 +8,8 @@
 * A rebuild SIGKILLed while publishing (after its first volume's completion record, in the middle of the
   second volume's objects): nothing incomplete is listed as complete; the re-run takes over the dead run's
   lock, removes the leftovers and ends with objects identical to a clean run's.
+* The convert tasks publish their volumes from the worker processes (a run killed right after the convert
+  stage has every volume on the store); a re-run elsewhere resumes from them, uploading no voxel again.
 * A second run while one holds the lock is refused with the holder and ``--break-lock`` named.
 """
 
@@ -130,7 +132,9 @@ def test_a_rerun_to_s3_does_nothing_and_uploads_nothing(built):
     res = CliRunner().invoke(cli, _rebuild_args(sample, url), catch_exceptions=False)
     assert res.exit_code == 0 and "nothing to do" in res.output, res.output
     puts = {k for m, k, _, _ in bucket.requests()[mark:] if m == "PUT"}
-    assert puts and all(_varying(k) or k == f"x/{LOCK_OBJECT}" for k in puts), puts  # reports, card, lock
+    assert puts and all(_varying(k) or k.endswith(f"/{LOCK_OBJECT}") for k in puts), (
+        puts
+    )  # reports, card, locks
     assert {k: v["etag"] for k, v in objstore.list_remote(fs, root).items() if not _varying(k)} == before
 
 
@@ -235,6 +239,68 @@ def test_a_rebuild_killed_while_publishing_leaves_nothing_complete_and_the_rerun
     bucket.fs.rm(bucket.bucket, recursive=True)
 
 
+_KILL_AFTER_CONVERT = textwrap.dedent(
+    """
+    import os, signal, sys
+    from kneeprep.stages import rebuild
+    def boxes(*a, **k):  # the convert stage is over, the driver has pushed nothing yet: kill everything
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+    rebuild.recompute_store_boxes = boxes
+    from kneeprep.cli import main
+    if __name__ == "__main__":
+        main(sys.argv[1:])
+    """
+)
+
+
+def test_the_convert_tasks_publish_each_volume_from_the_workers_and_a_rerun_resumes_from_them(
+    built, s3_server, tmp_path
+):
+    """``--workers 2``: every volume is on the object store, complete, as soon as its task has written it --
+    uploaded by the worker process (the driver, killed with its workers right after the convert stage, pushed
+    nothing). A re-run on another machine (an empty staging folder) resumes from them: no volume is converted
+    or uploaded again, and the objects end equal to a clean run's."""
+    from s3server import new_bucket
+
+    sample, _, _, clean_url = built
+    bucket = new_bucket(s3_server)
+    url = bucket.url("x")
+    script = tmp_path / "kill_after_convert.py"
+    script.write_text(_KILL_AFTER_CONVERT)
+    env = os.environ | {"KNEEPREP_STAGE_DIR": str(tmp_path / "stage"), "PYTHONPATH": f"{ROOT}"}
+    args = _rebuild_args(sample, url)
+    args[args.index("--workers") + 1] = "2"
+    proc = subprocess.run(
+        [sys.executable, str(script), *args],
+        env=env,
+        capture_output=True,
+        timeout=300,
+        start_new_session=True,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    fs, root = url_filesystem(url)
+    remote = objstore.list_remote(fs, root)
+    units = objstore.Units.of(remote)
+    cfs, croot = url_filesystem(clean_url)
+    clean_volumes = objstore.Units.of(objstore.list_remote(cfs, croot)).volumes
+    assert sorted(units.volumes) == sorted(clean_volumes)  # every volume, each with all its objects
+    assert all(
+        objstore.marker(u) in remote and len(units.volumes[u]) == len(clean_volumes[u]) for u in units.volumes
+    )
+    assert "shards/manifest.json" not in remote and "report.json" not in remote
+    mark = len(bucket.requests())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KNEEPREP_STAGE_DIR", str(tmp_path / "elsewhere"))  # another machine: nothing staged
+        res = CliRunner().invoke(cli, _rebuild_args(sample, url), catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "taking over the stale lock" in res.output and "0 written" in res.output, res.output
+    puts = {k for m, k, _, _ in bucket.requests()[mark:] if m == "PUT"}
+    assert not [k for k in puts if _is_chunk(k)], puts  # no voxel uploaded again
+    clean = {k: v for k, v in _remote_files(cfs, croot).items() if not k.startswith("export/")}
+    _assert_same(_remote_files(fs, root), clean, url, clean_url)
+    bucket.fs.rm(bucket.bucket, recursive=True)
+
+
 def test_a_second_run_is_refused_while_one_holds_the_lock(built, capsys):
     sample, _, _, url = built
     fs, root = url_filesystem(url)
@@ -291,3 +357,49 @@ def test_convert_and_shards_to_s3_as_separate_stages(built, s3_server):
     res = runner.invoke(cli, ["validate", shards, *common], catch_exceptions=False)
     assert res.exit_code == 0 and f"{shards}: OK" in res.output, res.output
     bucket.fs.rm(bucket.bucket, recursive=True)
+
+
+def test_rebuild_to_memory_url_with_worker_processes_equals_a_local_rebuild(built, tmp_path, monkeypatch):
+    """``memory://`` lives in one process: there the tasks (in worker processes) do not publish and the driver
+    pushes everything at the end; the objects equal a local rebuild's and ``validate`` reads them."""
+    import fsspec
+
+    sample, local, _, _ = built
+    monkeypatch.setenv("KNEEPREP_STAGE_DIR", str(tmp_path / "stage"))
+    url = "memory://kneeprep-test/x"
+    args = _rebuild_args(sample, url)
+    args[args.index("--workers") + 1] = "2"
+    try:
+        res = CliRunner().invoke(cli, args, catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        fs, root = url_filesystem(url)
+        _assert_same(_remote_files(fs, root), _local_files(local), url, local)
+        res = CliRunner().invoke(cli, ["validate", f"{url}/shards", "--no-progress"], catch_exceptions=False)
+        assert res.exit_code == 0 and f"{url}/shards: OK" in res.output, res.output
+    finally:
+        fsspec.filesystem("memory").rm("/kneeprep-test", recursive=True)
+
+
+def test_a_rebuild_and_a_convert_into_its_store_exclude_each_other(built, capsys):
+    """``rebuild --out s3://b/x`` also holds the lock of its store (``x/volumes.zarr.kneeprep``) and of its
+    shards directory, the locks ``convert ... s3://b/x/volumes.zarr`` and ``shards ... s3://b/x/shards`` take:
+    whichever starts second is refused, and nothing is written."""
+    sample, _, _, url = built
+    fs, root = url_filesystem(url)
+    before = {k: v["etag"] for k, v in objstore.list_remote(fs, root).items()}
+    store_lock = (f"{root}/volumes.zarr.kneeprep", f"{url}/volumes.zarr.kneeprep")
+    convert = ["convert", str(sample / "raw"), f"{url}/volumes.zarr", "--recipe", str(RECIPE)]
+    convert += ["--annotations", str(sample), "--masks", str(sample), "--workers", "0", "--no-progress"]
+    with remote_lock(fs, *store_lock, "volume store"):  # what a running convert (or rebuild) holds
+        for args in (_rebuild_args(sample, url), convert):
+            with pytest.raises(SystemExit) as exit_:
+                main(args)
+            err = capsys.readouterr().err
+            assert exit_.value.code == 1 and "Traceback" not in err, err
+            assert "another kneeprep run is writing to this" in err and "volumes.zarr.kneeprep" in err, err
+    with remote_lock(fs, f"{root}/shards", f"{url}/shards", "shards directory"):  # a running `shards`
+        with pytest.raises(SystemExit) as exit_:
+            main(_rebuild_args(sample, url))
+        assert exit_.value.code == 1 and "writing to this shards directory" in capsys.readouterr().err
+    assert {k: v["etag"] for k, v in objstore.list_remote(fs, root).items()} == before
+    assert not fs.exists(f"{root}/{LOCK_OBJECT}")  # the refused rebuild released the lock it had taken

@@ -8,7 +8,7 @@ from kneeprep.cli import RECIPE, DirOrURL, break_lock_option, dask_options
 
 
 @click.command()
-@click.argument("raw", type=click.Path(exists=True, file_okay=False))
+@click.argument("raw", type=DirOrURL(exists=True))
 @click.argument("out", type=DirOrURL())
 @click.option(
     "--recipe",
@@ -56,21 +56,28 @@ def convert(ctx, raw, out, recipe_file, annotations, masks, verify, break_lock, 
     found, or every one refused or not selected).
 
     OUT may be a URL (s3://bucket/prefix/volumes.zarr; credentials and endpoint from the AWS environment):
-    the store is built in a local staging folder ($KNEEPREP_STAGE_DIR) and published there, each volume by
-    its group's zarr.json written last, under a lock object in OUT.kneeprep (--break-lock).
+    the store is built in a local staging folder ($KNEEPREP_STAGE_DIR) and published there -- each volume
+    uploaded by its task as soon as written, complete only once its group's zarr.json (written last) is
+    there -- under a lock object in OUT.kneeprep (--break-lock). RAW may be a URL too: mirrored into the
+    staging folder, each file with its object's modification time, only changed objects downloaded.
     """
     from kneeprep.cli.progress import bars
     from kneeprep.formats.store import report_path
+    from kneeprep.formats.urls import is_url
     from kneeprep.recipe import load_recipe
-    from kneeprep.remote import local_or_staged_output
+    from kneeprep.remote import local_or_staged_input, local_or_staged_output
     from kneeprep.stages.convert import run_convert
 
     recipe = load_recipe(recipe_file)
     staged = local_or_staged_output(out, what="store", store=True, break_lock=break_lock, echo=click.echo)
-    with bars(progress) as p, staged as local:
+    with (
+        bars(progress) as p,
+        staged as local,
+        local_or_staged_input(raw, raw=True, echo=click.echo) as raw_dir,
+    ):
         report = run_convert(
-            raw, local, recipe, annotations=annotations, masks=masks, workers=workers, scheduler=scheduler,
-            progress=p, verify=verify,
+            raw_dir, local, recipe, annotations=annotations, masks=masks, workers=workers, scheduler=scheduler,
+            progress=p, verify=verify, raw_id=raw if is_url(raw) else None,
         )  # fmt: skip
     click.echo(report.table())
     click.echo(f"report: {click.format_filename(str(report_path(local)))}")

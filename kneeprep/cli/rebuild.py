@@ -18,7 +18,11 @@ _DIR = click.Path(exists=True, file_okay=False)
     help="Recipe: a packaged name (3dreasonknee, m3d-32x256x256; `kneeprep recipe list`) or a TOML file.",
 )
 @click.option(
-    "--raw", type=_DIR, required=True, help="Raw DICOM tree (OAI layout or any folder of DICOM files)."
+    "--raw",
+    type=DirOrURL(exists=True),
+    required=True,
+    help="Raw DICOM tree (OAI layout or any folder of DICOM files), or a URL (s3://bucket/prefix): mirrored "
+    "into $KNEEPREP_STAGE_DIR, each file with its object's modification time, only changed objects downloaded.",
 )
 @click.option(
     "--annotations",

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
 
-from kneeprep.cli import RECIPE, dask_options
+from kneeprep.cli import RECIPE, DirOrURL, dask_options
 from kneeprep.stages.scan import series_row, write_table
 
 
@@ -17,7 +18,7 @@ def _out_path(ctx, param, value):
 
 
 @click.command("scan")
-@click.argument("raw", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("raw", type=DirOrURL(exists=True))
 @click.option(
     "--out",
     "-o",
@@ -33,9 +34,10 @@ def _out_path(ctx, param, value):
     "--progress/--no-progress", default=True, help="Show a progress bar (parts of the tree read) on stderr."
 )
 def scan(
-    raw: Path, out: Path | None, recipe_path: Path | None, quiet: bool, workers, scheduler, progress: bool
+    raw: str, out: Path | None, recipe_path: Path | None, quiet: bool, workers, scheduler, progress: bool
 ) -> None:
-    """Inventory the DICOM series under RAW, reading headers only.
+    """Inventory the DICOM series under RAW, reading headers only. RAW may be a URL (s3://bucket/prefix):
+    mirrored into $KNEEPREP_STAGE_DIR first, only changed objects downloaded.
 
     Any layout works (extensionless files included); the OAI layout
     <visit>/<release>/<patient>/<YYYYMMDD>/<series>/<files> gives the volume ids, other trees get ids from
@@ -53,13 +55,21 @@ def scan(
     from kneeprep.cli.progress import bars
     from kneeprep.dicom import scan_tree
     from kneeprep.formats.report import ticker
+    from kneeprep.formats.urls import is_url
     from kneeprep.parallel import executor
     from kneeprep.recipe import load_recipe
+    from kneeprep.remote import local_or_staged_input
 
     recipe = load_recipe(recipe_path)
-    with bars(progress) as p, executor(workers, scheduler) as ex:
-        result = scan_tree(raw, recipe.qc, ticker(p, "scan"), executor=ex)
+    with local_or_staged_input(raw, raw=True, echo=click.echo) as tree:
+        with bars(progress) as p, executor(workers, scheduler) as ex:
+            result = scan_tree(tree, recipe.qc, ticker(p, "scan"), executor=ex)
     rows = [series_row(s) for s in result.series]
+    if is_url(raw):  # the staging copy's paths named by the URL's objects
+        local = str(tree)
+        for r in rows:
+            if r["first_file"].startswith(local):
+                r["first_file"] = raw + r["first_file"][len(local) :].replace(os.sep, "/")
     if not quiet:
         _print_table(rows)
     counts = result.by_status()

@@ -24,10 +24,12 @@ Never mirrored: lock files, ``*.partial`` temporary files and the store's ``work
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import posixpath
+import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,7 @@ from kneeprep.files import LOCK_FILE, PARTIAL, write_json
 
 #: the staging folder's record of what was last synced (:class:`Index`)
 INDEX_NAME = ".kneeprep-synced.json"  # suffix of the index beside a staging folder
+NOTES_NAME = ".kneeprep-synced.d"  # suffix of the folder of what tasks published (kneeprep.publish)
 MANIFEST = "manifest.json"
 ZARR_JSON = "zarr.json"
 SHARD_FOLDERS = ("data", "_volumes")
@@ -148,8 +151,20 @@ def list_remote(fs, root: str) -> dict[str, dict]:
             continue
         rel = path[len(root.rstrip("/")) + 1 :]
         if rel and not skipped(rel):
-            out[rel] = {"size": int(info.get("size") or 0), "etag": str(info.get("ETag") or "").strip('"')}
+            out[rel] = {
+                "size": int(info.get("size") or 0),
+                "etag": str(info.get("ETag") or "").strip('"'),
+                "mtime": _mtime(info),
+            }
     return out
+
+
+def _mtime(info: dict) -> float | None:
+    """An object's modification time (seconds since the epoch) from an fsspec listing, if it has one."""
+    t = info.get("LastModified") or info.get("mtime") or info.get("created")
+    if hasattr(t, "timestamp"):
+        return t.timestamp()
+    return float(t) if isinstance(t, int | float) else None
 
 
 def list_local(folder: Path) -> dict[str, Path]:
@@ -208,12 +223,16 @@ class Index:
     """The staging folder's record of the last sync: rel -> [size, mtime_ns, md5, etag]; kept beside the
     folder (``<folder>.kneeprep-synced.json``: a store holds only zarr nodes)."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, *, load: bool = True):
         self.path = folder.with_name(folder.name + INDEX_NAME)
-        try:
-            self.rows: dict[str, list] = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            self.rows = {}
+        self.notes = folder.with_name(folder.name + NOTES_NAME)
+        self.rows: dict[str, list] = {}
+        if load:
+            with contextlib.suppress(OSError, ValueError):
+                self.rows = json.loads(self.path.read_text())
+            for note in sorted(self.notes.glob("*.json")) if self.notes.is_dir() else ():
+                with contextlib.suppress(OSError, ValueError):  # what tasks published (kneeprep.publish)
+                    self.rows.update(json.loads(note.read_text()))
 
     def md5(self, rel: str, p: Path) -> str:
         st = p.stat()
@@ -243,6 +262,8 @@ class Index:
                 self.rows[rel][3] = remote[rel]["etag"]
         self.rows = {r: v for r, v in self.rows.items() if r in local}
         write_json(self.path, self.rows)
+        if self.notes.is_dir():
+            shutil.rmtree(self.notes, ignore_errors=True)
 
 
 # -- transfers --------------------------------------------------------------------------------------------
@@ -262,6 +283,21 @@ def _rm(fs, root: str, rels: Iterable[str]) -> None:
     rels = list(rels)
     if rels:
         fs.rm([f"{root}/{r}" for r in rels])
+
+
+def publish_volume(fs, root: str, unit: str, local: dict[str, Path], remote: dict, changed, extra) -> bool:
+    """Make one volume's objects equal to its local files: its marker deleted first (the volume leaves every
+    listing before any of its objects changes), the ``changed`` files uploaded, the ``extra`` objects deleted,
+    the marker uploaded last; returns whether the volume is published (False: it was removed)."""
+    m = marker(unit)
+    if m in remote:
+        _rm(fs, root, [m])
+    _put(fs, root, [(local[r], r) for r in changed if r != m])
+    _rm(fs, root, [r for r in extra if r != m])
+    if m in local:
+        put_marker(fs, root, local[m], m)
+        return True
+    return False
 
 
 def push(folder: Path, fs, root: str, *, on_unit: Callable[[str], None] | None = None) -> dict[str, int]:
@@ -289,13 +325,7 @@ def _push(folder, fs, root, on_unit) -> dict[str, int]:
         changed, extra = differing(mine), sorted(set(theirs) - set(mine))
         if not changed and not extra:
             continue
-        m = marker(unit)
-        if m in remote:
-            _rm(fs, root, [m])  # the volume leaves every listing before any of its objects changes
-        _put(fs, root, [(local[r], r) for r in changed if r != m])
-        _rm(fs, root, [r for r in extra if r != m])
-        if m in local:
-            put_marker(fs, root, local[m], m)
+        if publish_volume(fs, root, unit, local, remote, changed, extra):
             counts["volumes"] += 1
         else:
             counts["volumes_removed"] += 1
@@ -321,12 +351,17 @@ def _push(folder, fs, root, on_unit) -> dict[str, int]:
         if on_unit is not None:
             on_unit(d)
     # plain files: the top-level report last (a rebuild's report.json says the run ended)
-    plain = sorted((r for r in lu.plain if r not in lu.roots), key=lambda r: (r == "report.json", r))
+    manifests = {manifest_of(d) for d in lu.shards}  # published above, last of their directory
+    plain = sorted(
+        (r for r in lu.plain if r not in lu.roots and r not in manifests),
+        key=lambda r: (r == "report.json", r),
+    )
     changed = differing(plain)
     _put(fs, root, [(local[r], r) for r in changed if r != "report.json"])
     if "report.json" in changed:
         put_marker(fs, root, local["report.json"], "report.json")
-    extra = sorted(set(ru.plain) - set(lu.plain))
+    # (a shards directory whose manifest was withdrawn lists as plain files remotely: not extra if local)
+    extra = sorted(set(ru.plain) - set(local))
     _rm(fs, root, extra)
     counts["files"] += len(changed)
     counts["deleted"] += len(extra)
@@ -334,18 +369,22 @@ def _push(folder, fs, root, on_unit) -> dict[str, int]:
     return counts
 
 
-def pull(fs, root: str, folder: Path) -> dict[str, int]:
+def pull(fs, root: str, folder: Path, *, mirror: bool = False) -> dict[str, int]:
     """Make ``folder`` equal to the complete state of ``root`` (:func:`complete_state`): objects whose bytes
-    differ downloaded, local files the remote does not hold as complete deleted; returns counts."""
+    differ downloaded, local files the remote does not hold as complete deleted; returns counts.
+
+    ``mirror=True`` (an input tree, e.g. raw DICOM): every object is kept (no completion records), and each
+    downloaded file gets its object's modification time, so that a fingerprint of names, sizes and mtimes
+    (:func:`kneeprep.stages.resume.input_fingerprint`) is the same on every machine that pulls it."""
     try:
-        return _pull(fs, root, folder)
+        return _pull(fs, root, folder, mirror)
     except OSError as e:
         raise StoreError(f"{root}: could not read: {e.strerror or e}") from e
 
 
-def _pull(fs, root: str, folder: Path) -> dict[str, int]:
+def _pull(fs, root: str, folder: Path, mirror: bool = False) -> dict[str, int]:
     remote = list_remote(fs, root)
-    keep = complete_state(fs, root, remote)
+    keep = set(remote) if mirror else complete_state(fs, root, remote)
     local = list_local(folder)
     index = Index(folder)
     gone = sorted(set(local) - keep)
@@ -356,6 +395,9 @@ def _pull(fs, root: str, folder: Path) -> dict[str, int]:
         (folder / r).parent.mkdir(parents=True, exist_ok=True)
     if get:
         fs.get([f"{root}/{r}" for r in get], [str(folder / r) for r in get])
+    for r in get if mirror else ():
+        if remote[r]["mtime"] is not None:
+            os.utime(folder / r, (remote[r]["mtime"], remote[r]["mtime"]))
     _remove_empty_dirs(folder)
     folder.mkdir(parents=True, exist_ok=True)
     index.record(remote, list_local(folder))

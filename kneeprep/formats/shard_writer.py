@@ -62,6 +62,7 @@ def write_shards(
     nbytes: Mapping[str, int] | None = None,
     executor=None,
     progress: Progress | None = None,
+    publish=None,
 ) -> dict[str, Any]:
     """Write quintuples (with their volumes) as Parquet shards under ``out_dir`` and return the manifest.
 
@@ -69,16 +70,20 @@ def write_shards(
     volume is read once here to learn its size. ``executor`` (``map_unordered(fn, items, **kwargs)``, see
     :mod:`kneeprep.parallel`) runs the shard tasks; without one they run here, in order. Old shard files not
     in the new manifest (also those of the layout before schema version 3) are removed after the manifest is
-    written. ``progress("shards", done, total, path)`` is called after each shard.
+    written. ``progress("shards", done, total, path)`` is called after each shard. ``publish`` (a
+    :class:`kneeprep.publish.Publisher`): the object store's manifest is withdrawn first and each task uploads
+    its two files (the final push publishes the new manifest).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # the directory is incomplete until the new manifest lands
+    if publish is not None:
+        publish.withdraw(out / MANIFEST)  # so on the object store too, before a shard file there changes
     qs = list(quintuples)
     if nbytes is None:
         nbytes = {v: int(read_volume(v)[0].nbytes) for v in sorted({q.volume_id for q in qs})}
     plans = plan_shards(qs, nbytes, recipe.shards.target_bytes, row_group_bytes)
-    kwargs = {"read_volume": read_volume, "out_dir": str(out), "spec": recipe.shards}
+    kwargs = {"read_volume": read_volume, "out_dir": str(out), "spec": recipe.shards, "publish": publish}
     if executor is None:
         results: Iterable[dict] = (write_shard(p, **kwargs) for p in plans)
     else:
@@ -129,9 +134,12 @@ def write_shards(
     return manifest
 
 
-def write_shard(plan: ShardPlan, read_volume: VolumeReader, out_dir: str, spec) -> dict[str, Any]:
+def write_shard(
+    plan: ShardPlan, read_volume: VolumeReader, out_dir: str, spec, publish=None
+) -> dict[str, Any]:
     """The task of one shard: read its volumes, write ``plan.path`` and ``plan.volumes_path`` under
-    ``out_dir``, return the manifest entry (rows, volumes, row groups, bytes and sha256 of both files)."""
+    ``out_dir`` (and upload them, with ``publish``), return the manifest entry (rows, volumes, row groups,
+    bytes and sha256 of both files)."""
     out = Path(out_dir)
     rows_file = _ParquetFile(out, plan.path, SCHEMA, spec)
     vols_file = _ParquetFile(out, plan.volumes_path, VOLUME_SCHEMA, spec)
@@ -146,6 +154,10 @@ def write_shard(plan: ShardPlan, read_volume: VolumeReader, out_dir: str, spec) 
         rows_file.abort()
         vols_file.abort()
         raise
+    if publish is not None:
+        from kneeprep.publish import publish_or_warn
+
+        publish_or_warn(publish.files, out_dir, [plan.path, plan.volumes_path])
     return {
         "path": plan.path,
         "split": plan.split,

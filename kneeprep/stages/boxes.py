@@ -20,6 +20,7 @@ from kneeprep.formats import store
 from kneeprep.formats.box import BOXES_TABLE, BOXES_TABLE_STALE, boxes_schema
 from kneeprep.formats.store_upgrade import upgrade_store
 from kneeprep.formats.volume_attrs import Provenance, VolumeAttrs
+from kneeprep.publish import Publisher, publish_or_warn, publisher_for
 from kneeprep.stages.harness import Progress, Stage
 
 
@@ -184,9 +185,16 @@ def recompute_volume(vid: str, store_path: str, recipe, stale_only: bool) -> Vol
 VOLUMES_PER_TASK = 8
 
 
-def recompute_volumes(vids: tuple[str, ...], store_path: str, recipe, stale_only: bool) -> list[VolumeBoxes]:
-    """The boxes task: :func:`recompute_volume` for a few volumes."""
-    return [recompute_volume(v, store_path, recipe, stale_only) for v in vids]
+def recompute_volumes(
+    vids: tuple[str, ...], store_path: str, recipe, stale_only: bool, publish: Publisher | None = None
+) -> list[VolumeBoxes]:
+    """The boxes task: :func:`recompute_volume` for a few volumes, each recomputed one published to the object
+    store the run writes to, if any (:mod:`kneeprep.publish`; a failure there is left to the final push)."""
+    out = [recompute_volume(v, store_path, recipe, stale_only) for v in vids]
+    for r in out:
+        if publish is not None and r.status == "recomputed":
+            publish_or_warn(publish.volume, store_path, r.item)
+    return out
 
 
 def _lost(vids: tuple[str, ...], exc: BaseException) -> list[VolumeBoxes]:
@@ -201,7 +209,7 @@ def _recompute(store_path: Path, recipe, stale_only: bool, st: Stage) -> BoxesSu
     chunks = [tuple(vids[i : i + VOLUMES_PER_TASK]) for i in range(0, len(vids), VOLUMES_PER_TASK)]
     results = st.executor().map_unordered(
         recompute_volumes, chunks, on_error=_lost, store_path=str(store_path), recipe=recipe,
-        stale_only=stale_only,
+        stale_only=stale_only, publish=publisher_for(store_path),
     ) if chunks else iter(())  # fmt: skip
     done: list[VolumeBoxes] = []
     for rs in results:

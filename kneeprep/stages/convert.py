@@ -21,6 +21,7 @@ The run report goes to ``<store>/report.json`` (also written when interrupted, w
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import time
@@ -35,6 +36,7 @@ from kneeprep.formats.box import BOXES_TABLE
 from kneeprep.formats.report import ItemResult, RunReport
 from kneeprep.formats.splits import read_split_csvs
 from kneeprep.formats.store_upgrade import upgrade_store
+from kneeprep.publish import Publisher, publish_or_warn, publisher_for
 from kneeprep.recipe import Recipe
 from kneeprep.stages.boxes import mark_boxes_table_stale, settle_boxes_table
 from kneeprep.stages.convert_series import convert_series
@@ -51,11 +53,17 @@ ConvertResult = ItemResult
 # one series: the task (kneeprep.stages.convert_series) and what the driver knows of it
 
 
-def _run_task(task: ConvertTask, recipe: Recipe, store_path: str) -> ItemResult:
-    return convert_series(
+def _run_task(
+    task: ConvertTask, recipe: Recipe, store_path: str, publish: Publisher | None = None
+) -> ItemResult:
+    r = convert_series(
         task.info, recipe, store_path, task.mask_path, verify=task.verify,
         force=task.force,
     )  # fmt: skip
+    if publish is not None and r.status == "written":  # to the object store, from here (kneeprep.publish)
+        if warned := publish_or_warn(publish.volume, store_path, r.item):
+            r = dataclasses.replace(r, warnings=r.warnings + warned)
+    return r
 
 
 def _task_lost(task: ConvertTask, exc: BaseException) -> ItemResult:
@@ -180,12 +188,15 @@ def run_convert(
     progress: Progress | None = None,
     executor=None,
     verify: bool = False,
+    raw_id: str | None = None,
 ) -> RunReport:
     """Convert every selected series under ``raw`` into ``store``; returns the report (also written beside the
     store, :func:`kneeprep.formats.store.report_path`). ``workers=0`` runs in this process without Dask;
     ``executor`` (a :mod:`kneeprep.parallel` executor the caller owns) overrides ``workers``/``scheduler``.
     ``progress``: see :class:`kneeprep.stages.harness.Progress` (tasks ``scan`` and ``convert``). ``verify``:
     re-hash the input bytes of volumes whose fingerprint is unchanged (``--verify``; reads every input file).
+    ``raw_id``: what names the raw tree in the report and ``sources.json`` (default: ``raw``'s absolute path;
+    the URL when ``raw`` is the staging copy of a tree at a URL).
 
     Volumes of this raw tree that a clean run would not have (series gone, refused by QC, not selected) are
     removed and reported ``removed`` (:func:`kneeprep.stages.resume.vanished`).
@@ -198,10 +209,10 @@ def run_convert(
     for name, p in (("annotations", annotations), ("masks", masks)):
         if p is not None and not Path(p).is_dir():
             raise InputNotFoundError(f"{p}: {name} directory not found")
-    raw_root = os.path.abspath(raw)
+    raw_root = raw_id or os.path.abspath(raw)
     plan = _Planner(recipe, store, annotations, masks, verify)
     context = {
-        "raw": str(raw), "store": str(store), "annotations": str(annotations) if annotations else None,
+        "raw": raw_id or str(raw), "store": str(store), "annotations": str(annotations) if annotations else None,
         "masks": str(masks) if masks else None, "recipe_name": recipe.name, "recipe_hash": recipe.hash,
         "convert_hash": plan.convert_hash, "recipe_file": recipe.source_path, "workers": workers,
         "scheduler": scheduler, "verify": verify, "kneeprep_version": __version__,
@@ -219,7 +230,12 @@ def run_convert(
         report.context["cleaned_work_area"] = vstore.clean_work_area(store)
         stale_table = mark_boxes_table_stale(store)  # before any volume can change: a kill leaves the mark
         ex = st.executor()  # the scan's tasks and the conversions run on it
-        stream = ex.stream(_run_task, on_error=_task_lost, recipe=recipe, store_path=str(store))
+        publish = publisher_for(store)
+        if publish is not None:
+            publish.root(store)  # before any volume: a listing of the object store recognizes them by it
+        stream = ex.stream(
+            _run_task, on_error=_task_lost, recipe=recipe, store_path=str(store), publish=publish
+        )
         early = EarlyStarts(plan, stream, previously_revised(store))
 
         def take_finished() -> None:  # on Ctrl-C: series finished but not yet taken are in the store
@@ -256,8 +272,22 @@ def run_convert(
         if table is not None:
             report.context["boxes_table"] = str(table)
         vstore.sync_collection(store)  # after the removals: the listing names exactly the volumes kept
+        if raw_id is not None:  # a staging copy of a tree at a URL: the report names the URL's objects
+            _rename_sources(report, os.path.abspath(raw), raw_id)
         st.finish()
     return report
+
+
+def _rename_sources(report: RunReport, local: str, url: str) -> None:
+    def named(text: str) -> str:
+        return text.replace(local + os.sep, url + "/").replace(local, url)
+
+    report.items[:] = [
+        dataclasses.replace(r, source=named(r.source), message=named(r.message)) for r in report.items
+    ]
+    report.context["unreadable_files"] = [
+        [named(p), r] for p, r in report.context.get("unreadable_files", [])
+    ]
 
 
 __all__ = [

@@ -42,7 +42,7 @@ from kneeprep.formats.urls import as_local_or_url
 from kneeprep.parallel import executor
 from kneeprep.privacy import Pseudonymizer
 from kneeprep.recipe import Recipe
-from kneeprep.remote import staged_output
+from kneeprep.remote import STORE_SIBLING, staged_input, staged_output
 from kneeprep.stages.boxes import recompute_store_boxes
 from kneeprep.stages.convert import run_convert
 from kneeprep.stages.shards import build_shards
@@ -117,20 +117,33 @@ def rebuild(
     verify: bool = False,
     storage_options: dict[str, Any] | None = None,
     break_lock: bool = False,
+    raw_id: str | None = None,
 ) -> RebuildReport:
     """Run scan → convert → boxes → shards → validate → card; returns (and writes) the rebuild report.
 
     ``out`` may be a URL (``s3://bucket/prefix``): the run is staged locally and published there, every
     volume and the shards by a completion record written last, under a lock object (:mod:`kneeprep.remote`;
-    ``break_lock`` clears another run's lock)."""
-    out = as_local_or_url(out)
+    ``break_lock`` clears another run's lock). ``raw`` may be a URL too: the tree is mirrored into a staging
+    folder (:func:`kneeprep.remote.staged_input` ``raw``) and the volumes' sources name the URL (``raw_id``)."""
+    out, raw_src = as_local_or_url(out), as_local_or_url(raw)
     if isinstance(out, str):
         with staged_output(
-            out, what="output", storage_options=storage_options, break_lock=break_lock, echo=echo
+            out,
+            what="output",
+            storage_options=storage_options,
+            break_lock=break_lock,
+            echo=echo,
+            inner=(("volumes.zarr" + STORE_SIBLING, "volume store"), ("shards", "shards directory")),
         ) as local:
             return rebuild(
                 recipe, raw, annotations, local, masks=masks, workers=workers, scheduler=scheduler,
-                progress=progress, echo=echo, verify=verify,
+                progress=progress, echo=echo, verify=verify, storage_options=storage_options,
+            )  # fmt: skip
+    if isinstance(raw_src, str):  # after the output's lock: a refused run downloads nothing
+        with staged_input(raw_src, storage_options=storage_options, raw=True, echo=echo) as local_raw:
+            return rebuild(
+                recipe, local_raw, annotations, out, masks=masks, workers=workers, scheduler=scheduler,
+                progress=progress, echo=echo, verify=verify, raw_id=raw_src,
             )  # fmt: skip
     for name, p in (("raw", raw), ("annotations", annotations), ("masks", masks)):
         if p is not None and not Path(p).is_dir():
@@ -140,12 +153,12 @@ def rebuild(
     # one cluster for every stage: started once, in the background, while the scan is planned
     with executor(workers, scheduler) as ex:
         return _run_stages(
-            recipe, raw, annotations, out, masks, ex, progress, echo, workers, scheduler, verify
+            recipe, raw, annotations, out, masks, ex, progress, echo, workers, scheduler, verify, raw_id
         )
 
 
 def _run_stages(
-    recipe, raw, annotations, out: Path, masks, ex, progress, echo, workers, scheduler, verify
+    recipe, raw, annotations, out: Path, masks, ex, progress, echo, workers, scheduler, verify, raw_id=None
 ) -> RebuildReport:
     store, shards_dir = out / "volumes.zarr", out / "shards"
     previous = _read_json(out / REPORT)
@@ -158,7 +171,7 @@ def _run_stages(
     t = stage("scan + convert")
     conv = run_convert(
         raw, store, recipe, annotations=annotations, masks=masks, workers=workers, scheduler=scheduler,
-        progress=progress, verify=verify, executor=ex,
+        progress=progress, verify=verify, executor=ex, raw_id=raw_id,
     )  # fmt: skip
     cj = conv.to_json()
     rep.seconds["scan"] = cj["context"].get("scan_seconds", 0.0)

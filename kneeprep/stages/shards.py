@@ -23,6 +23,7 @@ from kneeprep.formats.splits import SPLITS
 from kneeprep.formats.store import list_volumes, read_volume, read_volume_attrs
 from kneeprep.formats.volume_attrs import VolumeAttrs
 from kneeprep.privacy import Pseudonymizer
+from kneeprep.publish import publisher_for
 from kneeprep.stages.harness import Progress, Stage
 
 
@@ -146,6 +147,7 @@ def _build_shards(
         nbytes=nbytes,
         executor=st.executor() if quintuples else None,  # no cluster for nothing to write
         progress=st.progress,
+        publish=publisher_for(out),
     )
     mismatched = prompt_mismatches(annotations)
     by_kind: dict[str, int] = {}
