@@ -178,6 +178,7 @@ class TaskStream:
         """Drop the tasks not yet started and stop those running (nothing is left on the cluster)."""
         with self._lock:
             self._closed = True
+            self._source = None  # nothing more is pulled from a feed
             self._waiting.clear()
             live = [f for f, _ in self._live.values()]
             self._live.clear()

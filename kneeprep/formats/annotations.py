@@ -17,6 +17,7 @@ use imports from here.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -131,8 +132,11 @@ def _jsonl_record(line: str, where: str) -> AnnotationRecord:
         )
     answer = d["answer"]
     try:
-        obj = find_answer_json(answer)[0] if isinstance(answer, str) else answer
-        severity = parse_answer(obj, qid)
+        if isinstance(answer, str):
+            answer_json, severity = _text_answer(answer, qid)
+        else:
+            answer_json = compact_json(answer)
+            severity = _json_answer(answer_json, qid)
     except AnnotationError as e:
         raise _fail("answer", str(e)) from None
     return AnnotationRecord(
@@ -141,10 +145,23 @@ def _jsonl_record(line: str, where: str) -> AnnotationRecord:
         question_id=qid,
         question=d["question"],
         reasoning=tuple(d["reasoning"]),
-        answer_json=compact_json(obj),
+        answer_json=answer_json,
         severity=severity,
         source=where,
     )
+
+
+# Answers repeat (a few grade combinations per question over ~7,000 volumes): each distinct one parsed once.
+# The results are immutable (a JSON string, a tuple of frozen Grades); a failing answer raises each time.
+@functools.lru_cache(maxsize=8192)
+def _text_answer(answer: str, qid: str) -> tuple[str, tuple]:
+    obj = find_answer_json(answer)[0]
+    return compact_json(obj), parse_answer(obj, qid)
+
+
+@functools.lru_cache(maxsize=8192)
+def _json_answer(answer_json: str, qid: str) -> tuple:
+    return parse_answer(json.loads(answer_json), qid)
 
 
 def write_quintuples_jsonl(path: str | Path, records: Iterable[AnnotationRecord]) -> None:
