@@ -403,3 +403,36 @@ def test_a_rebuild_and_a_convert_into_its_store_exclude_each_other(built, capsys
         assert exit_.value.code == 1 and "writing to this shards directory" in capsys.readouterr().err
     assert {k: v["etag"] for k, v in objstore.list_remote(fs, root).items()} == before
     assert not fs.exists(f"{root}/{LOCK_OBJECT}")  # the refused rebuild released the lock it had taken
+
+
+def test_a_task_whose_upload_fails_warns_and_the_final_push_publishes_its_volume(
+    built, s3_server, tmp_path, monkeypatch
+):
+    """An upload error in a task (here: every one) is a warning on that volume, not a failure; the driver's
+    final push publishes what no task could, so the objects still equal a clean run's."""
+    from s3server import new_bucket
+
+    from kneeprep.errors import StoreError
+    from kneeprep.publish import Publisher
+
+    def refuse(self, *a, **k):
+        raise StoreError(f"{self.url}: could not publish: refused by the test")
+
+    monkeypatch.setattr(Publisher, "volume", refuse)
+    monkeypatch.setenv("KNEEPREP_STAGE_DIR", str(tmp_path / "stage"))
+    sample, _, _, clean_url = built
+    bucket = new_bucket(s3_server)
+    url = bucket.url("x")
+    res = CliRunner().invoke(cli, _rebuild_args(sample, url), catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    fs, root = url_filesystem(url)
+    rep = json.loads(fs.cat_file(f"{root}/volumes.zarr.kneeprep/report.json"))
+    written = [i for i in rep["items"] if i["status"] == "written"]
+    assert written and all(
+        any("refused by the test; the end of the run publishes it" in w for w in i["warnings"])
+        for i in written
+    )
+    cfs, croot = url_filesystem(clean_url)
+    clean = {k: v for k, v in _remote_files(cfs, croot).items() if not k.startswith("export/")}
+    _assert_same(_remote_files(fs, root), clean, url, clean_url)
+    bucket.fs.rm(bucket.bucket, recursive=True)
