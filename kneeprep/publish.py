@@ -92,8 +92,12 @@ class Publisher:
         """Delete the object of ``path`` (a completion record, e.g. a shards manifest) if it exists."""
         fs, root = self._fs()
         url = f"{root}/{self.rel(path)}"
-        with contextlib.suppress(FileNotFoundError):
-            self._guard(lambda: fs.rm_file(url) if fs.exists(url) else None)
+
+        def rm() -> None:
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm_file(url)
+
+        self._guard(rm)
 
     def root(self, store: str | os.PathLike) -> None:
         """Upload a store's root ``zarr.json`` unless the object store has it already (before any volume: a
@@ -139,11 +143,14 @@ def publisher_for(path: str | os.PathLike) -> Publisher | None:
 
 
 def publish_or_warn(fn, *args) -> tuple[str, ...]:
-    """Run a publication; a failure is a warning (the final push publishes the unit), not an error."""
+    """Run a publication; a failure of any kind is a warning (the final push publishes the unit, or fails
+    with a clear error), never a failed task."""
     try:
         fn(*args)
     except KneeprepError as e:
         return (f"{e}; the end of the run publishes it",)
+    except Exception as e:  # a storage library's own error type (botocore, aiohttp): still only a warning
+        return (f"could not publish: {type(e).__name__}: {e}; the end of the run publishes it",)
     return ()
 
 

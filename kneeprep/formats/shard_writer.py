@@ -77,8 +77,11 @@ def write_shards(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # the directory is incomplete until the new manifest lands
-    if publish is not None:
-        publish.withdraw(out / MANIFEST)  # so on the object store too, before a shard file there changes
+    if publish is not None:  # so on the object store too, before a shard file there changes
+        from kneeprep.publish import publish_or_warn
+
+        if publish_or_warn(publish.withdraw, out / MANIFEST):
+            publish = None  # not withdrawn: the tasks upload nothing, the final push publishes the shards
     qs = list(quintuples)
     if nbytes is None:
         nbytes = {v: int(read_volume(v)[0].nbytes) for v in sorted({q.volume_id for q in qs})}

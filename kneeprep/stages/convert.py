@@ -17,6 +17,9 @@ Stale work-area entries of an interrupted run are removed first (under the store
 boxes table is rewritten whenever a run changed a volume or an earlier run stopped before rewriting it.
 
 The run report goes to ``<store>/report.json`` (also written when interrupted, with ``interrupted: true``).
+
+When the store is the staging copy of one on an object store (:mod:`kneeprep.remote`), each task uploads the
+volume it wrote, from its worker (:mod:`kneeprep.publish`); a failed upload is a warning on that volume.
 """
 
 from __future__ import annotations
@@ -231,8 +234,9 @@ def run_convert(
         stale_table = mark_boxes_table_stale(store)  # before any volume can change: a kill leaves the mark
         ex = st.executor()  # the scan's tasks and the conversions run on it
         publish = publisher_for(store)
-        if publish is not None:
-            publish.root(store)  # before any volume: a listing of the object store recognizes them by it
+        # on an object store the root goes first: a listing recognizes the volumes by it
+        if publish is not None and publish_or_warn(publish.root, store):
+            publish = None  # it could not be uploaded: no task uploads, the final push publishes everything
         stream = ex.stream(
             _run_task, on_error=_task_lost, recipe=recipe, store_path=str(store), publish=publish
         )
