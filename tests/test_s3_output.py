@@ -154,6 +154,9 @@ def test_validate_score_and_export_read_s3(built, tmp_path):
     assert res.exit_code == 0, res.output
     res = runner.invoke(cli, ["export", f"{url}/shards", f"{url}/export"] + [a.format(url) for a in args])
     assert res.exit_code == 0, res.output
+    assert (
+        f"report: {url}/export/report.json" in res.output and "stage" not in res.output
+    )  # the URL's objects
     fs, root = url_filesystem(url)
     exported = _remote_files(fs, f"{root}/export")
     assert any(k.endswith(".nii.gz") for k in exported)
@@ -340,6 +343,7 @@ def test_convert_and_shards_to_s3_as_separate_stages(built, s3_server):
         catch_exceptions=False,
     )
     assert res.exit_code == 0, res.output
+    assert f"report: {store}.kneeprep/report.json" in res.output  # the published object, not the staging copy
     fs, root = url_filesystem(store)
     assert fs.exists(f"{root}.kneeprep/sources.json") and not fs.exists(f"{root}.kneeprep/{LOCK_OBJECT}")
     res = runner.invoke(

@@ -80,7 +80,8 @@ def convert(ctx, raw, out, recipe_file, annotations, masks, verify, break_lock, 
             progress=p, verify=verify, raw_id=raw if is_url(raw) else None,
         )  # fmt: skip
     click.echo(report.table())
-    click.echo(f"report: {click.format_filename(str(report_path(local)))}")
+    where = f"{out}.kneeprep/report.json" if is_url(out) else click.format_filename(str(report_path(local)))
+    click.echo(f"report: {where}")
     if report.nothing_usable:
         click.secho(f"error: {report.nothing_usable}", fg="red", err=True)
     if report.removed:

@@ -75,6 +75,7 @@ def export(
     import contextlib
 
     from kneeprep.cli.progress import bars
+    from kneeprep.formats.urls import is_url
     from kneeprep.remote import local_or_staged_input, local_or_staged_output
     from kneeprep.stages.export import run_export, summary
 
@@ -90,6 +91,9 @@ def export(
             path_prefix=path_prefix, workers=workers, scheduler=scheduler, progress=p, force=force,
         )  # fmt: skip
     click.echo(report.table())
-    click.echo(summary(report))
+    text = summary(report)
+    if is_url(out):  # name the published objects, not the staging copy
+        text = text.replace(str(dst), out.rstrip("/"))
+    click.echo(text)
     if report.failed:
         ctx.exit(1)
