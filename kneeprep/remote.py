@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from kneeprep import files
 from kneeprep.errors import InputNotFoundError, StoreError
 from kneeprep.formats import objstore
 from kneeprep.formats.urls import as_local_or_url, url_filesystem
@@ -200,15 +201,17 @@ def staged_input(
     url = url.rstrip("/")
     fs, root = url_filesystem(url, storage_options)
     local = stage_path(url, "raw" if raw else "in")
-    counts = objstore.pull(fs, root, local, mirror=raw)
-    if not counts["objects"]:
-        what = "no such prefix, or no objects" if raw else "no such prefix, or no published output"
-        raise InputNotFoundError(f"{url}: nothing {'' if raw else 'complete '}here ({what})")
-    if echo is not None:
-        echo(f"{url}: {counts['objects']} objects in {local} ({counts['downloaded']} downloaded)")
-    if not raw and _is_store(fs, root):
-        objstore.pull(fs, root + STORE_SIBLING, local.with_name(local.name + STORE_SIBLING))
-    yield local
+    # one run at a time per staging copy (a second one would re-sync it under the first one's feet)
+    with files.lock(local.parent, f"staging copy of {url} (another run reads it; or set ${STAGE_ENV})"):
+        counts = objstore.pull(fs, root, local, mirror=raw)
+        if not counts["objects"]:
+            what = "no such prefix, or no objects" if raw else "no such prefix, or no published output"
+            raise InputNotFoundError(f"{url}: nothing {'' if raw else 'complete '}here ({what})")
+        if echo is not None:
+            echo(f"{url}: {counts['objects']} objects in {local} ({counts['downloaded']} downloaded)")
+        if not raw and _is_store(fs, root):
+            objstore.pull(fs, root + STORE_SIBLING, local.with_name(local.name + STORE_SIBLING))
+        yield local
 
 
 @contextlib.contextmanager

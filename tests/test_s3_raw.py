@@ -134,3 +134,26 @@ def test_rebuild_from_an_s3_tree_to_s3(small_sample, s3_bucket, tmp_path, monkey
     rep = json.loads(s3_bucket.fs.cat_file(f"{s3_bucket.bucket}/out/volumes.zarr.kneeprep/report.json"))
     assert rep["context"]["raw"] == url
     assert json.loads(s3_bucket.fs.cat_file(f"{s3_bucket.bucket}/out/shards/manifest.json"))["shards"]
+
+
+def test_a_second_run_reading_the_same_url_through_the_same_staging_copy_is_refused(
+    small_sample, s3_bucket, tmp_path, monkeypatch, capsys
+):
+    from kneeprep.files import lock
+    from kneeprep.remote import stage_path
+
+    for k, v in s3_bucket.env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("KNEEPREP_STAGE_DIR", str(tmp_path / "stage"))
+    s3_bucket.fs.put(str(small_sample / "raw"), f"{s3_bucket.bucket}/tree", recursive=True)
+    url = s3_bucket.url("tree")
+    with lock(stage_path(url, "raw").parent, "staging copy"):  # what a running scan/convert/rebuild holds
+        with pytest.raises(SystemExit) as exit_:
+            main(["scan", url, "-q", "--no-progress"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "Traceback" not in err
+    assert f"another kneeprep run is writing to this staging copy of {url}" in err, err
+    assert "KNEEPREP_STAGE_DIR" in err
+    assert not [
+        k for m, k, _, _ in s3_bucket.requests() if m == "GET" and k.startswith("tree/")
+    ]  # nothing read
