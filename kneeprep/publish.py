@@ -75,17 +75,15 @@ class Publisher:
         if not changed and not extra:
             return
         self._guard(lambda: objstore.publish_volume(fs, root, unit, local, remote, changed, extra))
-        self._note(unit, local, objstore.list_remote(fs, f"{root}/{unit}"), prefix=unit)
+        after = {f"{unit}/{r}": o for r, o in objstore.list_remote(fs, f"{root}/{unit}").items()}
+        self._note(unit, local, after)
 
     def files(self, base: str | os.PathLike, rels: Iterable[str]) -> None:
         """Upload single files (one PUT each is atomic), ``rels`` relative to ``base``."""
         fs, root = self._fs()
         local = {self.rel(Path(base) / r): Path(base) / r for r in rels}
         self._guard(lambda: fs.put([str(p) for p in local.values()], [f"{root}/{r}" for r in local]))
-        after = {}
-        for r in local:
-            info = fs.info(f"{root}/{r}")
-            after[r] = {"size": int(info.get("size") or 0), "etag": str(info.get("ETag") or "").strip('"')}
+        after = {r: objstore.object_info(fs.info(f"{root}/{r}")) for r in local}
         self._note("\n".join(sorted(local)), local, after)
 
     def withdraw(self, path: str | os.PathLike) -> None:
@@ -105,8 +103,7 @@ class Publisher:
         fs, root = self._fs()
         rel = self.rel(Path(store) / objstore.ZARR_JSON)
         try:
-            info = fs.info(f"{root}/{rel}")
-            obj = {"size": int(info.get("size") or 0), "etag": str(info.get("ETag") or "").strip('"')}
+            obj = objstore.object_info(fs.info(f"{root}/{rel}"))
         except FileNotFoundError:
             obj = None
         if not objstore.Index(Path(self.folder), load=False).same(rel, Path(store) / objstore.ZARR_JSON, obj):
@@ -118,12 +115,12 @@ class Publisher:
         except OSError as e:
             raise KneeprepError(f"{self.url}: could not publish: {e.strerror or e}") from e
 
-    def _note(self, name: str, local: dict[str, Path], remote: dict[str, dict], prefix: str = "") -> None:
+    def _note(self, name: str, local: dict[str, Path], remote: dict[str, dict]) -> None:
         """Record what was uploaded for the final push: ``[size, mtime_ns, md5, etag]`` per file, the MD5 being
         the ETag of a single-part upload (of the bytes just sent: nothing hashed again)."""
         rows = {}
         for r, p in local.items():
-            obj = remote.get(r[len(prefix) + 1 :] if prefix else r)
+            obj = remote.get(r)
             st = p.stat()
             if obj is not None and obj["size"] == st.st_size and obj["etag"]:
                 etag = obj["etag"]

@@ -214,6 +214,12 @@ def staged_input(
         yield local
 
 
+def named_by_url(text: str, local: str | os.PathLike, url: str) -> str:
+    """``text`` with the staging copy ``local``'s paths written as the objects of ``url`` they copy."""
+    local = str(local)
+    return text.replace(local + os.sep, url + "/").replace(local, url)
+
+
 @contextlib.contextmanager
 def local_or_staged_input(path: str | os.PathLike, **kw) -> Iterator[Path]:
     """``path`` itself when local (``file://`` URLs included), else :func:`staged_input`."""

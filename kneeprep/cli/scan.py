@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
@@ -58,7 +57,7 @@ def scan(
     from kneeprep.formats.urls import is_url
     from kneeprep.parallel import executor
     from kneeprep.recipe import load_recipe
-    from kneeprep.remote import local_or_staged_input
+    from kneeprep.remote import local_or_staged_input, named_by_url
 
     recipe = load_recipe(recipe_path)
     with local_or_staged_input(raw, raw=True, echo=click.echo) as tree:
@@ -66,10 +65,8 @@ def scan(
             result = scan_tree(tree, recipe.qc, ticker(p, "scan"), executor=ex)
     rows = [series_row(s) for s in result.series]
     if is_url(raw):  # the staging copy's paths named by the URL's objects
-        local = str(tree)
         for r in rows:
-            if r["first_file"].startswith(local):
-                r["first_file"] = raw + r["first_file"][len(local) :].replace(os.sep, "/")
+            r["first_file"] = named_by_url(r["first_file"], tree, raw)
     if not quiet:
         _print_table(rows)
     counts = result.by_status()

@@ -151,12 +151,17 @@ def list_remote(fs, root: str) -> dict[str, dict]:
             continue
         rel = path[len(root.rstrip("/")) + 1 :]
         if rel and not skipped(rel):
-            out[rel] = {
-                "size": int(info.get("size") or 0),
-                "etag": str(info.get("ETag") or "").strip('"'),
-                "mtime": _mtime(info),
-            }
+            out[rel] = object_info(info)
     return out
+
+
+def object_info(info: dict) -> dict:
+    """What kneeprep compares of an object, from an fsspec listing or ``info``: size, ETag, mtime."""
+    return {
+        "size": int(info.get("size") or 0),
+        "etag": str(info.get("ETag") or "").strip('"'),
+        "mtime": _mtime(info),
+    }
 
 
 def _mtime(info: dict) -> float | None:

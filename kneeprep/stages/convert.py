@@ -41,6 +41,7 @@ from kneeprep.formats.splits import read_split_csvs
 from kneeprep.formats.store_upgrade import upgrade_store
 from kneeprep.publish import Publisher, publish_or_warn, publisher_for
 from kneeprep.recipe import Recipe
+from kneeprep.remote import named_by_url
 from kneeprep.stages.boxes import mark_boxes_table_stale, settle_boxes_table
 from kneeprep.stages.convert_series import convert_series
 from kneeprep.stages.early import ConvertTask, EarlyStarts, previously_revised
@@ -284,7 +285,7 @@ def run_convert(
 
 def _rename_sources(report: RunReport, local: str, url: str) -> None:
     def named(text: str) -> str:
-        return text.replace(local + os.sep, url + "/").replace(local, url)
+        return named_by_url(text, local, url)
 
     report.items[:] = [
         dataclasses.replace(r, source=named(r.source), message=named(r.message)) for r in report.items
