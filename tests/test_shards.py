@@ -230,6 +230,36 @@ def test_two_runs_byte_identical(data, built, tmp_path):
     assert not list(tmp_path.rglob("*.partial"))
 
 
+def test_shard_tasks_start_largest_first_and_the_files_do_not_depend_on_it(data, tmp_path):
+    """On an executor the shards go out largest first (so the last task to start is a small one, not the
+    split with the most volumes); the manifest keeps plan order and every file equals the in-order run's."""
+    from kneeprep.parallel import SerialExecutor
+
+    qs, _ = build_quintuples(data.annotations, data.attrs, data.recipe)
+    # the test split's volumes said to be the largest: its shard is planned last and sent first
+    nbytes = {
+        q.volume_id: data.read_volume(q.volume_id)[0].nbytes * (100 if q.split == "test" else 1) for q in qs
+    }
+    in_order = write_shards(qs, data.read_volume, tmp_path / "a", data.recipe, nbytes=nbytes)
+    sent = []
+
+    class Recording(SerialExecutor):
+        def map_unordered(self, fn, items, on_error=None, **kwargs):
+            items = list(items)
+            sent.extend(items)
+            return super().map_unordered(fn, items, on_error, **kwargs)
+
+    again = write_shards(
+        qs, data.read_volume, tmp_path / "b", data.recipe, nbytes=nbytes, executor=Recording()
+    )
+    planned = [sum(nbytes[v] for v in p.volume_ids) for p in sent]
+    assert len(sent) == len(in_order["shards"]) > 2 and planned == sorted(planned, reverse=True)
+    assert sent[0].split == "test" and in_order["shards"][-1]["split"] == "test"
+    assert again == in_order
+    for e in in_order["shards"]:
+        assert (tmp_path / "b" / e["path"]).read_bytes() == (tmp_path / "a" / e["path"]).read_bytes()
+
+
 def test_shards_cut_at_target_bytes_and_row_groups_hold_whole_volumes(data, tmp_path):
     import pyarrow.parquet as pq
 

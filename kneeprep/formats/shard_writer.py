@@ -89,8 +89,9 @@ def write_shards(
     kwargs = {"read_volume": read_volume, "out_dir": str(out), "spec": recipe.shards, "publish": publish}
     if executor is None:
         results: Iterable[dict] = (write_shard(p, **kwargs) for p in plans)
-    else:
-        results = executor.map_unordered(write_shard, plans, **kwargs)
+    else:  # the largest shards first: the last task to start is a small one (the files do not depend on it)
+        by_size = sorted(plans, key=lambda p: -sum(nbytes[v] for v in p.volume_ids))
+        results = executor.map_unordered(write_shard, by_size, **kwargs)
     done: dict[str, dict] = {}
     try:
         for e in results:
