@@ -157,3 +157,45 @@ def test_a_lost_re_describe_task_is_read_in_the_driver(tree, monkeypatch):
     ex = _LosesRescans()
     assert _scan(tree, monkeypatch, 10**6, executor=ex) == whole
     assert ex.lost >= 1  # the spread series' task was lost, and its result is still there
+
+
+def test_cli_scan_streams_each_task_rows_to_a_partial_dataset(tree, tmp_path, monkeypatch):
+    """``scan --out F``: while the scan runs, every task's rows are one file of ``F.partial/`` -- a Parquet
+    dataset a reader opens meanwhile, holding every row added so far -- and ``F`` appears only at the end,
+    whole, from the final records (the spread series settled); the folder is gone then, and one a killed run
+    left is cleared first."""
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+    from click.testing import CliRunner
+
+    from kneeprep.cli import cli
+    from kneeprep.stages import scan as scan_stage
+
+    monkeypatch.setattr(scan_tasks, "BATCH_FILES", 1)  # a task per folder: several parts stream
+    out = tmp_path / "inv" / "scan.parquet"
+    stale = out.with_name("scan.parquet.partial")
+    stale.mkdir(parents=True)
+    (stale / "part-999999.parquet").write_text("left by a killed run: not Parquet")
+    seen, streamed = [], []
+    add = scan_stage.InventoryParts.add
+
+    def watched(self, index, rows):
+        add(self, index, rows)
+        streamed.extend(r["series_uid"] for r in rows)
+        assert not out.exists()
+        seen.append((ds.dataset(self.folder, format="parquet").to_table().num_rows, self.rows))
+
+    monkeypatch.setattr(scan_stage.InventoryParts, "add", watched)
+    res = CliRunner().invoke(
+        cli, ["scan", str(tree), "--out", str(out), "--workers", "0", "-q", "--no-progress"]
+    )
+    assert res.exit_code == 0, res.output
+    assert len(seen) > 2 and all(on_disk == added for on_disk, added in seen)
+    assert [n for n, _ in seen] == sorted(n for n, _ in seen) and seen[-1][0] >= 4
+    assert not stale.exists()
+    final = pq.read_table(out).to_pylist()
+    want = [scan_stage.series_row(s) for s in scan_tree(tree).series]
+    assert final == want
+    # the series cut over two patient folders streamed as provisional rows of each half, settled at the end
+    uids = [r["series_uid"] for r in final]
+    assert len(streamed) > len(final) and any(streamed.count(u) > uids.count(u) for u in uids)

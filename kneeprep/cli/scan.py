@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import click
 
 from kneeprep.cli import RECIPE, DirOrURL, dask_options
-from kneeprep.stages.scan import series_row, write_table
+from kneeprep.stages.scan import InventoryParts, series_row, write_table
 
 
 def _out_path(ctx, param, value):
@@ -23,7 +24,8 @@ def _out_path(ctx, param, value):
     "-o",
     callback=_out_path,
     metavar="FILE.parquet|FILE.csv",
-    help="Also write one row per series here.",
+    help="Also write one row per series here (written whole at the end; while the scan runs, each task's "
+    "provisional rows are a file in FILE.partial/, removed at the end).",
 )
 @click.option("--recipe", "recipe_path", type=RECIPE,
               help="Recipe (file or packaged name) whose [qc] tolerances to use (default: built-in defaults).")  # fmt: skip
@@ -60,13 +62,25 @@ def scan(
     from kneeprep.remote import local_or_staged_input, named_by_url
 
     recipe = load_recipe(recipe_path)
-    with local_or_staged_input(raw, raw=True, echo=click.echo) as tree:
+    with (
+        local_or_staged_input(raw, raw=True, echo=click.echo) as tree,
+        InventoryParts(out) if out is not None else contextlib.nullcontext() as parts,
+    ):
+
+        def rows_of(series) -> list[dict]:
+            rows = [series_row(s) for s in series]
+            if is_url(raw):  # the staging copy's paths named by the URL's objects
+                for r in rows:
+                    r["first_file"] = named_by_url(r["first_file"], tree, raw)
+            return rows
+
+        # while the scan runs, each task's rows land in OUT.partial/ (a dataset readers can open meanwhile)
+        on_part = (lambda i, series: parts.add(i, rows_of(series))) if parts is not None else None
         with bars(progress) as p, executor(workers, scheduler) as ex:
-            result = scan_tree(tree, recipe.qc, ticker(p, "scan"), executor=ex)
-    rows = [series_row(s) for s in result.series]
-    if is_url(raw):  # the staging copy's paths named by the URL's objects
-        for r in rows:
-            r["first_file"] = named_by_url(r["first_file"], tree, raw)
+            result = scan_tree(tree, recipe.qc, ticker(p, "scan"), on_part=on_part, executor=ex)
+        rows = rows_of(result.series)
+        if out is not None:  # the final table, whole; then OUT.partial/ goes
+            write_table(rows, out)
     if not quiet:
         _print_table(rows)
     counts = result.by_status()
@@ -80,7 +94,6 @@ def scan(
     if len(result.unreadable) > 10:
         click.echo(f"  ... and {len(result.unreadable) - 10} more unreadable files")
     if out is not None:
-        write_table(rows, out)
         click.echo(f"wrote {out} ({len(rows)} rows)")
 
 

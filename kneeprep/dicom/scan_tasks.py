@@ -266,6 +266,7 @@ def scan_tree(
     *,
     split_orientation_atol: float = 0.05,
     on_series: Callable[[SeriesInfo], None] | None = None,
+    on_part: Callable[[int, list[SeriesInfo]], None] | None = None,
     executor=None,
 ) -> ScanResult:
     """Scan every file under ``root`` (any layout, extensionless files included) and describe each series.
@@ -284,6 +285,10 @@ def scan_tree(
     It is what the final result will say unless the series' UID continues in another part or its volume id
     collides with another series: the returned :class:`ScanResult` is authoritative, and a caller that acted on
     a provisional series must compare it (``==``) with the final one and redo what differs.
+
+    ``on_part(index, series)``, if given, is called with every task's provisional series (in the task's order;
+    ``index``: the task's number, 0, 1, ... in walk order, each called once, in completion order) -- what a
+    caller streams to an inventory file while the scan runs (``kneeprep scan --out``).
     """
     from kneeprep.parallel import SerialExecutor
 
@@ -316,6 +321,8 @@ def scan_tree(
         cut.record(batch, r)
         done += len(batch.parts)
         results[r.index] = r
+        if on_part is not None:
+            on_part(r.index, [info for _key, info in r.series])
         if on_series is not None:
             for _key, info in r.series:
                 if info.volume_id not in seen_ids:  # an id taken by an earlier one: wait for the end

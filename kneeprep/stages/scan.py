@@ -50,9 +50,9 @@ def series_row(s) -> dict:
     }
 
 
-def write_table(rows: list[dict], out: Path) -> None:
+def write_table(rows: list[dict], out: Path, *, fsync: bool = True) -> None:
     """Write rows as Parquet (``.parquet``) or CSV (``.csv``), atomically (:func:`kneeprep.files.atomic_path`)."""
-    with atomic_path(out) as tmp:
+    with atomic_path(out, fsync=fsync) as tmp:
         if out.suffix == ".parquet":
             int_columns = ("knee_side", "n_files", "n_dropped", "rows", "cols", "n_slices")
             schema = pa.schema([(c, pa.int64() if c in int_columns else pa.string()) for c in SCAN_COLUMNS])
@@ -62,3 +62,37 @@ def write_table(rows: list[dict], out: Path) -> None:
                 w = csv.DictWriter(fh, fieldnames=SCAN_COLUMNS, lineterminator="\n")
                 w.writeheader()
                 w.writerows(rows)
+
+
+class InventoryParts:
+    """The inventory as it grows: while the scan runs, each task's provisional rows are one file of the folder
+    ``<out>.partial/`` (``part-000000.parquet`` ... or ``.csv``, each written whole: a Parquet *dataset* that
+    pandas, pyarrow or DuckDB read while the scan goes on). The rows are what the scan knows at that point (a
+    series spread over several parts, or an id taken twice, is settled at the end); the file ``out`` itself is
+    written only once, whole, from the final records, and the folder is removed then, on an error, or at the
+    next run into ``out`` after a kill."""
+
+    def __init__(self, out: Path):
+        import shutil
+
+        self.out = Path(out)
+        self.folder = self.out.with_name(self.out.name + ".partial")
+        shutil.rmtree(self.folder, ignore_errors=True)  # left by a killed run
+        self.folder.mkdir(parents=True)
+        self.rows = 0
+
+    def add(self, index: int, rows: list[dict]) -> None:
+        """One task's rows (``index``: the task's number)."""
+        write_table(rows, self.folder / f"part-{index:06d}{self.out.suffix}", fsync=False)
+        self.rows += len(rows)
+
+    def close(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def __enter__(self) -> InventoryParts:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
