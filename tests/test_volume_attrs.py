@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from test_enhanced import _multi_echo
 
-from kneeprep.errors import StoreError
+from kneeprep.errors import InputNotFoundError, StoreError
 from kneeprep.formats import store
 from kneeprep.formats.volume_attrs import Provenance, Source, VolumeAttrs
 from kneeprep.geometry import Geometry
@@ -153,3 +153,25 @@ def test_record_updates_write_what_dict_updates_write(stores, tmp_path):
     assert (a / vid / "zarr.json").read_bytes() == (b / vid / "zarr.json").read_bytes()
     assert new == store.read_volume_attrs(a, vid) and new.boxes_hash == "0123456789abcdef"
     assert isinstance(new.provenance, Provenance) and len(new.box_records()) == 2
+
+
+def test_attrs_cache_parses_once_and_sees_every_change(tmp_path):
+    """Inside ``store.attrs_cache()`` a volume's attrs are parsed once while its ``zarr.json`` is unchanged; an
+    attrs update, a volume written again and a removed volume are seen at once; outside it nothing is kept."""
+    root = tmp_path / "s.zarr"
+    store.init_store(root)
+    g = Geometry((2, 3, 4), (1.0, 1.0, 1.0), np.eye(4))
+    store.write_volume(root, "v", np.zeros(g.shape, np.uint8), g, {"volume_id": "v", "dtype": "uint8"})
+    assert store.read_volume_attrs(root, "v") is not store.read_volume_attrs(root, "v")
+    with store.attrs_cache():
+        first = store.read_volume_attrs(root, "v")
+        assert store.read_volume_attrs(root, "v") is first
+        store.update_attrs(root, "v", {"knee_side": 2})
+        updated = store.read_volume_attrs(root, "v")
+        assert updated is not first and updated.knee_side == 2 and first.knee_side != 2
+        store.write_volume(root, "v", np.zeros(g.shape, np.uint16), g, {"volume_id": "v", "dtype": "uint16"})
+        again = store.read_volume_attrs(root, "v")
+        assert again.dtype == "uint16" and again.nbytes == 48
+        store.delete_volume(root, "v")
+        with pytest.raises(InputNotFoundError):
+            store.read_volume_attrs(root, "v")

@@ -7,9 +7,11 @@ Importers use :mod:`kneeprep.formats.store`, which re-exports everything here.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,9 +87,44 @@ def update_attrs(store: str | os.PathLike, volume_id: str, changes: Mapping[str,
 
 def read_volume_attrs(store: str | os.PathLike, volume_id: str) -> VolumeAttrs:
     """The volume's ``kneeprep`` attributes as a :class:`VolumeAttrs` record (a bad value: ``StoreError``
-    naming the volume and the key)."""
+    naming the volume and the key). Inside :func:`attrs_cache`, parsed once while the file is unchanged."""
     p = volume_path(store, volume_id)
-    return VolumeAttrs.from_json(read_metadata(p / "zarr.json")["attributes"]["kneeprep"], where=p)
+    meta = p / "zarr.json"
+    cache = _ATTRS_CACHE.get()
+    key = None
+    if cache is not None:
+        try:
+            st = os.stat(meta)
+            key = (st.st_ino, st.st_dev, st.st_mtime_ns, st.st_size)
+        except OSError:  # read_metadata says what is wrong
+            key = None
+        hit = cache.get(str(meta))
+        if key is not None and hit is not None and hit[0] == key:
+            return hit[1]
+    attrs = VolumeAttrs.from_json(read_metadata(meta)["attributes"]["kneeprep"], where=p)
+    if key is not None:
+        cache[str(meta)] = (key, attrs)
+    return attrs
+
+
+_ATTRS_CACHE: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "kneeprep_attrs_cache", default=None
+)
+
+
+@contextlib.contextmanager
+def attrs_cache() -> Iterator[None]:
+    """Within the block (in this thread), :func:`read_volume_attrs` parses a volume's ``zarr.json`` once and
+    returns the same record again while the file is unchanged: same inode, device, size and modification time
+    (every attrs write replaces the file: a new inode). ``kneeprep rebuild`` reads each volume's attrs in the
+    convert stage's boxes table, the shards join and validate -- one parse instead of three (a volume's
+    ``zarr.json`` is ~50 KB: most of it the boxes). Holds the records until the block ends, about what the
+    shards stage holds anyway."""
+    token = _ATTRS_CACHE.set({})
+    try:
+        yield
+    finally:
+        _ATTRS_CACHE.reset(token)
 
 
 def update_volume_attrs(store: str | os.PathLike, volume_id: str, **changes: Any) -> VolumeAttrs:

@@ -37,6 +37,7 @@ from kneeprep.files import sha256_file, write_json
 from kneeprep.formats.card import write_card
 from kneeprep.formats.report import Progress
 from kneeprep.formats.shard_reader import read_manifest
+from kneeprep.formats.store import attrs_cache
 from kneeprep.formats.store import report_path as vstore_report_path
 from kneeprep.formats.urls import as_local_or_url
 from kneeprep.parallel import executor
@@ -150,8 +151,9 @@ def rebuild(
             raise InputNotFoundError(f"{p}: {name} directory not found")
     Pseudonymizer.from_recipe(recipe)  # a missing privacy key fails now, not after the convert stage
     out.mkdir(parents=True, exist_ok=True)
-    # one cluster for every stage: started once, in the background, while the scan is planned
-    with executor(workers, scheduler) as ex:
+    # one cluster for every stage: started once, in the background, while the scan is planned; each volume's
+    # attrs parsed once for the boxes table, the shards join and validate (attrs_cache)
+    with executor(workers, scheduler) as ex, attrs_cache():
         return _run_stages(
             recipe, raw, annotations, out, masks, ex, progress, echo, workers, scheduler, verify, raw_id
         )

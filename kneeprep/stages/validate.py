@@ -73,7 +73,9 @@ def validate_shards(
     with Stage("validate", d, report_name=None, partials=(), lock=False, workers=workers,
                scheduler=scheduler, progress=progress, executor=executor) as st:  # fmt: skip
         ex = st.executor() if entries else None
-        results = ex.map_unordered(check_shard, entries, shards_dir=str(d), decode=decode) if ex else []
+        # the largest shards first, so the last task to start is a small one
+        by_size = sorted(entries, key=lambda e: -e["bytes"] if isinstance(e.get("bytes"), int) else 0)
+        results = ex.map_unordered(check_shard, by_size, shards_dir=str(d), decode=decode) if ex else []
         by_path = {}
         for path, found, seen in st.track(results, len(entries), "validate", item=lambda r: r[0]):
             by_path[path] = found
