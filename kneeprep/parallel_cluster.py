@@ -1,7 +1,8 @@
-"""The local Dask cluster (``LocalCluster`` of worker processes, one thread each) or a client of an existing
-scheduler (:func:`dask_client`), and what the local workers are started with: glibc malloc settings, the
-cores their Blosc threads may use, the mark ``kneeprep.warm`` reads, a quiet scheduler (no dashboard, slow
-ticks, no work stealing, no profiler) and ``kneeprep.warm`` preloaded (docs/SCALING.md).
+"""The local Dask cluster (``LocalCluster`` of worker processes, one thread each, in a process of its own:
+:mod:`kneeprep.parallel_procs`) or a client of an existing scheduler (:func:`dask_client`), and what the local
+workers are started with: glibc malloc settings, the cores their Blosc threads may use, the mark
+``kneeprep.warm`` reads, a quiet scheduler (no dashboard, slow ticks, no work stealing, no profiler) and
+``kneeprep.warm`` preloaded (docs/SCALING.md).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
+
+from kneeprep import parallel_procs
 
 
 def default_workers() -> int:
@@ -61,13 +64,13 @@ def dask_client(n_workers: int | None = None, scheduler: str | None = None) -> I
         dask.config.set(
             {
                 "distributed.scheduler.allowed-failures": 1,
-                # the local scheduler and the workers' nannies run in this process: the event-loop tick
-                # (every 20 ms, to detect a blocked loop), the system monitor (every 0.5 s), work stealing
-                # (every 0.1 s; a worker holds one task at a time here, nothing to steal) and each nanny's
-                # memory monitor (psutil every 0.1 s) cost the driver 42 ms of CPU per second of run; with
-                # these, 12-13 ms without the memory monitor's and 9.6-9.9 ms with it (17.6-18.2 before, on
-                # the same loaded machine; measured idle on 2 workers; docs/SCALING.md). A worker over its
-                # memory limit is still restarted, within a second instead of 0.1 s.
+                # the local scheduler and the workers' nannies share one process (the driver's, where the
+                # process cluster is not available): the event-loop tick (every 20 ms, to detect a blocked
+                # loop), the system monitor (every 0.5 s), work stealing (every 0.1 s; a worker holds one task
+                # at a time here, nothing to steal) and each nanny's memory monitor (psutil every 0.1 s) cost
+                # that process 42 ms of CPU per second of run; with these, 9.6-9.9 ms (measured idle on 2
+                # workers; docs/SCALING.md). A worker over its memory limit is still restarted, within a
+                # second instead of 0.1 s.
                 "distributed.admin.tick.interval": "1s",
                 "distributed.admin.system-monitor.interval": "5s",
                 "distributed.scheduler.work-stealing": False,
@@ -83,17 +86,26 @@ def dask_client(n_workers: int | None = None, scheduler: str | None = None) -> I
                 **{f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in environ.items()},
             }
         ),
-        _quiet_http_port(),
-        LocalCluster(
-            n_workers=n,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            silence_logs=logging.ERROR,
-        ) as cluster,
-        contextlib.closing(Client(cluster)) as client,
     ):
-        yield client
+        if parallel_procs.available():  # the scheduler and the nannies in a process of their own
+            with (
+                parallel_procs.process_cluster(n) as address,
+                contextlib.closing(Client(address, timeout="30s")) as client,
+            ):
+                yield client
+            return
+        with (
+            _quiet_http_port(),
+            LocalCluster(
+                n_workers=n,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                silence_logs=logging.ERROR,
+            ) as cluster,
+            contextlib.closing(Client(cluster)) as client,
+        ):
+            yield client
 
 
 @contextlib.contextmanager

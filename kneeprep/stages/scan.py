@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kneeprep.files import atomic_path
+from kneeprep.files import PARTIAL, atomic_path
 
 #: Columns of the table file (one row per series); list values are joined with " | ".
 SCAN_COLUMNS = (
@@ -76,7 +76,7 @@ class InventoryParts:
         import shutil
 
         self.out = Path(out)
-        self.folder = self.out.with_name(self.out.name + ".partial")
+        self.folder = self.out.with_name(self.out.name + PARTIAL)
         shutil.rmtree(self.folder, ignore_errors=True)  # left by a killed run
         self.folder.mkdir(parents=True)
         self.rows = 0
