@@ -8,18 +8,20 @@ Measured in this run, on this machine:
 * **per-stage wall**: ``rebuild`` in a fresh child process (a fresh output each time) with ``--workers 1`` and
   ``--workers 2``, each stage's wall from the rebuild report; ``ROUNDS`` rounds, medians. Speed-up of a stage =
   its 1-worker wall / its 2-worker wall on the whole tree.
-* **driver CPU per volume**: the child's own CPU (``time.process_time()``: every thread of the driver process,
-  the local Dask scheduler included; the worker processes excluded), per stage, whole tree minus half tree,
-  divided by the volumes the whole tree has more: what one more volume costs the driver, fixed costs
-  (imports, cluster start, the card) cancelled.
+* **driver CPU per volume**: the child's own CPU (``time.process_time()``: every thread of the driver process;
+  the worker processes excluded), per stage, whole tree minus half tree, divided by the volumes the whole tree
+  has more: what one more volume costs the driver, fixed costs (imports, cluster start, the card) cancelled.
+  The local cluster's scheduler and nannies run in a process of their own (``kneeprep.parallel_procs``): its
+  CPU (read from ``/proc`` just before it stops) is reported beside the driver's, the same way.
 * **driver memory of the scan**: the scan records the driver holds after the scan (``tracemalloc``, with the
   headers read by one Dask worker), per file of the tree.
 * **the competitors**: reading the raw tree once (``cat`` of every file, from the page cache: an upper bound
   of a disk's rate) and ``dcm2niix -z y`` over every series with 1 and 2 parallel processes (``xargs -P``).
 
-Projection: ``T(N, W) = fixed + N * per_volume_worker / W + N * driver_per_volume`` -- the workers' time per
-volume (1-worker marginal wall, every stage, less the driver's share) spread over ``W`` workers, the driver's
-serial remainder not overlapped (an upper bound), the fixed costs of this run. It assumes the workers scale as
+Projection: ``T(N, W) = fixed + N * per_volume_worker / W + N * serial_per_volume`` -- the workers' time per
+volume (1-worker marginal wall, every stage, less the serial share) spread over ``W`` workers, the serial
+remainder (the driver's and the scheduler process's CPU, added as if they did not overlap: an upper bound),
+the fixed costs of this run. It assumes the workers scale as
 measured from 1 to 2 (memory bandwidth, storage and the network beyond this machine are not measured).
 """
 
@@ -43,7 +45,19 @@ RECIPE = ROOT / "kneeprep" / "recipes" / "3dreasonknee.toml"
 STAGES = ("scan", "convert", "boxes", "shards", "validate", "card")
 
 _CHILD = r"""
-import json, sys, time
+import json, os, sys, time
+# the local cluster's own process (scheduler + nannies, not the workers): its CPU read just before it stops
+import kneeprep.parallel_procs as _pp
+cluster_cpu = [0.0]
+_stop = _pp._stop
+def _stop_read(proc):
+    try:
+        f = open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()
+        cluster_cpu[0] += (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        pass
+    _stop(proc)
+_pp._stop = _stop_read
 import kneeprep.stages.rebuild as rb
 from kneeprep.recipe import load_recipe
 cpu = {}
@@ -61,13 +75,26 @@ for name, attr in (("convert", "run_convert"), ("boxes", "recompute_store_boxes"
 raw, sample, out, recipe, workers = sys.argv[1:6]
 t0 = time.process_time()
 rep = rb.rebuild(load_recipe(recipe), raw, sample, out, masks=sample, workers=int(workers), echo=lambda *a: None)
-print(json.dumps({"cpu": cpu, "cpu_total": time.process_time(), "seconds": rep.seconds, "ok": rep.ok}))
+print(json.dumps({"cpu": cpu, "cpu_total": time.process_time(), "cluster_cpu": cluster_cpu[0], "seconds": rep.seconds,
+                  "ok": rep.ok}))
 """
 
 # the driver's CPU by thread: the main thread (kneeprep's own work) vs the rest of the process (the local Dask
 # scheduler, the nannies, the client's comm), sampled from /proc/self/task while the rebuild runs
 _THREADS_CHILD = r"""
 import json, os, sys, threading, time
+# the local cluster's own process (scheduler + nannies, not the workers): its CPU read just before it stops
+import kneeprep.parallel_procs as _pp
+cluster_cpu = [0.0]
+_stop = _pp._stop
+def _stop_read(proc):
+    try:
+        f = open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()
+        cluster_cpu[0] += (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        pass
+    _stop(proc)
+_pp._stop = _stop_read
 import kneeprep.stages.rebuild as rb
 from kneeprep.recipe import load_recipe
 acc, stop, tck = {}, threading.Event(), os.sysconf("SC_CLK_TCK")
@@ -89,7 +116,8 @@ th.start()
 rb.rebuild(load_recipe(recipe), raw, sample_dir, out, masks=sample_dir, workers=int(workers), echo=lambda *a: None)
 stop.set(); th.join()
 main = acc.get(me, 0.0)
-print(json.dumps({"cpu": time.process_time() - t, "main": main, "volumes": len(os.listdir(out + "/volumes.zarr"))}))
+print(json.dumps({"cpu": time.process_time() - t, "main": main, "cluster": cluster_cpu[0],
+                  "volumes": len(os.listdir(out + "/volumes.zarr"))}))
 """
 
 _SCAN_MEMORY = r"""
@@ -189,7 +217,7 @@ def _driver_by_thread(workdir: Path) -> list[str]:
     vols = runs[hi][0]["volumes"] - runs[lo][0]["volumes"]
     per = {
         k: sorted((b[k] - a[k]) / vols * 1000 for a, b in zip(runs[lo], runs[hi], strict=True))
-        for k in ("cpu", "main")
+        for k in ("cpu", "main", "cluster")
     }
     other = sorted(
         ((b["cpu"] - b["main"]) - (a["cpu"] - a["main"])) / vols * 1000
@@ -205,9 +233,11 @@ def _driver_by_thread(workdir: Path) -> list[str]:
         "",
         "| driver CPU per added volume | ms |",
         "|---|---|",
-        f"| main thread (kneeprep: planning, submitting, results, the boxes table, the shards join) | {fmt(per['main'])} |",
-        f"| other threads of the driver (local Dask scheduler, nannies, the client's comm) | {fmt(other)} |",
+        f"| main thread (kneeprep: planning, submitting, results, the boxes table, the shards join) | "
+        f"{fmt(per['main'])} |",
+        f"| other threads of the driver (the Dask client's comm and callbacks) | {fmt(other)} |",
         f"| whole process | {fmt(per['cpu'])} |",
+        f"| beside it: the local cluster's process (the scheduler, the nannies; not the workers) | {fmt(per['cluster'])} |",
     ]
 
 
@@ -288,8 +318,9 @@ def run(workdir: Path) -> str:
         f"first {PATIENTS // 2} patients ({n_half} volumes), each in a fresh child process with a fresh output, "
         f"`--workers 1` and `2`, {ROUNDS} rounds,",
         "medians. Stage walls from the rebuild report (`scan` is the scan's wall inside convert; `convert` the",
-        "rest of that stage). Driver CPU = the driver process's own CPU (all its threads, the local scheduler",
-        "included, worker processes excluded), whole tree − half tree, per added volume. Competitors in the same",
+        "rest of that stage). Driver CPU = the driver process's own CPU (all its threads; the local cluster's",
+        "scheduler and nannies run in a process of their own, shown on their own row; the workers excluded),",
+        "whole tree − half tree, per added volume. Competitors in the same",
         "run: `dcm2niix -z y` over the same series with 1 and 2 parallel processes (`xargs -P`), and reading",
         "the raw tree once from the page cache.",
         "",
@@ -310,12 +341,15 @@ def run(workdir: Path) -> str:
         )
     cpu_total = {(tree, w): med(r["cpu_total"] for r in runs[tree, w]) for tree in trees for w in (1, 2)}
     driver_all = (cpu_total["whole", 2] - cpu_total["half", 2]) / extra * 1000
+    cluster = {tree: med(r["cluster_cpu"] for r in runs[tree, 2]) for tree in trees}
+    cluster_all = (cluster["whole"] - cluster["half"]) / extra * 1000
     wall1 = {tree: med(r["wall"] for r in runs[tree, 1]) for tree in trees}
     wall2 = {tree: med(r["wall"] for r in runs[tree, 2]) for tree in trees}
     nii1, nii2 = med(nii[1]), med(nii[2])
     lines += [
         f"| **rebuild (process wall)** | {wall1['whole']:.2f} | {wall2['whole']:.2f} | "
         f"{wall1['whole'] / wall2['whole']:.2f}× | {driver_all:.1f} (whole process) |",
+        f"| (beside the driver: the local cluster's process, scheduler + nannies) | | | | {cluster_all:.1f} |",
         f"| dcm2niix -z y, {n} series | {nii1:.2f} | {nii2:.2f} | {nii1 / nii2:.2f}× | |",
         f"| scan alone, the cluster already up (median of 3 scans, {ROUNDS} clusters) | {scan1:.2f} | {scan2:.2f} | "
         f"{scan1 / scan2:.2f}× | |",
@@ -332,23 +366,27 @@ def run(workdir: Path) -> str:
     # projection from the measured rates
     per_vol_worker = (wall1["whole"] - wall1["half"]) / extra  # one more volume, 1 worker, every stage
     driver_s = max(driver_all, 0.0) / 1000
-    fixed = wall2["whole"] - n * ((per_vol_worker - driver_s) / 2 + driver_s)
+    # serial: the driver and the scheduler's process, counted as if they did not overlap (an upper bound)
+    serial_s = driver_s + max(cluster_all, 0.0) / 1000
+    fixed = wall2["whole"] - n * ((per_vol_worker - serial_s) / 2 + serial_s)
     bytes_per_vol = raw_bytes / n
     lines += [
         "",
-        f"Projection `T(N, W) = fixed + N × (worker s/volume − driver s/volume) / W + N × driver s/volume` with "
-        f"worker {per_vol_worker:.2f} s/volume (1-worker marginal wall), driver {driver_s * 1000:.1f} ms/volume, "
+        f"Projection `T(N, W) = fixed + N × (worker s/volume − serial s/volume) / W + N × serial s/volume` with "
+        f"worker {per_vol_worker:.2f} s/volume (1-worker marginal wall), serial {serial_s * 1000:.1f} ms/volume "
+        f"(driver {driver_s * 1000:.1f} + the cluster's scheduler process {serial_s * 1000 - driver_s * 1000:.1f}, "
+        "as if they did not overlap: an upper bound), "
         f"fixed {fixed:.1f} s (from the 2-worker run); raw {bytes_per_vol / 1e6:.0f} MB/volume.",
         "",
-        "| volumes | workers | projected | of which serial (driver) | reading the raw data once at 1 GB/s | ratio |",
+        "| volumes | workers | projected | of which serial (driver + scheduler) | reading the raw data once at 1 GB/s | ratio |",
         "|---|---|---|---|---|---|",
     ]
     for big in (7970, 100_000):
         for w in (16, 64):
-            t_ = fixed + big * (per_vol_worker - driver_s) / w + big * driver_s
+            t_ = fixed + big * (per_vol_worker - serial_s) / w + big * serial_s
             read = big * bytes_per_vol / 1e9
             lines.append(
-                f"| {big:,} | {w} | {t_ / 60:.1f} min | {big * driver_s / 60:.1f} min | {read / 60:.1f} min | "
+                f"| {big:,} | {w} | {t_ / 60:.1f} min | {big * serial_s / 60:.1f} min | {read / 60:.1f} min | "
                 f"{t_ / read:.2f}× |"
             )
     lines += _driver_by_thread(workdir)
