@@ -212,6 +212,30 @@ def test_empty_region_is_flagged_never_invented():
     assert not got["present"].empty
 
 
+def test_boxes_table_rows_read_the_stored_boxes_as_box_records_do():
+    """The table's rows come from the stored dicts directly; each equals what ``Box.from_json`` then
+    ``to_json`` gives -- for computed boxes, an empty one, and older or looser attrs (no ``margin_mm`` or
+    ``empty``, integer-valued floats, string numbers)."""
+    from types import SimpleNamespace
+
+    from kneeprep.stages.boxes import table_rows
+
+    labels = np.zeros((5, 6, 7), dtype=np.uint8)
+    labels[1:3, 2:5, 3] = 1
+    g = Geometry((5, 6, 7), (1.0, 0.5, 0.5), np.eye(4))
+    stored = [b.to_json() for b in compute_boxes(labels, {"a": [1], "gone": [2]}, g, margin_mm=1.0).values()]
+    loose = {"region": "old", "label_ids": ["1"], "voxels": [0, 0, 0, 1, 1, 1], "voxel_count": "4",
+             "centroid": [1, 2, 3], "size_mm": [1, 1, 1], "center_lps": None, "normalized": [0, 0, 0, 1, 1, 1],
+             "list_form": [0, 0, 0, 0, 0, 0]}  # fmt: skip
+    attrs = SimpleNamespace(volume_id="v", boxes=(*stored, loose))
+    want = [{"volume_id": "v", **Box.from_json(d).to_json()} for d in attrs.boxes]
+    got = table_rows(attrs)
+    assert got == want and [list(r) for r in got] == [list(r) for r in want]
+    assert [type(x) for x in got[-1]["centroid"]] == [float] * 3 and got[-1]["voxel_count"] == 4
+    assert got[-1]["empty"] is False and got[-1]["margin_mm"] == 0.0 and got[1]["empty"] is True
+    assert table_rows(SimpleNamespace(volume_id="v", boxes=None)) == []
+
+
 # ----------------------------------------------------------------------------------------------------------
 # forms, margins, records
 

@@ -45,8 +45,32 @@ def boxes_table(rows: list[dict]) -> pa.Table:
 
 
 def table_rows(attrs: VolumeAttrs) -> list[dict]:
-    """The boxes table's rows of one volume, from its attrs (what :func:`write_boxes_table` writes)."""
-    return [{"volume_id": attrs.volume_id, **b.to_json()} for b in attrs.box_records()]
+    """The boxes table's rows of one volume, from its attrs (what :func:`write_boxes_table` writes): each stored
+    box as :meth:`Box.from_json <kneeprep.formats.box.Box.from_json>` reads it, without making the records
+    (the table is written after every convert run and checked by validate: 43 boxes a volume; tested equal)."""
+    return [_row(attrs.volume_id, b) for b in attrs.boxes or ()]
+
+
+def _row(vid: str, d: dict) -> dict:
+    def seq(key, kind):
+        v = d.get(key)
+        return None if v is None else [kind(x) for x in v]
+
+    count = d.get("voxel_count")
+    return {
+        "volume_id": vid,
+        "region": str(d["region"]),
+        "label_ids": [int(x) for x in d.get("label_ids") or ()],
+        "voxels": seq("voxels", int),
+        "voxel_count": None if count is None else int(count),
+        "centroid": seq("centroid", float),
+        "size_mm": seq("size_mm", float),
+        "center_lps": seq("center_lps", float),
+        "normalized": seq("normalized", float),
+        "list_form": seq("list_form", int),
+        "empty": bool(d.get("empty", d.get("voxels") is None)),
+        "margin_mm": float(d.get("margin_mm", 0.0)),
+    }
 
 
 def mark_boxes_table_stale(store_path: str | os.PathLike) -> bool:
