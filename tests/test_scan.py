@@ -179,6 +179,22 @@ def test_records_round_trip_json(tmp_path):
         QCVerdict("bad")
 
 
+def test_records_round_trip_pickle_compactly(tmp_path):
+    """What crosses the wire (scan results, convert tasks): equal after pickling, files still ``Path`` objects
+    in their order (folders interleaved, a file at the root, a relative one); the technical fields plain
+    JSON values (a UID read by pydicom as its dotted string, not pydicom's ``UID`` class)."""
+    import dataclasses
+    import pickle
+
+    s = scan_tree(make_fixture("clean", tmp_path)).series[0]
+    assert s.technical and all(type(v) in (str, int, float, list) for v in s.technical.values())
+    odd = (Path("/top"), Path("a/b/1"), Path("a/c/2"), Path("a/b/3"), Path("rel"))
+    for info in (s, dataclasses.replace(s, files=odd)):
+        back = pickle.loads(pickle.dumps(info))
+        assert back == info and back.files == info.files and all(type(f) is type(Path()) for f in back.files)
+    assert len(pickle.dumps(s)) < len(pickle.dumps(s.to_json()))
+
+
 def test_technical_fields_whitelist_only(tmp_path):
     import pydicom
 

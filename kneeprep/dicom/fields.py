@@ -78,7 +78,9 @@ def _plain(value: Any) -> Any:
         return float(value)
     if isinstance(value, IS):
         return int(value)
-    if isinstance(value, (int, float, str)):
+    if isinstance(value, str):
+        return str(value)  # a UID (a str subclass) as its plain dotted string
+    if isinstance(value, (int, float)):
         return value
     if isinstance(value, bytes):
         return value.decode("ascii", "replace").strip("\x00 ")
