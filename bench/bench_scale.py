@@ -37,8 +37,8 @@ from pathlib import Path
 
 from bench.bench_convert import PATIENTS, _dcm2niix, full_sample
 
-ROUNDS = 2
-SMALL_PATIENTS = (6, 30)
+ROUNDS = 3
+SMALL_PATIENTS = (6, 60)
 SMALL_ROUNDS = 3
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "kneeprep" / "recipes" / "3dreasonknee.toml"

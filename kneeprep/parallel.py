@@ -2,7 +2,8 @@
 
 * ``workers=None`` or ``N >= 1``: a ``LocalCluster`` of ``N`` worker **processes** (default: the number of
   cores), one thread each -- pydicom parsing holds the GIL and GDCM is not thread-safe, and one task per
-  process keeps memory per worker to a few volumes.
+  process keeps memory per worker to a few volumes. On Linux the cluster's scheduler and nannies run in a
+  process of their own, this one only its client (:mod:`kneeprep.parallel_procs`).
 * ``scheduler="tcp://host:8786"``: connect to a running cluster (dask-jobqueue, Kubernetes ...); the workers
   must see the same paths.
 * ``workers=0``: no Dask at all; tasks run one after another in this process (debugging, profiling).

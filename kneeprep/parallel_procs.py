@@ -106,8 +106,8 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 #: the modules of kneeprep's task functions and their arguments' records: the scheduler unpickles each task
-#: it is given, so its process imports them -- at the first task of each stage (0.5 s for the convert
-#: stage's, measured) unless they are imported while the workers start
+#: it is given, so its process imports them -- on its event loop, at the first task of each stage (0.5 s
+#: for the convert stage's, measured) unless a thread has imported them already
 TASK_MODULES = (
     "kneeprep.dicom.scan_tasks", "kneeprep.stages.convert", "kneeprep.stages.boxes", "kneeprep.stages.validate",
     "kneeprep.stages.export", "kneeprep.formats.shard_writer", "kneeprep.publish",
@@ -122,8 +122,6 @@ def _main(n_workers: int, address_file: Path) -> None:
 
     from distributed import LocalCluster
 
-    imports = threading.Thread(target=lambda: [importlib.import_module(m) for m in TASK_MODULES], daemon=True)
-    imports.start()  # while the worker processes start (they are other processes: this one mostly waits)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver handles Ctrl-C, then stops this process
@@ -131,10 +129,12 @@ def _main(n_workers: int, address_file: Path) -> None:
         n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
         silence_logs=logging.ERROR,
     )  # fmt: skip
-    imports.join()
     tmp = address_file.with_name(address_file.name + ".tmp")
     tmp.write_text(json.dumps({"address": cluster.scheduler_address}))
     os.replace(tmp, address_file)
+    # now, not before: while the driver connects and its scan's first tasks run (the scan's module first);
+    # imported earlier, they held the GIL the cluster's start needs (0.5 s later, measured)
+    threading.Thread(target=lambda: [importlib.import_module(m) for m in TASK_MODULES], daemon=True).start()
     stop.wait()
     cluster.close(timeout=STOP_TIMEOUT_S / 2)
 

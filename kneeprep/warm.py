@@ -4,7 +4,8 @@ A worker's first task would otherwise pay for importing zarr, pydicom, SimpleITK
 (about 0.3-0.5 s, measured); the local cluster starts while the main process scans the raw tree
 (:func:`kneeprep.parallel.executor`), so this cost overlaps the scan instead of delaying the first series.
 Besides imports, one thing, only in the workers of the local cluster ``kneeprep`` starts (they get
-``KNEEPREP_LOCAL_WORKER=1``): they ignore SIGINT. Ctrl-C in a terminal reaches the whole process group; the
+``KNEEPREP_LOCAL_WORKER=1``): they ignore SIGINT. Ctrl-C in a terminal reaches the whole process group (where
+the cluster runs in the driver's process: :mod:`kneeprep.parallel_procs` gives it a session of its own); the
 main process handles it (reports, cancels, closes the cluster, which stops its workers), so a worker printing
 its own ``KeyboardInterrupt`` traceback would only bury the message that matters. A worker you start yourself
 with ``--preload kneeprep.warm`` keeps its Ctrl-C.

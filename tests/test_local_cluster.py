@@ -50,9 +50,13 @@ def test_the_scheduler_runs_beside_this_process_with_kneeprep_settings():
     with executor(workers=2) as ex:
         client = ex.client
         sched = client.run_on_scheduler(_scheduler_facts)
+        deadline = time.monotonic() + 30  # the tasks' modules: imported by a thread once the cluster is up
+        while not sched["convert_imported"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+            sched = client.run_on_scheduler(_scheduler_facts)
         workers = list(client.run(_worker_facts).values())
     assert sched["pid"] != os.getpid() and sched["allowed_failures"] == 1 and sched["stealing"] is False
-    assert sched["convert_imported"]  # the tasks' modules, imported while the workers started
+    assert sched["convert_imported"]
     assert len(workers) == 2 and all(w["ppid"] == sched["pid"] for w in workers)  # nannies in its process
     assert all(w["warm"] and w["codec"] == "1" and w["trim"] == str(4 * 2**20) for w in workers)
     deadline = time.monotonic() + 10
