@@ -20,8 +20,9 @@ Measured in this run, on this machine:
 
 Projection: ``T(N, W) = fixed + N * per_volume_worker / W + N * serial_per_volume`` -- the workers' time per
 volume (1-worker marginal wall, every stage, less the serial share) spread over ``W`` workers, the serial
-remainder (the driver's and the scheduler process's CPU, added as if they did not overlap: an upper bound),
-the fixed costs of this run. It assumes the workers scale as
+remainder (the driver's and the scheduler process's CPU per added volume, from the small-volume run: 78 added
+volumes, steadier than the full-size difference of 4; added as if they did not overlap: an upper bound), the
+fixed costs of this run. It assumes the workers scale as
 measured from 1 to 2 (memory bandwidth, storage and the network beyond this machine are not measured).
 """
 
@@ -198,9 +199,9 @@ def _scan_alone(raw: Path, workers: int) -> dict:
     return json.loads(res.stdout.decode().strip().splitlines()[-1])
 
 
-def _driver_by_thread(workdir: Path) -> list[str]:
+def _driver_by_thread(workdir: Path) -> tuple[list[str], dict[str, float]]:
     """Driver CPU per added volume on small volumes (many of them, so the per-volume part stands out of the
-    fixed costs and the noise), split by thread; SMALL_ROUNDS rounds, medians."""
+    fixed costs and the noise), split by thread; SMALL_ROUNDS rounds, medians (also returned, in ms)."""
     from kneeprep.synth import generate
 
     med = statistics.median
@@ -224,7 +225,7 @@ def _driver_by_thread(workdir: Path) -> list[str]:
         for a, b in zip(runs[lo], runs[hi], strict=True)
     )
     fmt = lambda v: f"**{med(v):.1f}** ({', '.join(f'{x:.1f}' for x in v)})"  # noqa: E731
-    return [
+    return [  # the lines, then the medians
         "",
         f"Driver CPU by thread, small volumes (40×96×96): `rebuild --workers 2` of {hi} vs {lo} patients "
         f"({runs[hi][0]['volumes']} vs {runs[lo][0]['volumes']} volumes), {SMALL_ROUNDS} rounds, per added volume, "
@@ -238,7 +239,7 @@ def _driver_by_thread(workdir: Path) -> list[str]:
         f"| other threads of the driver (the Dask client's comm and callbacks) | {fmt(other)} |",
         f"| whole process | {fmt(per['cpu'])} |",
         f"| beside it: the local cluster's process (the scheduler, the nannies; not the workers) | {fmt(per['cluster'])} |",
-    ]
+    ], {k: med(v) for k, v in per.items()}
 
 
 def _dcm2niix_tree(folders: list[Path], out: Path, procs: int) -> float:
@@ -363,33 +364,43 @@ def run(workdir: Path) -> str:
         f"Reading the raw tree once: {raw_bytes / 2**30:.2f} GiB in {read_s:.2f} s "
         f"({raw_bytes / read_s / 1e9:.2f} GB/s from the page cache).",
     ]
-    # projection from the measured rates
+    # projection from the measured rates; the serial part per volume from the small-volume run (78 added
+    # volumes, 3 rounds), not the full-size difference (4 added volumes: its fixed costs' noise / 4)
+    thread_lines, small = _driver_by_thread(workdir)
     per_vol_worker = (wall1["whole"] - wall1["half"]) / extra  # one more volume, 1 worker, every stage
-    driver_s = max(driver_all, 0.0) / 1000
     # serial: the driver and the scheduler's process, counted as if they did not overlap (an upper bound)
-    serial_s = driver_s + max(cluster_all, 0.0) / 1000
+    serial_s = (max(small["cpu"], 0.0) + max(small["cluster"], 0.0)) / 1000
+    serial_full = (max(driver_all, 0.0) + max(cluster_all, 0.0)) / 1000
     fixed = wall2["whole"] - n * ((per_vol_worker - serial_s) / 2 + serial_s)
     bytes_per_vol = raw_bytes / n
+
+    def projected(big: int, w: int, serial: float) -> float:
+        return fixed + big * (per_vol_worker - serial) / w + big * serial
+
+    read_7970 = 7970 * bytes_per_vol / 1e9
     lines += [
         "",
         f"Projection `T(N, W) = fixed + N × (worker s/volume − serial s/volume) / W + N × serial s/volume` with "
         f"worker {per_vol_worker:.2f} s/volume (1-worker marginal wall), serial {serial_s * 1000:.1f} ms/volume "
-        f"(driver {driver_s * 1000:.1f} + the cluster's scheduler process {serial_s * 1000 - driver_s * 1000:.1f}, "
-        "as if they did not overlap: an upper bound), "
-        f"fixed {fixed:.1f} s (from the 2-worker run); raw {bytes_per_vol / 1e6:.0f} MB/volume.",
+        f"(the driver process {small['cpu']:.1f} + the cluster's scheduler process {small['cluster']:.1f}, from the "
+        "small-volume run below, added as if they did not overlap: an upper bound), "
+        f"fixed {fixed:.1f} s (from the 2-worker run); raw {bytes_per_vol / 1e6:.0f} MB/volume. With the full-size "
+        f"difference instead ({serial_full * 1000:.1f} ms: 4 added volumes, so ± its fixed costs' noise / 4) the "
+        f"first line would be {projected(7970, 16, serial_full) / 60:.1f} min "
+        f"({projected(7970, 16, serial_full) / read_7970:.2f}×).",
         "",
         "| volumes | workers | projected | of which serial (driver + scheduler) | reading the raw data once at 1 GB/s | ratio |",
         "|---|---|---|---|---|---|",
     ]
     for big in (7970, 100_000):
         for w in (16, 64):
-            t_ = fixed + big * (per_vol_worker - serial_s) / w + big * serial_s
+            t_ = projected(big, w, serial_s)
             read = big * bytes_per_vol / 1e9
             lines.append(
                 f"| {big:,} | {w} | {t_ / 60:.1f} min | {big * serial_s / 60:.1f} min | {read / 60:.1f} min | "
                 f"{t_ / read:.2f}× |"
             )
-    lines += _driver_by_thread(workdir)
+    lines += thread_lines
     lines += [
         "",
         "Goals (issue 16): driver CPU ≤ 10 ms per volume; every stage ≥ 1.7× from 1 to 2 workers; 7,970 volumes on",
