@@ -80,8 +80,8 @@ print(json.dumps({"cpu": cpu, "cpu_total": time.process_time(), "cluster_cpu": c
                   "ok": rep.ok}))
 """
 
-# the driver's CPU by thread: the main thread (kneeprep's own work) vs the rest of the process (the local Dask
-# scheduler, the nannies, the client's comm), sampled from /proc/self/task while the rebuild runs
+# the driver's CPU by thread: the main thread (kneeprep's own work) vs the rest of the process (the Dask client's
+# comm and callbacks), sampled from /proc/self/task while the rebuild runs; the local cluster's process beside it
 _THREADS_CHILD = r"""
 import json, os, sys, threading, time
 # the local cluster's own process (scheduler + nannies, not the workers): its CPU read just before it stops
