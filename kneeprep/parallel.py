@@ -29,6 +29,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -41,6 +42,10 @@ class SerialExecutor:
 
     #: tasks run only when their results are asked for: nothing is gained by submitting early
     runs_ahead = False
+
+    def start_wait(self, since: float) -> float:
+        """No cluster to wait for: 0 (see :meth:`DaskExecutor.start_wait`)."""
+        return 0.0
 
     def stream(self, fn: Callable, on_error: Callable[[Any, BaseException], Any] | None = None, **kwargs):
         return _SerialStream(fn, on_error, kwargs)
@@ -118,6 +123,16 @@ class DaskExecutor:
 
     def __init__(self, client):
         self._client = client
+        self._up_at: float | None = float("-inf")  # when the cluster was up: given ready, before any stage
+        if isinstance(client, concurrent.futures.Future):
+            self._up_at = None
+            client.add_done_callback(lambda f: setattr(self, "_up_at", time.perf_counter()))
+
+    def start_wait(self, since: float) -> float:
+        """Seconds after ``since`` (a ``time.perf_counter()`` reading) until the cluster was up (so far, if it
+        is still starting): the part of a stage's wall that began before its tasks could run."""
+        up = self._up_at if self._up_at is not None else time.perf_counter()
+        return max(0.0, up - since)
 
     @property
     def ready(self) -> bool:

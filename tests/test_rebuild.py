@@ -52,6 +52,7 @@ def test_rebuild_end_to_end(built):
     assert report["stages"]["validate"]["problems"] == []
     for stage in ("scan", "convert", "boxes", "shards", "validate"):
         assert stage in report["seconds"] and stage in res.output
+    assert report["seconds"]["cluster_start"] >= 0 and "cluster start" in res.output
     assert "summary" in res.output and "status      ok" in res.output
 
 

@@ -102,7 +102,10 @@ def rebuild(recipe_file, raw, annotations, masks, out, break_lock, verify, worke
     click.echo(f"  shards      {sh.get('shards', 0)} files, {sh.get('bytes', 0) / 2**20:.1f} MiB")
     click.echo(
         "  seconds     "
-        + ", ".join(f"{k} {v:.1f}" + (" more" if k == "convert" else "") for k, v in rep.seconds.items())
+        + ", ".join(
+            f"{k.replace('_', ' ')} {v:.1f}" + (" more" if k == "convert" else "")
+            for k, v in rep.seconds.items()
+        )
         + "  (series convert while the scan runs)"
     )
     if rep.nothing_converted:

@@ -59,8 +59,9 @@ class RebuildReport:
     recipe_name: str
     recipe_hash: str
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
-    #: wall seconds per stage; ``scan`` is the scan's wall and ``convert`` the rest of that stage (series
-    #: start converting while the scan runs, so conversions are not all inside ``convert``)
+    #: wall seconds per stage; ``cluster_start`` is how long the scan's tasks waited for the cluster to come up
+    #: (its planning runs meanwhile), ``scan`` the scan's wall after that and ``convert`` the rest of that stage
+    #: (series start converting while the scan runs, so conversions are not all inside ``convert``)
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -176,8 +177,9 @@ def _run_stages(
         progress=progress, verify=verify, executor=ex, raw_id=raw_id,
     )  # fmt: skip
     cj = conv.to_json()
+    rep.seconds["cluster_start"] = cj["context"].get("cluster_start_seconds", 0.0)
     rep.seconds["scan"] = cj["context"].get("scan_seconds", 0.0)
-    rep.seconds["convert"] = time.perf_counter() - t - rep.seconds["scan"]  # after the scan ended
+    rep.seconds["convert"] = time.perf_counter() - t - rep.seconds["scan"] - rep.seconds["cluster_start"]
     rep.stages["convert"] = {k: cj[k] for k in ("counts", "by_kind", "item_seconds")} | {
         "failed": [[r.item, r.kind, r.message] for r in conv.failed],
         "removed": [[r.item, r.kind, r.message] for r in conv.removed],
