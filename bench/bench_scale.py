@@ -45,9 +45,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "kneeprep" / "recipes" / "3dreasonknee.toml"
 STAGES = ("cluster_start", "scan", "convert", "boxes", "shards", "validate", "card")
 
-_CHILD = r"""
-import json, os, sys, time
-# the local cluster's own process (scheduler + nannies, not the workers): its CPU read just before it stops
+# both children: the local cluster's own process (scheduler + nannies, not the workers), its CPU read just
+# before it stops
+_CLUSTER_CPU = r"""
 import kneeprep.parallel_procs as _pp
 cluster_cpu = [0.0]
 _stop = _pp._stop
@@ -59,6 +59,14 @@ def _stop_read(proc):
         pass
     _stop(proc)
 _pp._stop = _stop_read
+"""
+
+_CHILD = (
+    r"""
+import json, os, sys, time
+"""
+    + _CLUSTER_CPU
+    + r"""
 import kneeprep.stages.rebuild as rb
 from kneeprep.recipe import load_recipe
 cpu = {}
@@ -79,23 +87,16 @@ rep = rb.rebuild(load_recipe(recipe), raw, sample, out, masks=sample, workers=in
 print(json.dumps({"cpu": cpu, "cpu_total": time.process_time(), "cluster_cpu": cluster_cpu[0], "seconds": rep.seconds,
                   "ok": rep.ok}))
 """
+)
 
 # the driver's CPU by thread: the main thread (kneeprep's own work) vs the rest of the process (the Dask client's
 # comm and callbacks), sampled from /proc/self/task while the rebuild runs; the local cluster's process beside it
-_THREADS_CHILD = r"""
+_THREADS_CHILD = (
+    r"""
 import json, os, sys, threading, time
-# the local cluster's own process (scheduler + nannies, not the workers): its CPU read just before it stops
-import kneeprep.parallel_procs as _pp
-cluster_cpu = [0.0]
-_stop = _pp._stop
-def _stop_read(proc):
-    try:
-        f = open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()
-        cluster_cpu[0] += (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
-    except OSError:
-        pass
-    _stop(proc)
-_pp._stop = _stop_read
+"""
+    + _CLUSTER_CPU
+    + r"""
 import kneeprep.stages.rebuild as rb
 from kneeprep.recipe import load_recipe
 acc, stop, tck = {}, threading.Event(), os.sysconf("SC_CLK_TCK")
@@ -121,6 +122,7 @@ mine = acc.get(str(th.native_id), 0.0)  # this sampler's own CPU: the measuremen
 print(json.dumps({"cpu": time.process_time() - t - mine, "main": main, "cluster": cluster_cpu[0],
                   "volumes": len(os.listdir(out + "/volumes.zarr"))}))
 """
+)
 
 _SCAN_MEMORY = r"""
 import json, sys, tracemalloc
