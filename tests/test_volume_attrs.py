@@ -70,6 +70,20 @@ def test_every_converted_volume_round_trips_exactly(stores):
     assert seen == {"mirrored", "labels", "image_set", "free_text", "left"}
 
 
+def test_the_uncopied_json_writes_the_same_text_and_shares_the_boxes(stores):
+    """``to_json(copy=False)`` (the shards stage's input fingerprint) dumps exactly as ``to_json()`` does."""
+    for name, root, vid in _volumes(stores):
+        d = store.read_attrs(root, vid)
+        d["unknown_key"] = {"kept": [1, 2.5]}
+        rec = VolumeAttrs.from_json(d)
+        shared = rec.to_json(copy=False)
+        for kw in ({}, {"sort_keys": True}):
+            assert json.dumps(shared, **kw) == json.dumps(rec.to_json(), **kw) == json.dumps(d, **kw), name
+        if rec.boxes:
+            assert shared["boxes"] is rec.boxes and rec.to_json()["boxes"] is not rec.boxes
+        assert shared["unknown_key"] is rec.extra["unknown_key"]
+
+
 def test_what_convert_writes_is_what_the_record_writes(stores):
     """The record built by convert is written through to_json(): its key order is the record's order."""
     root = stores["published"]

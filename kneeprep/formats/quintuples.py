@@ -133,7 +133,7 @@ def build_quintuples(
     split_of = _assign_splits(annotations, {(r.volume_id, p) for r, _, p in candidates}, recipe)
 
     out: list[Quintuple] = []
-    parsed: dict[str, list[Box]] = {}  # a volume's boxes, parsed once for all its questions
+    parsed: dict[str, dict[str, Box]] = {}  # a volume's boxes by region, parsed once for all its questions
     for rec, attrs, patient in candidates:
         split = split_of.get(rec.volume_id)
         if split is None:
@@ -142,7 +142,7 @@ def build_quintuples(
             )
             continue
         if rec.volume_id not in parsed:
-            parsed[rec.volume_id] = attrs.box_records()
+            parsed[rec.volume_id] = {b.region: b for b in attrs.box_records()}
         box, reason, kind = question_box_json(parsed[rec.volume_id], recipe, rec.question_id)
         if kind is not None:
             rejected.append(
@@ -189,19 +189,20 @@ def _qkey(qid: str) -> tuple[int, str]:
 
 
 def question_box_json(
-    boxes: Iterable[Mapping[str, Any]], recipe, question_id: str
+    boxes: Iterable[Mapping[str, Any]] | Mapping[str, Box], recipe, question_id: str
 ) -> tuple[Box | None, str | None, str | None]:
     """The box of ``question_id`` from a volume's ``boxes`` attribute (``Box.to_json()`` dicts, or the
-    :class:`Box` objects parsed from them), through
+    :class:`Box` objects parsed from them, or those by region: what a caller asking for many questions of one
+    volume makes once), through
     :func:`kneeprep.boxes.question_box`: ``(box, reason, rejection kind)``.
 
     * the recipe gives the question no region -> ``(None, reason, None)``: a row with no box;
     * the region has no box, or an empty one, in this volume -> ``(None, reason, "no_box")``: rejected;
     * else ``(box.extent(), None, None)``.
     """
-    box, reason = question_box(
-        [b if isinstance(b, Box) else Box.from_json(b) for b in boxes], recipe, question_id
-    )
+    if not isinstance(boxes, Mapping):
+        boxes = [b if isinstance(b, Box) else Box.from_json(b) for b in boxes]
+    box, reason = question_box(boxes, recipe, question_id)
     if box is not None:
         return box.extent(), None, None
     return None, reason, (None if not recipe.questions.get(question_id) else "no_box")

@@ -45,7 +45,7 @@ def inputs_hash(
     for vid in sorted(volume_ids):
         h.update(
             f"{vid}\0".encode()
-            + json.dumps(attrs[vid].to_json(), sort_keys=True, default=str).encode()
+            + json.dumps(attrs[vid].to_json(copy=False), sort_keys=True, default=str).encode()
             + b"\n"
         )
     return h.hexdigest()[:16]
