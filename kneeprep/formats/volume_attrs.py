@@ -105,8 +105,7 @@ class _Record:
 
     def to_json(self, *, copy: bool = True) -> dict[str, Any]:
         """The JSON object, keys in the order read or written: fresh (the record is not shared), or with
-        ``copy=False`` holding the record's own plain values (lists may be tuples; for ``json.dumps``, not for
-        changing: a volume's boxes are most of its attrs, and copying them was most of the cost)."""
+        ``copy=False`` the record's own JSON values (lists may be tuples: for ``json.dumps``, not for changing)."""
         out: dict[str, Any] = {}
         order = list(self.keys)
         order += [k for k in self.KEYS if k not in self.keys and getattr(self, k) is not None]
@@ -115,7 +114,7 @@ class _Record:
             if k in self.KEYS:
                 v = getattr(self, k)
                 encode = self.KEYS[k][1]
-                out[k] = None if v is None else v if not copy and encode in _COPIES else encode(v)
+                out[k] = None if v is None else v if not copy and encode is _json_copy else encode(v)
             elif k in self.extra:
                 out[k] = _json_copy(self.extra[k]) if copy else self.extra[k]
         return out
@@ -169,14 +168,6 @@ _PLAIN = (_as_is, _json_copy)
 _TUPLE = (_tuple_of, list)
 _GEOMETRY = (_geometry, _to_json)
 _MAPPING = (_mapping, _json_copy)
-
-
-def _copy_boxes(boxes: tuple[dict, ...]) -> list[dict]:
-    return [_json_copy(dict(b)) for b in boxes]
-
-
-#: the encoders that only copy a plain JSON value (``to_json(copy=False)`` skips them)
-_COPIES = (_json_copy, _copy_boxes)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -278,12 +269,7 @@ class Provenance(_Record):
     extra: Mapping[str, Any] = field(default_factory=dict)
     keys: tuple[str, ...] = ()
 
-    KEYS: ClassVar = {
-        "recipe_name": _PLAIN,
-        "recipe_hash": _PLAIN,
-        "convert_hash": _PLAIN,
-        "boxes_hash": _PLAIN,
-    }
+    KEYS: ClassVar = dict.fromkeys(("recipe_name", "recipe_hash", "convert_hash", "boxes_hash"), _PLAIN)
     WHAT: ClassVar = "provenance."
 
     def __post_init__(self):
@@ -338,7 +324,7 @@ class VolumeAttrs(_Record):
         "acquired_geometry": _GEOMETRY, "mirrored": _PLAIN, "dtype": _PLAIN, "transforms": _MAPPING,
         "normalization": _MAPPING, "source": (_record_of(Source), _to_json), "dicom": _MAPPING,
         "image_set": _MAPPING, "qc": (_record_of(Qc), _to_json),
-        "labels": (_layers, lambda m: {k: v.to_json() for k, v in m.items()}), "boxes": (_boxes, _copy_boxes),
+        "labels": (_layers, lambda m: {k: v.to_json() for k, v in m.items()}), "boxes": (_boxes, _json_copy),
         "provenance": (_record_of(Provenance), _to_json), "geometry": _GEOMETRY,
     }  # fmt: skip
     WHAT: ClassVar = ""
