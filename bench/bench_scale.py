@@ -387,10 +387,15 @@ def run(workdir: Path) -> str:
         f"worker {per_vol_worker:.2f} s/volume (1-worker marginal wall), serial {serial_s * 1000:.1f} ms/volume "
         f"(the driver process {small['cpu']:.1f} + the cluster's scheduler process {small['cluster']:.1f}, from the "
         "small-volume run below, added as if they did not overlap: an upper bound), "
-        f"fixed {fixed:.1f} s (from the 2-worker run); raw {bytes_per_vol / 1e6:.0f} MB/volume. With the full-size "
-        f"difference instead ({serial_full * 1000:.1f} ms: 4 added volumes, so ± its fixed costs' noise / 4) the "
-        f"first line would be {projected(7970, 16, serial_full) / 60:.1f} min "
-        f"({projected(7970, 16, serial_full) / read_7970:.2f}×).",
+        f"fixed {fixed:.1f} s (from the 2-worker run); raw {bytes_per_vol / 1e6:.0f} MB/volume. "
+        + (
+            f"With the full-size difference instead ({serial_full * 1000:.1f} ms: 4 added volumes, so ± its fixed "
+            f"costs' noise / 4) the first line would be {projected(7970, 16, serial_full) / 60:.1f} min "
+            f"({projected(7970, 16, serial_full) / read_7970:.2f}×)."
+            if driver_all > 0 and cluster_all > 0
+            else f"The full-size difference (driver {driver_all:.1f}, cluster process {cluster_all:.1f} ms: 4 added "
+            "volumes) came out negative in this run: its fixed costs' noise, so it gives no projection."
+        ),
         "",
         "| volumes | workers | projected | of which serial (driver + scheduler) | reading the raw data once at 1 GB/s | ratio |",
         "|---|---|---|---|---|---|",
