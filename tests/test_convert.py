@@ -173,6 +173,35 @@ def test_resume_skips_unchanged_and_redoes_changed(tree, tmp_path):
     assert store.read_attrs(out, a)["geometry"]["orientation"] == "LPS"
 
 
+def test_input_identities_are_those_earlier_stores_hold(tree):
+    """The fingerprint and series key of a series are what the ``Path``-based code before them computed, for
+    ``Path`` and ``str`` file lists alike: a store written before is not reconverted."""
+    import dataclasses
+    import hashlib
+
+    from kneeprep.stages.resume import input_fingerprint, series_key
+
+    tree.add("9000001", "RIGHT")
+    info = scan_tree(tree.raw).series[0]
+    mask = tree.raw / "mask.nii.gz"
+    mask.write_bytes(b"not a mask, only stat'ed")
+
+    def entry(p):
+        st = Path(p).stat()
+        return [Path(p).name, st.st_size, st.st_mtime_ns]
+
+    files = {"uid": info.series_uid, "files": [entry(f) for f in info.files], "mask": entry(mask)}
+    blob = json.dumps(files, separators=(",", ":"))
+    key = json.dumps({"uid": info.series_uid, "files": [Path(f).name for f in info.files]})
+    as_str = dataclasses.replace(info, files=tuple(str(f) for f in info.files))
+    for i in (info, as_str):
+        assert input_fingerprint(i, mask) == input_fingerprint(i, str(mask))
+        assert input_fingerprint(i, mask) == hashlib.sha256(blob.encode()).hexdigest()[:16]
+        assert series_key(i) == hashlib.sha256(key.encode()).hexdigest()[:16]
+    os.utime(info.files[0], ns=(0, 10**9))  # and it still sees a change
+    assert input_fingerprint(info, mask) != hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def test_scan_hands_out_each_series_when_its_folder_is_read(tree):
     ids = [
         tree.add("9000001", "RIGHT"),

@@ -38,16 +38,16 @@ def source_of(info) -> str:
     return os.path.abspath(info.files[0].parent) if info.files else ""
 
 
-def _stat_entry(path: Path) -> list:
-    st = path.stat()
-    return [path.name, st.st_size, st.st_mtime_ns]
+def _stat_entry(path: str | os.PathLike) -> list:
+    st = os.stat(path)
+    return [os.path.basename(path), st.st_size, st.st_mtime_ns]
 
 
 def input_fingerprint(info, mask_path: str | os.PathLike | None) -> str:
     """Cheap identity of a series' inputs from ``stat`` alone (no pixel reads)."""
     try:
-        entries = [_stat_entry(Path(f)) for f in info.files]
-        mask = _stat_entry(Path(mask_path)) if mask_path else None
+        entries = [_stat_entry(f) for f in info.files]
+        mask = _stat_entry(mask_path) if mask_path else None
     except OSError as e:
         raise InputNotFoundError(f"{e.filename}: input disappeared since the scan ({e.strerror})") from None
     blob = json.dumps({"uid": info.series_uid, "files": entries, "mask": mask}, separators=(",", ":"))
@@ -56,8 +56,9 @@ def input_fingerprint(info, mask_path: str | os.PathLike | None) -> str:
 
 def series_key(info) -> str:
     """Identity of a scanned series from the scan's record alone (UID and file names; no ``stat``): what the
-    driver remembers of an early start that the finished scan overruled."""
-    blob = json.dumps({"uid": info.series_uid, "files": [Path(f).name for f in info.files]})
+    driver remembers of an early start that the finished scan overruled. (``basename``: a ``Path`` made of each
+    of a full-size series' 160 files was 0.4 ms of the driver's time per volume.)"""
+    blob = json.dumps({"uid": info.series_uid, "files": [os.path.basename(f) for f in info.files]})
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
