@@ -189,3 +189,41 @@ def test_attrs_cache_parses_once_and_sees_every_change(tmp_path):
         store.delete_volume(root, "v")
         with pytest.raises(InputNotFoundError):
             store.read_volume_attrs(root, "v")
+
+
+def test_the_boxes_table_is_made_once_per_attrs_and_validate_still_sees_a_change(
+    stores, tmp_path, monkeypatch
+):
+    """Inside ``store.attrs_cache()`` (a rebuild) validate checks the table file against the table the convert
+    stage made from the same attrs records, without making it again; a volume whose boxes changed since is a
+    new record, so its table is made again and the stale file is found."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from kneeprep.stages import boxes as boxes_stage
+    from kneeprep.stages.validate_store import validate_store
+
+    root = tmp_path / "s.zarr"
+    shutil.copytree(stores["published"], root)
+    shutil.copytree(store.kneeprep_dir(stores["published"]), store.kneeprep_dir(root))
+    made = []
+    real = boxes_stage.boxes_table
+    monkeypatch.setattr(boxes_stage, "boxes_table", lambda rows: made.append(len(rows)) or real(rows))
+    with store.attrs_cache():
+        path = boxes_stage.write_boxes_table(root)
+        assert validate_store(root) == [] and len(made) == 1 and made[0] > 0
+        rows = [
+            r
+            for v in store.list_volumes(root)
+            for r in boxes_stage.table_rows(store.read_volume_attrs(root, v))
+        ]
+        assert pq.read_table(path).equals(real(rows))
+        vid = store.list_volumes(root)[0]
+        fewer = store.read_volume_attrs(root, vid).boxes[1:]
+        store.update_volume_attrs(root, vid, boxes=fewer)  # one box fewer; the table is not rewritten
+        problems = validate_store(root)
+        assert len(made) == 2 and [p.kind for p in problems] == ["boxes_table"] and vid in problems[0].message
+        boxes_stage.write_boxes_table(root)  # writes the table validate just made for the new records
+        assert validate_store(root) == [] and len(made) == 2
+    assert validate_store(root) == [] and len(made) == 3  # outside the block: made every time

@@ -11,7 +11,7 @@ import contextlib
 import contextvars
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +125,29 @@ def attrs_cache() -> Iterator[None]:
         yield
     finally:
         _ATTRS_CACHE.reset(token)
+
+
+def derived_once(name: str, records: tuple, build: Callable[[], Any]) -> Any:
+    """``build()``, made once inside :func:`attrs_cache` for the same attrs ``records`` (the very objects
+    :func:`read_volume_attrs` returned, in the same order: a volume whose ``zarr.json`` changed is a new record,
+    so the value is made again); outside the block, every time. For what is derived from every volume's attrs
+    more than once per rebuild: the boxes table, written by convert and checked by validate."""
+    cache = _ATTRS_CACHE.get()
+    if cache is None:
+        return build()
+    hit = cache.get((_DERIVED, name))
+    if (
+        hit is not None
+        and len(hit[0]) == len(records)
+        and all(a is b for a, b in zip(hit[0], records, strict=True))
+    ):
+        return hit[1]
+    value = build()
+    cache[(_DERIVED, name)] = (records, value)
+    return value
+
+
+_DERIVED = object()  # keys of derived values in the attrs cache: never a zarr.json path
 
 
 def update_volume_attrs(store: str | os.PathLike, volume_id: str, **changes: Any) -> VolumeAttrs:

@@ -28,10 +28,9 @@ def write_boxes_table(store_path: str | os.PathLike) -> Path:
     """Write ``<store>/boxes.parquet`` from every complete volume's ``kneeprep.boxes`` attrs; return its path
     (atomically: readers never see half a table)."""
     store_path = Path(store_path)
-    rows = []
-    for vid in sorted(store.list_volumes(store_path)):
-        rows += table_rows(store.read_volume_attrs(store_path, vid))
-    table = boxes_table(rows)
+    table = store_boxes_table(
+        [store.read_volume_attrs(store_path, v) for v in store.list_volumes(store_path)]
+    )
     out = store.boxes_table_path(store_path)
     with files.atomic_path(out) as tmp:
         pq.write_table(table, tmp)
@@ -42,6 +41,15 @@ def boxes_table(rows: list[dict]) -> pa.Table:
     """The boxes table of these rows (:func:`table_rows` of every volume, in volume id order)."""
     schema = boxes_schema()
     return pa.Table.from_pylist(rows, schema=schema) if rows else schema.empty_table()
+
+
+def store_boxes_table(attrs: list[VolumeAttrs]) -> pa.Table:
+    """The boxes table of these volumes (their attrs in volume id order): what :func:`write_boxes_table` writes
+    and validate expects. Made once for the same records inside :func:`kneeprep.formats.store.attrs_cache`
+    (``rebuild``: convert writes it, validate checks the file against it)."""
+    return store.derived_once(
+        "boxes_table", tuple(attrs), lambda: boxes_table([r for a in attrs for r in table_rows(a)])
+    )
 
 
 def table_rows(attrs: VolumeAttrs) -> list[dict]:

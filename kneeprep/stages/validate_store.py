@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from kneeprep.errors import KneeprepError
 from kneeprep.formats import store
 from kneeprep.formats.box import BOXES_TABLE, BOXES_TABLE_STALE, boxes_schema
-from kneeprep.stages.boxes import boxes_table, table_rows
+from kneeprep.stages.boxes import store_boxes_table, table_rows
 from kneeprep.stages.validate import Problem
 
 
@@ -35,6 +35,17 @@ def _key(row: dict) -> str:
     return json.dumps(row, sort_keys=True, default=str)
 
 
+def _rows_of(attrs_of: dict, problems: list[Problem]) -> dict[str, list[dict]]:
+    """Each volume's boxes table rows (:func:`table_rows`); a volume whose boxes cannot be read is a problem."""
+    rows_of = {}
+    for vid, attrs in attrs_of.items():
+        try:
+            rows_of[vid] = table_rows(attrs)
+        except (KeyError, TypeError, ValueError) as e:
+            problems.append(Problem(vid, "attrs", f"boxes attrs unreadable: {e}"))
+    return rows_of
+
+
 def validate_store(store_path: str | os.PathLike) -> list[Problem]:
     """Check the store's boxes table (``<store>.kneeprep/boxes.parquet``) against every volume's attrs; an empty list means they agree."""
     root = Path(store_path)
@@ -45,27 +56,27 @@ def validate_store(store_path: str | os.PathLike) -> list[Problem]:
         problems.append(
             Problem(BOXES_TABLE_STALE, "boxes_table", "a run stopped before it rewrote the boxes table")
         )
-    rows_of: dict[str, list[dict]] = {}
+    attrs_of = {}
     for vid in vids:
         try:
-            rows_of[vid] = table_rows(store.read_volume_attrs(root, vid))
+            attrs_of[vid] = store.read_volume_attrs(root, vid)
         except (KneeprepError, KeyError, TypeError, ValueError) as e:
             problems.append(Problem(vid, "attrs", f"boxes attrs unreadable: {e}"))
     if not table.is_file():
-        if any(rows_of.values()):
+        if any(_rows_of(attrs_of, problems).values()):
             problems.append(Problem(BOXES_TABLE, "boxes_table", "missing, but volumes have boxes"))
         return problems
     try:
         stored = pq.read_table(table)
     except (OSError, pa.ArrowException) as e:
         return problems + [Problem(BOXES_TABLE, "unreadable", str(e))]
-    schema = boxes_schema()
-    try:  # the table write_boxes_table would write now: equal, and nothing more to say
-        want = [r for vid in sorted(rows_of) for r in rows_of[vid]]
-        if not problems and stored.equals(boxes_table(want)):
+    try:  # the table write_boxes_table would write now (in a rebuild, the one it wrote): equal, nothing to say
+        if not problems and stored.equals(store_boxes_table([attrs_of[v] for v in sorted(attrs_of)])):
             return problems
-    except (TypeError, ValueError, pa.ArrowException):
+    except (KeyError, TypeError, ValueError, pa.ArrowException):
         pass  # a volume's rows do not fit the schema: found below
+    schema = boxes_schema()
+    rows_of = _rows_of(attrs_of, problems)
     expected: dict[str, list[str]] = {}
     for vid, vrows in rows_of.items():
         try:
