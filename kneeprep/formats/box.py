@@ -90,11 +90,11 @@ class Box:
     def from_json(cls, d: Mapping[str, Any]) -> Box:
         def tup(key, kind):
             v = d.get(key)
-            return None if v is None else tuple(kind(x) for x in v)
+            return None if v is None else tuple(map(kind, v))
 
         return cls(
             region=str(d["region"]),
-            label_ids=tuple(int(x) for x in d.get("label_ids") or ()),
+            label_ids=tuple(map(int, d.get("label_ids") or ())),
             voxels=tup("voxels", int),
             voxel_count=None if d.get("voxel_count") is None else int(d["voxel_count"]),
             centroid=tup("centroid", float),

@@ -173,10 +173,13 @@ def build_quintuples(
     return out, rejected
 
 
+_SPLIT_RANK = {s: i for i, s in enumerate(SPLITS)}
+
+
 def quintuple_order(q: Quintuple) -> tuple:
     """The row order of the shards: split, volume, question id (numeric), sample id."""
     return (
-        SPLITS.index(q.split) if q.split in SPLITS else len(SPLITS),
+        _SPLIT_RANK.get(q.split, len(SPLITS)),
         q.split,
         q.volume_id,
         _qkey(q.question_id),

@@ -62,13 +62,13 @@ def table_rows(attrs: VolumeAttrs) -> list[dict]:
 def _row(vid: str, d: dict) -> dict:
     def seq(key, kind):
         v = d.get(key)
-        return None if v is None else [kind(x) for x in v]
+        return None if v is None else list(map(kind, v))
 
     count = d.get("voxel_count")
     return {
         "volume_id": vid,
         "region": str(d["region"]),
-        "label_ids": [int(x) for x in d.get("label_ids") or ()],
+        "label_ids": list(map(int, d.get("label_ids") or ())),
         "voxels": seq("voxels", int),
         "voxel_count": None if count is None else int(count),
         "centroid": seq("centroid", float),

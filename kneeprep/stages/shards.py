@@ -137,7 +137,7 @@ def _build_shards(
         real_volume = {pseudo.prefixed(q.volume_id, q.patient_id): q.volume_id for q in quintuples}
         quintuples = [pseudo.quintuple(q) for q in quintuples]
         rejected = _pseudonymize_rejections(rejected, pseudo, annotations, attrs)
-    nbytes = {q.volume_id: attrs[real_volume.get(q.volume_id, q.volume_id)].nbytes for q in quintuples}
+    nbytes = {v: attrs[real_volume.get(v, v)].nbytes for v in {q.volume_id for q in quintuples}}
     manifest = write_shards(
         quintuples,
         StoreVolumes(str(store), real_volume),
