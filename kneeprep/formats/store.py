@@ -320,8 +320,8 @@ __all__ = [
     "CHUNK_TARGET_BYTES", "CODEC_THREADS_ENV", "KNEEPREP_DIR_SUFFIX", "LEGACY_FILES", "LEGACY_WORK_DIR",
     "PHI_KEYWORDS", "REPORT_NAME", "ROOT_ATTRS", "SOURCES_FILE", "WORK_DIR_NAME", "VolumeAttrs",
     "attrs_cache", "boxes_table_path", "check_store", "choose_chunks", "clean_work_area", "codec_threads",
-    "delete_volume", "derived_once", "find_report", "init_store", "is_volume_name", "jsonable", "kneeprep_dir", "label_names", "list_volumes",
-    "open_image", "read_attrs", "read_labels", "read_metadata", "read_volume", "read_volume_attrs",
-    "refuse_phi", "report_path", "sync_collection", "update_attrs", "update_volume_attrs", "volume_path",
-    "work_dir", "write_volume",
+    "delete_volume", "derived_once", "find_report", "init_store", "is_volume_name", "jsonable",
+    "kneeprep_dir", "label_names", "list_volumes", "open_image", "read_attrs", "read_labels", "read_metadata",
+    "read_volume", "read_volume_attrs", "refuse_phi", "report_path", "sync_collection", "update_attrs",
+    "update_volume_attrs", "volume_path", "work_dir", "write_volume",
 ]  # fmt: skip
