@@ -17,8 +17,11 @@ task with it; the scheduler re-runs that task elsewhere and gives up on it after
 once on its own and, if it is lost again or fails in another way, yields ``on_error(item, exception)`` -- a
 failure record -- instead of raising: one poisonous series never aborts a run, and the run always ends. A
 stream keeps at most one task per worker thread on the cluster (the rest wait in the driver), so a worker holds
-one task at a time and a dying worker takes no innocent queued task with it, on any cluster. The local cluster
-uses ``allowed-failures = 1``; on an existing cluster that is the scheduler's setting.
+one task at a time and a dying worker takes no innocent queued task with it, on any cluster. Convert's stream
+sends a backlog up to 4 series a task (``max_batch``: fewer tasks for the client and the scheduler); a worker
+dying in such a task takes its batch-mates with it too, and each of them is resubmitted on its own. The local
+cluster uses ``allowed-failures = 1``; on an existing cluster that is the scheduler's setting (a poisonous
+series in a batch costs the batch's ``allowed-failures + 1`` deaths before it is retried alone).
 
 This module holds the executors and :func:`executor`; the stream is :mod:`kneeprep.parallel_stream`, the local
 cluster and its workers' settings :mod:`kneeprep.parallel_cluster`.
@@ -47,8 +50,15 @@ class SerialExecutor:
         """No cluster to wait for: 0 (see :meth:`DaskExecutor.start_wait`)."""
         return 0.0
 
-    def stream(self, fn: Callable, on_error: Callable[[Any, BaseException], Any] | None = None, **kwargs):
-        return _SerialStream(fn, on_error, kwargs)
+    def stream(
+        self,
+        fn: Callable,
+        on_error: Callable[[Any, BaseException], Any] | None = None,
+        *,
+        max_batch=1,
+        **kwargs,
+    ):
+        return _SerialStream(fn, on_error, kwargs)  # one process: nothing to gain by batching
 
     def map_unordered(
         self,
@@ -153,9 +163,17 @@ class DaskExecutor:
             self._client = self._client.result()
         return self._client
 
-    def stream(self, fn: Callable, on_error: Callable[[Any, BaseException], Any] | None = None, **kwargs):
-        """A :class:`TaskStream` running ``fn(item, **kwargs)`` for each item submitted to it."""
-        return TaskStream(self, fn, on_error, kwargs)
+    def stream(
+        self,
+        fn: Callable,
+        on_error: Callable[[Any, BaseException], Any] | None = None,
+        *,
+        max_batch=1,
+        **kwargs,
+    ):
+        """A :class:`TaskStream` running ``fn(item, **kwargs)`` for each item submitted to it (up to
+        ``max_batch`` items a task when a backlog waits)."""
+        return TaskStream(self, fn, on_error, kwargs, max_batch)
 
     def map_unordered(
         self,

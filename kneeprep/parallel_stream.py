@@ -1,7 +1,8 @@
 """The :class:`TaskStream` behind :class:`kneeprep.parallel.DaskExecutor`: tasks submitted one at a time (also
 while results come in), at most one per worker thread on the cluster, results in completion order, and an item
 whose worker died resubmitted once on its own before it yields ``on_error(item, exception)``
-(:mod:`kneeprep.parallel`, "Lost workers").
+(:mod:`kneeprep.parallel`, "Lost workers"). With ``max_batch > 1`` a backlog goes out several items a task
+(:func:`run_batch`), so the client and the scheduler handle fewer tasks per item.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ class TaskStream:
     discovers it (and more as results come in); :meth:`results` ends when every task submitted so far has given
     its result. The stream keeps at most as many tasks on the cluster as it has worker threads (the rest wait
     here, in submission order), so a worker holds one task at a time and a dying worker takes no innocent
-    queued task with it; a finished task's result is fetched and released at once, from a callback thread,
+    queued task with it. With ``max_batch > 1``, while more items wait than two tasks per worker thread need,
+    a task takes up to ``max_batch`` of them (:func:`run_batch`; each item still yields its own result or
+    error): a dying worker then takes its batch-mates with it, and each is resubmitted on its own, as a lost
+    item always is. A finished task's result is fetched and released at once, from a callback thread,
     so a worker lost later does not make the cluster recompute it. Error handling as
     :meth:`DaskExecutor.map_unordered`. Leaving :meth:`results` early (an error or Ctrl-C in the caller)
     cancels every task not yet finished and drops those not yet started."""
@@ -31,17 +35,18 @@ class TaskStream:
     #: seconds between two asks of the scheduler for the number of worker threads
     LIMIT_REFRESH_S = 1.0
 
-    def __init__(self, executor: DaskExecutor, fn: Callable, on_error, kwargs: dict):
+    def __init__(self, executor: DaskExecutor, fn: Callable, on_error, kwargs: dict, max_batch: int = 1):
         import collections
         import queue
         import threading
 
         self._ex, self._fn, self._on_error, self._kwargs = executor, fn, on_error, kwargs
+        self._max_batch = max(1, int(max_batch))
         self._lock = threading.RLock()
         self._items: list = []
         self._tries: list[int] = []
         self._waiting: collections.deque[int] = collections.deque()
-        self._live: dict = {}  # future key -> (future, item index)
+        self._live: dict = {}  # future key -> (future, the indices of its items)
         self._done: queue.Queue = queue.Queue()  # (item index, "finished" | "error", result or exception)
         self._outstanding = 0  # submitted items whose result has not been yielded
         self._limit = (-1e9, 1)  # (when asked, worker threads)
@@ -89,16 +94,40 @@ class TaskStream:
             self._limit = (time.monotonic(), n)
         return n
 
+    def _take(self, threads: int) -> list[int]:
+        """Under the lock: the items of the next task. One, unless a backlog waits: then up to ``max_batch``,
+        so that what waits still makes at least two tasks per worker thread (the last tasks stay small); an
+        item resubmitted after a lost worker always goes alone."""
+        if not self._waiting and not self._pull():
+            return []
+        items = [self._waiting.popleft()]
+        if self._max_batch > 1 and not self._tries[items[0]]:
+            size = min(self._max_batch, (len(self._waiting) + 1) // (2 * threads))
+            while len(items) < size and self._waiting and not self._tries[self._waiting[0]]:
+                items.append(self._waiting.popleft())
+        return items
+
     def _pump(self) -> None:
         if not self._ex.ready:  # submitted while the cluster starts: sent when it is up
             return
         with self._lock:
-            while not self._closed and len(self._live) < self._threads():
-                if not self._waiting and not self._pull():
+            while not self._closed and len(self._live) < (threads := self._threads()):
+                items = self._take(threads)
+                if not items:
                     break
-                i = self._waiting.popleft()
-                future = self._ex.client.submit(self._fn, self._items[i], pure=False, **self._kwargs)
-                self._live[future.key] = (future, i)
+                if len(items) == 1:
+                    future = self._ex.client.submit(
+                        self._fn, self._items[items[0]], pure=False, **self._kwargs
+                    )
+                else:
+                    import uuid
+
+                    future = self._ex.client.submit(
+                        run_batch, self._fn, [self._items[i] for i in items], pure=False,
+                        key=f"{getattr(self._fn, '__name__', 'task')}-x{len(items)}-{uuid.uuid4().hex}",
+                        **self._kwargs,
+                    )  # fmt: skip
+                self._live[future.key] = (future, items)
                 future.add_done_callback(self._finished)
 
     def _finished(self, future) -> None:  # runs in distributed's callback thread
@@ -107,19 +136,26 @@ class TaskStream:
         if entry is None or self._closed:  # cancelled by us, or the caller has stopped listening
             future.release()
             return
-        i = entry[1]
+        items = entry[1]
         self._pump()  # the slot is free: before the result is queued, so an item pulled counts as outstanding
         try:
             if future.status == "finished":
-                self._done.put((i, "finished", future.result()))
+                value = future.result()
+                if len(items) == 1:
+                    self._done.put((items[0], "finished", value))
+                else:  # run_batch: (ok, result or exception) per item
+                    for i, (ok, v) in zip(items, value, strict=True):
+                        self._done.put((i, "finished" if ok else "error", v))
             else:
                 try:
                     exc = future.exception()
                 except BaseException as e:  # cancelled (scheduler gone): report, do not hang
                     exc = e
-                self._done.put((i, "error", exc))
+                for i in items:  # a lost worker's batch: each item is resubmitted on its own (results)
+                    self._done.put((i, "error", exc))
         except BaseException as e:  # the result could not be fetched
-            self._done.put((i, "error", e))
+            for i in items:
+                self._done.put((i, "error", e))
         finally:
             future.release()
 
@@ -184,3 +220,22 @@ class TaskStream:
             self._live.clear()
         if live:
             self._ex.client.cancel(live)
+
+
+def run_batch(fn: Callable, items: list, **kwargs) -> list[tuple[bool, Any]]:
+    """The task of several items (:class:`TaskStream` with ``max_batch > 1``): ``fn(item, **kwargs)`` for each,
+    in order, as ``(True, result)`` or ``(False, exception)``, so an item that raises fails alone, as it would
+    in a task of its own (an exception that cannot be pickled is sent as a ``RuntimeError`` naming it)."""
+    import pickle
+
+    out: list[tuple[bool, Any]] = []
+    for item in items:
+        try:
+            out.append((True, fn(item, **kwargs)))
+        except Exception as e:
+            try:
+                pickle.dumps(e)
+            except Exception:
+                e = RuntimeError(f"{type(e).__name__}: {e}")
+            out.append((False, e))
+    return out

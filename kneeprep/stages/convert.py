@@ -57,6 +57,12 @@ ConvertResult = ItemResult
 # one series: the task (kneeprep.stages.convert_series) and what the driver knows of it
 
 
+#: at most this many series in one convert task, when a backlog waits (:class:`kneeprep.parallel.TaskStream`):
+#: fewer tasks for the client and the scheduler; a worker that dies takes the others of its batch with it,
+#: and they are resubmitted on their own
+SERIES_PER_TASK = 4
+
+
 def _run_task(
     task: ConvertTask, recipe: Recipe, store_path: str, publish: Publisher | None = None
 ) -> ItemResult:
@@ -239,8 +245,9 @@ def run_convert(
         if publish is not None and publish_or_warn(publish.root, store):
             publish = None  # it could not be uploaded: no task uploads, the final push publishes everything
         stream = ex.stream(
-            _run_task, on_error=_task_lost, recipe=recipe, store_path=str(store), publish=publish
-        )
+            _run_task, on_error=_task_lost, max_batch=SERIES_PER_TASK, recipe=recipe, store_path=str(store),
+            publish=publish,
+        )  # fmt: skip
         early = EarlyStarts(plan, stream, previously_revised(store))
 
         def take_finished() -> None:  # on Ctrl-C: series finished but not yet taken are in the store
