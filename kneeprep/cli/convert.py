@@ -45,15 +45,16 @@ def convert(ctx, raw, out, recipe_file, annotations, masks, verify, break_lock, 
     """Convert the DICOM series under RAW selected by the recipe into the volume store OUT (a .zarr folder).
 
     \b
-    One task per series, started as soon as the scan has read its folder (the scan of the rest of the
-    tree goes on meanwhile); a series that fails is recorded and the others go on. A re-run skips volumes
-    whose inputs and convert settings are unchanged (file names, sizes and mtimes; with --verify their
-    bytes too) and redoes the others; it removes the volumes of RAW whose series are gone, now fail QC or
-    are no longer selected (listed as "removed"). An interrupted run leaves no half-written volume visible.
-    Progress bars show the scan (parts of the tree) and the conversions (series). OUT is an OME-Zarr
-    collection; the run report is written beside it, to OUT.kneeprep/report.json, and summarized here. Exit
-    code 1 if any series failed, a volume was removed, or if no series was written or left unchanged (none
-    found, or every one refused or not selected).
+    Each series is converted as soon as the scan has read its folder (the scan of the rest of the tree
+    goes on meanwhile; while more series wait than the workers can take, up to 4 go in one task); a
+    series that fails is recorded and the others go on. A re-run skips volumes whose inputs and convert
+    settings are unchanged (file names, sizes and mtimes; with --verify their bytes too) and redoes the
+    others; it removes the volumes of RAW whose series are gone, now fail QC or are no longer selected
+    (listed as "removed"). An interrupted run leaves no half-written volume visible. Progress bars show
+    the scan (parts of the tree) and the conversions (series). OUT is an OME-Zarr collection; the run
+    report is written beside it, to OUT.kneeprep/report.json, and summarized here. Exit code 1 if any
+    series failed, a volume was removed, or if no series was written or left unchanged (none found, or
+    every one refused or not selected).
 
     OUT may be a URL (s3://bucket/prefix/volumes.zarr; credentials and endpoint from the AWS environment):
     the store is built in a local staging folder ($KNEEPREP_STAGE_DIR) and published there -- each volume

@@ -2,9 +2,10 @@
 
 ``run_convert`` (the driver) scans the raw tree, selects series by the recipe, resolves each volume's mask,
 decides what is already done, and maps :func:`~kneeprep.stages.convert_series.convert_series` over the rest --
-one task per series, on local worker processes or a Dask cluster (:mod:`kneeprep.parallel`). Each task reads
-its series, transforms it, places its mask, computes boxes, writes its own volume atomically and returns a
-small :class:`~kneeprep.formats.report.ItemResult` (:mod:`kneeprep.stages.convert_series`); a task never raises.
+one task per series (up to :data:`SERIES_PER_TASK` a task while a backlog waits), on local worker processes or
+a Dask cluster (:mod:`kneeprep.parallel`). Each series' call reads it, transforms it, places its mask, computes
+boxes, writes its own volume atomically and returns a small :class:`~kneeprep.formats.report.ItemResult`
+(:mod:`kneeprep.stages.convert_series`); it never raises.
 
 Resume (:mod:`kneeprep.stages.resume`). Every selected series is a task; the task itself decides whether its
 volume is ``unchanged`` (stored ``provenance.convert_hash`` equal to ``recipe.stage_hash("convert")`` and either

@@ -1,7 +1,7 @@
 """One convert task: a selected DICOM series -> one normalized volume (+ mask, boxes) in the Zarr store.
 
 :func:`convert_series` is what :func:`kneeprep.stages.convert.run_convert` maps over the selected series --
-one task per series, on local worker processes or a Dask cluster. It reads its series, transforms it, places
+one call per series, in tasks on local worker processes or a Dask cluster. It reads its series, transforms it, places
 its mask, computes boxes, builds the volume's :class:`~kneeprep.formats.volume_attrs.VolumeAttrs`, writes its
 own volume atomically (:mod:`kneeprep.formats.store`) and returns a small
 :class:`~kneeprep.formats.report.ItemResult`; it never raises: a :class:`~kneeprep.errors.KneeprepError` becomes

@@ -6,7 +6,7 @@ Stages and what each re-run skips:
 stage    does                                    skips when
 ======== ======================================= ===========================================================
 scan     headers of every file → series + QC     never (headers only, fast)
-convert  one Dask task per selected series       inputs (file list, sizes, mtimes, mask; ``verify``: bytes)
+convert  Dask tasks of 1-4 selected series      inputs (file list, sizes, mtimes, mask; ``verify``: bytes)
                                                  and the recipe's convert sections are unchanged for that
                                                  volume; removes volumes whose series vanished or fail QC
 boxes    boxes from the stored labels            the recipe's [labels]/[boxes] hash equals the volume's
