@@ -247,3 +247,34 @@ def test_an_edited_question_bank_is_reported_when_records_carry_their_own_prompt
         if s["question_id"] == "1"
     ]
     assert rows and {s["question"] for s in rows} == {original}  # the record's prompt is what was written
+
+
+def test_a_rebuild_keeps_what_earlier_stages_made_out_of_the_collectors_walks_and_undoes_it(
+    small_sample, tmp_path, monkeypatch
+):
+    """Between stages the run's objects are frozen (gc.freeze: the shards stage starts with a permanent
+    generation); after the run nothing is left frozen; a process that froze objects itself is left alone."""
+    import gc
+
+    from kneeprep.stages import rebuild as rb
+    from kneeprep.stages.harness import settled_heap
+
+    seen = []
+    real = rb.build_shards
+    monkeypatch.setattr(
+        rb, "build_shards", lambda *a, **k: seen.append(gc.get_freeze_count()) or real(*a, **k)
+    )
+    assert gc.get_freeze_count() == 0
+    res = _rebuild(small_sample, tmp_path / "out")
+    assert res.exit_code == 0, res.output
+    assert seen and seen[0] > 0 and gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        mine = gc.get_freeze_count()
+        with settled_heap() as settle:
+            extra = [[] for _ in range(10)]  # noqa: F841  (lists: objects the collector tracks)
+            settle()
+            assert gc.get_freeze_count() == mine
+        assert gc.get_freeze_count() == mine
+    finally:
+        gc.unfreeze()

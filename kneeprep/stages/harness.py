@@ -133,3 +133,21 @@ class Stage(contextlib.AbstractContextManager):
         if self.report_name is not None:
             self.report.write(self.out / self.report_name)
         return self.report
+
+
+@contextlib.contextmanager
+def settled_heap() -> Iterator[Callable[[], None]]:
+    """A ``settle()`` to call between the stages of a long run: what the run holds by then (imports, the scan's
+    records, the volumes' attrs) moves out of the cyclic garbage collector's sight (:func:`gc.freeze`), so its
+    full collections, which come more often as the run allocates, stop walking it again and again; refcounts
+    still free what is dropped. Undone on leaving (:func:`gc.unfreeze`). A process that froze objects itself
+    (``gc.get_freeze_count()`` already set, e.g. before forking) is left alone: ``settle`` does nothing."""
+    import gc
+
+    if gc.get_freeze_count():
+        yield lambda: None
+        return
+    try:
+        yield gc.freeze
+    finally:
+        gc.unfreeze()

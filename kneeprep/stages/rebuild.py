@@ -46,6 +46,7 @@ from kneeprep.recipe import Recipe
 from kneeprep.remote import STORE_SIBLING, staged_input, staged_output
 from kneeprep.stages.boxes import recompute_store_boxes
 from kneeprep.stages.convert import run_convert
+from kneeprep.stages.harness import settled_heap
 from kneeprep.stages.shards import build_shards
 from kneeprep.stages.validate import validate_shards
 from kneeprep.stages.validate_store import validate_store
@@ -153,22 +154,26 @@ def rebuild(
     Pseudonymizer.from_recipe(recipe)  # a missing privacy key fails now, not after the convert stage
     out.mkdir(parents=True, exist_ok=True)
     # one cluster for every stage: started once, in the background, while the scan is planned; each volume's
-    # attrs parsed once for the boxes table, the shards join and validate (attrs_cache)
-    with executor(workers, scheduler) as ex, attrs_cache():
+    # attrs parsed once for the boxes table, the shards join and validate (attrs_cache); what the stages before
+    # made kept out of the garbage collector's walks (settled_heap)
+    with executor(workers, scheduler) as ex, attrs_cache(), settled_heap() as settle:
         return _run_stages(
-            recipe, raw, annotations, out, masks, ex, progress, echo, workers, scheduler, verify, raw_id
-        )
+            recipe, raw, annotations, out, masks, ex, progress, echo, workers, scheduler, verify, raw_id,
+            settle=settle,
+        )  # fmt: skip
 
 
 def _run_stages(
-    recipe, raw, annotations, out: Path, masks, ex, progress, echo, workers, scheduler, verify, raw_id=None
-) -> RebuildReport:
+    recipe, raw, annotations, out: Path, masks, ex, progress, echo, workers, scheduler, verify, raw_id=None,
+    settle=lambda: None,
+) -> RebuildReport:  # fmt: skip
     store, shards_dir = out / "volumes.zarr", out / "shards"
     previous = _read_json(out / REPORT)
     rep = RebuildReport(str(out), recipe.name, recipe.hash)
 
     def stage(name: str):
         echo(f"── {name}")
+        settle()  # the stages before hold what they made; the garbage collector need not walk it again
         return time.perf_counter()
 
     t = stage("scan + convert")
