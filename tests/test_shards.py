@@ -12,6 +12,7 @@ import sys
 from dataclasses import replace
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from kneeprep.boxes import compute_boxes
@@ -433,6 +434,54 @@ def test_validate_catches_wrong_checksum_in_manifest(copy_of):
     mm["shards"][1]["sha256"] = "0" * 64
     (d / MANIFEST).write_text(json.dumps(mm))
     assert [(p.path, p.kind) for p in validate_shards(d)] == [(m["shards"][1]["path"], "checksum")]
+
+
+def test_validate_compares_the_volumes_file_with_the_quintuples_file(copy_of):
+    """A volumes file rewritten with other content (and the manifest's size and sha256 made to match) is
+    caught by the comparison with its quintuples file: image bytes, patient, question counts, volume order."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    d, m = copy_of
+    e = next(e for e in m["shards"] if e["volumes"] >= 2)
+    vp = d / e["volumes_path"]
+    good = pq.read_table(vp)
+
+    def rewrite(table):
+        pq.write_table(table, vp)
+        mm = json.loads((d / MANIFEST).read_text())
+        me = next(x for x in mm["shards"] if x["path"] == e["path"])
+        me["volumes_bytes"], me["volumes_sha256"] = (
+            vp.stat().st_size,
+            hashlib.sha256(vp.read_bytes()).hexdigest(),
+        )
+        (d / MANIFEST).write_text(json.dumps(mm))
+        return [(p.path, p.kind, p.message) for p in validate_shards(d)]
+
+    def with_column(name, values):
+        return good.set_column(
+            good.schema.get_field_index(name),
+            good.schema.field(name),
+            pa.array(values, good.schema.field(name).type),
+        )
+
+    images = good.column("image").to_pylist()
+    flipped = [bytes([images[0][0] ^ 1]) + images[0][1:], *images[1:]]
+    found = rewrite(with_column("image", flipped))
+    assert [(p, k) for p, k, _ in found] == [(e["volumes_path"], "image")]
+    assert "differ from the quintuples file" in found[0][2]
+    patients = good.column("patient_id").to_pylist()
+    found = rewrite(with_column("patient_id", ["someone-else", *patients[1:]]))
+    assert [(p, k, msg) for p, k, msg in found] == [
+        (e["volumes_path"], "volumes", "patient_id differs from the quintuples file")
+    ]
+    counts = good.column("questions").to_pylist()
+    found = rewrite(with_column("questions", [counts[0] + 1, *counts[1:]]))
+    assert [msg for _, _, msg in found] == ["questions per volume differ from the quintuples file"]
+    found = rewrite(good.take(list(range(good.num_rows))[::-1]))
+    assert [(p, k) for p, k, _ in found] == [(e["volumes_path"], "volumes")]
+    assert rewrite(good) == []
 
 
 def test_validate_catches_missing_and_extra_shards(copy_of):

@@ -103,18 +103,19 @@ def check_shard(
     rel = e["path"]
     patients: dict[str, set[str]] = {}
     problems = _check_bytes(d, rel, e["bytes"], e["sha256"])
-    rows_ok = not problems  # the content is what was written: check what it holds
-    if rows_ok:
+    firsts = None  # the quintuples file's volumes, from its one read: what the volumes file must match
+    if not problems:  # the content is what was written: check what it holds
         if not rel.startswith(f"{DATA_DIR}/{HF_SPLITS.get(e['split'], '?')}-"):
             problems.append(Problem(rel, "split", f"a {e['split']} shard named {rel}"))
-        problems += _validate_file(d / rel, rel, e, patients, decode)
+        found, firsts = _validate_file(d / rel, rel, e, patients, decode)
+        problems += found
     vrel = e.get("volumes_path")
     if vrel is None:
         problems.append(Problem(rel, "manifest", "no volumes_path in the manifest entry"))
     else:
         found = _check_bytes(d, vrel, e.get("volumes_bytes"), e.get("volumes_sha256"))
-        if not found and rows_ok:  # compared with the quintuples file only when both are as written
-            found = check_volumes_file(d / vrel, vrel, d / rel, e, decode)
+        if not found and firsts is not None:  # compared with the quintuples file when both are as written
+            found = check_volumes_file(d / vrel, vrel, firsts, decode)
         problems += found
     return rel, problems, patients
 
@@ -133,12 +134,21 @@ def _check_bytes(d: Path, rel: str, nbytes, sha256) -> list[Problem]:
     return out
 
 
-def _validate_file(p: Path, rel: str, e: dict, patients: dict[str, set[str]], decode: bool) -> list[Problem]:
+#: one run of a volume's rows in a quintuples file: [volume_id, patient_id, split, rows, first row's image]
+_First = list
+
+
+def _validate_file(
+    p: Path, rel: str, e: dict, patients: dict[str, set[str]], decode: bool
+) -> tuple[list[Problem], list[_First] | None]:
+    """The quintuples file's problems, and its runs of rows per volume (``None`` when a part of it could not
+    be read or its schema differs: the volumes file is then not compared with it)."""
     out: list[Problem] = []
+    firsts: list[_First] | None = []
     try:
         pf = pq.ParquetFile(p, page_checksum_verification=True)
     except (OSError, pa.ArrowException) as exc:
-        return [Problem(rel, "unreadable", str(exc))]
+        return [Problem(rel, "unreadable", str(exc))], None
     schema = pf.schema_arrow
     if (
         schema.metadata is None
@@ -153,7 +163,7 @@ def _validate_file(p: Path, rel: str, e: dict, patients: dict[str, set[str]], de
         )
     if not schema.remove_metadata().equals(SCHEMA.remove_metadata()):
         out.append(Problem(rel, "schema", "Arrow schema differs from kneeprep.formats.shard_schema.SCHEMA"))
-        return out
+        return out, None
     rows = volumes = 0
     seen: set[str] = set()
     for g in range(pf.num_row_groups):
@@ -161,6 +171,7 @@ def _validate_file(p: Path, rel: str, e: dict, patients: dict[str, set[str]], de
             t = pf.read_row_group(g, columns=None if decode else [n for n in SCHEMA.names if n != "image"])
         except (OSError, pa.ArrowException) as exc:
             out.append(Problem(rel, "unreadable", f"row group {g}: {exc}"))
+            firsts = None
             continue
         rows += t.num_rows
         cols = {n: t.column(n).to_pylist() for n in t.column_names if n != "image"}
@@ -175,6 +186,10 @@ def _validate_file(p: Path, rel: str, e: dict, patients: dict[str, set[str]], de
                 )
             patients.setdefault(cols["patient_id"][i], set()).add(cols["split"][i])
             shape = cols["image_shape"][i]
+            if vid != current and firsts is not None:
+                firsts.append([vid, cols["patient_id"][i], cols["split"][i], 0, bufs[i] if decode else None])
+            if firsts is not None:
+                firsts[-1][3] += 1
             if vid != current:
                 if vid in seen:
                     out.append(Problem(rel, "order", f"{where}: rows of volume {vid} are not contiguous"))
@@ -196,13 +211,13 @@ def _validate_file(p: Path, rel: str, e: dict, patients: dict[str, set[str]], de
         out.append(Problem(rel, "rows", f"manifest says {e['rows']} rows, file has {rows}"))
     if volumes != e["volumes"]:
         out.append(Problem(rel, "volumes", f"manifest says {e['volumes']} volumes, file has {volumes}"))
-    return out
+    return out, firsts
 
 
-def check_volumes_file(p: Path, rel: str, rows_path: Path, e: dict, decode: bool) -> list[Problem]:
+def check_volumes_file(p: Path, rel: str, firsts: list[_First], decode: bool) -> list[Problem]:
     """The volumes file of a shard: its schema, one row per volume of the quintuples file (same ids, order,
-    patient and split), ``image_nbytes`` the length of ``image``, and (``decode``) the same image bytes as the
-    volume's first row in the quintuples file."""
+    patient and split; ``firsts`` from the quintuples file's own check, so it is read once), ``image_nbytes``
+    the length of ``image``, and (``decode``) the same image bytes as the volume's first row there."""
     try:
         pf = pq.ParquetFile(p, page_checksum_verification=True)
         if not pf.schema_arrow.remove_metadata().equals(VOLUME_SCHEMA.remove_metadata()):
@@ -215,14 +230,9 @@ def check_volumes_file(p: Path, rel: str, rows_path: Path, e: dict, decode: bool
             ["image"] if decode else []
         )
         t = pf.read(columns=cols)
-        q = pq.read_table(
-            rows_path, columns=["volume_id", "patient_id", "split"] + (["image"] if decode else [])
-        )
     except (OSError, pa.ArrowException) as exc:
         return [Problem(rel, "unreadable", str(exc))]
-    vids, rows_vids = t.column("volume_id").to_pylist(), q.column("volume_id").to_pylist()
-    firsts = [i for i, v in enumerate(rows_vids) if i == 0 or v != rows_vids[i - 1]]
-    expect = [rows_vids[i] for i in firsts]
+    vids, expect = t.column("volume_id").to_pylist(), [f[0] for f in firsts]
     if vids != expect:
         return [
             Problem(
@@ -230,19 +240,17 @@ def check_volumes_file(p: Path, rel: str, rows_path: Path, e: dict, decode: bool
             )
         ]
     out: list[Problem] = []
-    counts = [b - a for a, b in zip(firsts, [*firsts[1:], len(rows_vids)], strict=True)]
-    for name in ("patient_id", "split"):
-        if t.column(name).to_pylist() != [q.column(name)[i].as_py() for i in firsts]:
+    for k, name in ((1, "patient_id"), (2, "split")):
+        if t.column(name).to_pylist() != [f[k] for f in firsts]:
             out.append(Problem(rel, "volumes", f"{name} differs from the quintuples file"))
-    if t.column("questions").to_pylist() != counts:
+    if t.column("questions").to_pylist() != [f[3] for f in firsts]:
         out.append(Problem(rel, "volumes", "questions per volume differ from the quintuples file"))
     if decode:
         images, nbytes = _binary_values(t.column("image")), t.column("image_nbytes").to_pylist()
-        firsts_img = _binary_values(q.column("image"))
-        for i, (vid, img, n) in enumerate(zip(vids, images, nbytes, strict=True)):
+        for (vid, *_, first), img, n in zip(firsts, images, nbytes, strict=True):
             if img.size != n:
                 out.append(Problem(rel, "image", f"volume {vid}: {img.size} image bytes, image_nbytes {n}"))
-            elif firsts_img[firsts[i]] is None or not img.equals(firsts_img[firsts[i]]):
+            elif first is None or not img.equals(first):
                 out.append(
                     Problem(rel, "image", f"volume {vid}: image bytes differ from the quintuples file")
                 )
