@@ -80,6 +80,31 @@ def test_chunks_and_codec_are_the_measured_choice(st):
     assert (blosc["cname"], blosc["clevel"], blosc["shuffle"]) == ("zstd", 3, "bitshuffle")
 
 
+def test_all_zero_chunks_are_left_out_as_zarr_leaves_them(st):
+    """kneeprep skips zarr's own fill-value test per chunk and leaves the all-zero slabs out itself: the same
+    chunk files as zarr's default (write_empty_chunks off) writes, and the same values read back."""
+    image, labels, g = volume(shape=(16, 384, 384))  # chunks of 16 planes (uint16), of 32 (uint8 labels)
+    image = np.concatenate([image, np.zeros_like(image), image])  # 48 planes: chunk 1 all 0
+    labels = np.concatenate([labels, labels, np.zeros_like(labels)])  # chunk 1 (planes 32-47) all 0
+    g = Geometry(image.shape, g.spacing, g.affine_lps)
+    store.write_volume(st, "v", image, g, {}, {"anatomy": (labels, LABEL_MAP)})
+    for rel, data, chunks in (("image", image, 3), ("labels/anatomy/0", labels, 2)):
+        step = zarr.open_array(st / "v" / rel).chunks[0]
+        assert -(-data.shape[0] // step) == chunks
+        written = sorted(int(p.name) for p in (st / "v" / rel / "c").iterdir())
+        assert written == [i // step for i in range(0, data.shape[0], step) if data[i : i + step].any()]
+        plain = zarr.create_array(
+            st.parent / f"plain-{rel.replace('/', '-')}", shape=data.shape, dtype=data.dtype,
+            chunks=(step, *data.shape[1:]), compressors=zarr.open_array(st / "v" / rel).compressors, fill_value=0,
+        )  # fmt: skip
+        plain[:] = data
+        assert (
+            sorted(int(p.name) for p in (plain.store_path.store.root / plain.path / "c").iterdir()) == written
+        )
+    assert np.array_equal(store.read_volume(st, "v")[0], image)
+    assert np.array_equal(store.read_labels(st, "v"), labels)
+
+
 @pytest.mark.parametrize("env", ["3", "1", "junk"])
 def test_codec_threads_change_no_value_and_restore_blosc(st, monkeypatch, env):
     """KNEEPREP_CODEC_THREADS compresses on several Blosc threads: the same values come back, and numcodecs'

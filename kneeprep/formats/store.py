@@ -282,13 +282,20 @@ def _write_array(group, name: str, data: np.ndarray) -> None:
         compressors=[_codec()],
         fill_value=0,
         dimension_names=("z", "y", "x"),
+        # the all-zero chunks are left out here instead (below): zarr's own test of each chunk against the
+        # fill value (np.array_equal) took 12 ms per 4.7 MB chunk, a sixth of a DESS volume's convert task
+        config={"write_empty_chunks": True},
     )
     # One slab of chunks per call: zarr encodes every chunk of a call concurrently and holds a copy of each,
     # so a whole-volume assignment would add 1.7x the volume to peak memory; per slab it is one chunk, as fast.
+    # A slab is exactly one chunk (whole planes, choose_chunks): an all-zero one is not written and reads as
+    # the fill value, the files those zarr would have written.
     step = arr.chunks[0]
     with _blosc_threads(codec_threads()):
         for i in range(0, data.shape[0], step):
-            arr[i : i + step] = data[i : i + step]
+            slab = data[i : i + step]
+            if slab.any():
+                arr[i : i + step] = slab
 
 
 def _install(tmp: Path, final: Path) -> None:
