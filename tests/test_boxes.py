@@ -541,6 +541,24 @@ def test_recompute_store_boxes_updates_attrs_and_table(tmp_path):
     assert not list(root.glob("*.partial"))
 
 
+def test_stale_only_leaves_the_volumes_known_current_unread(tmp_path):
+    """``current`` (rebuild: what convert has just written) are counted unchanged without being checked;
+    the other stale volumes are still recomputed."""
+    from kneeprep.formats import store
+    from kneeprep.recipe import Boxes
+    from kneeprep.stages.boxes import recompute_store_boxes
+
+    recipe = Recipe(boxes=Boxes(margin_mm=0.5))  # the store's volumes carry no boxes hash: all stale
+    root, _, arrays = _store_with_volumes(tmp_path, recipe)
+    known, other = sorted(arrays)
+    s = recompute_store_boxes(root, recipe, stale_only=True, current={known, "not-in-the-store"})
+    assert (s.volumes, s.unchanged, s.failures) == (1, 1, ())
+    assert store.read_attrs(root, other)["provenance"]["boxes_hash"] == recipe.stage_hash("boxes")
+    assert "boxes_hash" not in store.read_attrs(root, known)["provenance"]  # not touched: taken as current
+    s = recompute_store_boxes(root, recipe, current={known})  # not stale_only: every volume recomputed
+    assert (s.volumes, s.unchanged) == (2, 0)
+
+
 def test_recompute_records_a_volume_without_labels(tmp_path):
     from kneeprep.formats import store
     from kneeprep.stages.boxes import recompute_store_boxes, write_boxes_table

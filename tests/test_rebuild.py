@@ -45,6 +45,8 @@ def test_rebuild_end_to_end(built):
     truth = json.loads((sample / "truth.json").read_text())
     written = report["stages"]["convert"]["counts"]["written"]
     assert written == len(truth["volumes"] if "volumes" in truth else truth)
+    # what convert has just written carries this recipe's boxes: the boxes stage does not check it again
+    assert (report["stages"]["boxes"]["volumes"], report["stages"]["boxes"]["unchanged"]) == (0, written)
     n_lines = sum(1 for _ in (sample / "quintuples.jsonl").open())
     q = report["stages"]["shards"]["quintuples"]
     rejected = sum(report["stages"]["shards"]["rejected"].values())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,7 @@ def recompute_store_boxes(
     *,
     lock: bool = True,
     stale_only: bool = False,
+    current: Collection[str] = (),
     progress: Progress | None = None,
     workers: int | None = 0,
     scheduler: str | None = None,
@@ -141,7 +143,9 @@ def recompute_store_boxes(
 
     With ``stale_only``, volumes whose ``provenance.boxes_hash`` already equals this recipe's boxes-stage hash,
     and volumes without that label layer, are left alone (counted in ``unchanged``); ``boxes.parquet`` is
-    rewritten only if some volume changed or it is missing.
+    rewritten only if some volume changed or it is missing. ``current`` (with ``stale_only``): volume ids known
+    to hold this recipe's boxes already (``rebuild``: those its convert stage has just written), counted in
+    ``unchanged`` without a task.
 
     One task per :data:`VOLUMES_PER_TASK` volumes (:func:`recompute_volume`: the "stale?" check, the labels read and the attrs update
     happen in the task) on ``executor``, or on one made from ``workers``/``scheduler`` (default ``workers=0``:
@@ -165,7 +169,9 @@ def recompute_store_boxes(
         executor=executor,
     ) as st:
         upgrade_store(store_path)  # an older store's boxes.parquet moves beside it before it is rewritten
-        return _recompute(store_path, recipe, stale_only, st)
+        return _recompute(
+            store_path, recipe, stale_only, frozenset(current) if stale_only else frozenset(), st
+        )
 
 
 @dataclass(frozen=True)
@@ -235,8 +241,11 @@ def _lost(vids: tuple[str, ...], exc: BaseException) -> list[VolumeBoxes]:
     ]
 
 
-def _recompute(store_path: Path, recipe, stale_only: bool, st: Stage) -> BoxesSummary:
-    vids = sorted(store.list_volumes(store_path))
+def _recompute(
+    store_path: Path, recipe, stale_only: bool, current: frozenset[str], st: Stage
+) -> BoxesSummary:
+    listed = store.list_volumes(store_path)
+    vids = sorted(v for v in listed if v not in current)
     stale_table = mark_boxes_table_stale(store_path)  # before any attrs change: a kill leaves the mark
     chunks = [tuple(vids[i : i + VOLUMES_PER_TASK]) for i in range(0, len(vids), VOLUMES_PER_TASK)]
     results = st.executor().map_unordered(
@@ -262,5 +271,5 @@ def _recompute(store_path: Path, recipe, stale_only: bool, st: Stage) -> BoxesSu
         failures,
         str(table),
         boxes_hash(recipe),
-        sum(r.status == "unchanged" for r in done),
+        sum(r.status == "unchanged" for r in done) + len(listed) - len(vids),
     )

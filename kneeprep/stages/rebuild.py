@@ -10,6 +10,7 @@ convert  Dask tasks of 1-4 selected series      inputs (file list, sizes, mtimes
                                                  and the recipe's convert sections are unchanged for that
                                                  volume; removes volumes whose series vanished or fail QC
 boxes    boxes from the stored labels            the recipe's [labels]/[boxes] hash equals the volume's
+                                                 (volumes convert has just written: not even checked)
 shards   join + Parquet shards + manifest        inputs hash (annotations, volume attrs) and the recipe's
                                                  shards sections are unchanged
 validate checksums, schema, boxes, decodes       the shards were unchanged and validated by the last run
@@ -194,7 +195,11 @@ def _run_stages(
     echo(conv.table())
 
     t = stage("boxes")
-    bs = recompute_store_boxes(store, recipe, stale_only=True, progress=progress, executor=ex)
+    # the volumes convert has just written carry this recipe's boxes: only the others are checked, in tasks
+    written = {r.item for r in conv.items if r.status == "written"}
+    bs = recompute_store_boxes(
+        store, recipe, stale_only=True, current=written, progress=progress, executor=ex
+    )
     rep.seconds["boxes"] = time.perf_counter() - t
     rep.stages["boxes"] = bs.to_json()
     echo(
