@@ -382,7 +382,8 @@ def run(workdir: Path) -> str:
         f"Speed-up of the added volumes: (whole tree − half tree) with 1 worker / the same with 2, the stage's "
         f"wall for {extra} more volumes with the costs every run pays once cancelled (the cluster's start, each "
         "worker's first use of a library, a stage's first task round trip), as the driver's CPU column cancels "
-        "them; differences of 4 volumes, so ± the rounds' noise, and `—` where 1 worker's difference is under "
+        "them; differences of 4 volumes, so ± the rounds' noise (a value above 2× is that noise), and `—` where "
+        "1 worker's difference is under "
         f"{MARGINAL_MIN_S} s (nothing to divide). The whole-sample speed-up is the one a user of this sample "
         "sees; the added volumes' is the one a larger tree approaches.",
         "",
