@@ -187,6 +187,9 @@ class TaskStream:
                     with self._lock:
                         self._tries[i] += 1
                         self._waiting.appendleft(i)
+                        # a worker is gone: ask the scheduler again now, not up to LIMIT_REFRESH_S later, so
+                        # the retry does not queue behind another task on the one worker left
+                        self._limit = (float("-inf"), self._limit[1])
                     self._pump()
                     continue
                 with self._lock:

@@ -70,7 +70,7 @@ def test_a_backlog_goes_out_in_batches_and_each_item_keeps_its_own_error_and_ret
         results = list(stream.results())
     assert len(results) == 20
     done = {r for r in results if isinstance(r, int)}
-    assert done == {3 * i for i in range(20) if i not in (poison, raises)}
+    assert done == {3 * i for i in range(20) if i not in (poison, raises)}, (results, sizes)
     failed = {r[1]: r[2] for r in results if isinstance(r, tuple)}
     assert failed == {poison: "KilledWorker", raises: "ValueError"}
     assert max(sizes) > 1 and len(sizes) < 20  # fewer tasks than items, the retries of a lost batch included
