@@ -21,7 +21,9 @@ one task at a time and a dying worker takes no innocent queued task with it, on 
 sends a backlog up to 4 series a task (``max_batch``: fewer tasks for the client and the scheduler); a worker
 dying in such a task takes its batch-mates with it too, and each of them is resubmitted on its own. The local
 cluster uses ``allowed-failures = 1``; on an existing cluster that is the scheduler's setting (a poisonous
-series in a batch costs the batch's ``allowed-failures + 1`` deaths before it is retried alone).
+series in a batch costs the batch's ``allowed-failures + 1`` deaths before it is retried alone). A task that
+finished but whose result could not be fetched (its worker died before the gather) is not the items' fault:
+each of them is run again once on its own, apart from the lost-worker retry.
 
 This module holds the executors and :func:`executor`; the stream is :mod:`kneeprep.parallel_stream`, the local
 cluster and its workers' settings :mod:`kneeprep.parallel_cluster`.

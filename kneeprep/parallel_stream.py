@@ -44,7 +44,8 @@ class TaskStream:
         self._max_batch = max(1, int(max_batch))
         self._lock = threading.RLock()
         self._items: list = []
-        self._tries: list[int] = []
+        self._tries: list[int] = []  # per item: resubmissions after a lost worker
+        self._refetched: set[int] = set()  # items run again because a finished result could not be fetched
         self._waiting: collections.deque[int] = collections.deque()
         self._live: dict = {}  # future key -> (future, the indices of its items)
         self._done: queue.Queue = queue.Queue()  # (item index, "finished" | "error", result or exception)
@@ -94,16 +95,19 @@ class TaskStream:
             self._limit = (time.monotonic(), n)
         return n
 
+    def _first_run(self, i: int) -> bool:
+        return not self._tries[i] and i not in self._refetched
+
     def _take(self, threads: int) -> list[int]:
         """Under the lock: the items of the next task. One, unless a backlog waits: then up to ``max_batch``,
         so that what waits still makes at least two tasks per worker thread (the last tasks stay small); an
-        item resubmitted after a lost worker always goes alone."""
+        item resubmitted after a lost worker (or a lost result) always goes alone."""
         if not self._waiting and not self._pull():
             return []
         items = [self._waiting.popleft()]
-        if self._max_batch > 1 and not self._tries[items[0]]:
+        if self._max_batch > 1 and self._first_run(items[0]):
             size = min(self._max_batch, (len(self._waiting) + 1) // (2 * threads))
-            while len(items) < size and self._waiting and not self._tries[self._waiting[0]]:
+            while len(items) < size and self._waiting and self._first_run(self._waiting[0]):
                 items.append(self._waiting.popleft())
         return items
 
@@ -140,7 +144,15 @@ class TaskStream:
         self._pump()  # the slot is free: before the result is queued, so an item pulled counts as outstanding
         try:
             if future.status == "finished":
-                value = future.result()
+                try:
+                    value = future.result()
+                except BaseException as e:
+                    # the task finished but its result could not be fetched (its worker died before the
+                    # gather, "Couldn't gather ... keys"): the items are not at fault, so each is run again
+                    # on its own (results), apart from the lost-worker retries
+                    for i in items:
+                        self._done.put((i, "unfetched", e))
+                    return
                 if len(items) == 1:
                     self._done.put((items[0], "finished", value))
                 else:  # run_batch: (ok, result or exception) per item
@@ -153,7 +165,7 @@ class TaskStream:
                     exc = e
                 for i in items:  # a lost worker's batch: each item is resubmitted on its own (results)
                     self._done.put((i, "error", exc))
-        except BaseException as e:  # the result could not be fetched
+        except BaseException as e:  # a batch's result not as run_batch gives it
             for i in items:
                 self._done.put((i, "error", e))
         finally:
@@ -183,9 +195,14 @@ class TaskStream:
                         self._outstanding -= 1
                     yield value
                     continue
-                if isinstance(value, KilledWorker) and self._tries[i] < self._ex.LOST_WORKER_RETRIES:
+                refetch = status == "unfetched" and i not in self._refetched
+                lost = isinstance(value, KilledWorker) and self._tries[i] < self._ex.LOST_WORKER_RETRIES
+                if refetch or lost:
                     with self._lock:
-                        self._tries[i] += 1
+                        if refetch:
+                            self._refetched.add(i)
+                        else:
+                            self._tries[i] += 1
                         self._waiting.appendleft(i)
                         # a worker is gone: ask the scheduler again now, not up to LIMIT_REFRESH_S later, so
                         # the retry does not queue behind another task on the one worker left

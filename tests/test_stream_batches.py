@@ -84,3 +84,54 @@ def test_a_stream_without_max_batch_sends_one_item_a_task(sizes):
             stream.submit(i)
         assert sorted(stream.results()) == list(range(1, 9))
     assert sizes == [1] * 8
+
+
+@pytest.fixture
+def unfetchable(monkeypatch):
+    """``Future.result`` in this process raises, as when the worker holding a finished result died before the
+    gather, for the results named in ``fail`` (value -> how many times; -1: always); ``tasks`` counts the
+    tasks each value came from (only finished tasks reach ``result``)."""
+    import collections
+    import threading
+
+    from distributed import Future
+
+    fail: dict = {}
+    tasks: collections.Counter = collections.Counter()
+    lock = threading.Lock()
+    result = Future.result
+
+    def flaky(self, *args, **kwargs):
+        value = result(self, *args, **kwargs)
+        with lock:
+            tasks[value] += 1
+            if fail.get(value, 0):
+                fail[value] -= 1
+                raise OSError(f"Couldn't gather the result {value} (its worker died)")
+        return value
+
+    monkeypatch.setattr(Future, "result", flaky)
+    return fail, tasks
+
+
+def test_a_finished_task_whose_result_cannot_be_fetched_is_run_again_on_its_own(unfetchable, sizes):
+    """A result lost after its task finished is not the item's fault: the item is run again (alone, and even
+    when its lost-worker retry is spent, as it is here for 5) and yields its result; a result that can never be
+    fetched yields ``on_error`` after one such re-run, and the run ends."""
+    fail, tasks = unfetchable
+    fail.update({10: 1, 20: -1, 50: 1})  # items 1, 2 and 5 (result = 10 * item)
+
+    def task(item, scale):
+        return item * scale
+
+    with executor(workers=2) as ex:
+        stream = ex.stream(task, on_error=lambda item, exc: ("failed", item, str(exc)), scale=10)
+        for i in range(8):
+            stream.submit(i)
+        stream._tries[5] = ex.LOST_WORKER_RETRIES  # as after a lost worker: no retry of that kind left
+        results = list(stream.results())
+    assert sorted(r for r in results if isinstance(r, int)) == [0, 10, 30, 40, 50, 60, 70]
+    assert [r[:2] for r in results if isinstance(r, tuple)] == [("failed", 2)]
+    assert "Couldn't gather the result 20" in results[[isinstance(r, tuple) for r in results].index(True)][2]
+    assert tasks == {0: 1, 10: 2, 20: 2, 30: 1, 40: 1, 50: 2, 60: 1, 70: 1}
+    assert sizes == [1] * 11
