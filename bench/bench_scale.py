@@ -279,6 +279,19 @@ def _read_once(raw: Path) -> tuple[float, int]:
     return time.perf_counter() - t, size
 
 
+_TOUCH = "import time, numpy as np; t = time.perf_counter(); np.ones(2**27); print(time.perf_counter() - t)"
+
+
+def _first_touch(idle_s: float = 15.0) -> tuple[float, float]:
+    """Seconds for a fresh process to touch 1 GiB of new memory after ``idle_s`` of quiet, and at once again."""
+    time.sleep(idle_s)
+    cold, warm = (
+        float(subprocess.run([sys.executable, "-c", _TOUCH], capture_output=True, check=True).stdout)
+        for _ in range(2)
+    )
+    return cold, warm
+
+
 def run(workdir: Path) -> str:
     med = statistics.median
     workdir = Path(workdir)
@@ -436,6 +449,15 @@ def run(workdir: Path) -> str:
                 f"{t_ / read:.2f}× |"
             )
     lines += thread_lines
+    cold, warm = _first_touch()
+    lines += [
+        "",
+        f"This machine's memory: a fresh process touching 1 GiB of new memory took {cold:.2f} s after 15 s of "
+        f"quiet and {warm:.2f} s right after ({cold / warm:.0f}×; a VM with free page reporting, `/sys/module/page_reporting`: "
+        "memory left free for a few seconds goes back to the host, which faults it in again on the next use). "
+        "A run's first volumes on each worker pay the cold rate, so the workers' time per volume moves from run "
+        "to run with what ran just before; a machine without it pays the second rate.",
+    ]
     lines += [
         "",
         "Goals (issue 16): driver CPU ≤ 10 ms per volume; every stage ≥ 1.7× from 1 to 2 workers; 7,970 volumes on",
