@@ -48,7 +48,7 @@ class TaskStream:
         self._refetched: set[int] = set()  # items run again because a finished result could not be fetched
         self._waiting: collections.deque[int] = collections.deque()
         self._live: dict = {}  # future key -> (future, the indices of its items)
-        self._done: queue.Queue = queue.Queue()  # (item index, "finished" | "error", result or exception)
+        self._done: queue.Queue = queue.Queue()  # (item index, "finished" | "error" | "unfetched", value)
         self._outstanding = 0  # submitted items whose result has not been yielded
         self._limit = (-1e9, 1)  # (when asked, worker threads)
         self._closed = False
