@@ -134,17 +134,24 @@ def _check_bytes(d: Path, rel: str, nbytes, sha256) -> list[Problem]:
     return out
 
 
-#: one run of a volume's rows in a quintuples file: [volume_id, patient_id, split, rows, first row's image]
-_First = list
+@dataclass
+class _Run:
+    """One volume's run of rows in a quintuples file: what its row in the volumes file must say."""
+
+    volume_id: str
+    patient_id: str
+    split: str
+    rows: int
+    image: object  # the first row's image bytes (an Arrow buffer; ``None`` when not decoding)
 
 
 def _validate_file(
     p: Path, rel: str, e: dict, patients: dict[str, set[str]], decode: bool
-) -> tuple[list[Problem], list[_First] | None]:
+) -> tuple[list[Problem], list[_Run] | None]:
     """The quintuples file's problems, and its runs of rows per volume (``None`` when a part of it could not
     be read or its schema differs: the volumes file is then not compared with it)."""
     out: list[Problem] = []
-    firsts: list[_First] | None = []
+    firsts: list[_Run] | None = []
     try:
         pf = pq.ParquetFile(p, page_checksum_verification=True)
     except (OSError, pa.ArrowException) as exc:
@@ -186,10 +193,12 @@ def _validate_file(
                 )
             patients.setdefault(cols["patient_id"][i], set()).add(cols["split"][i])
             shape = cols["image_shape"][i]
-            if vid != current and firsts is not None:
-                firsts.append([vid, cols["patient_id"][i], cols["split"][i], 0, bufs[i] if decode else None])
             if firsts is not None:
-                firsts[-1][3] += 1
+                if vid != current:
+                    firsts.append(
+                        _Run(vid, cols["patient_id"][i], cols["split"][i], 0, bufs[i] if decode else None)
+                    )
+                firsts[-1].rows += 1
             if vid != current:
                 if vid in seen:
                     out.append(Problem(rel, "order", f"{where}: rows of volume {vid} are not contiguous"))
@@ -214,7 +223,7 @@ def _validate_file(
     return out, firsts
 
 
-def check_volumes_file(p: Path, rel: str, firsts: list[_First], decode: bool) -> list[Problem]:
+def check_volumes_file(p: Path, rel: str, firsts: list[_Run], decode: bool) -> list[Problem]:
     """The volumes file of a shard: its schema, one row per volume of the quintuples file (same ids, order,
     patient and split; ``firsts`` from the quintuples file's own check, so it is read once), ``image_nbytes``
     the length of ``image``, and (``decode``) the same image bytes as the volume's first row there."""
@@ -232,7 +241,7 @@ def check_volumes_file(p: Path, rel: str, firsts: list[_First], decode: bool) ->
         t = pf.read(columns=cols)
     except (OSError, pa.ArrowException) as exc:
         return [Problem(rel, "unreadable", str(exc))]
-    vids, expect = t.column("volume_id").to_pylist(), [f[0] for f in firsts]
+    vids, expect = t.column("volume_id").to_pylist(), [f.volume_id for f in firsts]
     if vids != expect:
         return [
             Problem(
@@ -240,19 +249,23 @@ def check_volumes_file(p: Path, rel: str, firsts: list[_First], decode: bool) ->
             )
         ]
     out: list[Problem] = []
-    for k, name in ((1, "patient_id"), (2, "split")):
-        if t.column(name).to_pylist() != [f[k] for f in firsts]:
+    for name in ("patient_id", "split"):
+        if t.column(name).to_pylist() != [getattr(f, name) for f in firsts]:
             out.append(Problem(rel, "volumes", f"{name} differs from the quintuples file"))
-    if t.column("questions").to_pylist() != [f[3] for f in firsts]:
+    if t.column("questions").to_pylist() != [f.rows for f in firsts]:
         out.append(Problem(rel, "volumes", "questions per volume differ from the quintuples file"))
     if decode:
         images, nbytes = _binary_values(t.column("image")), t.column("image_nbytes").to_pylist()
-        for (vid, *_, first), img, n in zip(firsts, images, nbytes, strict=True):
+        for f, img, n in zip(firsts, images, nbytes, strict=True):
             if img.size != n:
-                out.append(Problem(rel, "image", f"volume {vid}: {img.size} image bytes, image_nbytes {n}"))
-            elif first is None or not img.equals(first):
                 out.append(
-                    Problem(rel, "image", f"volume {vid}: image bytes differ from the quintuples file")
+                    Problem(rel, "image", f"volume {f.volume_id}: {img.size} image bytes, image_nbytes {n}")
+                )
+            elif f.image is None or not img.equals(f.image):
+                out.append(
+                    Problem(
+                        rel, "image", f"volume {f.volume_id}: image bytes differ from the quintuples file"
+                    )
                 )
     return out
 
