@@ -115,13 +115,36 @@ def test_tree_parts_are_batched_by_the_size_of_those_read():
     first = cut()
     assert first.parts == (parts[0],)  # nothing read yet: alone
     cut.record(first, PartResult(0, [], [], n_files=10))  # tree parts hold ~10 files
-    second = cut()
-    assert second.parts == tuple(parts[1:11])  # ~100 files
-    cut.record(second, PartResult(1, [], [], n_files=0))  # empty ones: the mean falls, capped per task
+    got = [first]
+    while len(got[-1].parts) < 10:  # at most as many as were read, until the mean says ~100 files
+        got.append(cut())
+        assert len(got[-1].parts) <= sum(len(b.parts) for b in got[:-1])
+        cut.record(got[-1], PartResult(got[-1].index, [], [], n_files=10 * len(got[-1].parts)))
+    assert len(got) <= 6  # 1, 1, 2, 4, 8 -> 10
+    assert len(cut().parts) == 10  # ~100 files
+    cut.record(got[-1], PartResult(1, [], [], n_files=0))  # empty ones: the mean falls, capped per task
     rest = list(iter(cut, None))
     assert all(len(b.parts) <= scan_tasks.MAX_TREE_PARTS for b in rest)
-    assert [p for b in [first, second, *rest] for p in b.parts] == parts
-    assert [b.index for b in [first, second, *rest]] == list(range(2 + len(rest)))
+
+
+def test_an_unrepresentative_first_tree_part_does_not_put_the_tree_in_one_task():
+    # series folders of 3, 160 and 96 files (a localizer first): the mean of the first one read is 3 files
+    from kneeprep.dicom.scan_tasks import Batcher, Part, PartResult
+
+    sizes = [3, 160, 96] * 25
+    parts = [Part(i, f"/t/{i}", True) for i in range(len(sizes))]
+    cut = Batcher(parts, 1024)
+    pending, done = [cut(), cut()], []  # two workers
+    while pending:
+        b = pending.pop(0)
+        files = sum(sizes[p.index] for p in b.parts)
+        done.append(files)
+        cut.record(b, PartResult(b.index, [], [], n_files=files))
+        if (nxt := cut()) is not None:
+            pending.append(nxt)
+    assert sum(done) == sum(sizes)
+    assert max(done) <= 2 * 1024  # before: one task of 64 parts, ~5,500 of the 6,475 files
+    assert len(done) >= 8
 
 
 def test_a_dask_cluster_gives_the_same_result(tree, monkeypatch):

@@ -134,7 +134,9 @@ class Batcher:
     parts until about ``min_files`` (default :data:`BATCH_FILES`) files. A listed folder's own files are
     counted by the plan; a *tree* part (not listed) counts as the mean of the tree parts read so far -- until
     one has been read, each is a task of its own (the first tasks stay small, so conversion starts early) --
-    and at most :data:`MAX_TREE_PARTS` go into one task. How the parts are grouped does not change the scan's
+    and a task takes at most as many tree parts as have been read (a mean of few is a guess: series folders
+    of 3, 160 and 96 files, the first read a localizer's, would otherwise put most of a tree in one task
+    while the other workers wait), and never more than :data:`MAX_TREE_PARTS`. How the parts are grouped does not change the scan's
     result (module docstring), only the number of tasks: the OAI layout's patient folders are tree parts of
     a few dozen to a few thousand files, so one task per part cost the driver a task per ~50 files."""
 
@@ -158,7 +160,7 @@ class Batcher:
             n, trees = 0.0, 0
             while self._parts and (not group or n < self._min):
                 p = self._parts[0]
-                if p.tree and group and (est is None or trees >= MAX_TREE_PARTS):
+                if p.tree and group and (est is None or trees >= min(MAX_TREE_PARTS, self._tree[0])):
                     break
                 group.append(self._parts.popleft())
                 trees += p.tree
