@@ -5,9 +5,12 @@ Inputs: a full-size OAI-like sample (``kneeprep.synth.generate(size="full")``, 1
 masks) of ``PATIENTS`` patients, and a tree of its first half of patients (hard links to the same files).
 Measured in this run, on this machine:
 
-* **per-stage wall**: ``rebuild`` in a fresh child process (a fresh output each time) with ``--workers 1`` and
-  ``--workers 2``, each stage's wall from the rebuild report; ``ROUNDS`` rounds, medians. Speed-up of a stage =
-  its 1-worker wall / its 2-worker wall on the whole tree.
+* **per-stage wall**: ``rebuild`` in a fresh child process (a fresh output each time) with ``--workers 1`` on
+  one core (``KNEEPREP_CODEC_THREADS=1``: what each worker gets when there is one per core, as on a 16-core
+  node with 16 workers), ``--workers 1`` as it starts by default on this 2-core machine (its one worker
+  compresses and decompresses chunks on 2 Blosc threads: cores / workers) and ``--workers 2``, each stage's
+  wall from the rebuild report; ``ROUNDS`` rounds, medians. Speed-up of a stage = its 1-worker wall / its
+  2-worker wall, from one core and from the default.
 * **driver CPU per volume**: the child's own CPU (``time.process_time()``: every thread of the driver process;
   the worker processes excluded), per stage, whole tree minus half tree, divided by the volumes the whole tree
   has more: what one more volume costs the driver, fixed costs (imports, cluster start, the card) cancelled.
@@ -19,7 +22,7 @@ Measured in this run, on this machine:
   of a disk's rate) and ``dcm2niix -z y`` over every series with 1 and 2 parallel processes (``xargs -P``).
 
 Projection: ``T(N, W) = fixed + N * per_volume_worker / W + N * serial_per_volume`` -- the workers' time per
-volume (1-worker marginal wall, every stage, less the serial share) spread over ``W`` workers, the serial
+volume (1-worker marginal wall on one core, every stage, less the serial share) spread over ``W`` workers, the serial
 remainder (the driver's and the scheduler process's CPU per added volume, from the small-volume run: 78 added
 volumes, steadier than the full-size difference of 4; added as if they did not overlap: an upper bound), the
 fixed costs of this run. It assumes the workers scale as
@@ -44,6 +47,8 @@ SMALL_ROUNDS = 5
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "kneeprep" / "recipes" / "3dreasonknee.toml"
 STAGES = ("cluster_start", "scan", "convert", "boxes", "shards", "validate", "card")
+#: the configurations each round runs: key -> (--workers, extra environment); "1c": one worker on one core
+CONFIGS = {"1c": (1, {"KNEEPREP_CODEC_THREADS": "1"}), 1: (1, {}), 2: (2, {})}
 
 # both children: the local cluster's own process (scheduler + nannies, not the workers), its CPU read just
 # before it stops
@@ -138,13 +143,18 @@ print(json.dumps({"bytes": held, "files": result.n_files, "series": len(result.s
 """
 
 
-def _rebuild(raw: Path, sample: Path, out: Path, workers: int) -> dict:
+def _rebuild(raw: Path, sample: Path, out: Path, config) -> dict:
+    """One rebuild of ``raw`` in a fresh child process, in configuration ``config`` (a key of CONFIGS)."""
+    import os
+
+    workers, env = CONFIGS[config]
     shutil.rmtree(out, ignore_errors=True)
     t = time.perf_counter()
     res = subprocess.run(
         [sys.executable, "-c", _CHILD, str(raw), str(sample), str(out), str(RECIPE), str(workers)],
         capture_output=True,
         cwd=ROOT,
+        env={**os.environ, **env},
     )
     wall = time.perf_counter() - t
     if res.returncode != 0:
@@ -250,6 +260,10 @@ def _driver_by_thread(workdir: Path) -> tuple[list[str], dict[str, float]]:
 MARGINAL_MIN_S = 0.2
 
 
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}×" if b else "—"
+
+
 def _marginal(d1: float, d2: float) -> str:
     """The speed-up of the added volumes' wall, or ``—`` when there is too little to divide."""
     return f"{d1 / d2:.2f}×" if d1 >= MARGINAL_MIN_S and d2 > 0 else "—"
@@ -297,7 +311,7 @@ def run(workdir: Path) -> str:
     workdir = Path(workdir)
     sample, truth, trees = full_sample(workdir)
     n, n_half = trees["whole"][1], trees["half"][1]
-    runs: dict[tuple[str, int], list[dict]] = {(tree, w): [] for tree in trees for w in (1, 2)}
+    runs: dict[tuple[str, object], list[dict]] = {(tree, c): [] for tree in trees for c in CONFIGS}
     # this shared machine's page cache does not keep files for long: the raw tree read once first (the time
     # reported, whatever the cache held), then the cold caches of a rebuild (byte code) paid once
     first_read_s, _ = _read_once(sample / "raw")
@@ -305,13 +319,14 @@ def run(workdir: Path) -> str:
     nii = {1: [], 2: []}
     series_dirs = sorted({(sample / v["path"]) for v in truth.values()})
     for rnd in range(ROUNDS):
-        for w in (1, 2):
-            nii[w].append(_dcm2niix_tree(series_dirs, workdir / "nii", w))
+        for c in CONFIGS:
+            if c in nii:
+                nii[c].append(_dcm2niix_tree(series_dirs, workdir / "nii", c))
             for tree, (raw, _) in trees.items():
-                runs[tree, w].append(_rebuild(raw, sample, workdir / f"out-{tree}-{w}", w))
+                runs[tree, c].append(_rebuild(raw, sample, workdir / f"out-{tree}-{c}", c))
         print(
             f"  round {rnd + 1}: "
-            + ", ".join(f"{tree} w{w} {r[-1]['wall']:.1f} s" for (tree, w), r in runs.items())
+            + ", ".join(f"{tree} w{c} {r[-1]['wall']:.1f} s" for (tree, c), r in runs.items())
             + f"; dcm2niix P1 {nii[1][-1]:.1f} s, P2 {nii[2][-1]:.1f} s",
             flush=True,
         )
@@ -346,28 +361,29 @@ def run(workdir: Path) -> str:
         "",
         f"`rebuild` of a full-size sample ({PATIENTS} patients, {n} DESS volumes of 160×384×384, masks) and of its",
         f"first {PATIENTS // 2} patients ({n_half} volumes), each in a fresh child process with a fresh output, "
-        f"`--workers 1` and `2`, {ROUNDS} rounds,",
-        "medians. Stage walls from the rebuild report (`cluster_start` is how long the scan's tasks waited for",
+        f"{ROUNDS} rounds, medians, in three configurations: `--workers 1` on one core (`KNEEPREP_CODEC_THREADS=1`: "
+        "what each worker gets with one worker per core, as on a 16-core node with 16 workers), `--workers 1` as it "
+        "starts by default here (its one worker compresses and decompresses chunks on both cores' Blosc threads) "
+        "and `--workers 2`. Stage walls from the rebuild report (`cluster_start` is how long the scan's tasks waited for",
         "the local cluster, `scan` the scan's wall after that, `convert` the rest of that stage). Driver CPU = the driver process's own CPU (all its threads; the local cluster's",
         "scheduler and nannies run in a process of their own, shown on their own row; the workers excluded),",
         "whole tree − half tree, per added volume. Competitors in the same",
-        "run: `dcm2niix -z y` over the same series with 1 and 2 parallel processes (`xargs -P`), and reading",
+        "run: `dcm2niix -z y` over the same series with 1 and 2 parallel processes (`xargs -P`: one core and two), and reading",
         "the raw tree once from the page cache.",
         "",
-        "| stage | wall 1 worker s | wall 2 workers s | speed-up | speed-up of the added volumes "
-        "(whole − half) | driver CPU ms / added volume (2 workers) |",
-        "|---|---|---|---|---|---|",
+        "| stage | wall 1 worker, one core s | wall 1 worker s | wall 2 workers s | speed-up from one core | "
+        "speed-up from 1 worker | speed-up of the added volumes from one core (whole − half) | "
+        "driver CPU ms / added volume (2 workers) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    total1 = total2 = 0.0
     driver_per = {}
     for s in STAGES:
-        w1, w2 = stage_wall("whole", 1, s), stage_wall("whole", 2, s)
-        total1, total2 = total1 + w1, total2 + w2
+        c1, w1, w2 = (stage_wall("whole", c, s) for c in CONFIGS)
         d = (stage_cpu("whole", 2, s) - stage_cpu("half", 2, s)) / extra * 1000
         driver_per[s] = d
         lines.append(
-            f"| {s} | {w1:.2f} | {w2:.2f} | {w1 / w2 if w2 else float('nan'):.2f}× | "
-            + _marginal(w1 - stage_wall("half", 1, s), w2 - stage_wall("half", 2, s))
+            f"| {s} | {c1:.2f} | {w1:.2f} | {w2:.2f} | {_ratio(c1, w2)} | {_ratio(w1, w2)} | "
+            + _marginal(c1 - stage_wall("half", "1c", s), w2 - stage_wall("half", 2, s))
             + " | "
             + (f"{d:.1f}" if s not in ("cluster_start", "scan") else "(in convert)")
             + " |"
@@ -376,29 +392,30 @@ def run(workdir: Path) -> str:
     driver_all = (cpu_total["whole", 2] - cpu_total["half", 2]) / extra * 1000
     cluster = {tree: med(r["cluster_cpu"] for r in runs[tree, 2]) for tree in trees}
     cluster_all = (cluster["whole"] - cluster["half"]) / extra * 1000
-    wall1 = {tree: med(r["wall"] for r in runs[tree, 1]) for tree in trees}
-    wall2 = {tree: med(r["wall"] for r in runs[tree, 2]) for tree in trees}
+    wall = {c: {tree: med(r["wall"] for r in runs[tree, c]) for tree in trees} for c in CONFIGS}
+    wall1c, wall1, wall2 = wall["1c"], wall[1], wall[2]
     nii1, nii2 = med(nii[1]), med(nii[2])
     lines += [
-        f"| **rebuild (process wall)** | {wall1['whole']:.2f} | {wall2['whole']:.2f} | "
-        f"{wall1['whole'] / wall2['whole']:.2f}× | "
-        + _marginal(wall1["whole"] - wall1["half"], wall2["whole"] - wall2["half"])
+        f"| **rebuild (process wall)** | {wall1c['whole']:.2f} | {wall1['whole']:.2f} | {wall2['whole']:.2f} | "
+        f"{_ratio(wall1c['whole'], wall2['whole'])} | {_ratio(wall1['whole'], wall2['whole'])} | "
+        + _marginal(wall1c["whole"] - wall1c["half"], wall2["whole"] - wall2["half"])
         + f" | {driver_all:.1f} (whole process) |",
-        f"| (beside the driver: the local cluster's process, scheduler + nannies) | | | | | {cluster_all:.1f} |",
-        f"| dcm2niix -z y, {n} series | {nii1:.2f} | {nii2:.2f} | {nii1 / nii2:.2f}× | | |",
-        f"| scan alone, the cluster already up (median of 3 scans, {ROUNDS} clusters) | {scan1:.2f} | {scan2:.2f} | "
-        f"{scan1 / scan2:.2f}× | | |",
-        f"| the local cluster's start (until its workers are up; a fixed cost) | {start1:.2f} | {start2:.2f} | | | |",
+        f"| (beside the driver: the local cluster's process, scheduler + nannies) | | | | | | | {cluster_all:.1f} |",
+        f"| dcm2niix -z y, {n} series (1 process, 2) | {nii1:.2f} | | {nii2:.2f} | {_ratio(nii1, nii2)} | | | |",
+        f"| scan alone, the cluster already up (median of 3 scans, {ROUNDS} clusters) | | {scan1:.2f} | {scan2:.2f} | | "
+        f"{_ratio(scan1, scan2)} | | |",
+        f"| the local cluster's start (until its workers are up; a fixed cost) | | {start1:.2f} | {start2:.2f} | | | | |",
         "",
         "`cluster_start` is a fixed cost (more workers take longer to start on 2 cores; the driver plans the "
-        "scan meanwhile); `scan alone` is the same scan measured apart, once a cluster is up.",
-        f"Speed-up of the added volumes: (whole tree − half tree) with 1 worker / the same with 2, the stage's "
+        "scan meanwhile); `scan alone` is the same scan measured apart, once a cluster is up (the scan uses no "
+        "codec threads).",
+        f"Speed-up of the added volumes: (whole tree − half tree) on one core / the same with 2 workers, the stage's "
         f"wall for {extra} more volumes with the costs every run pays once cancelled (the cluster's start, each "
         "worker's first use of a library, a stage's first task round trip), as the driver's CPU column cancels "
         "them; differences of 4 volumes, so ± the rounds' noise (a value above 2× is that noise), and `—` where "
-        "1 worker's difference is under "
+        "one core's difference is under "
         f"{MARGINAL_MIN_S} s (nothing to divide). The whole-sample speed-up is the one a user of this sample "
-        "sees; the added volumes' is the one a larger tree approaches.",
+        "sees; the added volumes' is the one a larger tree approaches (measured on one below).",
         "",
         f"Scan records held by the driver: {mem['bytes'] / mem['files']:.0f} bytes per file "
         f"({mem['bytes'] / 2**20:.2f} MiB for {mem['files']} files, {mem['series']} series; tracemalloc).",
@@ -410,21 +427,29 @@ def run(workdir: Path) -> str:
     # projection from the measured rates; the serial part per volume from the small-volume run (78 added
     # volumes, 3 rounds), not the full-size difference (4 added volumes: its fixed costs' noise / 4)
     thread_lines, small = _driver_by_thread(workdir)
-    per_vol_worker = (wall1["whole"] - wall1["half"]) / extra  # one more volume, 1 worker, every stage
+    from bench.bench_scale_tree import larger_tree
+
+    tree_lines, large = larger_tree(workdir)
+    # one more volume, 1 worker on one core (what each of W workers on W cores gets), every stage
+    per_vol_worker = (wall1c["whole"] - wall1c["half"]) / extra
     # serial: the driver and the scheduler's process, counted as if they did not overlap (an upper bound)
     serial_s = (max(small["cpu"], 0.0) + max(small["cluster"], 0.0)) / 1000
     serial_full = (max(driver_all, 0.0) + max(cluster_all, 0.0)) / 1000
     fixed = wall2["whole"] - n * ((per_vol_worker - serial_s) / 2 + serial_s)
     bytes_per_vol = raw_bytes / n
 
-    def projected(big: int, w: int, serial: float) -> float:
-        return fixed + big * (per_vol_worker - serial) / w + big * serial
+    def projected(big: int, w: int, serial: float, per_vol: float | None = None) -> float:
+        per_vol = per_vol_worker if per_vol is None else per_vol
+        return fixed + big * (per_vol - serial) / w + big * serial
+
+    large_per = (large["wall_1c"] - wall1c["whole"]) / (large["volumes"] - n)
 
     read_7970 = 7970 * bytes_per_vol / 1e9
     lines += [
         "",
         f"Projection `T(N, W) = fixed + N × (worker s/volume − serial s/volume) / W + N × serial s/volume` with "
-        f"worker {per_vol_worker:.2f} s/volume (1-worker marginal wall), serial {serial_s * 1000:.1f} ms/volume "
+        f"worker {per_vol_worker:.2f} s/volume (1-worker marginal wall on one core; from the default 1 worker, "
+        f"with both cores' codec threads, {(wall1['whole'] - wall1['half']) / extra:.2f}), serial {serial_s * 1000:.1f} ms/volume "
         f"(the driver process {small['cpu']:.1f} + the cluster's scheduler process {small['cluster']:.1f}, from the "
         "small-volume run below, added as if they did not overlap: an upper bound), "
         f"fixed {fixed:.1f} s (from the 2-worker run); raw {bytes_per_vol / 1e6:.0f} MB/volume. "
@@ -435,6 +460,12 @@ def run(workdir: Path) -> str:
             if driver_all > 0 and cluster_all > 0
             else f"The full-size difference (driver {driver_all:.1f}, cluster process {cluster_all:.1f} ms: 4 added "
             "volumes) came out negative in this run: its fixed costs' noise, so it gives no projection."
+        )
+        + (
+            f" With the workers' time per volume from the larger tree below instead (its one-core wall − this "
+            f"sample's, / {large['volumes'] - n} volumes: {large_per:.2f} s) the first line would be "
+            f"{projected(7970, 16, serial_s, large_per) / 60:.1f} min "
+            f"({projected(7970, 16, serial_s, large_per) / read_7970:.2f}×)."
         ),
         "",
         "| volumes | workers | projected | of which serial (driver + scheduler) | reading the raw data once at 1 GB/s | ratio |",
@@ -448,7 +479,7 @@ def run(workdir: Path) -> str:
                 f"| {big:,} | {w} | {t_ / 60:.1f} min | {big * serial_s / 60:.1f} min | {read / 60:.1f} min | "
                 f"{t_ / read:.2f}× |"
             )
-    lines += thread_lines
+    lines += thread_lines + tree_lines
     cold, warm = _first_touch()
     lines += [
         "",
