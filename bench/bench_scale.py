@@ -22,11 +22,12 @@ Measured in this run, on this machine:
   of a disk's rate) and ``dcm2niix -z y`` over every series with 1 and 2 parallel processes (``xargs -P``).
 
 Projection: ``T(N, W) = fixed + N * per_volume_worker / W + N * serial_per_volume`` -- the workers' time per
-volume (1-worker marginal wall on one core, every stage, less the serial share) spread over ``W`` workers, the serial
-remainder (the driver's and the scheduler process's CPU per added volume, from the small-volume run: 78 added
-volumes, steadier than the full-size difference of 4; added as if they did not overlap: an upper bound), the
-fixed costs of this run. It assumes the workers scale as
-measured from 1 to 2 (memory bandwidth, storage and the network beyond this machine are not measured).
+volume (1-worker marginal wall on one core, every stage, less the serial share) spread over ``W`` workers, the
+serial remainder (the driver's and the scheduler process's CPU per added volume, from the small-volume run: 78
+added volumes, steadier than the full-size difference of 4; added as if they did not overlap: an upper bound),
+the fixed costs of this run. It assumes the workers scale as measured from 1 to 2 (memory bandwidth, storage
+and the network beyond this machine are not measured). The larger tree (:mod:`bench.bench_scale_tree`) gives
+every stage again with several tasks per worker, and a steadier time per volume beside the projection's.
 """
 
 from __future__ import annotations
