@@ -112,19 +112,24 @@ def test_tree_parts_are_batched_by_the_size_of_those_read():
 
     parts = [Part(i, f"/t/{i}", True) for i in range(200)]
     cut = Batcher(parts, 100)
-    first = cut()
-    assert first.parts == (parts[0],)  # nothing read yet: alone
-    cut.record(first, PartResult(0, [], [], n_files=10))  # tree parts hold ~10 files
-    got = [first]
+    got = [cut()]
+    assert got[0].parts == (parts[0],)  # nothing read yet: alone
+    cut.record(got[0], PartResult(0, [], [], n_files=10))  # tree parts hold ~10 files
     while len(got[-1].parts) < 10:  # at most as many as were read, until the mean says ~100 files
+        read = sum(len(b.parts) for b in got)
         got.append(cut())
-        assert len(got[-1].parts) <= sum(len(b.parts) for b in got[:-1])
+        assert len(got[-1].parts) <= read
         cut.record(got[-1], PartResult(got[-1].index, [], [], n_files=10 * len(got[-1].parts)))
-    assert len(got) <= 6  # 1, 1, 2, 4, 8 -> 10
-    assert len(cut().parts) == 10  # ~100 files
-    cut.record(got[-1], PartResult(1, [], [], n_files=0))  # empty ones: the mean falls, capped per task
+    assert len(got) <= 6  # 1, 1, 2, 4, 8, then the mean's 10 (~100 files)
+    extra = cut()
+    cut.record(
+        extra, PartResult(extra.index, [], [], n_files=0)
+    )  # empty ones: the mean falls, capped per task
     rest = list(iter(cut, None))
     assert all(len(b.parts) <= scan_tasks.MAX_TREE_PARTS for b in rest)
+    every = [*got, extra, *rest]
+    assert [p for b in every for p in b.parts] == parts
+    assert [b.index for b in every] == list(range(len(every)))
 
 
 def test_an_unrepresentative_first_tree_part_does_not_put_the_tree_in_one_task():

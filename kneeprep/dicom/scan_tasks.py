@@ -136,9 +136,10 @@ class Batcher:
     one has been read, each is a task of its own (the first tasks stay small, so conversion starts early) --
     and a task takes at most as many tree parts as have been read (a mean of few is a guess: series folders
     of 3, 160 and 96 files, the first read a localizer's, would otherwise put most of a tree in one task
-    while the other workers wait), and never more than :data:`MAX_TREE_PARTS`. How the parts are grouped does not change the scan's
-    result (module docstring), only the number of tasks: the OAI layout's patient folders are tree parts of
-    a few dozen to a few thousand files, so one task per part cost the driver a task per ~50 files."""
+    while the other workers wait), and never more than :data:`MAX_TREE_PARTS`. How the parts are grouped
+    does not change the scan's result (module docstring), only the number of tasks: the OAI layout's patient
+    folders are tree parts of a few dozen to a few thousand files, so one task per part cost the driver a task
+    per ~50 files."""
 
     def __init__(self, parts: list[Part], min_files: int | None = None):
         import collections
