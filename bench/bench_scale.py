@@ -465,7 +465,9 @@ def run(workdir: Path) -> str:
         + (
             f" The second projection takes the workers' time per volume from the larger tree below instead: its "
             f"one-core wall − this sample's, / {large['volumes'] - n} added volumes: {large_per:.2f} s (steadier than "
-            f"a difference of {extra}, but between two trees of another make-up: other series per patient)."
+            f"a difference of {extra}; the trees are alike per volume: {large['bytes'] / large['volumes'] / 1e6:.1f} "
+            f"and {bytes_per_vol / 1e6:.1f} MB, {large['files'] / large['volumes']:.0f} and {mem['files'] / n:.0f} "
+            "files of raw DICOM)."
         ),
         "",
         f"| volumes | workers | projected ({per_vol_worker:.2f} s/volume) | ratio | projected from the larger tree "

@@ -26,7 +26,8 @@ ROWS = (("scan", ("scan",)), ("convert", ("convert",)), ("scan + convert", ("sca
 
 
 def larger_tree(workdir: Path) -> tuple[list[str], dict]:
-    """The section's lines, and ``{"volumes": n, "wall_1c": s}`` (the 1-core rebuild's median wall)."""
+    """The section's lines, and ``{"volumes": n, "wall_1c": s, "bytes": b, "files": f}`` (the 1-core rebuild's
+    median wall; the raw tree's bytes and files)."""
     import json
 
     from kneeprep.synth import generate
@@ -79,4 +80,5 @@ def larger_tree(workdir: Path) -> tuple[list[str], dict]:
         f"| scan alone, the cluster already up (median of 3 scans, one cluster) | | {alone[1]:.2f} | {alone[2]:.2f} "
         f"| | {_ratio(alone[1], alone[2])} |",
     ]
-    return lines, {"volumes": n, "wall_1c": c1}
+    raw = [f.stat().st_size for f in (sample / "raw").rglob("*") if f.is_file()]
+    return lines, {"volumes": n, "wall_1c": c1, "bytes": sum(raw), "files": len(raw)}
