@@ -122,9 +122,8 @@ def test_tree_parts_are_batched_by_the_size_of_those_read():
         cut.record(got[-1], PartResult(got[-1].index, [], [], n_files=10 * len(got[-1].parts)))
     assert len(got) <= 6  # 1, 1, 2, 4, 8, then the mean's 10 (~100 files)
     extra = cut()
-    cut.record(
-        extra, PartResult(extra.index, [], [], n_files=0)
-    )  # empty ones: the mean falls, capped per task
+    # empty ones: the mean falls, capped per task
+    cut.record(extra, PartResult(extra.index, [], [], n_files=0))
     rest = list(iter(cut, None))
     assert all(len(b.parts) <= scan_tasks.MAX_TREE_PARTS for b in rest)
     every = [*got, extra, *rest]

@@ -161,7 +161,8 @@ class Batcher:
             n, trees = 0.0, 0
             while self._parts and (not group or n < self._min):
                 p = self._parts[0]
-                if p.tree and group and (est is None or trees >= min(MAX_TREE_PARTS, self._tree[0])):
+                # at most as many tree parts as have been read (none yet: a tree part goes alone)
+                if p.tree and group and trees >= min(MAX_TREE_PARTS, self._tree[0]):
                     break
                 group.append(self._parts.popleft())
                 trees += p.tree
