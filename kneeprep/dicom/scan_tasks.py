@@ -9,8 +9,8 @@ on a Dask cluster. The plan, the records and the result are the same either way:
    The OAI layout ``<visit>/<release>/<patient>/...`` gives about one part per patient folder.
 2. **Tasks** (workers): runs of consecutive parts of about :data:`BATCH_FILES` files, each cut when a worker
    thread is free (:class:`Batcher`: a part the plan did not list counts as the mean size of those read so
-   far, and is a task of its own until one has been read). A task lists its parts, reads every file's header, groups them into
-   series (:func:`kneeprep.dicom.scan.describe`) and returns compact records: each series (a
+   far, and a task takes at most as many such parts as have been read). A task lists its parts, reads every
+   file's header, groups them into series (:func:`kneeprep.dicom.scan.describe`) and returns compact records: each series (a
    :class:`~kneeprep.dicom.SeriesInfo`, its file paths included) with its group key, each folder's group keys,
    the unreadable files and two counts. No per-file header crosses the wire.
 3. **Reconcile** (driver): a series whose files sit in folders of several parts (a SeriesInstanceUID spread over
